@@ -1,0 +1,18 @@
+"""The autograd core: grad mode, the Function protocol, the backward engine and
+the finite-difference gradient check."""
+
+from qatcore.autograd.engine import backward, sum_to_shape, topological_order
+from qatcore.autograd.function import Function
+from qatcore.autograd.grad_mode import enable_grad, is_grad_enabled, no_grad
+from qatcore.autograd.gradcheck import gradcheck
+
+__all__ = [
+    "Function",
+    "gradcheck",
+    "backward",
+    "sum_to_shape",
+    "topological_order",
+    "no_grad",
+    "enable_grad",
+    "is_grad_enabled",
+]

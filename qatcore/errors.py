@@ -1,0 +1,59 @@
+"""The one exception hierarchy of qatcore.
+
+Every error a user can cause derives from :class:`QATCoreError`, so a harness can
+catch them all with one ``except``; the subclasses say which part of the library
+refused the input. Messages name the layer, key or field and what was expected.
+
+>>> try:
+...     raise ShapeError("linear: weight has shape (3, 4), expected (out, 5)")
+... except QATCoreError as e:
+...     print(type(e).__name__)
+ShapeError
+"""
+
+__all__ = [
+    "QATCoreError",
+    "ShapeError",
+    "DTypeError",
+    "GradientError",
+    "StateDictError",
+    "SerializationError",
+    "ConfigError",
+    "DataError",
+]
+
+
+class QATCoreError(Exception):
+    """Base class of every error qatcore raises on purpose."""
+
+
+class ShapeError(QATCoreError, ValueError):
+    """An array has a shape the operation cannot accept."""
+
+
+class DTypeError(QATCoreError, TypeError):
+    """An array has a dtype the operation cannot accept."""
+
+
+class GradientError(QATCoreError, RuntimeError):
+    """backward() was asked for something the graph cannot give."""
+
+
+class StateDictError(QATCoreError, KeyError):
+    """A state_dict does not fit the module or optimizer it is loaded into."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class SerializationError(QATCoreError, ValueError):
+    """A file given to qatcore.load is truncated, corrupted or not a qatcore file,
+    or an object given to qatcore.save has a type qatcore cannot store."""
+
+
+class ConfigError(QATCoreError, ValueError):
+    """A configuration value is outside what the field accepts."""
+
+
+class DataError(QATCoreError, ValueError):
+    """A dataset file is missing, malformed or inconsistent."""

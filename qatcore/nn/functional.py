@@ -1,0 +1,530 @@
+"""The functional API: every op on Tensors, with PyTorch-compatible signatures.
+
+Each function either applies one primitive :class:`~qatcore.autograd.Function`
+from :mod:`qatcore.ops` (after validating its arguments) or composes several,
+so this file is the single place where an op's public behaviour is defined;
+Tensor methods and nn Modules call it.
+
+Arguments that are not Tensors (Python numbers, numpy arrays) are taken as
+constants (no gradient); a Python number takes the dtype of the Tensor it meets.
+
+>>> import qatcore
+>>> import qatcore.nn.functional as F
+>>> x = qatcore.tensor([[1.0, -2.0, 3.0]], requires_grad=True)
+>>> F.relu(x)
+tensor([[1., 0., 3.]], grad_fn=Relu)
+>>> loss = F.cross_entropy(x, qatcore.tensor([2]))
+>>> round(loss.item(), 4)
+0.1291
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from qatcore import ops
+from qatcore.errors import ConfigError, DTypeError, ShapeError
+from qatcore.tensor import Tensor
+
+__all__ = [
+    "add", "sub", "mul", "div", "neg", "pow", "matmul", "linear",
+    "sum", "mean", "max", "var",
+    "reshape", "flatten", "transpose", "permute", "getitem", "cat", "cast",
+    "exp", "log", "sqrt", "clamp", "relu", "relu6", "leaky_relu", "sigmoid", "tanh",
+    "softmax", "log_softmax", "cross_entropy", "nll_loss", "mse_loss",
+    "conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "batch_norm", "dropout",
+]
+
+_builtin_max = max
+
+
+def _tensor(x: Any, like: Tensor | None = None) -> Tensor:
+    """x as a Tensor; a Python number takes the dtype of ``like``."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, (np.ndarray, np.generic)):
+        return Tensor._from_array(np.asarray(x), requires_grad=False)
+    if like is not None and isinstance(x, (int, float, bool)):
+        return Tensor._from_array(np.asarray(x, dtype=like.dtype), requires_grad=False)
+    return Tensor(x)
+
+
+def _pair(value: Any, name: str, op: str, minimum: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) for v in pair):
+        raise ConfigError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in pair):
+        raise ConfigError(f"{op}: {name} must be >= {minimum}, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _require_float(x: Tensor, op: str, name: str = "input") -> None:
+    if x.dtype.kind != "f":
+        raise DTypeError(f"{op}: {name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+# ---- arithmetic ---------------------------------------------------------------------
+def add(a, b) -> Tensor:
+    """a + b with broadcasting."""
+    a = _tensor(a, b if isinstance(b, Tensor) else None)
+    return ops.Add.apply(a, _tensor(b, a))
+
+
+def sub(a, b) -> Tensor:
+    """a - b with broadcasting."""
+    a = _tensor(a, b if isinstance(b, Tensor) else None)
+    return ops.Sub.apply(a, _tensor(b, a))
+
+
+def mul(a, b) -> Tensor:
+    """a * b with broadcasting."""
+    a = _tensor(a, b if isinstance(b, Tensor) else None)
+    return ops.Mul.apply(a, _tensor(b, a))
+
+
+def div(a, b) -> Tensor:
+    """a / b with broadcasting."""
+    a = _tensor(a, b if isinstance(b, Tensor) else None)
+    return ops.Div.apply(a, _tensor(b, a))
+
+
+def neg(a) -> Tensor:
+    """-a"""
+    return ops.Neg.apply(_tensor(a))
+
+
+def pow(a, exponent: float) -> Tensor:
+    """a ** exponent for a constant (Python number) exponent."""
+    if isinstance(exponent, Tensor):
+        raise DTypeError("pow: the exponent must be a number; for a tensor exponent use exp(b * log(a))")
+    return ops.Pow.apply(_tensor(a), exponent=float(exponent))
+
+
+def matmul(a, b) -> Tensor:
+    """Matrix product with numpy's rules (1-D operands, batched broadcasting)."""
+    a, b = _tensor(a), _tensor(b)
+    if a.ndim == 0 or b.ndim == 0:
+        raise ShapeError("matmul: both operands need at least one dimension")
+    ka = a.shape[-1]
+    kb = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    if ka != kb:
+        raise ShapeError(f"matmul: shapes {a.shape} and {b.shape} do not align ({ka} != {kb})")
+    return ops.MatMul.apply(a, b)
+
+
+def linear(x, weight, bias=None) -> Tensor:
+    """y = x @ weight^T + bias, with weight (out_features, in_features)."""
+    x, weight = _tensor(x), _tensor(weight)
+    if weight.ndim != 2:
+        raise ShapeError(f"linear: weight must be 2-D (out, in), got shape {weight.shape}")
+    if x.ndim == 0 or x.shape[-1] != weight.shape[1]:
+        raise ShapeError(
+            f"linear: input has {x.shape[-1] if x.ndim else 0} features (shape {x.shape}) "
+            f"but weight expects {weight.shape[1]} (weight shape {weight.shape})"
+        )
+    y = ops.MatMul.apply(x, ops.Permute.apply(weight, dims=(1, 0)))
+    if bias is not None:
+        bias = _tensor(bias)
+        if bias.shape != (weight.shape[0],):
+            raise ShapeError(f"linear: bias has shape {bias.shape}, expected ({weight.shape[0]},)")
+        y = ops.Add.apply(y, bias)
+    return y
+
+
+# ---- reductions ---------------------------------------------------------------------
+def sum(x, dim=None, keepdim: bool = False) -> Tensor:  # noqa: A001 - PyTorch's name
+    """Sum over ``dim`` (None: all axes; an int or a tuple)."""
+    x = _tensor(x)
+    return ops.Sum.apply(x, axes=ops.normalize_dims(dim, x.ndim), keepdim=keepdim)
+
+
+def mean(x, dim=None, keepdim: bool = False) -> Tensor:
+    """Mean over ``dim``: sum / count."""
+    x = _tensor(x)
+    axes = ops.normalize_dims(dim, x.ndim)
+    count = math.prod(x.shape[a] for a in axes)
+    total = ops.Sum.apply(x, axes=axes, keepdim=keepdim)
+    return ops.Mul.apply(total, _tensor(1.0 / count if count else math.nan, x))
+
+
+def max(x, dim=None, keepdim: bool = False) -> Tensor:  # noqa: A001 - PyTorch's name
+    """Maximum over ``dim``; the gradient is shared equally among tied maxima."""
+    x = _tensor(x)
+    axes = ops.normalize_dims(dim, x.ndim)
+    if any(x.shape[a] == 0 for a in axes):
+        raise ShapeError(f"max: cannot reduce an empty axis of a tensor of shape {x.shape}")
+    return ops.Max.apply(x, axes=axes, keepdim=keepdim)
+
+
+def var(x, dim=None, keepdim: bool = False, correction: int = 1) -> Tensor:
+    """Variance: sum((x - mean)^2) / (count - correction); correction=1 is unbiased."""
+    x = _tensor(x)
+    axes = ops.normalize_dims(dim, x.ndim)
+    count = math.prod(x.shape[a] for a in axes)
+    centered = sub(x, mean(x, axes, keepdim=True))
+    total = ops.Sum.apply(mul(centered, centered), axes=axes, keepdim=keepdim)
+    denominator = _builtin_max(count - correction, 0)
+    return ops.Mul.apply(total, _tensor(1.0 / denominator if denominator else math.inf, x))
+
+
+# ---- shape ----------------------------------------------------------------------------
+def reshape(x, shape: Sequence[int]) -> Tensor:
+    """View with a new shape (one entry may be -1: inferred from the size)."""
+    x = _tensor(x)
+    shape = [int(s) for s in shape]
+    unknown = [i for i, s in enumerate(shape) if s == -1]
+    known = math.prod(s for s in shape if s != -1)
+    if len(unknown) > 1 or any(s < -1 for s in shape):
+        raise ShapeError(f"reshape: invalid target shape {tuple(shape)}")
+    if unknown:
+        if known == 0 or x.data.size % known:
+            raise ShapeError(f"reshape: cannot reshape a tensor of shape {x.shape} to {tuple(shape)}")
+        shape[unknown[0]] = x.data.size // known
+    if math.prod(shape) != x.data.size:
+        raise ShapeError(f"reshape: cannot reshape a tensor of shape {x.shape} to {tuple(shape)}")
+    return ops.Reshape.apply(x, shape=tuple(shape))
+
+
+def flatten(x, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+    """Merge axes start_dim..end_dim (inclusive) into one."""
+    x = _tensor(x)
+    if x.ndim == 0:
+        return reshape(x, (1,))
+    start, end = start_dim % x.ndim, end_dim % x.ndim
+    if start > end:
+        raise ShapeError(f"flatten: start_dim {start_dim} comes after end_dim {end_dim}")
+    shape = x.shape[:start] + (math.prod(x.shape[start:end + 1]),) + x.shape[end + 1:]
+    return ops.Reshape.apply(x, shape=shape)
+
+
+def permute(x, dims: Sequence[int]) -> Tensor:
+    """Reorder axes: out.shape[i] = x.shape[dims[i]]."""
+    x = _tensor(x)
+    dims = tuple(int(d) % _builtin_max(x.ndim, 1) for d in dims)
+    if sorted(dims) != list(range(x.ndim)):
+        raise ShapeError(f"permute: dims {dims} is not a permutation of {x.ndim} axes")
+    return ops.Permute.apply(x, dims=dims)
+
+
+def transpose(x, dim0: int, dim1: int) -> Tensor:
+    """Swap two axes."""
+    x = _tensor(x)
+    dims = list(range(x.ndim))
+    dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
+    return ops.Permute.apply(x, dims=tuple(dims))
+
+
+def getitem(x, index) -> Tensor:
+    """x[index] with numpy indexing (Tensors in the index are used as arrays)."""
+    if isinstance(index, Tensor):
+        index = index.data
+    elif isinstance(index, tuple):
+        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    return ops.GetItem.apply(_tensor(x), index=index)
+
+
+def cat(tensors: Sequence, dim: int = 0) -> Tensor:
+    """Join tensors along ``dim``; all other axes must match."""
+    tensors = [_tensor(t) for t in tensors]
+    if not tensors:
+        raise ShapeError("cat: needs at least one tensor")
+    ndim = tensors[0].ndim
+    axis = dim % _builtin_max(ndim, 1)
+    for i, t in enumerate(tensors):
+        rest = t.shape[:axis] + t.shape[axis + 1:]
+        if t.ndim != ndim or rest != tensors[0].shape[:axis] + tensors[0].shape[axis + 1:]:
+            raise ShapeError(
+                f"cat: tensor {i} has shape {t.shape}, which does not match {tensors[0].shape} "
+                f"outside dim {dim}"
+            )
+    return ops.Cat.apply(*tensors, axis=axis)
+
+
+def cast(x, dtype) -> Tensor:
+    """Convert to ``dtype`` (differentiable between float dtypes)."""
+    x = _tensor(x)
+    if np.dtype(dtype) == x.dtype:
+        return x
+    return ops.Cast.apply(x, dtype=np.dtype(dtype))
+
+
+# ---- elementwise ----------------------------------------------------------------------
+def exp(x) -> Tensor:
+    """e^x"""
+    return ops.Exp.apply(_tensor(x))
+
+
+def log(x) -> Tensor:
+    """Natural logarithm."""
+    return ops.Log.apply(_tensor(x))
+
+
+def sqrt(x) -> Tensor:
+    """Square root."""
+    return ops.Sqrt.apply(_tensor(x))
+
+
+def clamp(x, min=None, max=None) -> Tensor:  # noqa: A002 - PyTorch's names
+    """min(max(x, min), max); the gradient passes where min <= x <= max."""
+    return ops.Clamp.apply(_tensor(x), lo=min, hi=max)
+
+
+def relu(x) -> Tensor:
+    """max(x, 0)"""
+    return ops.Relu.apply(_tensor(x))
+
+
+def relu6(x) -> Tensor:
+    """min(max(x, 0), 6)"""
+    return ops.Clamp.apply(_tensor(x), lo=0.0, hi=6.0)
+
+
+def leaky_relu(x, negative_slope: float = 0.01) -> Tensor:
+    """x for x > 0, negative_slope * x otherwise: relu(x) - slope * relu(-x)."""
+    x = _tensor(x)
+    return sub(relu(x), mul(relu(neg(x)), negative_slope))
+
+
+def sigmoid(x) -> Tensor:
+    """1 / (1 + e^-x)"""
+    return ops.Sigmoid.apply(_tensor(x))
+
+
+def tanh(x) -> Tensor:
+    """Hyperbolic tangent."""
+    return ops.Tanh.apply(_tensor(x))
+
+
+def log_softmax(x, dim: int = -1) -> Tensor:
+    """x_i - log(sum_j e^{x_j}) along ``dim``."""
+    x = _tensor(x)
+    return ops.LogSoftmax.apply(x, axis=ops.normalize_dims(dim, x.ndim)[0])
+
+
+def softmax(x, dim: int = -1) -> Tensor:
+    """e^{x_i} / sum_j e^{x_j} along ``dim`` (= exp(log_softmax))."""
+    return exp(log_softmax(x, dim))
+
+
+# ---- losses ---------------------------------------------------------------------------
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _reduce(loss: Tensor, reduction: str, op: str) -> Tensor:
+    if reduction == "mean":
+        return mean(loss)
+    if reduction == "sum":
+        return sum(loss)
+    if reduction == "none":
+        return loss
+    raise ConfigError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def _class_targets(target, n: int, classes: int, op: str) -> np.ndarray:
+    t = target.data if isinstance(target, Tensor) else np.asarray(target)
+    if t.dtype.kind not in "iu":
+        raise DTypeError(f"{op}: target must hold integer class indices, got dtype {t.dtype}")
+    if t.shape != (n,):
+        raise ShapeError(f"{op}: target has shape {t.shape}, expected ({n},) for input of {n} rows")
+    if t.size and (t.min() < 0 or t.max() >= classes):
+        raise ShapeError(f"{op}: target values must lie in [0, {classes - 1}], got [{t.min()}, {t.max()}]")
+    return t
+
+
+def nll_loss(log_probs, target, reduction: str = "mean") -> Tensor:
+    """-log_probs[i, target_i], reduced; log_probs shaped (N, C)."""
+    log_probs = _tensor(log_probs)
+    if log_probs.ndim != 2:
+        raise ShapeError(f"nll_loss: input must be (N, C), got shape {log_probs.shape}")
+    n, c = log_probs.shape
+    t = _class_targets(target, n, c, "nll_loss")
+    picked = ops.GetItem.apply(log_probs, index=(np.arange(n), t))
+    return _reduce(neg(picked), reduction, "nll_loss")
+
+
+def cross_entropy(logits, target, reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+    """Softmax cross-entropy with integer targets, logits shaped (N, C).
+
+    loss_i = (1 - eps) * (-log p_{i, target_i}) + eps * mean_c(-log p_{i, c}),
+    p = softmax(logits), eps = label_smoothing (PyTorch's definition).
+    """
+    logits = _tensor(logits)
+    if logits.ndim != 2:
+        raise ShapeError(f"cross_entropy: logits must be (N, C), got shape {logits.shape}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ConfigError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if reduction not in _REDUCTIONS:
+        raise ConfigError(f"cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    log_probs = log_softmax(logits, 1)
+    loss = nll_loss(log_probs, target, reduction="none")
+    if label_smoothing:
+        smooth = neg(mean(log_probs, 1))
+        loss = add(mul(loss, 1.0 - label_smoothing), mul(smooth, label_smoothing))
+    return _reduce(loss, reduction, "cross_entropy")
+
+
+def mse_loss(prediction, target, reduction: str = "mean") -> Tensor:
+    """(prediction - target)^2, reduced."""
+    prediction = _tensor(prediction)
+    target = _tensor(target, prediction)
+    if prediction.shape != target.shape:
+        raise ShapeError(f"mse_loss: prediction {prediction.shape} and target {target.shape} differ in shape")
+    diff = sub(prediction, target)
+    return _reduce(mul(diff, diff), reduction, "mse_loss")
+
+
+# ---- convolution and pooling ------------------------------------------------------------
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+    """2-D cross-correlation of x (N, C, H, W) with weight (K, C/groups, kh, kw).
+
+    out[n, k, i, j] = bias[k] + sum_{c, u, v} weight[k, c, u, v] *
+                      x[n, g*C/groups + c, i*sh - ph + u*dh, j*sw - pw + v*dw]
+    for the group g of output channel k; groups == C == K is depthwise.
+    """
+    x, weight = _tensor(x), _tensor(weight)
+    _require_float(x, "conv2d")
+    if x.ndim != 4 or weight.ndim != 4:
+        raise ShapeError(
+            f"conv2d: input must be (N, C, H, W) and weight (K, C/groups, kh, kw); "
+            f"got {x.shape} and {weight.shape}"
+        )
+    stride = _pair(stride, "stride", "conv2d", 1)
+    padding = _pair(padding, "padding", "conv2d", 0)
+    dilation = _pair(dilation, "dilation", "conv2d", 1)
+    k, cg, kh, kw = weight.shape
+    if not isinstance(groups, (int, np.integer)) or groups < 1 or k % groups:
+        raise ConfigError(f"conv2d: groups must be a positive divisor of out_channels {k}, got {groups}")
+    if x.shape[1] != cg * groups:
+        raise ShapeError(
+            f"conv2d: input has {x.shape[1]} channels but weight {weight.shape} with "
+            f"groups={groups} expects {cg * groups}"
+        )
+    for axis, (size, kern, s, p, d) in enumerate(zip(x.shape[2:], (kh, kw), stride, padding, dilation)):
+        if ops.conv_output_size(size, kern, s, p, d) < 1:
+            raise ShapeError(
+                f"conv2d: kernel {(kh, kw)} with dilation {dilation} does not fit input "
+                f"{x.shape[2:]} padded by {padding} (axis {axis + 2})"
+            )
+    if bias is not None:
+        bias = _tensor(bias)
+        if bias.shape != (k,):
+            raise ShapeError(f"conv2d: bias has shape {bias.shape}, expected ({k},)")
+    if weight.dtype != x.dtype:
+        raise DTypeError(f"conv2d: input dtype {x.dtype} and weight dtype {weight.dtype} differ")
+    return ops.Conv2d.apply(
+        x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=int(groups)
+    )
+
+
+def _pool_args(x: Tensor, op: str, kernel_size, stride, padding, dilation=1):
+    x = _tensor(x)
+    _require_float(x, op)
+    if x.ndim != 4:
+        raise ShapeError(f"{op}: input must be (N, C, H, W), got shape {x.shape}")
+    kernel = _pair(kernel_size, "kernel_size", op, 1)
+    stride = kernel if stride is None else _pair(stride, "stride", op, 1)
+    padding = _pair(padding, "padding", op, 0)
+    dilation = _pair(dilation, "dilation", op, 1)
+    if any(p > k // 2 for p, k in zip(padding, kernel)):
+        raise ConfigError(f"{op}: padding {padding} must be at most half the kernel size {kernel}")
+    for size, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation):
+        if ops.conv_output_size(size, k, s, p, d) < 1:
+            raise ShapeError(f"{op}: kernel {kernel} does not fit input {x.shape[2:]} padded by {padding}")
+    return x, kernel, stride, padding, dilation
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1) -> Tensor:
+    """Maximum over each kernel window (stride defaults to kernel_size)."""
+    x, kernel, stride, padding, dilation = _pool_args(x, "max_pool2d", kernel_size, stride, padding, dilation)
+    return ops.MaxPool2d.apply(x, kernel_size=kernel, stride=stride, padding=padding, dilation=dilation)
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad: bool = True) -> Tensor:
+    """Mean over each kernel window (stride defaults to kernel_size)."""
+    x, kernel, stride, padding, _ = _pool_args(x, "avg_pool2d", kernel_size, stride, padding)
+    return ops.AvgPool2d.apply(
+        x, kernel_size=kernel, stride=stride, padding=padding, count_include_pad=bool(count_include_pad)
+    )
+
+
+def adaptive_avg_pool2d(x, output_size=1) -> Tensor:
+    """Average-pool to ``output_size``; 1 (global average pooling) is the mean over
+    H and W; larger sizes must divide H and W."""
+    x = _tensor(x)
+    if x.ndim != 4:
+        raise ShapeError(f"adaptive_avg_pool2d: input must be (N, C, H, W), got shape {x.shape}")
+    oh, ow = _pair(output_size, "output_size", "adaptive_avg_pool2d", 1)
+    h, w = x.shape[2:]
+    if (oh, ow) == (1, 1):
+        return mean(x, (2, 3), keepdim=True)
+    if h % oh or w % ow:
+        raise ShapeError(
+            f"adaptive_avg_pool2d: output size {(oh, ow)} must divide the input size {(h, w)}"
+        )
+    return avg_pool2d(x, (h // oh, w // ow))
+
+
+# ---- normalization and regularization ------------------------------------------------
+def batch_norm(
+    x, running_mean, running_var, weight=None, bias=None, training: bool = False,
+    momentum: float = 0.1, eps: float = 1e-5,
+) -> Tensor:
+    """Batch normalization over axis 1 of (N, C) or (N, C, H, W) input.
+
+    xhat = (x - mu) / sqrt(var + eps),  out = weight * xhat + bias, with batch
+    statistics while training (and the running statistics updated in place:
+    r <- (1 - momentum) * r + momentum * batch_stat, the variance unbiased), the
+    running statistics otherwise.
+    """
+    x = _tensor(x)
+    _require_float(x, "batch_norm")
+    if x.ndim < 2:
+        raise ShapeError(f"batch_norm: input must be (N, C, ...), got shape {x.shape}")
+    c = x.shape[1]
+    stats = []
+    for name, value in (("running_mean", running_mean), ("running_var", running_var)):
+        arr = value.data if isinstance(value, Tensor) else value
+        if arr is not None and (not isinstance(arr, np.ndarray) or arr.shape != (c,)):
+            raise ShapeError(f"batch_norm: {name} must be an array of shape ({c},)")
+        stats.append(arr)
+    if not training and (stats[0] is None or stats[1] is None):
+        raise ConfigError("batch_norm: eval mode (training=False) needs running_mean and running_var")
+    if training and x.data.size // c < 2:
+        raise ShapeError(
+            f"batch_norm: training needs more than one value per channel, got input shape {x.shape}"
+        )
+    if not 0.0 <= momentum <= 1.0:
+        raise ConfigError(f"batch_norm: momentum must be in [0, 1], got {momentum}")
+    params = []
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is not None:
+            value = _tensor(value)
+            if value.shape != (c,):
+                raise ShapeError(f"batch_norm: {name} has shape {value.shape}, expected ({c},)")
+        params.append(value)
+    return ops.BatchNorm.apply(
+        x, params[0], params[1], running_mean=stats[0], running_var=stats[1],
+        training=bool(training), momentum=float(momentum), eps=float(eps),
+    )
+
+
+def dropout(x, p: float = 0.5, training: bool = True, generator: np.random.Generator | None = None) -> Tensor:
+    """Zero each element with probability p and scale the rest by 1 / (1 - p).
+
+    The mask comes from ``generator`` (an explicit ``np.random.Generator``), so
+    runs are reproducible; it is required when training with p > 0.
+    """
+    x = _tensor(x)
+    if not 0.0 <= p <= 1.0:
+        raise ConfigError(f"dropout: p must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return x
+    if not isinstance(generator, np.random.Generator):
+        raise ConfigError("dropout: training with p > 0 needs generator=np.random.Generator")
+    if p == 1.0:
+        return mul(x, np.zeros(x.shape, dtype=x.dtype))
+    keep = generator.random(x.shape) >= p
+    return mul(x, (keep / (1.0 - p)).astype(x.dtype))

@@ -1,0 +1,37 @@
+"""The primitive differentiable ops, one :class:`~qatcore.autograd.Function` each.
+
+Everything else in :mod:`qatcore.nn.functional` is composed from these; a new
+primitive is added only when composing would be slow or numerically poor
+(log-softmax, batch norm, conv, pooling).
+"""
+
+from qatcore.ops.conv import Conv2d, conv_output_size
+from qatcore.ops.elementwise import (
+    Add,
+    Cast,
+    Clamp,
+    Div,
+    Exp,
+    Log,
+    Mul,
+    Neg,
+    Pow,
+    Relu,
+    Sigmoid,
+    Sqrt,
+    Sub,
+    Tanh,
+)
+from qatcore.ops.linalg import MatMul
+from qatcore.ops.normalization import BatchNorm
+from qatcore.ops.pooling import AvgPool2d, MaxPool2d
+from qatcore.ops.reduction import Max, Sum, normalize_dims
+from qatcore.ops.shape import Cat, GetItem, Permute, Reshape
+from qatcore.ops.softmax import LogSoftmax
+
+__all__ = [
+    "Add", "Sub", "Mul", "Div", "Neg", "Pow", "Exp", "Log", "Sqrt", "Relu", "Sigmoid",
+    "Tanh", "Clamp", "Cast", "Sum", "Max", "Reshape", "Permute", "GetItem", "Cat",
+    "MatMul", "LogSoftmax", "Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm",
+    "conv_output_size", "normalize_dims",
+]

@@ -1,0 +1,187 @@
+"""Elementwise primitives. Each class is one op: forward formula, then its
+derivative right beside it (d out / d input, times the incoming gradient ``g``).
+
+Broadcasting is numpy's; gradients may come back in the broadcast shape and the
+engine sums them to each input's shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qatcore.autograd.function import Function
+
+__all__ = [
+    "Add", "Sub", "Mul", "Div", "Neg", "Pow", "Exp", "Log", "Sqrt",
+    "Relu", "Sigmoid", "Tanh", "Clamp", "Cast",
+]
+
+
+class Add(Function):
+    """out = a + b;  da = g, db = g."""
+
+    def forward(self, a, b):
+        return a + b
+
+    def backward(self, g):
+        return g, g
+
+
+class Sub(Function):
+    """out = a - b;  da = g, db = -g."""
+
+    def forward(self, a, b):
+        return a - b
+
+    def backward(self, g):
+        return g, (-g if self.needs_input_grad[1] else None)
+
+
+class Mul(Function):
+    """out = a * b;  da = g * b, db = g * a."""
+
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a * b
+
+    def backward(self, g):
+        da = g * self.b if self.needs_input_grad[0] else None
+        db = g * self.a if self.needs_input_grad[1] else None
+        return da, db
+
+
+class Div(Function):
+    """out = a / b;  da = g / b, db = -g * a / b^2."""
+
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a / b
+
+    def backward(self, g):
+        da = g / self.b if self.needs_input_grad[0] else None
+        db = -g * self.a / (self.b * self.b) if self.needs_input_grad[1] else None
+        return da, db
+
+
+class Neg(Function):
+    """out = -a;  da = -g."""
+
+    def forward(self, a):
+        return -a
+
+    def backward(self, g):
+        return (-g,)
+
+
+class Pow(Function):
+    """out = a ** p for a constant exponent p;  da = g * p * a ** (p - 1)."""
+
+    def forward(self, a, exponent: float):
+        self.a, self.exponent = a, exponent
+        return a ** np.asarray(exponent, dtype=a.dtype)
+
+    def backward(self, g):
+        p = np.asarray(self.exponent, dtype=self.a.dtype)
+        return (g * p * self.a ** (p - 1),)
+
+
+class Exp(Function):
+    """out = e^a;  da = g * out."""
+
+    def forward(self, a):
+        self.out = np.exp(a)
+        return self.out
+
+    def backward(self, g):
+        return (g * self.out,)
+
+
+class Log(Function):
+    """out = ln a;  da = g / a."""
+
+    def forward(self, a):
+        self.a = a
+        return np.log(a)
+
+    def backward(self, g):
+        return (g / self.a,)
+
+
+class Sqrt(Function):
+    """out = sqrt(a);  da = g / (2 * out)."""
+
+    def forward(self, a):
+        self.out = np.sqrt(a)
+        return self.out
+
+    def backward(self, g):
+        return (g / (2 * self.out),)
+
+
+class Relu(Function):
+    """out = max(a, 0);  da = g where a > 0, else 0 (0 at a == 0, as PyTorch)."""
+
+    def forward(self, a):
+        self.mask = a > 0
+        return np.where(self.mask, a, np.zeros((), dtype=a.dtype))
+
+    def backward(self, g):
+        return (g * self.mask,)
+
+
+class Sigmoid(Function):
+    """out = 1 / (1 + e^-a), computed without overflow;  da = g * out * (1 - out)."""
+
+    def forward(self, a):
+        # e^-|a| never overflows; pick the algebraically equal form per sign.
+        e = np.exp(-np.abs(a))
+        self.out = np.where(a >= 0, 1 / (1 + e), e / (1 + e)).astype(a.dtype, copy=False)
+        return self.out
+
+    def backward(self, g):
+        return (g * self.out * (1 - self.out),)
+
+
+class Tanh(Function):
+    """out = tanh(a);  da = g * (1 - out^2)."""
+
+    def forward(self, a):
+        self.out = np.tanh(a)
+        return self.out
+
+    def backward(self, g):
+        return (g * (1 - self.out * self.out),)
+
+
+class Clamp(Function):
+    """out = min(max(a, lo), hi);  da = g where lo <= a <= hi (inclusive, as PyTorch).
+
+    Either bound may be None (unbounded on that side).
+    """
+
+    def forward(self, a, lo=None, hi=None):
+        self.mask = np.ones(a.shape, dtype=bool)
+        out = a
+        if lo is not None:
+            self.mask &= a >= lo
+            out = np.maximum(out, np.asarray(lo, dtype=a.dtype))
+        if hi is not None:
+            self.mask &= a <= hi
+            out = np.minimum(out, np.asarray(hi, dtype=a.dtype))
+        # NaN compares false everywhere; let its gradient through as PyTorch does.
+        self.mask |= np.isnan(a)
+        return np.array(out, copy=out is a)
+
+    def backward(self, g):
+        return (g * self.mask,)
+
+
+class Cast(Function):
+    """out = a converted to ``dtype``;  da = g converted back to a's dtype."""
+
+    def forward(self, a, dtype):
+        self.in_dtype = a.dtype
+        return a.astype(dtype)
+
+    def backward(self, g):
+        return (g.astype(self.in_dtype),)
