@@ -1,0 +1,30 @@
+"""Numba kernels behind qatcore's convolution and pooling ops.
+
+This folder sits at the top of the repository and is installed as ``qatcore.kernels``.
+
+Modules:
+    im2col   -- ``im2col`` / ``col2im``: the column layout that turns conv2d into a batched GEMM
+                (done by NumPy), and its adjoint for the input gradient.
+    pooling  -- ``max_pool2d_forward`` / ``max_pool2d_backward`` and ``avg_pool2d_forward`` /
+                ``avg_pool2d_backward``, matching PyTorch's CPU kernels (ceil_mode=False).
+
+Conventions shared by every kernel:
+    * Pure functions over NumPy arrays: arguments are never modified, results are new arrays,
+      inputs are C-contiguous float32 or float64 (the caller passes ``np.ascontiguousarray``).
+    * Argument validation is the caller's job; each docstring states its preconditions and the
+      formula or index mapping it implements.
+    * The jit is applied only here: ``@njit(cache=True)``, no explicit signatures, so a loop is
+      compiled on its first call (one specialisation per dtype) and then loaded from the on-disk
+      cache. Nothing compiles at import time.
+    * With ``NUMBA_DISABLE_JIT=1`` every kernel runs unchanged as plain Python, so it can be
+      stepped through in a debugger.
+    * Each kernel has a NumPy reference oracle in ``tests/kernels``.
+
+This package imports neither numba nor its submodules, so ``import qatcore`` stays fast and
+compiles nothing. An op imports the kernel module it needs inside the function that uses it:
+
+    from qatcore.kernels import im2col as im2col_kernels
+"""
+
+# Submodules are imported on demand (see above), so nothing is re-exported here.
+__all__: list[str] = []

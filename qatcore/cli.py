@@ -5,8 +5,9 @@ prints its test accuracy (the QAT, conversion and reporting stages join this
 command as they land). Exit codes a script can rely on: 0 success, 2 bad usage
 or bad input (one line on stderr saying why), 1 internal error.
 
->>> main(["run", "--model", "mlp", "--epochs", "1", "--quiet"])
-0
+>>> args = build_parser().parse_args(["run", "--model", "mlp", "--epochs", "3"])
+>>> args.model, args.epochs, args.lr
+('mlp', 3, 0.05)
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ float model and its QAT-prepared version.
 >>> model = MLP()
 >>> optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9)
 >>> loader = DataLoader(x_train, y_train, 64, shuffle=True, rng=np.random.default_rng(0))
->>> loss = train_one_epoch(model, loader, optimizer)
+>>> for epoch in range(3):
+...     loss = train_one_epoch(model, loader, optimizer)
 >>> evaluate_accuracy(model, x_test, y_test) > 0.8
 True
 """

@@ -15,7 +15,7 @@ constants (no gradient); a Python number takes the dtype of the Tensor it meets.
 tensor([[1., 0., 3.]], grad_fn=Relu)
 >>> loss = F.cross_entropy(x, qatcore.tensor([2]))
 >>> round(loss.item(), 4)
-0.1291
+0.1328
 """
 
 from __future__ import annotations

@@ -119,14 +119,14 @@ class Sqrt(Function):
 
 
 class Relu(Function):
-    """out = max(a, 0);  da = g where a > 0, else 0 (0 at a == 0, as PyTorch)."""
+    """out = max(a, 0);  da = g where out > 0, else 0 (0 at a == 0, as PyTorch)."""
 
     def forward(self, a):
-        self.mask = a > 0
-        return np.where(self.mask, a, np.zeros((), dtype=a.dtype))
+        self.out = np.maximum(a, np.zeros((), dtype=a.dtype))
+        return self.out
 
     def backward(self, g):
-        return (g * self.mask,)
+        return (g * (self.out > 0),)
 
 
 class Sigmoid(Function):

@@ -1,0 +1,275 @@
+"""qatcore.kernels.im2col against NumPy oracles: im2col, and col2im as its adjoint."""
+
+import doctest
+import os
+import subprocess
+import sys
+import textwrap
+from typing import NamedTuple
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qatcore.kernels import im2col as im2col_kernels
+
+
+class ConvGeometry(NamedTuple):
+    batch: int
+    channels: int
+    height: int
+    width: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    dh: int
+    dw: int
+
+    @property
+    def window(self):
+        """(kh, kw, sh, sw, ph, pw, dh, dw), in the kernels' argument order."""
+        return (self.kh, self.kw, self.sh, self.sw, self.ph, self.pw, self.dh, self.dw)
+
+    @property
+    def out_height(self):
+        return (self.height + 2 * self.ph - self.dh * (self.kh - 1) - 1) // self.sh + 1
+
+    @property
+    def out_width(self):
+        return (self.width + 2 * self.pw - self.dw * (self.kw - 1) - 1) // self.sw + 1
+
+
+@st.composite
+def conv_geometries(draw):
+    """Valid geometries only: the input is drawn at least as large as one dilated window."""
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    height = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 9))
+    width = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 9))
+    geometry = ConvGeometry(
+        batch=draw(st.integers(1, 3)),
+        channels=draw(st.integers(1, 4)),
+        height=height,
+        width=width,
+        kh=kh,
+        kw=kw,
+        sh=draw(st.integers(1, 3)),
+        sw=draw(st.integers(1, 3)),
+        ph=ph,
+        pw=pw,
+        dh=dh,
+        dw=dw,
+    )
+    assert geometry.out_height >= 1 and geometry.out_width >= 1
+    return geometry
+
+
+dtypes = st.sampled_from([np.float32, np.float64])
+seeds = st.integers(0, 2**32 - 1)
+
+
+# ----------------------------------------------------------------------------- oracles
+
+
+def _window_slices(geometry, i, j):
+    """Slices of the zero-padded input read by kernel tap (i, j) at every output position."""
+    g = geometry
+    rows = slice(i * g.dh, i * g.dh + g.sh * (g.out_height - 1) + 1, g.sh)
+    cols = slice(j * g.dw, j * g.dw + g.sw * (g.out_width - 1) + 1, g.sw)
+    return rows, cols
+
+
+def im2col_oracle(x, geometry):
+    g = geometry
+    padded = np.pad(x, ((0, 0), (0, 0), (g.ph, g.ph), (g.pw, g.pw)))
+    cols = np.empty((g.batch, g.channels, g.kh, g.kw, g.out_height, g.out_width), x.dtype)
+    for i in range(g.kh):
+        for j in range(g.kw):
+            rows, columns = _window_slices(g, i, j)
+            cols[:, :, i, j] = padded[:, :, rows, columns]
+    return cols.reshape(g.batch, g.channels * g.kh * g.kw, g.out_height * g.out_width)
+
+
+def col2im_oracle(cols, geometry):
+    """Scatter-add into a zero-padded input, then crop the padding away."""
+    g = geometry
+    padded = np.zeros((g.batch, g.channels, g.height + 2 * g.ph, g.width + 2 * g.pw), cols.dtype)
+    blocks = cols.reshape(g.batch, g.channels, g.kh, g.kw, g.out_height, g.out_width)
+    for i in range(g.kh):
+        for j in range(g.kw):
+            rows, columns = _window_slices(g, i, j)
+            # For a fixed (i, j) the positions are distinct, so += is a true scatter-add.
+            padded[:, :, rows, columns] += blocks[:, :, i, j]
+    return padded[:, :, g.ph:g.ph + g.height, g.pw:g.pw + g.width].copy()
+
+
+def random_input(geometry, dtype, seed):
+    g = geometry
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((g.batch, g.channels, g.height, g.width)).astype(dtype)
+
+
+def random_columns(geometry, dtype, seed):
+    g = geometry
+    rng = np.random.default_rng(seed)
+    shape = (g.batch, g.channels * g.kh * g.kw, g.out_height * g.out_width)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def run_im2col(x, geometry):
+    return im2col_kernels.im2col(x, *geometry.window)
+
+
+def run_col2im(cols, geometry):
+    g = geometry
+    return im2col_kernels.col2im(cols, g.channels, g.height, g.width, *g.window)
+
+
+# Plain checks, shared by the hypothesis tests and the NUMBA_DISABLE_JIT subprocess.
+
+
+def check_im2col(geometry, dtype, seed):
+    x = random_input(geometry, dtype, seed)
+    cols = run_im2col(x, geometry)
+    assert cols.dtype == dtype
+    np.testing.assert_array_equal(cols, im2col_oracle(x, geometry))
+
+
+def check_col2im(geometry, dtype, seed):
+    cols = random_columns(geometry, dtype, seed)
+    x_grad = run_col2im(cols, geometry)
+    assert x_grad.dtype == dtype
+    assert x_grad.shape == (geometry.batch, geometry.channels, geometry.height, geometry.width)
+    # Exact: kernel and oracle add each element's terms in the same ascending (i, j) order,
+    # starting from zero, and drop the same padding terms.
+    np.testing.assert_array_equal(x_grad, col2im_oracle(cols, geometry))
+
+
+def check_col2im_is_adjoint(geometry, seed):
+    x = random_input(geometry, np.float64, seed)
+    cols = random_columns(geometry, np.float64, seed + 1)
+    forward = np.vdot(run_im2col(x, geometry), cols)
+    adjoint = np.vdot(x, run_col2im(cols, geometry))
+    # The two inner products add the same products in different orders.
+    np.testing.assert_allclose(forward, adjoint, rtol=1e-12, atol=1e-12)
+
+
+FIXED_GEOMETRIES = [
+    ConvGeometry(2, 3, 7, 6, 3, 3, 1, 1, 1, 1, 1, 1),
+    ConvGeometry(1, 2, 9, 8, 4, 3, 2, 3, 2, 1, 2, 1),
+    ConvGeometry(3, 1, 1, 5, 1, 2, 3, 1, 0, 1, 1, 2),
+]
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@settings(deadline=None, max_examples=60)
+@given(geometry=conv_geometries(), dtype=dtypes, seed=seeds)
+def test_im2col_matches_oracle(geometry, dtype, seed):
+    check_im2col(geometry, dtype, seed)
+
+
+@settings(deadline=None, max_examples=60)
+@given(geometry=conv_geometries(), dtype=dtypes, seed=seeds)
+def test_col2im_matches_scatter_oracle(geometry, dtype, seed):
+    check_col2im(geometry, dtype, seed)
+
+
+@settings(deadline=None, max_examples=40)
+@given(geometry=conv_geometries(), seed=st.integers(0, 2**31))
+def test_col2im_is_adjoint_of_im2col(geometry, seed):
+    check_col2im_is_adjoint(geometry, seed)
+
+
+def test_im2col_follows_the_index_formula():
+    """Checks the oracle too: every entry straight from the documented formula."""
+    g = ConvGeometry(2, 2, 5, 6, 3, 2, 2, 1, 1, 1, 2, 3)
+    x = random_input(g, np.float64, 7)
+    cols = run_im2col(x, g)
+    ow_count = g.out_width
+    for n in range(g.batch):
+        for c in range(g.channels):
+            for i in range(g.kh):
+                for j in range(g.kw):
+                    for oh in range(g.out_height):
+                        for ow in range(g.out_width):
+                            h = oh * g.sh - g.ph + i * g.dh
+                            w = ow * g.sw - g.pw + j * g.dw
+                            inside = 0 <= h < g.height and 0 <= w < g.width
+                            expected = x[n, c, h, w] if inside else 0.0
+                            row = (c * g.kh + i) * g.kw + j
+                            assert cols[n, row, oh * ow_count + ow] == expected
+
+
+def test_conv2d_as_gemm_matches_direct_convolution():
+    g = ConvGeometry(2, 3, 6, 5, 3, 2, 1, 2, 1, 1, 1, 2)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((g.batch, g.channels, g.height, g.width))
+    weight = rng.standard_normal((4, g.channels, g.kh, g.kw))
+    out = np.matmul(weight.reshape(4, -1), run_im2col(x, g))
+    padded = np.pad(x, ((0, 0), (0, 0), (g.ph, g.ph), (g.pw, g.pw)))
+    direct = np.zeros((g.batch, 4, g.out_height, g.out_width))
+    for i in range(g.kh):
+        for j in range(g.kw):
+            rows, columns = _window_slices(g, i, j)
+            direct += np.einsum("kc,nchw->nkhw", weight[:, :, i, j], padded[:, :, rows, columns])
+    np.testing.assert_allclose(out.reshape(direct.shape), direct, rtol=1e-12, atol=1e-12)
+
+
+def test_kernels_leave_their_inputs_alone():
+    g = FIXED_GEOMETRIES[0]
+    x = random_input(g, np.float32, 0)
+    cols = random_columns(g, np.float32, 1)
+    x_before, cols_before = x.copy(), cols.copy()
+    run_im2col(x, g)
+    run_col2im(cols, g)
+    np.testing.assert_array_equal(x, x_before)
+    np.testing.assert_array_equal(cols, cols_before)
+
+
+def test_docstring_examples():
+    assert doctest.testmod(im2col_kernels).failed == 0
+
+
+def test_kernels_run_as_plain_python_without_jit():
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, types
+        import numpy as np
+        from numba.core import config
+        assert config.DISABLE_JIT
+        spec = importlib.util.spec_from_file_location("im2col_tests", {__file__!r})
+        tests = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tests)
+        kernels = tests.im2col_kernels
+        for loop in (kernels._im2col_fill, kernels._col2im_accumulate):
+            assert isinstance(loop, types.FunctionType), type(loop)
+        for geometry in tests.FIXED_GEOMETRIES:
+            for dtype in (np.float32, np.float64):
+                tests.check_im2col(geometry, dtype, 11)
+                tests.check_col2im(geometry, dtype, 12)
+            tests.check_col2im_is_adjoint(geometry, 13)
+        print("plain python kernels ok")
+        """
+    )
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "plain python kernels ok"
+
+
+def test_importing_the_kernel_package_does_not_import_numba():
+    code = "import qatcore.kernels, sys; assert 'numba' not in sys.modules; print('clean')"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "clean"
+

@@ -1,0 +1,54 @@
+"""kernels/ is installed as qatcore.kernels: from the editable install the suite
+runs on, and from a wheel; importing qatcore compiles nothing and stays fast."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import qatcore
+import qatcore.kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_kernels_map_to_top_level_folder():
+    assert Path(qatcore.kernels.__file__).resolve() == ROOT / "kernels" / "__init__.py"
+
+
+def test_import_is_fast_and_compiles_nothing():
+    code = (
+        "import time, sys; t = time.perf_counter(); import qatcore, qatcore.nn, qatcore.optim, "
+        "qatcore.data, qatcore.models; dt = time.perf_counter() - t; "
+        "print(dt, 'numba' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    seconds, numba_loaded = out.split()
+    assert float(seconds) < 1.0
+    assert numba_loaded == "False"  # kernels load numba on first use, not at import
+
+
+def test_wheel_contains_and_imports_kernels(tmp_path):
+    wheel_dir, site = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(wheel_dir), str(ROOT)],
+        check=True, capture_output=True, timeout=300,
+    )
+    wheels = list(wheel_dir.glob("qatcore-*.whl"))
+    assert len(wheels) == 1
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheels[0])],
+        check=True, capture_output=True, timeout=300,
+    )
+    code = (
+        "import qatcore, qatcore.kernels.im2col, qatcore.data; "
+        "print(qatcore.__file__); print(qatcore.kernels.im2col.__file__); "
+        "print(len(qatcore.data.load_digits()[0]))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(site))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=tmp_path, env=env).stdout.splitlines()
+    assert out[0].startswith(str(site)) and out[1].startswith(str(site))
+    assert out[1].endswith(os.path.join("qatcore", "kernels", "im2col.py"))
+    assert int(out[2]) > 1000
