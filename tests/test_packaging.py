@@ -30,17 +30,18 @@ def test_import_is_fast_and_compiles_nothing():
 
 def test_wheel_contains_and_imports_kernels(tmp_path):
     wheel_dir, site = tmp_path / "wheel", tmp_path / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(wheel_dir), str(ROOT)],
-        check=True, capture_output=True, timeout=300,
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(ROOT)],
+        capture_output=True, text=True, timeout=600,
     )
+    assert built.returncode == 0, built.stderr
     wheels = list(wheel_dir.glob("qatcore-*.whl"))
     assert len(wheels) == 1
-    subprocess.run(
+    installed = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheels[0])],
-        check=True, capture_output=True, timeout=300,
+        capture_output=True, text=True, timeout=300,
     )
+    assert installed.returncode == 0, installed.stderr
     code = (
         "import qatcore, qatcore.kernels.im2col, qatcore.data; "
         "print(qatcore.__file__); print(qatcore.kernels.im2col.__file__); "

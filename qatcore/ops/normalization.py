@@ -27,45 +27,61 @@ __all__ = ["BatchNorm"]
 
 
 class BatchNorm(Function):
-    """Batch normalization over axis 1 of an (N, C, ...) array."""
+    """Batch normalization over axis 1 of an (N, C, ...) array.
+
+    Training mode runs the fused kernels of ``qatcore.kernels.batch_norm`` (one
+    pass for the statistics, one for the normalization, one for each backward
+    reduction); eval mode is a per-channel affine map in numpy.
+    """
 
     def forward(self, x, weight, bias, running_mean, running_var, training, momentum, eps):
-        c = x.shape[1]
-        axes = (0,) + tuple(range(2, x.ndim))
-        shape = (1, c) + (1,) * (x.ndim - 2)
+        n, c = x.shape[:2]
+        dtype = x.dtype
+        self.in_shape, self.training = x.shape, training
+        self.weight = weight
         if training:
-            m = x.size // c
-            mean = x.mean(axis=axes)
-            centered = x - mean.reshape(shape)
-            var = np.mean(centered * centered, axis=axes)
+            from qatcore.kernels import batch_norm as kernels
+
+            x3 = np.ascontiguousarray(x).reshape(n, c, -1)
+            gamma = np.ones(c, dtype) if weight is None else weight.astype(dtype, copy=False)
+            beta = np.zeros(c, dtype) if bias is None else bias.astype(dtype, copy=False)
+            out, self.xhat, mean, var, self.inv_std = kernels.batch_norm_train_forward(x3, gamma, beta, eps)
+            m = x3.shape[0] * x3.shape[2]
             if running_mean is not None:
                 running_mean *= 1 - momentum
-                running_mean += momentum * mean
+                running_mean += (momentum * mean).astype(running_mean.dtype)
             if running_var is not None:
                 running_var *= 1 - momentum
-                running_var += (momentum * m / (m - 1)) * var
-        else:
-            centered = x - running_mean.reshape(shape).astype(x.dtype, copy=False)
-            var = running_var.astype(x.dtype, copy=False)
-        inv_std = (1 / np.sqrt(var + np.asarray(eps, dtype=x.dtype))).astype(x.dtype, copy=False)
-        xhat = centered * inv_std.reshape(shape)
-        out = xhat if weight is None else xhat * weight.reshape(shape)
-        if bias is not None:
-            out = out + bias.reshape(shape)
-        self.xhat, self.inv_std, self.weight = xhat, inv_std, weight
-        self.training, self.axes, self.shape = training, axes, shape
-        return out
+                running_var += (momentum * m / (m - 1) * var).astype(running_var.dtype)
+            return out.reshape(x.shape)
+        shape = (1, c) + (1,) * (x.ndim - 2)
+        inv_std = 1 / np.sqrt(running_var.astype(np.float64) + eps)
+        self.inv_std = inv_std
+        scale = inv_std if weight is None else weight * inv_std
+        shift = -running_mean * scale if bias is None else bias - running_mean * scale
+        if self.needs_input_grad[1]:
+            self.xhat = (x - running_mean.reshape(shape).astype(dtype)) * inv_std.reshape(shape).astype(dtype)
+        return x * scale.reshape(shape).astype(dtype) + shift.reshape(shape).astype(dtype)
 
     def backward(self, g):
-        axes, shape = self.axes, self.shape
+        n, c = self.in_shape[:2]
+        dtype = g.dtype
+        if self.training:
+            from qatcore.kernels import batch_norm as kernels
+
+            gamma = np.ones(c, dtype) if self.weight is None else self.weight.astype(dtype, copy=False)
+            dx, dweight, dbias = kernels.batch_norm_train_backward(
+                np.ascontiguousarray(g).reshape(n, c, -1), self.xhat, gamma, self.inv_std
+            )
+            return (
+                dx.reshape(self.in_shape) if self.needs_input_grad[0] else None,
+                dweight.astype(dtype) if self.needs_input_grad[1] else None,
+                dbias.astype(dtype) if self.needs_input_grad[2] else None,
+            )
+        shape = (1, c) + (1,) * (g.ndim - 2)
+        axes = (0,) + tuple(range(2, g.ndim))
+        scale = self.inv_std if self.weight is None else self.weight * self.inv_std
+        dx = g * scale.reshape(shape).astype(dtype) if self.needs_input_grad[0] else None
         dweight = (g * self.xhat).sum(axis=axes) if self.needs_input_grad[1] else None
         dbias = g.sum(axis=axes) if self.needs_input_grad[2] else None
-        dx = None
-        if self.needs_input_grad[0]:
-            dxhat = g if self.weight is None else g * self.weight.reshape(shape)
-            if self.training:
-                mean_dxhat = dxhat.mean(axis=axes, keepdims=True)
-                mean_dxhat_xhat = (dxhat * self.xhat).mean(axis=axes, keepdims=True)
-                dxhat = dxhat - mean_dxhat - self.xhat * mean_dxhat_xhat
-            dx = dxhat * self.inv_std.reshape(shape)
         return dx, dweight, dbias

@@ -1,0 +1,96 @@
+"""Fused batch-norm kernels against a float64 NumPy oracle."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qatcore.kernels import batch_norm as kernels
+
+
+def forward_oracle(x, weight, bias, eps):
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=(0, 2))
+    var = ((x64 - mean[None, :, None]) ** 2).mean(axis=(0, 2))
+    inv_std = 1 / np.sqrt(var + eps)
+    xhat = (x64 - mean[None, :, None]) * inv_std[None, :, None]
+    return xhat * weight[None, :, None] + bias[None, :, None], xhat, mean, var, inv_std
+
+
+def backward_oracle(grad, xhat, weight, inv_std):
+    g64, count = grad.astype(np.float64), grad.shape[0] * grad.shape[2]
+    dbias = g64.sum(axis=(0, 2))
+    dweight = (g64 * xhat).sum(axis=(0, 2))
+    dx = (weight * inv_std)[None, :, None] * (
+        g64 - dbias[None, :, None] / count - xhat * dweight[None, :, None] / count)
+    return dx, dweight, dbias
+
+
+def check(shape, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=shape) * rng.uniform(0.1, 10) + rng.uniform(-5, 5)).astype(dtype)
+    weight = rng.normal(size=shape[1]).astype(dtype)
+    bias = rng.normal(size=shape[1]).astype(dtype)
+    out, xhat, mean, var, inv_std = kernels.batch_norm_train_forward(x, weight, bias, 1e-5)
+    e_out, e_xhat, e_mean, e_var, e_inv = forward_oracle(x, weight, bias, 1e-5)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert out.dtype == dtype and xhat.dtype == dtype
+    np.testing.assert_allclose(mean, e_mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(var, e_var, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(inv_std, e_inv, rtol=1e-10)
+    np.testing.assert_allclose(xhat, e_xhat, **tol)
+    np.testing.assert_allclose(out, e_out, **tol)
+    grad = rng.normal(size=shape).astype(dtype)
+    dx, dweight, dbias = kernels.batch_norm_train_backward(grad, xhat, weight, inv_std)
+    e_dx, e_dw, e_db = backward_oracle(grad, xhat.astype(np.float64), weight.astype(np.float64), inv_std)
+    assert dx.dtype == dtype
+    np.testing.assert_allclose(dbias, e_db, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dweight, e_dw, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dx, e_dx, rtol=1e-4 if dtype == np.float32 else 1e-10,
+                               atol=1e-4 if dtype == np.float32 else 1e-10)
+
+
+@given(st.integers(1, 5), st.integers(1, 4), st.integers(1, 17), st.sampled_from([np.float32, np.float64]),
+       st.integers(0, 2**16))
+def test_matches_oracle(n, c, m, dtype, seed):
+    if n * m < 2:
+        m = 2
+    check((n, c, m), dtype, seed)
+
+
+def test_constant_channel_is_finite():
+    x = np.full((4, 2, 3), 7.0, dtype=np.float32)
+    out, xhat, mean, var, inv_std = kernels.batch_norm_train_forward(
+        x, np.ones(2, np.float32), np.zeros(2, np.float32), 1e-5)
+    assert np.all(np.isfinite(out)) and np.all(out == 0) and np.all(var == 0)
+
+
+def test_inputs_left_alone():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 2, 4)).astype(np.float32)
+    before = x.copy()
+    kernels.batch_norm_train_forward(x, np.ones(2, np.float32), np.zeros(2, np.float32), 1e-5)
+    np.testing.assert_array_equal(x, before)
+
+
+def test_runs_as_plain_python():
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import numba
+        from test_batch_norm import check
+        assert numba.config.DISABLE_JIT
+        check((3, 2, 5), __import__("numpy").float32, 1)
+        check((2, 3, 1), __import__("numpy").float64, 2)
+        print("plain python ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, NUMBA_DISABLE_JIT="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "plain python ok"
