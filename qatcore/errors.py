@@ -20,6 +20,8 @@ __all__ = [
     "SerializationError",
     "ConfigError",
     "DataError",
+    "GraphError",
+    "TraceError",
 ]
 
 
@@ -57,3 +59,11 @@ class ConfigError(QATCoreError, ValueError):
 
 class DataError(QATCoreError, ValueError):
     """A dataset file is missing, malformed or inconsistent."""
+
+
+class GraphError(QATCoreError, ValueError):
+    """A graph edit or lint found a broken invariant (the message names the node)."""
+
+
+class TraceError(QATCoreError, RuntimeError):
+    """A model cannot be traced into a graph (the message names the module and line)."""

@@ -30,6 +30,7 @@ import numpy as np
 
 from qatcore.autograd import engine
 from qatcore.errors import DTypeError, GradientError
+from qatcore.symbolic import SymbolicValue
 
 __all__ = ["Tensor", "tensor"]
 
@@ -184,36 +185,48 @@ class Tensor:
         self.grad = None
 
     # ---- arithmetic -------------------------------------------------------------
-    def _other(self, other: Any) -> Tensor:
+    def _other(self, other: Any) -> Tensor | None:
+        """``other`` as an operand; None for a symbolic (traced) value, which then
+        handles the operator itself (its reflected method)."""
         if isinstance(other, Tensor):
             return other
+        if isinstance(other, SymbolicValue):
+            return None
         if isinstance(other, (np.ndarray, np.generic)):
             return Tensor._from_array(np.asarray(other), requires_grad=False)
         return Tensor._from_array(np.asarray(other, dtype=self.dtype), requires_grad=False)
 
     def __add__(self, other):
-        return F.add(self, self._other(other))
+        o = self._other(other)
+        return NotImplemented if o is None else F.add(self, o)
 
     def __radd__(self, other):
-        return F.add(self._other(other), self)
+        o = self._other(other)
+        return NotImplemented if o is None else F.add(o, self)
 
     def __sub__(self, other):
-        return F.sub(self, self._other(other))
+        o = self._other(other)
+        return NotImplemented if o is None else F.sub(self, o)
 
     def __rsub__(self, other):
-        return F.sub(self._other(other), self)
+        o = self._other(other)
+        return NotImplemented if o is None else F.sub(o, self)
 
     def __mul__(self, other):
-        return F.mul(self, self._other(other))
+        o = self._other(other)
+        return NotImplemented if o is None else F.mul(self, o)
 
     def __rmul__(self, other):
-        return F.mul(self._other(other), self)
+        o = self._other(other)
+        return NotImplemented if o is None else F.mul(o, self)
 
     def __truediv__(self, other):
-        return F.div(self, self._other(other))
+        o = self._other(other)
+        return NotImplemented if o is None else F.div(self, o)
 
     def __rtruediv__(self, other):
-        return F.div(self._other(other), self)
+        o = self._other(other)
+        return NotImplemented if o is None else F.div(o, self)
 
     def __neg__(self):
         return F.neg(self)
@@ -222,10 +235,12 @@ class Tensor:
         return F.pow(self, exponent)
 
     def __matmul__(self, other):
-        return F.matmul(self, self._other(other))
+        o = self._other(other)
+        return NotImplemented if o is None else F.matmul(self, o)
 
     def __rmatmul__(self, other):
-        return F.matmul(self._other(other), self)
+        o = self._other(other)
+        return NotImplemented if o is None else F.matmul(o, self)
 
     def __getitem__(self, index):
         return F.getitem(self, index)

@@ -7,6 +7,7 @@ from qatcore.nn.container import ModuleList, Sequential
 from qatcore.nn.conv import Conv2d
 from qatcore.nn.dropout import Dropout
 from qatcore.nn.flatten import Flatten, Identity
+from qatcore.nn.fused import ConvReLU2d, LinearReLU, fold_conv_batch_norm, fold_linear_batch_norm
 from qatcore.nn.linear import Linear
 from qatcore.nn.loss import CrossEntropyLoss, MSELoss
 from qatcore.nn.module import IncompatibleKeys, Module, RemovableHandle
@@ -18,5 +19,6 @@ __all__ = [
     "Linear", "Conv2d", "BatchNorm1d", "BatchNorm2d", "ReLU", "ReLU6", "LeakyReLU",
     "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Sequential", "ModuleList", "Flatten",
     "Identity", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Dropout",
-    "CrossEntropyLoss", "MSELoss",
+    "CrossEntropyLoss", "MSELoss", "ConvReLU2d", "LinearReLU", "fold_conv_batch_norm",
+    "fold_linear_batch_norm",
 ]

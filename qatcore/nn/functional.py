@@ -20,6 +20,7 @@ tensor([[1., 0., 3.]], grad_fn=Relu)
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from qatcore import ops
 from qatcore.errors import ConfigError, DTypeError, ShapeError
+from qatcore.symbolic import find_symbolic
 from qatcore.tensor import Tensor
 
 __all__ = [
@@ -39,6 +41,24 @@ __all__ = [
 ]
 
 _builtin_max = max
+
+
+def _traceable(fn):
+    """Let the graph tracer record calls of ``fn`` made on symbolic values.
+
+    Outside tracing this costs one scan of the arguments; inside, the call is
+    handed to the symbolic value, which records ``wrapper`` itself as the node's
+    target, so running the recorded graph calls exactly this function again.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        symbolic = find_symbolic(args, kwargs)
+        if symbolic is not None:
+            return symbolic.record_function(wrapper, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _tensor(x: Any, like: Tensor | None = None) -> Tensor:
@@ -67,35 +87,41 @@ def _require_float(x: Tensor, op: str, name: str = "input") -> None:
 
 
 # ---- arithmetic ---------------------------------------------------------------------
+@_traceable
 def add(a, b) -> Tensor:
     """a + b with broadcasting."""
     a = _tensor(a, b if isinstance(b, Tensor) else None)
     return ops.Add.apply(a, _tensor(b, a))
 
 
+@_traceable
 def sub(a, b) -> Tensor:
     """a - b with broadcasting."""
     a = _tensor(a, b if isinstance(b, Tensor) else None)
     return ops.Sub.apply(a, _tensor(b, a))
 
 
+@_traceable
 def mul(a, b) -> Tensor:
     """a * b with broadcasting."""
     a = _tensor(a, b if isinstance(b, Tensor) else None)
     return ops.Mul.apply(a, _tensor(b, a))
 
 
+@_traceable
 def div(a, b) -> Tensor:
     """a / b with broadcasting."""
     a = _tensor(a, b if isinstance(b, Tensor) else None)
     return ops.Div.apply(a, _tensor(b, a))
 
 
+@_traceable
 def neg(a) -> Tensor:
     """-a"""
     return ops.Neg.apply(_tensor(a))
 
 
+@_traceable
 def pow(a, exponent: float) -> Tensor:
     """a ** exponent for a constant (Python number) exponent."""
     if isinstance(exponent, Tensor):
@@ -103,6 +129,7 @@ def pow(a, exponent: float) -> Tensor:
     return ops.Pow.apply(_tensor(a), exponent=float(exponent))
 
 
+@_traceable
 def matmul(a, b) -> Tensor:
     """Matrix product with numpy's rules (1-D operands, batched broadcasting)."""
     a, b = _tensor(a), _tensor(b)
@@ -115,6 +142,7 @@ def matmul(a, b) -> Tensor:
     return ops.MatMul.apply(a, b)
 
 
+@_traceable
 def linear(x, weight, bias=None) -> Tensor:
     """y = x @ weight^T + bias, with weight (out_features, in_features)."""
     x, weight = _tensor(x), _tensor(weight)
@@ -135,12 +163,14 @@ def linear(x, weight, bias=None) -> Tensor:
 
 
 # ---- reductions ---------------------------------------------------------------------
+@_traceable
 def sum(x, dim=None, keepdim: bool = False) -> Tensor:  # noqa: A001 - PyTorch's name
     """Sum over ``dim`` (None: all axes; an int or a tuple)."""
     x = _tensor(x)
     return ops.Sum.apply(x, axes=ops.normalize_dims(dim, x.ndim), keepdim=keepdim)
 
 
+@_traceable
 def mean(x, dim=None, keepdim: bool = False) -> Tensor:
     """Mean over ``dim``: sum / count."""
     x = _tensor(x)
@@ -150,6 +180,7 @@ def mean(x, dim=None, keepdim: bool = False) -> Tensor:
     return ops.Mul.apply(total, _tensor(1.0 / count if count else math.nan, x))
 
 
+@_traceable
 def max(x, dim=None, keepdim: bool = False) -> Tensor:  # noqa: A001 - PyTorch's name
     """Maximum over ``dim``; the gradient is shared equally among tied maxima."""
     x = _tensor(x)
@@ -159,6 +190,7 @@ def max(x, dim=None, keepdim: bool = False) -> Tensor:  # noqa: A001 - PyTorch's
     return ops.Max.apply(x, axes=axes, keepdim=keepdim)
 
 
+@_traceable
 def var(x, dim=None, keepdim: bool = False, correction: int = 1) -> Tensor:
     """Variance: sum((x - mean)^2) / (count - correction); correction=1 is unbiased."""
     x = _tensor(x)
@@ -171,6 +203,7 @@ def var(x, dim=None, keepdim: bool = False, correction: int = 1) -> Tensor:
 
 
 # ---- shape ----------------------------------------------------------------------------
+@_traceable
 def reshape(x, shape: Sequence[int]) -> Tensor:
     """View with a new shape (one entry may be -1: inferred from the size)."""
     x = _tensor(x)
@@ -188,6 +221,7 @@ def reshape(x, shape: Sequence[int]) -> Tensor:
     return ops.Reshape.apply(x, shape=tuple(shape))
 
 
+@_traceable
 def flatten(x, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     """Merge axes start_dim..end_dim (inclusive) into one."""
     x = _tensor(x)
@@ -200,6 +234,7 @@ def flatten(x, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     return ops.Reshape.apply(x, shape=shape)
 
 
+@_traceable
 def permute(x, dims: Sequence[int]) -> Tensor:
     """Reorder axes: out.shape[i] = x.shape[dims[i]]."""
     x = _tensor(x)
@@ -209,6 +244,7 @@ def permute(x, dims: Sequence[int]) -> Tensor:
     return ops.Permute.apply(x, dims=dims)
 
 
+@_traceable
 def transpose(x, dim0: int, dim1: int) -> Tensor:
     """Swap two axes."""
     x = _tensor(x)
@@ -217,6 +253,7 @@ def transpose(x, dim0: int, dim1: int) -> Tensor:
     return ops.Permute.apply(x, dims=tuple(dims))
 
 
+@_traceable
 def getitem(x, index) -> Tensor:
     """x[index] with numpy indexing (Tensors in the index are used as arrays)."""
     if isinstance(index, Tensor):
@@ -226,6 +263,7 @@ def getitem(x, index) -> Tensor:
     return ops.GetItem.apply(_tensor(x), index=index)
 
 
+@_traceable
 def cat(tensors: Sequence, dim: int = 0) -> Tensor:
     """Join tensors along ``dim``; all other axes must match."""
     tensors = [_tensor(t) for t in tensors]
@@ -243,6 +281,7 @@ def cat(tensors: Sequence, dim: int = 0) -> Tensor:
     return ops.Cat.apply(*tensors, axis=axis)
 
 
+@_traceable
 def cast(x, dtype) -> Tensor:
     """Convert to ``dtype`` (differentiable between float dtypes)."""
     x = _tensor(x)
@@ -252,58 +291,69 @@ def cast(x, dtype) -> Tensor:
 
 
 # ---- elementwise ----------------------------------------------------------------------
+@_traceable
 def exp(x) -> Tensor:
     """e^x"""
     return ops.Exp.apply(_tensor(x))
 
 
+@_traceable
 def log(x) -> Tensor:
     """Natural logarithm."""
     return ops.Log.apply(_tensor(x))
 
 
+@_traceable
 def sqrt(x) -> Tensor:
     """Square root."""
     return ops.Sqrt.apply(_tensor(x))
 
 
+@_traceable
 def clamp(x, min=None, max=None) -> Tensor:  # noqa: A002 - PyTorch's names
     """min(max(x, min), max); the gradient passes where min <= x <= max."""
     return ops.Clamp.apply(_tensor(x), lo=min, hi=max)
 
 
+@_traceable
 def relu(x) -> Tensor:
     """max(x, 0)"""
     return ops.Relu.apply(_tensor(x))
 
 
+@_traceable
 def relu6(x) -> Tensor:
     """min(max(x, 0), 6)"""
     return ops.Clamp.apply(_tensor(x), lo=0.0, hi=6.0)
 
 
+@_traceable
 def leaky_relu(x, negative_slope: float = 0.01) -> Tensor:
     """x for x > 0, negative_slope * x otherwise: relu(x) - slope * relu(-x)."""
     x = _tensor(x)
     return sub(relu(x), mul(relu(neg(x)), negative_slope))
 
 
+@_traceable
 def sigmoid(x) -> Tensor:
     """1 / (1 + e^-x)"""
     return ops.Sigmoid.apply(_tensor(x))
 
 
+@_traceable
 def tanh(x) -> Tensor:
     """Hyperbolic tangent."""
     return ops.Tanh.apply(_tensor(x))
 
 
+@_traceable
 def log_softmax(x, dim: int = -1) -> Tensor:
     """x_i - log(sum_j e^{x_j}) along ``dim``."""
     x = _tensor(x)
     return ops.LogSoftmax.apply(x, axis=ops.normalize_dims(dim, x.ndim)[0])
 
 
+@_traceable
 def softmax(x, dim: int = -1) -> Tensor:
     """e^{x_i} / sum_j e^{x_j} along ``dim`` (= exp(log_softmax))."""
     return exp(log_softmax(x, dim))
@@ -334,6 +384,7 @@ def _class_targets(target, n: int, classes: int, op: str) -> np.ndarray:
     return t
 
 
+@_traceable
 def nll_loss(log_probs, target, reduction: str = "mean") -> Tensor:
     """-log_probs[i, target_i], reduced; log_probs shaped (N, C)."""
     log_probs = _tensor(log_probs)
@@ -345,6 +396,7 @@ def nll_loss(log_probs, target, reduction: str = "mean") -> Tensor:
     return _reduce(neg(picked), reduction, "nll_loss")
 
 
+@_traceable
 def cross_entropy(logits, target, reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
     """Softmax cross-entropy with integer targets, logits shaped (N, C).
 
@@ -366,6 +418,7 @@ def cross_entropy(logits, target, reduction: str = "mean", label_smoothing: floa
     return _reduce(loss, reduction, "cross_entropy")
 
 
+@_traceable
 def mse_loss(prediction, target, reduction: str = "mean") -> Tensor:
     """(prediction - target)^2, reduced."""
     prediction = _tensor(prediction)
@@ -377,6 +430,7 @@ def mse_loss(prediction, target, reduction: str = "mean") -> Tensor:
 
 
 # ---- convolution and pooling ------------------------------------------------------------
+@_traceable
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
     """2-D cross-correlation of x (N, C, H, W) with weight (K, C/groups, kh, kw).
 
@@ -436,12 +490,14 @@ def _pool_args(x: Tensor, op: str, kernel_size, stride, padding, dilation=1):
     return x, kernel, stride, padding, dilation
 
 
+@_traceable
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1) -> Tensor:
     """Maximum over each kernel window (stride defaults to kernel_size)."""
     x, kernel, stride, padding, dilation = _pool_args(x, "max_pool2d", kernel_size, stride, padding, dilation)
     return ops.MaxPool2d.apply(x, kernel_size=kernel, stride=stride, padding=padding, dilation=dilation)
 
 
+@_traceable
 def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad: bool = True) -> Tensor:
     """Mean over each kernel window (stride defaults to kernel_size)."""
     x, kernel, stride, padding, _ = _pool_args(x, "avg_pool2d", kernel_size, stride, padding)
@@ -450,6 +506,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad: bool =
     )
 
 
+@_traceable
 def adaptive_avg_pool2d(x, output_size=1) -> Tensor:
     """Average-pool to ``output_size``; 1 (global average pooling) is the mean over
     H and W; larger sizes must divide H and W."""
@@ -468,6 +525,7 @@ def adaptive_avg_pool2d(x, output_size=1) -> Tensor:
 
 
 # ---- normalization and regularization ------------------------------------------------
+@_traceable
 def batch_norm(
     x, running_mean, running_var, weight=None, bias=None, training: bool = False,
     momentum: float = 0.1, eps: float = 1e-5,
@@ -511,6 +569,7 @@ def batch_norm(
     )
 
 
+@_traceable
 def dropout(x, p: float = 0.5, training: bool = True, generator: np.random.Generator | None = None) -> Tensor:
     """Zero each element with probability p and scale the rest by 1 / (1 - p).
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from qatcore.errors import QATCoreError, StateDictError
 from qatcore.nn.parameter import Parameter
+from qatcore.symbolic import find_symbolic
 from qatcore.tensor import Tensor
 
 __all__ = ["Module", "RemovableHandle", "IncompatibleKeys"]
@@ -313,6 +314,13 @@ class Module:
         return RemovableHandle(self._forward_hooks, key)
 
     def __call__(self, *args, **kwargs):
+        symbolic = find_symbolic(args, kwargs)
+        if symbolic is not None:  # a graph is being recorded (qatcore.graph.trace)
+            return symbolic.record_module_call(self, args, kwargs)
+        return self._call_eager(args, kwargs)
+
+    def _call_eager(self, args: tuple, kwargs: dict):
+        """Run pre-hooks, forward and hooks on real values."""
         if self._forward_pre_hooks:
             for hook in list(self._forward_pre_hooks.values()):
                 result = hook(self, args)
