@@ -24,7 +24,7 @@ from qatcore.graph.graph_module import GraphModule
 from qatcore.graph.node import Node
 from qatcore.nn.module import Module
 
-__all__ = ["node_matches", "find_chains", "replace_chain_with_module"]
+__all__ = ["node_matches", "find_chains", "replace_chain_with_module", "replace_chain_with_subgraph"]
 
 
 def node_matches(gm: GraphModule, node: Node, element: Any) -> bool:
@@ -74,3 +74,25 @@ def replace_chain_with_module(gm: GraphModule, chain: list[Node], name: str, mod
         graph.erase(node)
     graph.rename(new, chain[0].name)  # the layer keeps its name in printed graphs
     return new
+
+
+def replace_chain_with_subgraph(gm: GraphModule, chain: list[Node],
+                                build: Callable[[Callable[..., Node], tuple], Node]) -> Node:
+    """Replace ``chain`` by nodes that ``build`` creates.
+
+    ``build(add, inputs)`` receives ``add(op, target, args, kwargs=None)``, which
+    inserts a node before the chain's last node and returns it, and the chain's
+    first arguments; it returns the node whose value replaces the chain's output.
+    """
+    graph = gm.graph
+    anchor = chain[-1]
+
+    def add(op: str, target: Any, args: tuple = (), kwargs: dict | None = None) -> Node:
+        return graph.insert_before(anchor, op, target, args, kwargs)
+
+    result = build(add, chain[0].args)
+    result.meta.update(anchor.meta)
+    anchor.replace_all_uses_with(result)
+    for node in reversed(chain):
+        graph.erase(node)
+    return result

@@ -100,3 +100,22 @@ def test_dead_code_elimination():
     assert result.changed and [n.target for n in graph.nodes][-2:] == ["layers.5", "output"]
     gm.lint()
     assert not eliminate_dead_code(gm).changed
+
+
+def test_replace_chain_with_subgraph():
+    model = nn.Sequential(nn.Linear(3, 3, rng=np.random.default_rng(0)), nn.ReLU())
+    gm = trace(model)
+    from qatcore.graph import replace_chain_with_subgraph
+
+    (chain,) = find_chains(gm, [nn.ReLU])
+
+    def build(add, inputs):  # relu(x) == (x + |x|) / 2, as a subgraph
+        x = inputs[0]
+        absolute = add("call_function", F.sqrt, (add("call_function", F.mul, (x, x)),))
+        return add("call_function", F.mul, (add("call_function", F.add, (x, absolute)), 0.5))
+
+    replace_chain_with_subgraph(gm, chain, build)
+    gm.lint()
+    x = np.array([[-1.0, 0.5, 2.0]], dtype=np.float32)
+    np.testing.assert_allclose(gm(x).numpy(), model(x).numpy(), rtol=1e-6)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [F.mul, F.sqrt, F.add, F.mul]
