@@ -22,6 +22,7 @@ __all__ = [
     "DataError",
     "GraphError",
     "TraceError",
+    "ObserverError",
 ]
 
 
@@ -67,3 +68,8 @@ class GraphError(QATCoreError, ValueError):
 
 class TraceError(QATCoreError, RuntimeError):
     """A model cannot be traced into a graph (the message names the module and line)."""
+
+
+class ObserverError(QATCoreError, ValueError):
+    """An observer saw NaN/Inf, or was asked for parameters before observing anything
+    (the message names the observer and its layer)."""

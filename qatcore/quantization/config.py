@@ -1,0 +1,267 @@
+"""Quantization configuration: immutable, validated when built.
+
+A :class:`QuantSpec` says how one kind of tensor (weights or activations) is
+quantized: the integer type, the scheme and axis, the observer that picks the
+range, and whether scale (and zero point) are fixed by the observer or learned
+(LSQ, LSQ+). A :class:`QuantizationConfig` pairs a weight spec with an
+activation spec and a mode (what gets quantized).
+
+Every field is checked in ``__post_init__``; an error names the field and the
+accepted values, so a typo in a config file fails loudly and at once.
+
+>>> config = QuantizationConfig()            # the default 8-bit config
+>>> config.weight.dtype, config.weight.scheme.value, config.activation.dtype
+(QuantDType(int8_narrow), 'per_channel_symmetric', QuantDType(uint8))
+>>> QuantSpec(bits=1)
+Traceback (most recent call last):
+...
+qatcore.errors.ConfigError: QuantSpec.bits must be an int in [2, 16], got 1
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from qatcore.errors import ConfigError
+from qatcore.quantization.dtypes import QuantDType
+from qatcore.quantization.qscheme import QScheme
+
+__all__ = ["QuantMode", "QuantSpec", "QuantizationConfig", "OBSERVER_OPTIONS", "LEARNABLE_MODES"]
+
+
+class QuantMode(enum.Enum):
+    """What a layer quantizes."""
+
+    WEIGHTS_AND_ACTIVATIONS = "weights_and_activations"
+    WEIGHTS_ONLY = "weights_only"
+    ACTIVATIONS_ONLY = "activations_only"
+
+    @property
+    def weights(self) -> bool:
+        return self is not QuantMode.ACTIVATIONS_ONLY
+
+    @property
+    def activations(self) -> bool:
+        return self is not QuantMode.WEIGHTS_ONLY
+
+
+# Observer kinds and the options each accepts (with their defaults).
+OBSERVER_OPTIONS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    "minmax": MappingProxyType({}),
+    "moving_average_minmax": MappingProxyType({"averaging_constant": 0.01}),
+    "histogram": MappingProxyType({"bins": 2048, "percentile": 99.99}),
+    "mse": MappingProxyType({"bins": 2048, "candidates": 100}),
+})
+LEARNABLE_MODES = ("fixed", "lsq", "lsq+")
+
+
+def _choice(owner: str, name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{owner}.{name} must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one kind of tensor.
+
+    Fields:
+        bits: 2..16.  signed: signed or unsigned integers.  narrow_range: signed
+            range without its most negative value (symmetric around 0).
+        scheme: a QScheme (or its string value).  axis: the channel axis of a
+            per-channel scheme (default 0, the output channel of a weight).
+        observer: "minmax", "moving_average_minmax", "histogram" or "mse";
+            observer_options: that observer's options (see OBSERVER_OPTIONS).
+        learnable: "fixed" (the observer sets the scale), "lsq" (learned scale)
+            or "lsq+" (learned scale and zero point; affine schemes only).
+        grad_factor: the LSQ gradient scale; None means 1 / sqrt(numel * qmax).
+        ignore_nan: drop NaN/Inf when observing instead of raising an error.
+    """
+
+    bits: int = 8
+    signed: bool = False
+    narrow_range: bool = False
+    scheme: QScheme = QScheme.PER_TENSOR_AFFINE
+    axis: int | None = None
+    observer: str = "moving_average_minmax"
+    observer_options: Mapping[str, Any] = field(default_factory=dict)
+    learnable: str = "fixed"
+    grad_factor: float | None = None
+    ignore_nan: bool = False
+
+    def __post_init__(self) -> None:
+        owner = "QuantSpec"
+        if isinstance(self.scheme, str):
+            try:
+                object.__setattr__(self, "scheme", QScheme(self.scheme))
+            except ValueError:
+                raise ConfigError(
+                    f"{owner}.scheme must be one of {[s.value for s in QScheme]}, got {self.scheme!r}"
+                ) from None
+        if not isinstance(self.scheme, QScheme):
+            raise ConfigError(f"{owner}.scheme must be a QScheme, got {self.scheme!r}")
+        if type(self.bits) is not int or not 2 <= self.bits <= 16:
+            raise ConfigError(f"{owner}.bits must be an int in [2, 16], got {self.bits!r}")
+        self.dtype  # noqa: B018 - validates signed/narrow_range through QuantDType
+        if self.scheme.per_channel:
+            axis = 0 if self.axis is None else self.axis
+            if type(axis) is not int or axis < 0:
+                raise ConfigError(f"{owner}.axis must be a non-negative int for {self.scheme.value}, got {axis!r}")
+            object.__setattr__(self, "axis", axis)
+        elif self.axis is not None:
+            raise ConfigError(f"{owner}.axis must be None for {self.scheme.value}, got {self.axis!r}")
+        _choice(owner, "observer", self.observer, tuple(OBSERVER_OPTIONS))
+        if not isinstance(self.observer_options, Mapping):
+            raise ConfigError(f"{owner}.observer_options must be a mapping, got {type(self.observer_options).__name__}")
+        accepted = OBSERVER_OPTIONS[self.observer]
+        unknown = sorted(set(self.observer_options) - set(accepted))
+        if unknown:
+            raise ConfigError(
+                f"{owner}.observer_options: {unknown} not accepted by observer {self.observer!r}; "
+                f"it accepts {sorted(accepted) or 'no options'}"
+            )
+        options = {**accepted, **self.observer_options}
+        _validate_observer_options(owner, self.observer, options)
+        object.__setattr__(self, "observer_options", MappingProxyType(options))
+        _choice(owner, "learnable", self.learnable, LEARNABLE_MODES)
+        if self.learnable == "lsq+" and self.scheme.symmetric:
+            raise ConfigError(f"{owner}.learnable 'lsq+' learns a zero point; it needs an affine scheme, "
+                              f"not {self.scheme.value}")
+        if self.grad_factor is not None and not (
+            isinstance(self.grad_factor, (int, float)) and math.isfinite(self.grad_factor) and self.grad_factor > 0
+        ):
+            raise ConfigError(f"{owner}.grad_factor must be None or a positive number, got {self.grad_factor!r}")
+        if type(self.ignore_nan) is not bool:
+            raise ConfigError(f"{owner}.ignore_nan must be True or False, got {self.ignore_nan!r}")
+
+    def __hash__(self) -> int:
+        options = tuple(sorted(self.observer_options.items()))
+        return hash((self.bits, self.signed, self.narrow_range, self.scheme, self.axis, self.observer,
+                     options, self.learnable, self.grad_factor, self.ignore_nan))
+
+    @property
+    def dtype(self) -> QuantDType:
+        try:
+            return QuantDType(self.bits, self.signed, self.narrow_range)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("QuantDType", "QuantSpec")) from None
+
+    @property
+    def quant_min(self) -> int:
+        return self.dtype.quant_min
+
+    @property
+    def quant_max(self) -> int:
+        return self.dtype.quant_max
+
+    def replace(self, **changes) -> QuantSpec:
+        """A copy with some fields changed (validated again)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ConfigError(f"QuantSpec has no fields {unknown}; fields are {[f.name for f in fields(self)]}")
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["scheme"] = self.scheme.value
+        data["observer_options"] = dict(self.observer_options)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "QuantSpec") -> QuantSpec:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where} must be a mapping of fields, got {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"{where}: unknown fields {unknown}; fields are {names}")
+        try:
+            return cls(**dict(data))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+
+def _validate_observer_options(owner: str, observer: str, options: dict) -> None:
+    for key, value in options.items():
+        where = f"{owner}.observer_options[{key!r}]"
+        if key == "averaging_constant" and not (isinstance(value, (int, float)) and 0 < value <= 1):
+            raise ConfigError(f"{where} must be in (0, 1], got {value!r}")
+        if key in ("bins", "candidates") and not (type(value) is int and 8 <= value <= 1 << 16):
+            raise ConfigError(f"{where} must be an int in [8, 65536], got {value!r}")
+        if key == "percentile" and not (isinstance(value, (int, float)) and 50 < value <= 100):
+            raise ConfigError(f"{where} must be in (50, 100], got {value!r}")
+
+
+def _default_weight() -> QuantSpec:
+    return QuantSpec(bits=8, signed=True, narrow_range=True, scheme=QScheme.PER_CHANNEL_SYMMETRIC, axis=0,
+                     observer="minmax")
+
+
+def _default_activation() -> QuantSpec:
+    return QuantSpec(bits=8, signed=False, scheme=QScheme.PER_TENSOR_AFFINE, observer="moving_average_minmax")
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """A weight spec, an activation spec and a mode. No arguments: the default
+    8-bit config (int8 narrow per-channel symmetric weights, uint8 per-tensor
+    affine activations with a moving-average observer)."""
+
+    weight: QuantSpec = field(default_factory=_default_weight)
+    activation: QuantSpec = field(default_factory=_default_activation)
+    mode: QuantMode = QuantMode.WEIGHTS_AND_ACTIVATIONS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mode, str):
+            try:
+                object.__setattr__(self, "mode", QuantMode(self.mode))
+            except ValueError:
+                raise ConfigError(
+                    f"QuantizationConfig.mode must be one of {[m.value for m in QuantMode]}, got {self.mode!r}"
+                ) from None
+        if not isinstance(self.mode, QuantMode):
+            raise ConfigError(f"QuantizationConfig.mode must be a QuantMode, got {self.mode!r}")
+        for name in ("weight", "activation"):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, QuantSpec.from_dict(value, f"QuantizationConfig.{name}"))
+            elif not isinstance(value, QuantSpec):
+                raise ConfigError(f"QuantizationConfig.{name} must be a QuantSpec, got {type(value).__name__}")
+
+    @classmethod
+    def default_8bit(cls) -> QuantizationConfig:
+        return cls()
+
+    @classmethod
+    def lsq_4bit_weights(cls) -> QuantizationConfig:
+        """4-bit narrow symmetric per-channel weights with a learned scale (LSQ);
+        8-bit activations as in the default."""
+        weight = QuantSpec(bits=4, signed=True, narrow_range=True, scheme=QScheme.PER_CHANNEL_SYMMETRIC,
+                           axis=0, observer="minmax", learnable="lsq")
+        return cls(weight=weight)
+
+    @classmethod
+    def weights_only(cls) -> QuantizationConfig:
+        """The default 8-bit weights; activations stay float."""
+        return cls(mode=QuantMode.WEIGHTS_ONLY)
+
+    def replace(self, **changes) -> QuantizationConfig:
+        unknown = sorted(set(changes) - {"weight", "activation", "mode"})
+        if unknown:
+            raise ConfigError(f"QuantizationConfig has no fields {unknown}; fields are weight, activation, mode")
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {"weight": self.weight.to_dict(), "activation": self.activation.to_dict(), "mode": self.mode.value}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantizationConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"QuantizationConfig must be a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - {"weight", "activation", "mode"})
+        if unknown:
+            raise ConfigError(f"QuantizationConfig: unknown fields {unknown}; fields are weight, activation, mode")
+        return cls(**dict(data))
