@@ -45,13 +45,15 @@ def _forward_fill(x, weight, bias, eps, out, xhat, mean, var, inv_std):
         for n in range(batch):
             row = x[n, c]
             for m in range(inner):
-                total += float(row[m])  # float(): float64 under the jit and in plain Python
+                # np.float64(): float64 under the jit and in plain Python alike (numba keeps
+                # float() of a float32 in float32, NumPy 2 keeps 0.0 + float32 in float32)
+                total += np.float64(row[m])
         mu = total / count
         squares = 0.0
         for n in range(batch):
             row = x[n, c]
             for m in range(inner):
-                d = float(row[m]) - mu
+                d = np.float64(row[m]) - mu
                 squares += d * d
         variance = squares / count
         scale = 1.0 / math.sqrt(variance + eps)
@@ -84,9 +86,9 @@ def _backward_fill(grad, xhat, weight, inv_std, dx, dweight, dbias):
             g_row = grad[n, c]
             x_row = xhat[n, c]
             for m in range(inner):
-                g = float(g_row[m])
+                g = np.float64(g_row[m])
                 sum_g += g
-                sum_gx += g * float(x_row[m])
+                sum_gx += g * np.float64(x_row[m])
         dbias[c] = sum_g
         dweight[c] = sum_gx
         k = grad.dtype.type(weight[c] * inv_std[c])

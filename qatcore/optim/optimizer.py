@@ -41,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 
 from qatcore.errors import ConfigError, DTypeError, ShapeError, StateDictError
+from qatcore.nn.parameter import Parameter
 from qatcore.tensor import Tensor
 
 __all__ = ["Optimizer", "StateSlot", "check_bool", "check_real"]
@@ -224,9 +225,13 @@ class Optimizer(ABC):
                     f"{label} is a {type(param).__name__}; an optimizer updates Parameters "
                     f"(Tensors with requires_grad=True)"
                 )
-            if not param.requires_grad:
+            # A frozen Parameter is accepted (as in PyTorch: users pass model.parameters() with
+            # some layers frozen) and simply skipped while it has no gradient; a plain tensor
+            # that does not require grad is almost certainly a mistake.
+            if not param.requires_grad and not isinstance(param, Parameter):
                 raise ConfigError(
-                    f"{label} has requires_grad=False; leave frozen parameters out of the optimizer"
+                    f"{label} has requires_grad=False and is not a Parameter; an optimizer updates "
+                    f"Parameters"
                 )
             if not param.is_leaf:
                 raise ConfigError(f"{label} is not a leaf tensor; optimize Parameters only")

@@ -1,12 +1,36 @@
 """Quantization: integer types, schemes, parameters, configuration, observers and
-fake quantization. The QAT engine lives in :mod:`qatcore.quantization.qat`."""
+fake quantization. The QAT engine lives in :mod:`qatcore.quantization.qat` and its
+main names are re-exported here."""
 
+from qatcore.errors import ObserverError
 from qatcore.quantization.config import QuantizationConfig, QuantMode, QuantSpec
 from qatcore.quantization.dtypes import INT4, INT4_NARROW, INT8, INT8_NARROW, UINT4, UINT8, QuantDType
+from qatcore.quantization.fake_quantize import fake_quantize, fake_quantize_learnable
+from qatcore.quantization.fake_quantize_module import FakeQuantize
+from qatcore.quantization.histogram_observer import HistogramObserver
+from qatcore.quantization.mse_observer import MSEObserver
+from qatcore.quantization.observer import (
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    Observer,
+    PerChannelMinMaxObserver,
+    make_observer,
+)
+from qatcore.quantization.qat import (
+    IQATPreparer,
+    LayerOverride,
+    LayerwiseConfig,
+    QATPreparer,
+    QATSchedule,
+)
 from qatcore.quantization.qparams import QParams
 from qatcore.quantization.qscheme import QScheme
 
 __all__ = [
     "QuantDType", "INT8", "INT8_NARROW", "UINT8", "INT4", "INT4_NARROW", "UINT4", "QScheme", "QParams",
-    "QuantSpec", "QuantizationConfig", "QuantMode",
+    "QuantSpec", "QuantizationConfig", "QuantMode", "fake_quantize", "fake_quantize_learnable", "FakeQuantize",
+    "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "PerChannelMinMaxObserver",
+    "MovingAveragePerChannelMinMaxObserver", "HistogramObserver", "MSEObserver", "make_observer",
+    "ObserverError", "IQATPreparer", "QATPreparer", "LayerwiseConfig", "LayerOverride", "QATSchedule",
 ]

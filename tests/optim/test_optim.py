@@ -600,7 +600,7 @@ def test_invalid_parameter_lists():
         SGD([{"params": [p]}, {"params": [p]}], lr=0.1)
     with pytest.raises(ConfigError, match=r"params\[1\] is a ndarray"):
         SGD([p, np.ones(2)], lr=0.1)
-    with pytest.raises(ConfigError, match=r"params\[2\] has requires_grad=False"):
+    with pytest.raises(ConfigError, match=r"params\[2\] has requires_grad=False and is not a Parameter"):
         SGD([p, q, Tensor(np.ones(2))], lr=0.1)
     with pytest.raises(ConfigError, match=r"params\[0\] is not a leaf"):
         SGD([p * 2.0], lr=0.1)
@@ -837,3 +837,15 @@ def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
     assert result.attempted > 0 or module is qatcore.optim
+
+
+def test_frozen_parameters_are_accepted_and_skipped():
+    from qatcore.nn import Parameter
+
+    trained = Parameter(np.ones(2, dtype=np.float32))
+    frozen = Parameter(np.ones(2, dtype=np.float32), requires_grad=False)
+    optimizer = SGD([trained, frozen], lr=0.5)
+    trained.grad = np.ones(2, dtype=np.float32)
+    optimizer.step()
+    np.testing.assert_array_equal(trained.data, [0.5, 0.5])
+    np.testing.assert_array_equal(frozen.data, [1.0, 1.0])

@@ -1,0 +1,180 @@
+"""``FakeQuantize``: an observer and a fake quantizer in one Module.
+
+In training mode, with its observer enabled, it watches the values that pass
+and (fixed mode) takes its scale and zero point from the observer; with fake
+quantization enabled it returns ``fake_quantize(x)``, else ``x`` unchanged.
+``eval()`` stops the observer: evaluation never moves the ranges.
+
+Modes (``spec.learnable``):
+
+- ``"fixed"``: scale and zero point are buffers set from the observer;
+- ``"lsq"``: the scale is a Parameter trained by the LSQ gradient, initialised on
+  the first batch to s = 2 * mean(|x|) / sqrt(qmax) (per channel: the mean over
+  the channel);
+- ``"lsq+"``: the zero point is a Parameter too, initialised from the observer.
+
+:meth:`FakeQuantize.with_fixed_qparams` builds one whose scale and zero point are
+given and never change (the observer is off for good).
+
+Before anything was observed, a quantizer asked to fake-quantize raises
+``ObserverError`` instead of silently using s = 1, z = 0.
+
+>>> import numpy as np
+>>> from qatcore.quantization.config import QuantSpec
+>>> fq = FakeQuantize(QuantSpec(bits=8, signed=False), name="act")
+>>> y = fq(np.array([0.0, 0.5, 1.0], dtype=np.float32))
+>>> fq.calculate_qparams()
+QParams(uint8, scale=0.00392157, zero_point=0)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qatcore.errors import ConfigError, ObserverError
+from qatcore.nn.module import Module
+from qatcore.nn.parameter import Parameter
+from qatcore.quantization.config import QuantSpec
+from qatcore.quantization.fake_quantize import default_grad_factor, fake_quantize, fake_quantize_learnable
+from qatcore.quantization.observer import make_observer
+from qatcore.quantization.qparams import FLOAT32_EPS, QParams
+from qatcore.tensor import Tensor
+
+__all__ = ["FakeQuantize"]
+
+
+class FakeQuantize(Module):
+    """Observer + fake quantization for one tensor (see the module docstring)."""
+
+    def __init__(self, spec: QuantSpec, name: str = "") -> None:
+        super().__init__()
+        if not isinstance(spec, QuantSpec):
+            raise ConfigError(f"FakeQuantize needs a QuantSpec, got {type(spec).__name__}")
+        object.__setattr__(self, "spec", spec)
+        object.__setattr__(self, "name", name)
+        self.observer = make_observer(spec, name)
+        self.register_buffer("fake_quant_enabled", np.ones((), dtype=np.bool_))
+        self.register_buffer("observer_enabled", np.ones((), dtype=np.bool_))
+        # set once qparams exist (observed, initialised, or given)
+        self.register_buffer("qparams_ready", np.zeros((), dtype=np.bool_))
+        self.register_buffer("qparams_fixed", np.zeros((), dtype=np.bool_))
+        if spec.learnable == "fixed":
+            self.register_buffer("scale", np.ones(1, dtype=np.float32))
+            self.register_buffer("zero_point", np.zeros(1, dtype=np.int32))
+        else:
+            self.scale = Parameter(np.ones(1, dtype=np.float32))
+            if spec.learnable == "lsq+":
+                self.zero_point = Parameter(np.zeros(1, dtype=np.float32))
+            else:  # LSQ learns the scale only; the zero point is a constant
+                self.register_buffer("zero_point", np.zeros(1, dtype=np.float32))
+
+    # ---- construction helpers ----------------------------------------------------------
+    @classmethod
+    def with_fixed_qparams(cls, spec: QuantSpec, scale, zero_point, name: str = "") -> FakeQuantize:
+        """A quantizer with given, unchanging parameters (e.g. a sigmoid's known output range)."""
+        if spec.learnable != "fixed":
+            raise ConfigError("with_fixed_qparams needs spec.learnable == 'fixed'")
+        fq = cls(spec, name)
+        qparams = QParams(scale, zero_point, spec.dtype, spec.axis if spec.scheme.per_channel else None)
+        fq._set_buffers(qparams)
+        fq.qparams_fixed.data[...] = True
+        fq.observer_enabled.data[...] = False
+        return fq
+
+    # ---- switches ------------------------------------------------------------------------
+    def enable_fake_quant(self, enabled: bool = True) -> FakeQuantize:
+        self.fake_quant_enabled.data[...] = enabled
+        return self
+
+    def disable_fake_quant(self) -> FakeQuantize:
+        return self.enable_fake_quant(False)
+
+    def enable_observer(self, enabled: bool = True) -> FakeQuantize:
+        if enabled and bool(self.qparams_fixed.data):
+            raise ConfigError(f"FakeQuantize {self.name!r} has fixed qparams; its observer stays off")
+        self.observer_enabled.data[...] = enabled
+        return self
+
+    def disable_observer(self) -> FakeQuantize:
+        return self.enable_observer(False)
+
+    @property
+    def learnable(self) -> bool:
+        return self.spec.learnable != "fixed"
+
+    @property
+    def axis(self) -> int | None:
+        return self.spec.axis if self.spec.scheme.per_channel else None
+
+    # ---- qparams ---------------------------------------------------------------------------
+    def _set_buffers(self, qparams: QParams) -> None:
+        if self.learnable:
+            raise ConfigError("learnable quantizers keep their scale in Parameters")
+        if self.scale.data.shape != qparams.scale.shape:
+            self.scale = np.array(qparams.scale)
+            self.zero_point = np.array(qparams.zero_point)
+        else:
+            self.scale.data[...] = qparams.scale
+            self.zero_point.data[...] = qparams.zero_point
+        self.qparams_ready.data[...] = True
+
+    def _initialize_learnable(self, x: np.ndarray) -> None:
+        """LSQ init s = 2 * mean(|x|) / sqrt(qmax) per channel; LSQ+ zero point from the observer."""
+        qmax = self.spec.quant_max
+        axis = self.axis
+        if axis is None:
+            mean_abs = np.array([np.mean(np.abs(x), dtype=np.float64)])
+        else:
+            others = tuple(a for a in range(x.ndim) if a != axis)
+            mean_abs = np.mean(np.abs(x), axis=others, dtype=np.float64).reshape(-1)
+        scale = np.maximum(2 * mean_abs / np.sqrt(qmax), float(FLOAT32_EPS)).astype(np.float32)
+        zero_point = np.zeros(scale.shape, np.float32)
+        if self.spec.learnable == "lsq+" and self.observer.has_observed:
+            zero_point = self.observer.calculate_qparams().zero_point.astype(np.float32)
+        # Parameters keep their identity (optimizers hold them): replace the arrays
+        self.scale.data = scale
+        self.zero_point.data = zero_point
+        self.scale.grad = None
+        self.zero_point.grad = None
+        self.qparams_ready.data[...] = True
+
+    def calculate_qparams(self) -> QParams:
+        """The scale and zero point in use now, validated."""
+        if not bool(self.qparams_ready.data):
+            raise ObserverError(
+                f"FakeQuantize {self.name!r}: no quantization parameters yet (nothing was observed); "
+                f"run training-mode batches through the model first"
+            )
+        scale = np.maximum(self.scale.data, FLOAT32_EPS)
+        zero_point = np.clip(np.rint(self.zero_point.data), self.spec.quant_min, self.spec.quant_max)
+        return QParams(scale, zero_point.astype(np.int32), self.spec.dtype, self.axis)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, x):
+        array = x.data if isinstance(x, Tensor) else np.asarray(x, dtype=np.float32)
+        if self.training and bool(self.observer_enabled.data):
+            self.observer.observe(array)
+            if self.learnable:
+                if not bool(self.qparams_ready.data):
+                    self._initialize_learnable(array)
+            else:
+                self._set_buffers(self.observer.calculate_qparams())
+        if not bool(self.fake_quant_enabled.data):
+            return x
+        if not bool(self.qparams_ready.data):
+            raise ObserverError(
+                f"FakeQuantize {self.name!r}: fake quantization is on but nothing was observed yet "
+                f"(run a training-mode batch first, or disable fake quantization)"
+            )
+        qmin, qmax = self.spec.quant_min, self.spec.quant_max
+        if self.learnable:
+            np.maximum(self.scale.data, FLOAT32_EPS, out=self.scale.data)  # a learned scale stays positive
+            tensor = x if isinstance(x, Tensor) else Tensor._from_array(array, False)
+            grad_factor = self.spec.grad_factor or default_grad_factor(array.size, qmax)
+            return fake_quantize_learnable(tensor, self.scale, self.zero_point, qmin, qmax, self.axis, grad_factor)
+        return fake_quantize(x, self.scale.data, self.zero_point.data, qmin, qmax, self.axis)
+
+    def extra_repr(self) -> str:
+        spec = self.spec
+        return (f"{spec.dtype.name}, {spec.scheme.value}, observer={spec.observer}, learnable={spec.learnable}, "
+                f"fake_quant={bool(self.fake_quant_enabled.data)}, observer_on={bool(self.observer_enabled.data)}")

@@ -1,0 +1,285 @@
+"""Model preparation: turn a float model into a QAT model.
+
+**Graph mode** (the default) works on the traced graph:
+
+1. trace the model (``qatcore.graph.trace``);
+2. resolve every Linear and Conv2d layer's config (:class:`LayerwiseConfig`) and
+   check that every override matches a layer;
+3. fuse for QAT, for enabled layers whose intermediate values have one user:
+   Conv2d -> BatchNorm2d (-> ReLU) becomes one :class:`QATConvBn2d` (the
+   BatchNorm folded into the fake-quantized weight), Conv2d -> ReLU and
+   Linear -> ReLU become a QAT layer with its ReLU fused;
+4. replace every other enabled Linear/Conv2d by :class:`QATLinear` /
+   :class:`QATConv2d`; each QAT layer fake-quantizes its weight (weights mode)
+   and its output (activations mode);
+5. insert activation ``FakeQuantize`` nodes where the int8 runtime will
+   materialise a new tensor: after the model inputs, after activations, and
+   after residual adds, multiplications and concatenations (after the ReLU
+   instead when one follows). Ops that keep their input's scale (pooling,
+   flatten, reshape, dropout, identity) get none. Finally, any quantized layer
+   whose input would still arrive unquantized (after a float layer, say) gets a
+   quantizer on that input.
+
+Disabled layers stay the float modules, untouched. The traced model is never
+changed: the QAT model's containers are its own, and it holds the float model's
+very Parameters (and BatchNorm modules) so an optimizer made before
+preparation keeps training it.
+
+**Eager mode** (for models whose forward branches on tensor values, chosen
+automatically when tracing raises TraceError): a structural copy of the model
+sharing Parameters, with each enabled leaf Linear/Conv2d swapped for a QAT
+layer that quantizes its weight and its output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qatcore.graph import GraphModule, find_chains, trace
+from qatcore.graph.graph_module import Submodules
+from qatcore.graph.node import Node
+from qatcore.nn import functional as F
+from qatcore.nn.activation import LeakyReLU, ReLU, ReLU6, Sigmoid, Tanh
+from qatcore.nn.batchnorm import BatchNorm2d
+from qatcore.nn.container import ModuleList, Sequential
+from qatcore.nn.conv import Conv2d
+from qatcore.nn.dropout import Dropout
+from qatcore.nn.flatten import Flatten, Identity
+from qatcore.nn.linear import Linear
+from qatcore.nn.module import Module
+from qatcore.nn.pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
+from qatcore.quantization.fake_quantize_module import FakeQuantize
+from qatcore.quantization.qat.layerwise_config import LayerwiseConfig, ResolvedLayer
+from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES, QATConv2d, QATConvBn2d, QATLinear
+
+__all__ = ["LayerRecord", "prepare_graph_mode", "prepare_eager_mode", "quantizable_layers"]
+
+QUANTIZABLE = (Linear, Conv2d)
+ACTIVATION_MODULES = (ReLU, ReLU6, LeakyReLU, Sigmoid, Tanh)
+ACTIVATION_FUNCTIONS = (F.relu, F.relu6, F.leaky_relu, F.sigmoid, F.tanh)
+# ops whose output the int8 runtime keeps at its input's scale: no new quantizer
+SCALE_PRESERVING_MODULES = (MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Identity, Dropout)
+SCALE_PRESERVING_FUNCTIONS = (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.flatten, F.reshape,
+                              F.transpose, F.permute, F.dropout)
+NEW_VALUE_FUNCTIONS = (F.add, F.sub, F.mul, F.cat)
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What preparation did with one layer (``describe()`` prints these)."""
+
+    name: str
+    float_type: str
+    qat_type: str
+    resolved: ResolvedLayer
+    fused: tuple[str, ...] = ()
+
+
+def quantizable_layers(model: Module) -> list[tuple[str, Module]]:
+    return [(name, m) for name, m in model.named_modules() if name and isinstance(m, QUANTIZABLE)]
+
+
+def _make_quantizers(resolved: ResolvedLayer, name: str) -> tuple[FakeQuantize | None, FakeQuantize | None]:
+    config = resolved.config
+    weight = FakeQuantize(config.weight, f"{name}.weight") if config.mode.weights else None
+    output = FakeQuantize(config.activation, f"{name}.output") if config.mode.activations else None
+    return weight, output
+
+
+def _register(gm: Module, path: str, module: Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    gm.get_submodule(parent).add_module(leaf, module)
+
+
+# ---- graph mode ------------------------------------------------------------------------------
+def prepare_graph_mode(model: Module, layerwise: LayerwiseConfig) -> tuple[GraphModule, list[LayerRecord]]:
+    """Graph-mode preparation (module docstring); raises TraceError if untraceable."""
+    gm = trace(model)
+    called = {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    layers = [(name, m) for name, m in called.items() if isinstance(m, QUANTIZABLE)]
+    layerwise.check_matches(layers)
+    resolved = {name: layerwise.resolve(name, m) for name, m in layers}
+    records: list[LayerRecord] = []
+    replaced: set[str] = set()
+
+    def enabled(node: Node) -> bool:
+        return node.target in resolved and resolved[node.target].enabled
+
+    patterns = [
+        ((Conv2d, BatchNorm2d, ReLU), True), ((Conv2d, BatchNorm2d), False),
+        ((Conv2d, ReLU), True), ((Linear, ReLU), True),
+    ]
+    for pattern, relu in patterns:
+        for chain in find_chains(gm, pattern):
+            head = chain[0]
+            if head.target in replaced or not enabled(head):
+                continue
+            layer = gm.get_submodule(head.target)
+            info = resolved[head.target]
+            weight_fq, output_fq = _make_quantizers(info, head.target)
+            if pattern[1] is BatchNorm2d:
+                bn_name = chain[1].target
+                bn = gm.get_submodule(bn_name)
+                if not bn.track_running_stats:
+                    continue  # nothing to fold with; the conv is quantized alone below
+                qat = QATConvBn2d(layer, bn, bn_name, weight_fq, output_fq, relu=relu)
+            elif isinstance(layer, Conv2d):
+                qat = QATConv2d(layer, weight_fq, output_fq, relu=relu)
+            else:
+                qat = QATLinear(layer, weight_fq, output_fq, relu=relu)
+            _replace_chain(gm, chain, head.target, qat)
+            replaced.add(head.target)
+            records.append(LayerRecord(head.target, type(layer).__name__, type(qat).__name__, info,
+                                       tuple(n.target for n in chain[1:])))
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in replaced or node.target not in resolved:
+            continue
+        layer = gm.get_submodule(node.target)
+        info = resolved[node.target]
+        if not info.enabled:
+            records.append(LayerRecord(node.target, type(layer).__name__, type(layer).__name__, info))
+            continue
+        weight_fq, output_fq = _make_quantizers(info, node.target)
+        qat = (QATConv2d if isinstance(layer, Conv2d) else QATLinear)(layer, weight_fq, output_fq)
+        _register(gm, node.target, qat)
+        replaced.add(node.target)
+        records.append(LayerRecord(node.target, type(layer).__name__, type(qat).__name__, info))
+    _insert_activation_quantizers(gm, layerwise)
+    gm.lint()
+    records.sort(key=lambda r: list(called).index(r.name) if r.name in called else 0)
+    return gm, records
+
+
+def _replace_chain(gm: GraphModule, chain: list[Node], name: str, module: Module) -> None:
+    """One call of ``module`` (registered at ``name``) instead of the chain; the chain's
+    other modules (a folded BatchNorm, a fused ReLU) stay registered, so the model's
+    state_dict keys do not move."""
+    _register(gm, name, module)
+    graph = gm.graph
+    new = graph.insert_after(chain[-1], "call_module", name, chain[0].args, dict(chain[0].kwargs))
+    new.meta.update(chain[-1].meta)
+    chain[-1].replace_all_uses_with(new)
+    for node in reversed(chain):
+        graph.erase(node)
+    graph.rename(new, chain[0].name)
+
+
+def _produces_quantized_value(gm: GraphModule, node: Node) -> str:
+    """'layer' (a QAT layer quantizes its own output), 'new' (needs a quantizer after it),
+    'same' (keeps its input's scale) or 'float' (not quantized)."""
+    if node.op == "input":
+        return "new"
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, QAT_LAYER_TYPES):
+            return "layer" if module.output_fake_quant is not None else "float"
+        if isinstance(module, FakeQuantize):
+            return "layer"
+        if isinstance(module, ACTIVATION_MODULES):
+            return "new"
+        if isinstance(module, SCALE_PRESERVING_MODULES):
+            return "same"
+        return "float"
+    if node.op == "call_function":
+        if node.target in ACTIVATION_FUNCTIONS or node.target in NEW_VALUE_FUNCTIONS:
+            return "new"
+        if node.target in SCALE_PRESERVING_FUNCTIONS:
+            return "same"
+    return "float"
+
+
+def _followed_by_activation(gm: GraphModule, node: Node) -> bool:
+    if len(node.users) != 1:
+        return False
+    (user,) = node.users
+    if user.op == "call_module":
+        return isinstance(gm.get_submodule(user.target), ACTIVATION_MODULES)
+    return user.op == "call_function" and user.target in ACTIVATION_FUNCTIONS
+
+
+def _insert_quantizer_after(gm: GraphModule, holder: Submodules, node: Node, spec) -> Node:
+    name = node.name
+    holder.add_module(name, FakeQuantize(spec, f"activation_fake_quant.{name}"))
+    graph = gm.graph
+    fq = graph.insert_after(node, "call_module", f"activation_fake_quant.{name}", (node,))
+    fq.meta.update(node.meta)
+    for user in list(node.users):
+        if user is not fq:
+            user.replace_input_with(node, fq)
+    return fq
+
+
+def _insert_activation_quantizers(gm: GraphModule, layerwise: LayerwiseConfig) -> None:
+    config = layerwise.global_config
+    holder = Submodules()
+    gm.add_module("activation_fake_quant", holder)
+    if config.mode.activations:
+        for node in gm.graph.nodes:
+            kind = _produces_quantized_value(gm, node)
+            if kind != "new" or not node.users or all(u.op == "output" for u in node.users):
+                continue
+            if node.op == "call_function" and node.target in NEW_VALUE_FUNCTIONS and _followed_by_activation(gm, node):
+                continue  # quantized after the activation instead
+            spec = config.activation
+            if node.op == "call_module":
+                resolved = layerwise.resolve(node.target, gm.get_submodule(node.target))
+                if not resolved.enabled:
+                    continue
+                spec = resolved.config.activation
+            _insert_quantizer_after(gm, holder, node, spec)
+    # any quantized layer whose input arrives unquantized gets a quantizer on that input
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, QAT_LAYER_TYPES) or not node.args or not isinstance(node.args[0], Node):
+            continue
+        if module.output_fake_quant is None and module.weight_fake_quant is not None and not config.mode.activations:
+            continue  # weights-only model: activations stay float by design
+        source = node.args[0]
+        while _produces_quantized_value(gm, source) == "same" and source.args and isinstance(source.args[0], Node):
+            source = source.args[0]
+        if _produces_quantized_value(gm, source) in ("layer",) or source.op == "input" and config.mode.activations:
+            continue
+        spec = module.output_fake_quant.spec if module.output_fake_quant is not None else config.activation
+        _insert_quantizer_after(gm, holder, source, spec)
+
+
+# ---- eager mode ------------------------------------------------------------------------------
+def _structural_copy(module: Module) -> Module:
+    """A copy of the module tree sharing every Parameter, buffer and leaf module, so
+    swapping layers in the copy leaves the original's structure untouched."""
+    if not module._modules or isinstance(module, QUANTIZABLE):
+        return module
+    clone = object.__new__(type(module))
+    clone.__dict__.update(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules", "_forward_pre_hooks", "_forward_hooks"):
+        object.__setattr__(clone, key, dict(module.__dict__[key]))
+    object.__setattr__(clone, "_non_persistent", set(module._non_persistent))
+    for name, child in module._modules.items():
+        if child is not None:
+            clone.add_module(name, _structural_copy(child))
+    return clone
+
+
+def prepare_eager_mode(model: Module, layerwise: LayerwiseConfig, inplace: bool) -> tuple[Module, list[LayerRecord]]:
+    """Eager-mode preparation (module docstring)."""
+    qat_model = model if inplace else _structural_copy(model)
+    layers = quantizable_layers(qat_model)
+    layerwise.check_matches(layers)
+    records = []
+    for name, layer in layers:
+        info = layerwise.resolve(name, layer)
+        if not info.enabled:
+            records.append(LayerRecord(name, type(layer).__name__, type(layer).__name__, info))
+            continue
+        weight_fq, output_fq = _make_quantizers(info, name)
+        qat = (QATConv2d if isinstance(layer, Conv2d) else QATLinear)(layer, weight_fq, output_fq)
+        parent, _, leaf = name.rpartition(".")
+        holder = qat_model.get_submodule(parent)
+        if isinstance(holder, (Sequential, ModuleList)):
+            holder.add_module(leaf, qat)
+        else:
+            setattr(holder, leaf, qat)
+        records.append(LayerRecord(name, type(layer).__name__, type(qat).__name__, info))
+    return qat_model, records

@@ -1,0 +1,170 @@
+"""``QATPreparer``: prepares models for QAT and manages their lifecycle.
+
+>>> import numpy as np
+>>> from qatcore.models import DigitsCNN
+>>> from qatcore.quantization import QATPreparer, QuantizationConfig
+>>> preparer = QATPreparer()
+>>> qat_model = preparer.prepare_for_qat(DigitsCNN(), QuantizationConfig())
+>>> out = qat_model(np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32))
+>>> out.shape
+(4, 10)
+>>> print(preparer.describe(qat_model).splitlines()[2][:40])
+conv1  Conv2d  QATConvBn2d  bn1, relu1
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qatcore.errors import ConfigError, QATCoreError, TraceError
+from qatcore.nn.module import Module
+from qatcore.quantization.config import QuantizationConfig
+from qatcore.quantization.fake_quantize_module import FakeQuantize
+from qatcore.quantization.qat.interface import IQATPreparer
+from qatcore.quantization.qat.layerwise_config import LayerwiseConfig
+from qatcore.quantization.qat.preparation import LayerRecord, prepare_eager_mode, prepare_graph_mode
+from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES
+from qatcore.quantization.qat.training_integration import QATController, QATSchedule
+
+__all__ = ["QATPreparer"]
+
+MODES = ("auto", "graph", "eager")
+
+
+class QATPreparer(IQATPreparer):
+    """Prepares models for QAT (graph mode, or eager mode for untraceable models).
+
+    Args:
+        mode: "auto" (graph mode; eager mode when tracing fails), "graph" or "eager".
+        schedule: the QATSchedule of observer warm-up, quant delay and freezing.
+        auto_step: count training-mode forward passes as steps (else call ``step``).
+        inplace: eager mode only: swap the given model's own layers instead of a copy.
+    """
+
+    def __init__(self, mode: str = "auto", schedule: QATSchedule | None = None, auto_step: bool = True,
+                 inplace: bool = False) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"QATPreparer.mode must be one of {list(MODES)}, got {mode!r}")
+        if inplace and mode == "graph":
+            raise ConfigError(
+                "QATPreparer: inplace=True needs mode 'eager' or 'auto'; graph mode always returns a new "
+                "GraphModule (which shares the model's Parameters, so nothing is copied anyway)"
+            )
+        self.mode = mode
+        self.schedule = schedule if schedule is not None else QATSchedule()
+        self.auto_step = auto_step
+        self.inplace = inplace
+
+    # ---- IQATPreparer ------------------------------------------------------------------------
+    def prepare_for_qat(self, model: Module, config: QuantizationConfig | LayerwiseConfig | None = None) -> Module:
+        """The QAT model for ``model`` (see qatcore.quantization.qat.preparation)."""
+        if not isinstance(model, Module):
+            raise ConfigError(f"prepare_for_qat needs a qatcore Module, got {type(model).__name__}")
+        if any(isinstance(m, (FakeQuantize, QATController)) for m in model.modules()):
+            raise ConfigError("prepare_for_qat: this model is already prepared for QAT")
+        layerwise = LayerwiseConfig.from_config(config if config is not None else QuantizationConfig())
+        fallback_reason = None
+        if self.mode == "eager" or (self.mode == "auto" and self.inplace):
+            qat_model, records = prepare_eager_mode(model, layerwise, self.inplace)
+            used = "eager"
+        else:
+            try:
+                qat_model, records = prepare_graph_mode(model, layerwise)
+                used = "graph"
+            except TraceError as e:
+                if self.mode == "graph":
+                    raise
+                fallback_reason = str(e)
+                qat_model, records = prepare_eager_mode(model, layerwise, False)
+                used = "eager"
+        controller = QATController(self.schedule, self.auto_step)
+        qat_model.add_module("qat_controller", controller)
+        object.__setattr__(controller, "layers", tuple(records))
+        object.__setattr__(controller, "preparation_mode", used)
+        object.__setattr__(controller, "fallback_reason", fallback_reason)
+        object.__setattr__(controller, "layerwise_config", layerwise)
+        controller.attach(qat_model)
+        return qat_model
+
+    def convert_to_quantized(self, qat_model: Module) -> Module:
+        """Integer-only int8 conversion (qatcore.quantization.qat.conversion)."""
+        self.controller(qat_model)
+        raise QATCoreError("convert_to_quantized: int8 conversion is not part of this qatcore version yet")
+
+    def get_qat_statistics(self, qat_model: Module) -> Any:
+        """Statistics collected while training (qatcore.quantization.qat.statistics)."""
+        self.controller(qat_model)
+        raise QATCoreError("get_qat_statistics: statistics collection is not part of this qatcore version yet")
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    @staticmethod
+    def controller(qat_model: Module) -> QATController:
+        """The model's QATController (ConfigError if the model was not prepared)."""
+        controller = qat_model._modules.get("qat_controller") if isinstance(qat_model, Module) else None
+        if not isinstance(controller, QATController):
+            raise ConfigError("this model was not prepared by QATPreparer.prepare_for_qat")
+        return controller
+
+    def step(self, qat_model: Module, count: int = 1) -> None:
+        """Advance the lifecycle schedule explicitly (with auto_step=False)."""
+        self.controller(qat_model).step(count)
+
+    def _target(self, qat_model: Module, name: str) -> Module:
+        controller = self.controller(qat_model)
+        try:
+            module = qat_model.get_submodule(name)
+        except QATCoreError:
+            module = None
+        if not isinstance(module, (*QAT_LAYER_TYPES, FakeQuantize)):
+            names = [r.name for r in controller.layers] + [
+                n for n, m in qat_model.named_modules() if isinstance(m, FakeQuantize) and n.startswith("activation")
+            ]
+            raise ConfigError(f"{name!r} is not a quantized layer or quantizer of this QAT model; known: {names}")
+        return module
+
+    def disable(self, qat_model: Module, name: str) -> None:
+        """Turn quantization off for a layer (it computes in float) or an activation quantizer."""
+        module = self._target(qat_model, name)
+        if isinstance(module, FakeQuantize):
+            self.controller(qat_model).exclude(module)
+        else:
+            module.set_enabled(False)
+
+    def enable(self, qat_model: Module, name: str) -> None:
+        """Turn quantization back on for a layer or an activation quantizer."""
+        module = self._target(qat_model, name)
+        if isinstance(module, FakeQuantize):
+            self.controller(qat_model).include(module)
+        else:
+            module.set_enabled(True)
+
+    def describe(self, qat_model: Module) -> str:
+        """Each layer, what it became, its effective config and the rule that chose it."""
+        controller = self.controller(qat_model)
+        header = ["layer", "float", "qat", "fused", "weights", "activations", "mode", "rule"]
+        rows = [header]
+        for record in controller.layers:
+            rows.append(_describe_row(record, qat_model))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(f"preparation: {controller.preparation_mode} mode"
+                     + (f" (tracing failed: {controller.fallback_reason})" if controller.fallback_reason else ""))
+        return "\n".join(lines)
+
+
+def _describe_row(record: LayerRecord, qat_model: Module) -> list[str]:
+    config = record.resolved.config
+    module = qat_model.get_submodule(record.name)
+    enabled = record.resolved.enabled and (not isinstance(module, QAT_LAYER_TYPES) or module.enabled)
+    if not enabled:
+        weights = activations = "float"
+    else:
+        weights = (f"{config.weight.dtype.name} {config.weight.scheme.value}"
+                   + ("" if config.weight.learnable == "fixed" else f" {config.weight.learnable}")
+                   if config.mode.weights else "float")
+        activations = (f"{config.activation.dtype.name} {config.activation.scheme.value}"
+                       if config.mode.activations else "float")
+    mode = config.mode.value if enabled else "disabled"
+    return [record.name, record.float_type, record.qat_type, ", ".join(record.fused) or "-", weights, activations,
+            mode, record.resolved.rule]

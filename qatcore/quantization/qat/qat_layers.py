@@ -1,0 +1,178 @@
+"""QAT layers: Linear and Conv2d (optionally with a folded BatchNorm and a fused
+ReLU) whose weight is fake-quantized before the weight operation and whose output
+is fake-quantized after it.
+
+Each QAT layer registers the float layer's *own* Parameters under the same names
+(``weight``, ``bias``), so an optimizer built before preparation keeps training
+it, and the QAT model's state_dict is the float model's keys plus the
+quantizers' (``<layer>.weight_fake_quant.*``, ``<layer>.output_fake_quant.*``).
+
+``QATConvBn2d`` folds a BatchNorm into the conv for fake quantization while
+training (NUMERICS.md), with the running-variance correction:
+
+    sf  = gamma / sqrt(running_var + eps)        (channels with sf == 0 use 1: see below)
+    y   = conv(x, fake_quant(W * sf)) / sf  (+ conv bias)
+    out = batch_norm(y)     batch statistics while training; running statistics once frozen
+
+so the weights the network trains against are exactly the folded int8 weights of
+the converted model. A zero gamma would divide by zero: those channels scale by 1
+instead (their BatchNorm output is beta whatever y is, so nothing changes). The
+BatchNorm itself stays registered where it was in the float model (its state_dict
+keys do not move); the QAT layer only refers to it.
+
+A layer whose ``quant_enabled`` flag is off computes exactly the float layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qatcore.nn import functional as F
+from qatcore.nn.batchnorm import BatchNorm2d
+from qatcore.nn.conv import Conv2d
+from qatcore.nn.linear import Linear
+from qatcore.nn.module import Module
+from qatcore.quantization.fake_quantize_module import FakeQuantize
+
+__all__ = ["QATLinear", "QATConv2d", "QATConvBn2d", "QAT_LAYER_TYPES"]
+
+
+class _QATLayer(Module):
+    """Shared parts: the quantizers, the relu flag, the enable switch."""
+
+    def _init_quantizers(self, weight_fake_quant: FakeQuantize | None, output_fake_quant: FakeQuantize | None,
+                         relu: bool) -> None:
+        self.weight_fake_quant = weight_fake_quant
+        self.output_fake_quant = output_fake_quant
+        if weight_fake_quant is None:
+            self.register_buffer("weight_fake_quant", None)
+        if output_fake_quant is None:
+            self.register_buffer("output_fake_quant", None)
+        object.__setattr__(self, "relu", bool(relu))
+        self.register_buffer("quant_enabled", np.ones((), dtype=np.bool_))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.quant_enabled.data)
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.quant_enabled.data[...] = enabled
+
+    def quantizers(self) -> list[FakeQuantize]:
+        return [q for q in (self.weight_fake_quant, self.output_fake_quant) if isinstance(q, FakeQuantize)]
+
+    def _quantized_weight(self, weight):
+        if self.enabled and isinstance(self.weight_fake_quant, FakeQuantize):
+            return self.weight_fake_quant(weight)
+        return weight
+
+    def _finish(self, y):
+        if self.relu:
+            y = F.relu(y)
+        if self.enabled and isinstance(self.output_fake_quant, FakeQuantize):
+            y = self.output_fake_quant(y)
+        return y
+
+
+class QATLinear(_QATLayer):
+    """y = [relu](x @ fq_w(W)^T + b), then fq_out(y)."""
+
+    def __init__(self, linear: Linear, weight_fake_quant: FakeQuantize | None,
+                 output_fake_quant: FakeQuantize | None, relu: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+        self._init_quantizers(weight_fake_quant, output_fake_quant, relu)
+
+    def forward(self, x):
+        return self._finish(F.linear(x, self._quantized_weight(self.weight), self.bias))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, relu={self.relu}"
+
+
+class QATConv2d(_QATLayer):
+    """y = [relu](conv2d(x, fq_w(W)) + b), then fq_out(y)."""
+
+    def __init__(self, conv: Conv2d, weight_fake_quant: FakeQuantize | None,
+                 output_fake_quant: FakeQuantize | None, relu: bool = False) -> None:
+        super().__init__()
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            object.__setattr__(self, name, getattr(conv, name))
+        self.weight = conv.weight
+        self.register_parameter("bias", conv.bias)
+        self._init_quantizers(weight_fake_quant, output_fake_quant, relu)
+
+    def forward(self, x):
+        y = F.conv2d(x, self._quantized_weight(self.weight), self.bias, self.stride, self.padding,
+                     self.dilation, self.groups)
+        return self._finish(y)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, relu={self.relu}")
+
+
+class QATConvBn2d(_QATLayer):
+    """Conv2d + BatchNorm2d (+ ReLU) trained with the BatchNorm folded into the
+    fake-quantized weight (module docstring)."""
+
+    def __init__(self, conv: Conv2d, bn: BatchNorm2d, bn_name: str, weight_fake_quant: FakeQuantize | None,
+                 output_fake_quant: FakeQuantize | None, relu: bool = False) -> None:
+        super().__init__()
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            object.__setattr__(self, name, getattr(conv, name))
+        self.weight = conv.weight
+        self.register_parameter("bias", conv.bias)
+        # Referenced, not registered: the BatchNorm stays registered (and saved) under
+        # its float name, bn_name, in the QAT model.
+        object.__setattr__(self, "bn", bn)
+        object.__setattr__(self, "bn_name", bn_name)
+        self._init_quantizers(weight_fake_quant, output_fake_quant, relu)
+        self.register_buffer("bn_frozen", np.zeros((), dtype=np.bool_))
+
+    def freeze_bn_stats(self, frozen: bool = True) -> None:
+        """Use (and stop updating) the running statistics from now on."""
+        self.bn_frozen.data[...] = frozen
+
+    def _scale_factor(self) -> np.ndarray:
+        bn = self.bn
+        gamma = bn.weight.data if bn.weight is not None else np.ones(bn.num_features, np.float32)
+        sf = gamma / np.sqrt(bn.running_var.data + np.float32(bn.eps))
+        return np.where(sf == 0, np.float32(1), sf).astype(self.weight.dtype)
+
+    def forward(self, x):
+        bn = self.bn
+        if not self.enabled:
+            # exactly the float layers: conv, then batch norm
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return self._finish(bn(y))
+        sf = self._scale_factor()
+        gamma = bn.weight if bn.weight is not None else None
+        if gamma is not None:
+            # sf as a function of gamma, so gamma gets the gradient through the folded weight too
+            inv_std = (1 / np.sqrt(bn.running_var.data + np.float32(bn.eps))).astype(self.weight.dtype)
+            safe = np.where(gamma.data * inv_std == 0, np.float32(1), np.float32(0)).astype(self.weight.dtype)
+            sf_tensor = gamma * inv_std + safe
+        else:
+            sf_tensor = sf
+        folded = self.weight * F.reshape(sf_tensor, (-1, 1, 1, 1))
+        y = F.conv2d(x, self._quantized_weight(folded), None, self.stride, self.padding, self.dilation,
+                     self.groups)
+        y = y / F.reshape(sf_tensor, (1, -1, 1, 1))
+        if self.bias is not None:
+            y = y + F.reshape(self.bias, (1, -1, 1, 1))
+        use_batch_stats = bn.training and not bool(self.bn_frozen.data)
+        if use_batch_stats and bn.track_running_stats:
+            bn.num_batches_tracked.data += 1
+        y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, use_batch_stats,
+                         bn.momentum, bn.eps)
+        return self._finish(y)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, bn={self.bn_name!r}, relu={self.relu}")
+
+
+QAT_LAYER_TYPES = (QATLinear, QATConv2d, QATConvBn2d)

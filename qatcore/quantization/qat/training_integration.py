@@ -1,0 +1,157 @@
+"""Training integration: the QAT lifecycle, advanced by the training loop itself.
+
+A QAT model is an ordinary Module: the optimizer, the loop and the loss function
+are unchanged. What changes over training is *which quantization machinery is
+on*, by a :class:`QATSchedule` of steps:
+
+    step < start_observers_at        float training; observers off, fake quant off
+    start_observers_at <= step       observers collect ranges (warm-up) ...
+    start_fake_quant_at <= step      ... and fake quantization is on (quant delay)
+    freeze_observers_at <= step      ranges stop moving (observers off)
+    freeze_bn_at <= step             folded BatchNorms use running statistics
+
+A *step* is one training-mode forward pass of the QAT model, counted by a
+forward pre-hook (so a standard loop needs no change); with ``auto_step=False``
+call :meth:`QATController.step` yourself once per optimizer step instead.
+``eval()`` stops observers (a FakeQuantize observes only in training mode). The
+step count is a buffer, so it is saved in ``state_dict()`` and resumes exactly.
+
+>>> schedule = QATSchedule(start_fake_quant_at=10, freeze_observers_at=100, freeze_bn_at=80)
+>>> schedule.state_at(5)
+{'observers': True, 'fake_quant': False, 'bn_frozen': False}
+>>> schedule.state_at(90)
+{'observers': True, 'fake_quant': True, 'bn_frozen': True}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from qatcore.errors import ConfigError
+from qatcore.nn.module import Module
+from qatcore.quantization.fake_quantize_module import FakeQuantize
+
+__all__ = ["QATSchedule", "QATController"]
+
+
+@dataclass(frozen=True)
+class QATSchedule:
+    """When each part of QAT switches on or off, in training steps (None: never)."""
+
+    start_observers_at: int = 0
+    start_fake_quant_at: int = 0
+    freeze_observers_at: int | None = None
+    freeze_bn_at: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.name.startswith("freeze"):
+                continue
+            if type(value) is not int or value < 0:
+                extra = " or None" if f.name.startswith("freeze") else ""
+                raise ConfigError(f"QATSchedule.{f.name} must be a non-negative int{extra}, got {value!r}")
+        if self.start_fake_quant_at < self.start_observers_at:
+            raise ConfigError(
+                "QATSchedule.start_fake_quant_at must not come before start_observers_at: fake quantization "
+                "needs observed ranges"
+            )
+        if self.freeze_observers_at is not None and self.freeze_observers_at < self.start_observers_at:
+            raise ConfigError("QATSchedule.freeze_observers_at must not come before start_observers_at")
+
+    def state_at(self, step: int) -> dict[str, bool]:
+        observers = step >= self.start_observers_at and (
+            self.freeze_observers_at is None or step < self.freeze_observers_at
+        )
+        return {
+            "observers": observers,
+            "fake_quant": step >= self.start_fake_quant_at,
+            "bn_frozen": self.freeze_bn_at is not None and step >= self.freeze_bn_at,
+        }
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QATSchedule:
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"QATSchedule: unknown fields {unknown}")
+        return cls(**data)
+
+
+class QATController(Module):
+    """Applies a QATSchedule to the quantizers and folded BatchNorms of one QAT model.
+
+    It is registered in the QAT model as ``qat_controller`` (its step count is in
+    the state_dict) but takes no part in forward.
+    """
+
+    def __init__(self, schedule: QATSchedule, auto_step: bool = True) -> None:
+        super().__init__()
+        if not isinstance(schedule, QATSchedule):
+            raise ConfigError(f"QATController needs a QATSchedule, got {type(schedule).__name__}")
+        object.__setattr__(self, "schedule", schedule)
+        object.__setattr__(self, "auto_step", bool(auto_step))
+        object.__setattr__(self, "_quantizers", [])
+        object.__setattr__(self, "_conv_bn_layers", [])
+        object.__setattr__(self, "_excluded", [])
+        self.register_buffer("step_count", np.zeros((), dtype=np.int64))
+
+    def attach(self, model: Module) -> None:
+        """Find the model's quantizers and folded conv-bn layers; count its training steps."""
+        from qatcore.quantization.qat.qat_layers import QATConvBn2d
+
+        self._quantizers[:] = [m for m in model.modules() if isinstance(m, FakeQuantize) and m not in self._excluded]
+        self._conv_bn_layers[:] = [m for m in model.modules() if isinstance(m, QATConvBn2d)]
+        if self.auto_step:
+            model.register_forward_pre_hook(self._before_forward)
+        self.apply_schedule()
+
+    def exclude(self, quantizer: FakeQuantize) -> None:
+        """Take a quantizer out of the schedule and switch it off (user disabled it)."""
+        if quantizer in self._quantizers:
+            self._quantizers.remove(quantizer)
+        self._excluded.append(quantizer)
+        quantizer.fake_quant_enabled.data[...] = False
+        quantizer.observer_enabled.data[...] = False
+
+    def include(self, quantizer: FakeQuantize) -> None:
+        """Put an excluded quantizer back under the schedule."""
+        if quantizer in self._excluded:
+            self._excluded.remove(quantizer)
+        if quantizer not in self._quantizers:
+            self._quantizers.append(quantizer)
+        self.apply_schedule()
+
+    def _before_forward(self, model: Module, args: tuple) -> None:
+        if model.training:
+            self.apply_schedule()
+            self.step_count.data += 1
+
+    @property
+    def current_step(self) -> int:
+        return int(self.step_count.data)
+
+    def step(self, count: int = 1) -> None:
+        """Advance the schedule by ``count`` steps (for ``auto_step=False``)."""
+        if type(count) is not int or count < 1:
+            raise ConfigError(f"QATController.step: count must be a positive int, got {count!r}")
+        self.step_count.data += count
+        self.apply_schedule()
+
+    def apply_schedule(self) -> None:
+        """Set every quantizer and folded BatchNorm to the state of the current step.
+        Quantizers with fixed qparams keep their observer off."""
+        state = self.schedule.state_at(self.current_step)
+        for quantizer in self._quantizers:
+            quantizer.fake_quant_enabled.data[...] = state["fake_quant"]
+            if not bool(quantizer.qparams_fixed.data):
+                quantizer.observer_enabled.data[...] = state["observers"]
+        for layer in self._conv_bn_layers:
+            layer.bn_frozen.data[...] = state["bn_frozen"]
+
+    def extra_repr(self) -> str:
+        return f"step={self.current_step}, schedule={self.schedule}"
