@@ -83,8 +83,9 @@ def _make_model(name: str, rng: np.random.Generator):
 
 
 def run_float(model_name: str, epochs: int, lr: float, batch_size: int, seed: int,
-              progress: _Progress | None = None) -> dict:
-    """Train ``model_name`` in float on the digits; return the result record."""
+              progress: _Progress | None = None, return_model: bool = False) -> dict:
+    """Train ``model_name`` in float on the digits; return the result record (with the
+    trained model under "trained_model" when ``return_model``)."""
     from qatcore.data import DataLoader, load_digits
     from qatcore.optim import SGD, CosineAnnealingLR
     from qatcore.training import evaluate_accuracy, train_one_epoch
@@ -110,7 +111,9 @@ def run_float(model_name: str, epochs: int, lr: float, batch_size: int, seed: in
         progress.update("evaluating")
         progress.close()
     accuracy = evaluate_accuracy(model, x_test, y_test)
+    extra = {"trained_model": model} if return_model else {}
     return {
+        **extra,
         "command": "run",
         "model": model_name,
         "dataset": "digits",
