@@ -1,4 +1,4 @@
-"""Numba kernels behind qatcore's convolution and pooling ops.
+"""Numba kernels behind qatcore's hot ops: convolution, pooling, batch norm and fake quantization.
 
 This folder sits at the top of the repository and is installed as ``qatcore.kernels``.
 
@@ -7,10 +7,16 @@ Modules:
                 (done by NumPy), and its adjoint for the input gradient.
     pooling  -- ``max_pool2d_forward`` / ``max_pool2d_backward`` and ``avg_pool2d_forward`` /
                 ``avg_pool2d_backward``, matching PyTorch's CPU kernels (ceil_mode=False).
+    batch_norm -- ``batch_norm_train_forward`` / ``batch_norm_train_backward``: per-channel
+                statistics (float64), normalization and the backward reductions, fused.
+    fake_quant -- ``fake_quantize_forward`` / ``fake_quantize_backward``: NUMERICS.md fake
+                quantization per tensor or per channel, and its single-pass backward (STE,
+                LSQ, LSQ+, clipped counts).
 
 Conventions shared by every kernel:
     * Pure functions over NumPy arrays: arguments are never modified, results are new arrays,
-      inputs are C-contiguous float32 or float64 (the caller passes ``np.ascontiguousarray``).
+      inputs are C-contiguous float32 or float64 (the caller passes ``np.ascontiguousarray``);
+      fake quantization is float32 by contract.
     * Argument validation is the caller's job; each docstring states its preconditions and the
       formula or index mapping it implements.
     * The jit is applied only here: ``@njit(cache=True)``, no explicit signatures, so a loop is
