@@ -6,6 +6,8 @@ Prints one JSON object:
 - ``qat_step_ms``: the same step on the QAT model (default 8-bit config, graph mode,
   conv-bn-relu folded, fake quantization and observers on);
 - ``qat_over_float``: their ratio;
+- ``qat_step_no_statistics_ms``: the QAT step with statistics collection off, and
+  ``statistics_overhead``: how much collection adds (default: a sample every 10 steps);
 - PyTorch eager QAT's step and ratio (``torch.ao.quantization.prepare_qat`` on the
   fused equivalent model, fbgemm qconfig) when torch is installed.
 
@@ -28,7 +30,7 @@ from qatcore import Tensor
 from qatcore.models import DigitsCNN
 from qatcore.optim import SGD
 from qatcore.quantization import QuantizationConfig
-from qatcore.quantization.qat import QATPreparer
+from qatcore.quantization.qat import QATPreparer, StatisticsConfig
 
 BATCH = 64
 
@@ -42,6 +44,15 @@ def median_ms(fn, repeats: int, warmup: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def _mean_of_cycles(step, repeats: int, cycle: int = 10) -> float:
+    """Median over cycles of ``cycle`` steps, per step (includes the sampled steps)."""
+    def run_cycle():
+        for _ in range(cycle):
+            step()
+
+    return median_ms(run_cycle, max(3, repeats // cycle), warmup=1) / cycle
 
 
 def step_fn(model, x, y):
@@ -114,13 +125,17 @@ def main() -> None:
     y = rng.integers(0, 10, size=BATCH)
     float_ms = median_ms(step_fn(DigitsCNN(), x, y), repeats)
     qat_model = QATPreparer().prepare_for_qat(DigitsCNN(), QuantizationConfig())
-    qat_ms = median_ms(step_fn(qat_model, x, y), repeats)
+    quiet = QATPreparer(statistics=StatisticsConfig(enabled=False)).prepare_for_qat(DigitsCNN(), QuantizationConfig())
+    # statistics sample every 10th step: time whole cycles of 10 steps so the median sees them
+    qat_ms = _mean_of_cycles(step_fn(qat_model, x, y), repeats)
+    quiet_ms = _mean_of_cycles(step_fn(quiet, x, y), repeats)
     result = {
         "benchmark": "qat_step",
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "numpy": np.__version__, "python": platform.python_version()},
         "model": "DigitsCNN", "batch": BATCH,
-        "qatcore": {"float_step_ms": float_ms, "qat_step_ms": qat_ms, "qat_over_float": qat_ms / float_ms},
+        "qatcore": {"float_step_ms": float_ms, "qat_step_ms": qat_ms, "qat_over_float": qat_ms / float_ms,
+                    "qat_step_no_statistics_ms": quiet_ms, "statistics_overhead": qat_ms / quiet_ms - 1},
     }
     torch_result = torch_figures(x, y, repeats)
     if torch_result is not None:

@@ -52,6 +52,8 @@ class FakeQuantize(Module):
             raise ConfigError(f"FakeQuantize needs a QuantSpec, got {type(spec).__name__}")
         object.__setattr__(self, "spec", spec)
         object.__setattr__(self, "name", name)
+        # (collector, kind) while a QAT model collects statistics (set by its QATController)
+        object.__setattr__(self, "recorder", None)
         self.observer = make_observer(spec, name)
         self.register_buffer("fake_quant_enabled", np.ones((), dtype=np.bool_))
         self.register_buffer("observer_enabled", np.ones((), dtype=np.bool_))
@@ -160,6 +162,9 @@ class FakeQuantize(Module):
             else:
                 self._set_buffers(self.observer.calculate_qparams())
         if not bool(self.fake_quant_enabled.data):
+            recorder = self.recorder
+            if recorder is not None and self.training and recorder[0].sampling:
+                recorder[0].record_forward(self, recorder[1], array, None)
             return x
         if not bool(self.qparams_ready.data):
             raise ObserverError(
@@ -167,12 +172,20 @@ class FakeQuantize(Module):
                 f"(run a training-mode batch first, or disable fake quantization)"
             )
         qmin, qmax = self.spec.quant_min, self.spec.quant_max
+        recorder = self.recorder
+        sampling = recorder is not None and self.training and recorder[0].sampling
+        on_backward = recorder[0].backward_callback(self, recorder[1]) if sampling else None
         if self.learnable:
             np.maximum(self.scale.data, FLOAT32_EPS, out=self.scale.data)  # a learned scale stays positive
             tensor = x if isinstance(x, Tensor) else Tensor._from_array(array, False)
             grad_factor = self.spec.grad_factor or default_grad_factor(array.size, qmax)
-            return fake_quantize_learnable(tensor, self.scale, self.zero_point, qmin, qmax, self.axis, grad_factor)
-        return fake_quantize(x, self.scale.data, self.zero_point.data, qmin, qmax, self.axis)
+            y = fake_quantize_learnable(tensor, self.scale, self.zero_point, qmin, qmax, self.axis, grad_factor,
+                                        on_backward)
+        else:
+            y = fake_quantize(x, self.scale.data, self.zero_point.data, qmin, qmax, self.axis, on_backward)
+        if sampling:
+            recorder[0].record_forward(self, recorder[1], array, y.data if isinstance(y, Tensor) else y)
+        return y
 
     def extra_repr(self) -> str:
         spec = self.spec

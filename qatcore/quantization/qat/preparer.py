@@ -14,8 +14,6 @@ conv1  Conv2d  QATConvBn2d  bn1, relu1
 
 from __future__ import annotations
 
-from typing import Any
-
 from qatcore.errors import ConfigError, QATCoreError, TraceError
 from qatcore.nn.module import Module
 from qatcore.quantization.config import QuantizationConfig
@@ -24,6 +22,7 @@ from qatcore.quantization.qat.interface import IQATPreparer
 from qatcore.quantization.qat.layerwise_config import LayerwiseConfig
 from qatcore.quantization.qat.preparation import LayerRecord, prepare_eager_mode, prepare_graph_mode
 from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES
+from qatcore.quantization.qat.statistics import QATStatistics, StatisticsConfig
 from qatcore.quantization.qat.training_integration import QATController, QATSchedule
 
 __all__ = ["QATPreparer"]
@@ -36,13 +35,15 @@ class QATPreparer(IQATPreparer):
 
     Args:
         mode: "auto" (graph mode; eager mode when tracing fails), "graph" or "eager".
+        statistics: how statistics are collected while training (StatisticsConfig(enabled=False)
+            turns collection off).
         schedule: the QATSchedule of observer warm-up, quant delay and freezing.
         auto_step: count training-mode forward passes as steps (else call ``step``).
         inplace: eager mode only: swap the given model's own layers instead of a copy.
     """
 
     def __init__(self, mode: str = "auto", schedule: QATSchedule | None = None, auto_step: bool = True,
-                 inplace: bool = False) -> None:
+                 inplace: bool = False, statistics: StatisticsConfig | None = None) -> None:
         if mode not in MODES:
             raise ConfigError(f"QATPreparer.mode must be one of {list(MODES)}, got {mode!r}")
         if inplace and mode == "graph":
@@ -54,6 +55,9 @@ class QATPreparer(IQATPreparer):
         self.schedule = schedule if schedule is not None else QATSchedule()
         self.auto_step = auto_step
         self.inplace = inplace
+        self.statistics = statistics if statistics is not None else StatisticsConfig()
+        if not isinstance(self.statistics, StatisticsConfig):
+            raise ConfigError(f"QATPreparer.statistics must be a StatisticsConfig, got {type(statistics).__name__}")
 
     # ---- IQATPreparer ------------------------------------------------------------------------
     def prepare_for_qat(self, model: Module, config: QuantizationConfig | LayerwiseConfig | None = None) -> Module:
@@ -77,7 +81,7 @@ class QATPreparer(IQATPreparer):
                 fallback_reason = str(e)
                 qat_model, records = prepare_eager_mode(model, layerwise, False)
                 used = "eager"
-        controller = QATController(self.schedule, self.auto_step)
+        controller = QATController(self.schedule, self.auto_step, self.statistics)
         qat_model.add_module("qat_controller", controller)
         object.__setattr__(controller, "layers", tuple(records))
         object.__setattr__(controller, "preparation_mode", used)
@@ -91,10 +95,10 @@ class QATPreparer(IQATPreparer):
         self.controller(qat_model)
         raise QATCoreError("convert_to_quantized: int8 conversion is not part of this qatcore version yet")
 
-    def get_qat_statistics(self, qat_model: Module) -> Any:
-        """Statistics collected while training (qatcore.quantization.qat.statistics)."""
-        self.controller(qat_model)
-        raise QATCoreError("get_qat_statistics: statistics collection is not part of this qatcore version yet")
+    def get_qat_statistics(self, qat_model: Module) -> QATStatistics:
+        """The statistics collected while ``qat_model`` trained (qatcore.quantization.qat.statistics):
+        the live record, which further training extends."""
+        return self.controller(qat_model).statistics
 
     # ---- lifecycle -------------------------------------------------------------------------
     @staticmethod

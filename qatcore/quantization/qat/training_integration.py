@@ -32,6 +32,8 @@ import numpy as np
 from qatcore.errors import ConfigError
 from qatcore.nn.module import Module
 from qatcore.quantization.fake_quantize_module import FakeQuantize
+from qatcore.quantization.qat.statistics import QATStatistics, StatisticsConfig
+from qatcore.quantization.qat.statistics_collector import StatisticsCollector
 
 __all__ = ["QATSchedule", "QATController"]
 
@@ -89,11 +91,13 @@ class QATController(Module):
     the state_dict) but takes no part in forward.
     """
 
-    def __init__(self, schedule: QATSchedule, auto_step: bool = True) -> None:
+    def __init__(self, schedule: QATSchedule, auto_step: bool = True,
+                 statistics: StatisticsConfig | None = None) -> None:
         super().__init__()
         if not isinstance(schedule, QATSchedule):
             raise ConfigError(f"QATController needs a QATSchedule, got {type(schedule).__name__}")
         object.__setattr__(self, "schedule", schedule)
+        object.__setattr__(self, "collector", StatisticsCollector(statistics))
         object.__setattr__(self, "auto_step", bool(auto_step))
         object.__setattr__(self, "_quantizers", [])
         object.__setattr__(self, "_conv_bn_layers", [])
@@ -102,12 +106,17 @@ class QATController(Module):
 
     def attach(self, model: Module) -> None:
         """Find the model's quantizers and folded conv-bn layers; count its training steps."""
-        from qatcore.quantization.qat.qat_layers import QATConvBn2d
+        from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES, QATConvBn2d
 
-        self._quantizers[:] = [m for m in model.modules() if isinstance(m, FakeQuantize) and m not in self._excluded]
+        quantizers = [m for m in model.modules() if isinstance(m, FakeQuantize)]
+        self._quantizers[:] = [m for m in quantizers if m not in self._excluded]
         self._conv_bn_layers[:] = [m for m in model.modules() if isinstance(m, QATConvBn2d)]
-        if self.auto_step:
-            model.register_forward_pre_hook(self._before_forward)
+        weight_quantizers = {id(layer.weight_fake_quant) for layer in model.modules()
+                             if isinstance(layer, QAT_LAYER_TYPES) and layer.weight_fake_quant is not None}
+        for quantizer in quantizers:
+            kind = "weight" if id(quantizer) in weight_quantizers else "activation"
+            object.__setattr__(quantizer, "recorder", (self.collector, kind))
+        model.register_forward_pre_hook(self._before_forward)
         self.apply_schedule()
 
     def exclude(self, quantizer: FakeQuantize) -> None:
@@ -127,9 +136,17 @@ class QATController(Module):
         self.apply_schedule()
 
     def _before_forward(self, model: Module, args: tuple) -> None:
-        if model.training:
+        if not model.training:
+            return
+        self.collector.begin_step(self.current_step)
+        if self.auto_step:
             self.apply_schedule()
             self.step_count.data += 1
+
+    @property
+    def statistics(self) -> QATStatistics:
+        """The statistics collected so far (live: training adds to them)."""
+        return self.collector.statistics
 
     @property
     def current_step(self) -> int:
