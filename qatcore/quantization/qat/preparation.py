@@ -145,6 +145,7 @@ def prepare_graph_mode(model: Module, layerwise: LayerwiseConfig) -> tuple[Graph
         replaced.add(node.target)
         records.append(LayerRecord(node.target, type(layer).__name__, type(qat).__name__, info))
     _insert_activation_quantizers(gm, layerwise)
+    _link_input_quantizers(gm)
     gm.lint()
     records.sort(key=lambda r: list(called).index(r.name) if r.name in called else 0)
     return gm, records
@@ -243,6 +244,24 @@ def _insert_activation_quantizers(gm: GraphModule, layerwise: LayerwiseConfig) -
             continue
         spec = module.output_fake_quant.spec if module.output_fake_quant is not None else config.activation
         _insert_quantizer_after(gm, holder, source, spec)
+
+
+def _link_input_quantizers(gm: GraphModule) -> None:
+    """Tell each QAT layer which quantizer defines its input (through scale-keeping ops)."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], Node):
+            continue
+        layer = gm.get_submodule(node.target)
+        if not isinstance(layer, QAT_LAYER_TYPES):
+            continue
+        source = node.args[0]
+        while _produces_quantized_value(gm, source) == "same" and source.args and isinstance(source.args[0], Node):
+            source = source.args[0]
+        if source.op == "call_module":
+            producer = gm.get_submodule(source.target)
+            quantizer = producer if isinstance(producer, FakeQuantize) else getattr(producer, "output_fake_quant", None)
+            if isinstance(quantizer, FakeQuantize):
+                object.__setattr__(layer, "input_quantizer", quantizer)
 
 
 # ---- eager mode ------------------------------------------------------------------------------

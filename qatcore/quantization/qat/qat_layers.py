@@ -33,6 +33,7 @@ from qatcore.nn.conv import Conv2d
 from qatcore.nn.linear import Linear
 from qatcore.nn.module import Module
 from qatcore.quantization.fake_quantize_module import FakeQuantize
+from qatcore.tensor import Tensor
 
 __all__ = ["QATLinear", "QATConv2d", "QATConvBn2d", "QAT_LAYER_TYPES"]
 
@@ -49,6 +50,9 @@ class _QATLayer(Module):
         if output_fake_quant is None:
             self.register_buffer("output_fake_quant", None)
         object.__setattr__(self, "relu", bool(relu))
+        # the FakeQuantize whose output this layer reads (set by preparation; its scale s_x
+        # lets the eval path quantize the bias at s_x * s_w exactly as the int8 model does)
+        object.__setattr__(self, "input_quantizer", None)
         self.register_buffer("quant_enabled", np.ones((), dtype=np.bool_))
 
     @property
@@ -60,6 +64,19 @@ class _QATLayer(Module):
 
     def quantizers(self) -> list[FakeQuantize]:
         return [q for q in (self.weight_fake_quant, self.output_fake_quant) if isinstance(q, FakeQuantize)]
+
+    def _eval_bias(self, bias):
+        """In eval, the bias rounded to the int32 grid of s_x * s_w (NUMERICS.md: removes
+        the simulation/int8 one-LSB differences an unquantized float bias causes)."""
+        quantizer, weight_quantizer = self.input_quantizer, self.weight_fake_quant
+        if (self.training or bias is None or not isinstance(quantizer, FakeQuantize)
+                or not isinstance(weight_quantizer, FakeQuantize) or not bool(quantizer.qparams_ready.data)
+                or not bool(weight_quantizer.qparams_ready.data)):
+            return bias
+        s_x = np.float64(quantizer.calculate_qparams().scale[0])
+        step = s_x * weight_quantizer.calculate_qparams().scale.astype(np.float64)
+        values = bias.data if isinstance(bias, Tensor) else np.asarray(bias)
+        return (np.rint(values.astype(np.float64) / step) * step).astype(np.float32)
 
     def _quantized_weight(self, weight):
         if self.enabled and isinstance(self.weight_fake_quant, FakeQuantize):
@@ -86,7 +103,8 @@ class QATLinear(_QATLayer):
         self._init_quantizers(weight_fake_quant, output_fake_quant, relu)
 
     def forward(self, x):
-        return self._finish(F.linear(x, self._quantized_weight(self.weight), self.bias))
+        bias = self._eval_bias(self.bias) if self.enabled else self.bias
+        return self._finish(F.linear(x, self._quantized_weight(self.weight), bias))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, relu={self.relu}"
@@ -105,7 +123,8 @@ class QATConv2d(_QATLayer):
         self._init_quantizers(weight_fake_quant, output_fake_quant, relu)
 
     def forward(self, x):
-        y = F.conv2d(x, self._quantized_weight(self.weight), self.bias, self.stride, self.padding,
+        bias = self._eval_bias(self.bias) if self.enabled else self.bias
+        y = F.conv2d(x, self._quantized_weight(self.weight), bias, self.stride, self.padding,
                      self.dilation, self.groups)
         return self._finish(y)
 
@@ -148,6 +167,8 @@ class QATConvBn2d(_QATLayer):
             # exactly the float layers: conv, then batch norm
             y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
             return self._finish(bn(y))
+        if not bn.training:
+            return self._finish(self._folded_eval(x))
         sf = self._scale_factor()
         gamma = bn.weight if bn.weight is not None else None
         if gamma is not None:
@@ -169,6 +190,24 @@ class QATConvBn2d(_QATLayer):
         y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, use_batch_stats,
                          bn.momentum, bn.eps)
         return self._finish(y)
+
+    def _folded_eval(self, x):
+        """Eval with running statistics, in the folded form the int8 model computes:
+        conv(x, fake_quant(W * sf)) + beta + (b - mean) * sf   (= BN(conv(x, ...)), exactly, in reals)."""
+        bn = self.bn
+        sf = self._scale_factor()
+        gamma = np.ones(bn.num_features, np.float64) if bn.weight is None else bn.weight.data.astype(np.float64)
+        real_sf = gamma / np.sqrt(bn.running_var.data.astype(np.float64) + bn.eps)
+        beta = np.zeros(bn.num_features) if bn.bias is None else bn.bias.data.astype(np.float64)
+        bias = 0.0 if self.bias is None else self.bias.data.astype(np.float64)
+        folded_bias = (beta + (bias - bn.running_mean.data.astype(np.float64)) * real_sf).astype(np.float32)
+        weight = self.weight * F.reshape(sf, (-1, 1, 1, 1))
+        quantized = self._quantized_weight(weight)
+        if np.any(real_sf == 0):
+            # channels with gamma == 0 output beta: zero their folded weights, as the converter does
+            quantized = quantized * F.reshape((real_sf != 0).astype(np.float32), (-1, 1, 1, 1))
+        return F.conv2d(x, quantized, self._eval_bias(folded_bias), self.stride, self.padding, self.dilation,
+                        self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
