@@ -87,7 +87,7 @@ def qatcore_conv_gflops(repeats: int) -> float:
     return conv_flops() / median_time_s(fwd_bwd, repeats, warmup=1) / 1e9
 
 
-def torch_figures(repeats: int) -> dict | None:
+def torch_figures(repeats: int, step_only: bool = False) -> dict | None:
     try:
         import torch
     except ImportError:
@@ -109,6 +109,8 @@ def torch_figures(repeats: int) -> dict | None:
         optimizer.step()
 
     step_ms = 1e3 * median_time_s(step, repeats, warmup=5)
+    if step_only:
+        return {"digits_cnn_step_ms": step_ms}
     s = CONV_SHAPE
     xc = torch.rand(s["n"], s["c"], s["h"], s["w"], requires_grad=True)
     wc = (torch.rand(s["k"], s["c"], 3, 3) - 0.5).requires_grad_()
@@ -130,9 +132,12 @@ def main() -> None:
     args = parser.parse_args()
     repeats = 5 if args.quick else args.repeats
     conv_repeats = 2 if args.quick else 10
-    matmul = numpy_matmul_gflops(1024, 3 if args.quick else 20)
+    # The small-model step first: after a multithreaded BLAS call (the 1024^3 matmul, the
+    # large conv) OpenBLAS's threads keep spinning for a while and slow what follows.
     step_ms = qatcore_step_ms(repeats)
+    torch_step = torch_figures(repeats, step_only=True)
     conv = qatcore_conv_gflops(conv_repeats)
+    matmul = numpy_matmul_gflops(1024, 3 if args.quick else 20)
     result = {
         "benchmark": "train_step",
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -144,6 +149,7 @@ def main() -> None:
     }
     torch_result = torch_figures(repeats)
     if torch_result is not None:
+        torch_result["digits_cnn_step_ms"] = torch_step["digits_cnn_step_ms"]
         torch_result["conv2d_vs_numpy_matmul"] = torch_result["conv2d_fwd_bwd_gflops"] / matmul
         result["torch"] = torch_result
         result["qatcore"]["step_vs_torch"] = step_ms / torch_result["digits_cnn_step_ms"]

@@ -17,25 +17,50 @@ entries that were read from padding, so the convolution's input gradient is
 ``col2im(weight.reshape(K, -1).T @ grad_out.reshape(N, K, OH*OW), C, H, W, ...)``.
 
 Both are pure functions: they return a new array and never modify their arguments. The public
-functions allocate the result with NumPy and hand it to a jitted loop (``_im2col_fill``,
-``_col2im_accumulate``). Allocating in NumPy is deliberate: NumPy asks Linux for transparent
-huge pages on large arrays and numba's allocator does not, and for the ~230 MB ``cols`` of a
-ResNet-sized layer the 4 KiB page faults alone cost several times the copy itself.
+functions allocate the result with NumPy and hand it to a jitted loop. Allocating in NumPy is
+deliberate: NumPy asks Linux for transparent huge pages on large arrays and numba's allocator
+does not, and for the ~230 MB ``cols`` of a ResNet-sized layer the 4 KiB page faults alone cost
+several times the copy itself.
 
-The loops are compiled lazily by numba on first call (one specialisation per dtype and layout)
-and cached on disk; under ``NUMBA_DISABLE_JIT=1`` they run unchanged as plain Python.
+The loops are compiled lazily by numba on first call (one specialisation per dtype) and cached
+on disk; under ``NUMBA_DISABLE_JIT=1`` they run unchanged as plain Python. They see ``x`` as
+(N*C, H*W) and ``cols`` as (N*C, kh*kw*OH*OW): plane p = n*C + c owns row p of both. There are
+two algorithms, chosen by the output width:
 
-How the loops stay fast: for each kernel row ``i`` the range of ``oh`` that reads inside the
-input is computed once, and for each kernel column ``j`` the range of ``ow``, so the copy loop
-has no bounds tests and the padding is written (or skipped) outside it. The copy loop indexes
-views that start at the first valid element with a counter that starts at 0: numba then knows
-no index is negative, drops its wraparound test, and LLVM vectorises the unit-stride case.
+* by rows (wide outputs): for each kernel tap (i, j) the range of output rows and columns that
+  read inside the input is computed once; each valid output row is then one contiguous copy
+  (or add, for col2im) that LLVM vectorises. im2col writes into a zeroed array, so the padding
+  needs no work at all.
+* by table (narrow outputs, below a measured width): with rows of a few elements the per-row
+  setup costs more than the copy, so a table computed once per call, one entry per column
+  element of a plane, holds the input element it reads (``h*W + w``, or ``H*W`` for padding),
+  and each plane becomes a single loop over that table.
+
+Measuring also decided three details:
+
+* Indices into the planes are unsigned (``np.uintp``). numba tests every signed index for a
+  negative value (Python's wraparound), and that test keeps LLVM from vectorising a copy.
+* The loops index the 2-d arrays directly and never slice a view per row or per plane: in a
+  serial numba function every view (and every call that passes an array) updates a reference
+  count with an atomic operation, which costs more than copying a short row.
+* The loops are serial. A convolution calls BLAS right before and after them, and OpenBLAS's
+  worker threads keep spinning for a while after each multithreaded GEMM; a numba
+  ``parallel=True`` loop there competes with them for the cores, runs slower than the serial
+  loop, and its own threads, spinning in turn, slow the next GEMM. Measured on 2 cores with
+  parallel loops, conv2d forward+backward took 28 ms instead of 7.5 ms at N=32, C=K=32, 16x16,
+  and 168 ms instead of 156 ms at N=32, C=K=64, 56x56; only layers whose GEMMs all run on one
+  thread gained (about 7%, on the DigitsCNN's second convolution).
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 __all__ = ["im2col", "col2im"]
+
+# Below these output widths the table loops beat the row loops; at and above them the row
+# loops win (their copies vectorise). Measured on 3x3 convolutions, 32 samples of 32 channels.
+_IM2COL_TABLE_BELOW_WIDTH = 16
+_COL2IM_TABLE_BELOW_WIDTH = 10
 
 
 def _conv_output_size(size, kernel, stride, padding, dilation):
@@ -62,79 +87,132 @@ def _valid_output_range(offset, stride, size, count):
     return lo, hi
 
 
-@njit(cache=True, parallel=True)
-def _im2col_fill(x, kh, kw, sh, sw, ph, pw, dh, dw, cols):
-    """Write im2col(x) into ``cols`` viewed as (N, C*kh*kw, OH, OW). Parallel over N*C planes."""
-    batch, channels, height, width = x.shape
-    out_height = cols.shape[2]
-    out_width = cols.shape[3]
-    zero = x.dtype.type(0)
-    for plane in prange(batch * channels):
-        n = plane // channels
-        c = plane - n * channels
-        for i in range(kh):
-            h_offset = i * dh - ph
-            oh_lo, oh_hi = _valid_output_range(h_offset, sh, height, out_height)
-            for j in range(kw):
-                w_offset = j * dw - pw
-                ow_lo, ow_hi = _valid_output_range(w_offset, sw, width, out_width)
-                count = ow_hi - ow_lo
-                block = cols[n, (c * kh + i) * kw + j]
-                for oh in range(out_height):
-                    line = block[oh]
-                    if oh < oh_lo or oh >= oh_hi or count == 0:
-                        # This output row reads only padding.
-                        for ow in range(out_width):
-                            line[ow] = zero
-                        continue
-                    for ow in range(ow_lo):
-                        line[ow] = zero
-                    # Views starting at the first valid element, indexed from 0: no index can
-                    # be negative, so the copy has no wraparound test and can be vectorised.
-                    destination = line[ow_lo:ow_hi]
-                    source = x[n, c, oh * sh + h_offset, ow_lo * sw + w_offset:]
-                    if sw == 1:
-                        for k in range(count):
-                            destination[k] = source[k]
+@njit(cache=True)
+def _column_table(geometry):
+    """For one plane: ``table[(i*kw + j)*OH*OW + oh*OW + ow]`` is the flat index ``h*W + w`` of
+    the input element that column entry reads, or ``H*W`` (one past the plane) for padding."""
+    height, width, kh, kw, sh, sw, ph, pw, dh, dw, out_height, out_width = geometry
+    table = np.empty(kh * kw * out_height * out_width, dtype=np.uintp)
+    position = 0
+    for i in range(kh):
+        for j in range(kw):
+            for oh in range(out_height):
+                h = oh * sh - ph + i * dh
+                for ow in range(out_width):
+                    w = ow * sw - pw + j * dw
+                    if 0 <= h < height and 0 <= w < width:
+                        table[position] = h * width + w
                     else:
-                        for k in range(count):
-                            destination[k] = source[k * sw]
-                    for ow in range(ow_hi, out_width):
-                        line[ow] = zero
+                        table[position] = height * width
+                    position += 1
+    return table
 
 
-@njit(cache=True, parallel=True)
-def _col2im_accumulate(cols, kh, kw, sh, sw, ph, pw, dh, dw, x_grad):
-    """Add ``cols`` viewed as (N, C*kh*kw, OH, OW) onto the zeroed ``x_grad`` (N, C, H, W).
+# ----------------------------------------------------------------------------- im2col
 
-    Parallel over the N*C planes of x_grad, so no two threads write the same element.
-    """
-    batch, channels, height, width = x_grad.shape
-    out_height = cols.shape[2]
-    out_width = cols.shape[3]
-    for plane in prange(batch * channels):
-        n = plane // channels
-        c = plane - n * channels
+
+@njit(cache=True)
+def _im2col_by_table(x2, cols2, table):
+    """cols2[p, k] = x2[p, table[k]] for every plane p, or 0 where the table points past it."""
+    plane_size = np.uintp(x2.shape[1])
+    zero = x2.dtype.type(0)
+    for plane in range(x2.shape[0]):
+        for k in range(table.size):
+            index = table[k]
+            cols2[plane, k] = x2[plane, index] if index < plane_size else zero
+
+
+@njit(cache=True)
+def _im2col_by_rows(x2, cols2, geometry):
+    """Copy the valid part of every output row of every tap of every plane; cols2 is zeroed."""
+    height, width, kh, kw, sh, sw, ph, pw, dh, dw, out_height, out_width = geometry
+    stride = np.uintp(sw)
+    for plane in range(x2.shape[0]):
         for i in range(kh):
             h_offset = i * dh - ph
             oh_lo, oh_hi = _valid_output_range(h_offset, sh, height, out_height)
             for j in range(kw):
                 w_offset = j * dw - pw
                 ow_lo, ow_hi = _valid_output_range(w_offset, sw, width, out_width)
-                count = ow_hi - ow_lo
-                if count == 0:
-                    continue
-                block = cols[n, (c * kh + i) * kw + j]
+                count = np.uintp(ow_hi - ow_lo)
+                tap_start = (i * kw + j) * out_height * out_width
                 for oh in range(oh_lo, oh_hi):
-                    # Zero-based views, as in _im2col_fill.
-                    source = block[oh, ow_lo:ow_hi]
-                    target = x_grad[n, c, oh * sh + h_offset, ow_lo * sw + w_offset:]
+                    target = np.uintp(tap_start + oh * out_width + ow_lo)
+                    source = np.uintp((oh * sh + h_offset) * width + ow_lo * sw + w_offset)
                     if sw == 1:
                         for k in range(count):
-                            target[k] += source[k]
+                            cols2[plane, target + k] = x2[plane, source + k]
                     else:
                         for k in range(count):
-                            target[k * sw] += source[k]
+                            cols2[plane, target + k] = x2[plane, source + k * stride]
+
+
+@njit(cache=True)
+def _im2col_fill(x2, cols2, table, geometry):
+    """im2col of every plane of x2 into cols2: by table when one is given, else by rows."""
+    if table.size > 0:
+        _im2col_by_table(x2, cols2, table)
+    else:
+        _im2col_by_rows(x2, cols2, geometry)
+
+
+# ----------------------------------------------------------------------------- col2im
+
+
+@njit(cache=True)
+def _col2im_by_table(cols2, x_grad2, table):
+    """x_grad2[p, table[k]] += cols2[p, k] in ascending k for every plane p, skipping the
+    entries that point past the plane (padding)."""
+    plane_size = np.uintp(x_grad2.shape[1])
+    for plane in range(x_grad2.shape[0]):
+        for k in range(table.size):
+            index = table[k]
+            if index < plane_size:
+                x_grad2[plane, index] += cols2[plane, k]
+
+
+@njit(cache=True)
+def _col2im_by_rows(cols2, x_grad2, geometry):
+    """Add the valid part of every output row of every tap onto its input row."""
+    height, width, kh, kw, sh, sw, ph, pw, dh, dw, out_height, out_width = geometry
+    stride = np.uintp(sw)
+    for plane in range(x_grad2.shape[0]):
+        for i in range(kh):
+            h_offset = i * dh - ph
+            oh_lo, oh_hi = _valid_output_range(h_offset, sh, height, out_height)
+            for j in range(kw):
+                w_offset = j * dw - pw
+                ow_lo, ow_hi = _valid_output_range(w_offset, sw, width, out_width)
+                count = np.uintp(ow_hi - ow_lo)
+                tap_start = (i * kw + j) * out_height * out_width
+                for oh in range(oh_lo, oh_hi):
+                    source = np.uintp(tap_start + oh * out_width + ow_lo)
+                    target = np.uintp((oh * sh + h_offset) * width + ow_lo * sw + w_offset)
+                    if sw == 1:
+                        for k in range(count):
+                            x_grad2[plane, target + k] += cols2[plane, source + k]
+                    else:
+                        for k in range(count):
+                            x_grad2[plane, target + k * stride] += cols2[plane, source + k]
+
+
+@njit(cache=True)
+def _col2im_accumulate(cols2, x_grad2, table, geometry):
+    """Add every plane of cols2 onto the zeroed x_grad2: by table when one is given."""
+    if table.size > 0:
+        _col2im_by_table(cols2, x_grad2, table)
+    else:
+        _col2im_by_rows(cols2, x_grad2, geometry)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def _geometry(H, W, kh, kw, sh, sw, ph, pw, dh, dw):
+    """The integer tuple the jitted loops take, ending with (OH, OW)."""
+    out_height = _conv_output_size(H, kh, sh, ph, dh)
+    out_width = _conv_output_size(W, kw, sw, pw, dw)
+    return (H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_height, out_width)
 
 
 def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw):
@@ -156,7 +234,7 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw):
         or 0 where that position lies outside [0, H) x [0, W).
 
     Preconditions, checked by the caller and not here: the integer ranges above, OH >= 1 and
-    OW >= 1. The loop runs in parallel over the N*C input planes.
+    OW >= 1.
 
     Example:
         >>> import numpy as np
@@ -170,11 +248,18 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw):
                [0., 0., 0., 0.]])
     """
     batch, channels, height, width = x.shape
-    out_height = _conv_output_size(height, kh, sh, ph, dh)
-    out_width = _conv_output_size(width, kw, sw, pw, dw)
-    cols = np.empty((batch, channels * kh * kw, out_height * out_width), dtype=x.dtype)
-    cols_by_row = cols.reshape(batch, channels * kh * kw, out_height, out_width)  # a view
-    _im2col_fill(x, kh, kw, sh, sw, ph, pw, dh, dw, cols_by_row)
+    geometry = _geometry(height, width, kh, kw, sh, sw, ph, pw, dh, dw)
+    out_height, out_width = geometry[-2:]
+    shape = (batch, channels * kh * kw, out_height * out_width)
+    plane_columns = kh * kw * out_height * out_width
+    if out_width < _IM2COL_TABLE_BELOW_WIDTH:
+        table = _column_table(geometry)
+        cols = np.empty(shape, dtype=x.dtype)  # the table loop writes every element
+    else:
+        table = np.empty(0, dtype=np.uintp)
+        cols = np.zeros(shape, dtype=x.dtype)  # the row loop leaves the padding untouched
+    x2 = x.reshape(batch * channels, height * width)
+    _im2col_fill(x2, cols.reshape(batch * channels, plane_columns), table, geometry)
     return cols
 
 
@@ -201,8 +286,7 @@ def col2im(cols, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw):
 
     Preconditions, checked by the caller and not here: the integer ranges of :func:`im2col`
     and ``cols.shape[1:] == (C*kh*kw, OH*OW)`` (a mismatch in size raises ValueError from the
-    reshape). The loop runs in parallel over the N*C planes of x_grad, so no two threads
-    write the same element.
+    reshape).
 
     Example:
         >>> import numpy as np
@@ -213,9 +297,13 @@ def col2im(cols, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw):
                [1., 2., 1.]])
     """
     batch = cols.shape[0]
-    out_height = _conv_output_size(H, kh, sh, ph, dh)
-    out_width = _conv_output_size(W, kw, sw, pw, dw)
+    geometry = _geometry(H, W, kh, kw, sh, sw, ph, pw, dh, dw)
+    out_height, out_width = geometry[-2:]
+    if out_width < _COL2IM_TABLE_BELOW_WIDTH:
+        table = _column_table(geometry)
+    else:
+        table = np.empty(0, dtype=np.uintp)
     x_grad = np.zeros((batch, C, H, W), dtype=cols.dtype)
-    cols_by_row = cols.reshape(batch, C * kh * kw, out_height, out_width)
-    _col2im_accumulate(cols_by_row, kh, kw, sh, sw, ph, pw, dh, dw, x_grad)
+    cols2 = cols.reshape(batch * C, kh * kw * out_height * out_width)
+    _col2im_accumulate(cols2, x_grad.reshape(batch * C, H * W), table, geometry)
     return x_grad

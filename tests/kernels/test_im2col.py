@@ -43,13 +43,13 @@ class ConvGeometry(NamedTuple):
 
 
 @st.composite
-def conv_geometries(draw):
+def conv_geometries(draw, max_size=9):
     """Valid geometries only: the input is drawn at least as large as one dilated window."""
     kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
     dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    height = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 9))
-    width = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 9))
+    height = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), max_size))
+    width = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), max_size))
     geometry = ConvGeometry(
         batch=draw(st.integers(1, 3)),
         channels=draw(st.integers(1, 4)),
@@ -158,6 +158,52 @@ def check_col2im_is_adjoint(geometry, seed):
     np.testing.assert_allclose(forward, adjoint, rtol=1e-12, atol=1e-12)
 
 
+def _loop_geometry(geometry):
+    g = geometry
+    return im2col_kernels._geometry(g.height, g.width, *g.window)
+
+
+def _loop_tables(geometry):
+    """The two algorithms of the jitted loops: (name, table), an empty table selecting rows."""
+    table = im2col_kernels._column_table(_loop_geometry(geometry))
+    return [("table", table), ("rows", np.empty(0, dtype=np.uintp))]
+
+
+def check_im2col_algorithms(geometry, dtype, seed):
+    """Both loops, called directly whatever the output width, equal the oracle and each other
+    bit for bit."""
+    g = geometry
+    x = random_input(g, dtype, seed)
+    expected = im2col_oracle(x, g)
+    planes = g.batch * g.channels
+    results = []
+    for name, table in _loop_tables(g):
+        # The table loop must write every element; the row loop expects a zeroed array.
+        cols = np.full(expected.shape, np.nan if name == "table" else 0.0, dtype=dtype)
+        im2col_kernels._im2col_fill(
+            x.reshape(planes, -1), cols.reshape(planes, -1), table, _loop_geometry(g)
+        )
+        np.testing.assert_array_equal(cols, expected, err_msg=name)
+        results.append(cols.view(f"u{cols.itemsize}"))
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def check_col2im_algorithms(geometry, dtype, seed):
+    g = geometry
+    cols = random_columns(g, dtype, seed)
+    expected = col2im_oracle(cols, g)
+    planes = g.batch * g.channels
+    results = []
+    for name, table in _loop_tables(g):
+        x_grad = np.zeros(expected.shape, dtype=dtype)
+        im2col_kernels._col2im_accumulate(
+            cols.reshape(planes, -1), x_grad.reshape(planes, -1), table, _loop_geometry(g)
+        )
+        np.testing.assert_array_equal(x_grad, expected, err_msg=name)
+        results.append(x_grad.view(f"u{x_grad.itemsize}"))
+    np.testing.assert_array_equal(results[0], results[1])
+
+
 FIXED_GEOMETRIES = [
     ConvGeometry(2, 3, 7, 6, 3, 3, 1, 1, 1, 1, 1, 1),
     ConvGeometry(1, 2, 9, 8, 4, 3, 2, 3, 2, 1, 2, 1),
@@ -184,6 +230,38 @@ def test_col2im_matches_scatter_oracle(geometry, dtype, seed):
 @given(geometry=conv_geometries(), seed=st.integers(0, 2**31))
 def test_col2im_is_adjoint_of_im2col(geometry, seed):
     check_col2im_is_adjoint(geometry, seed)
+
+
+@settings(deadline=None, max_examples=60)
+@given(geometry=conv_geometries(max_size=24), dtype=dtypes, seed=seeds)
+def test_im2col_by_table_and_by_rows_agree(geometry, dtype, seed):
+    check_im2col_algorithms(geometry, dtype, seed)
+
+
+@settings(deadline=None, max_examples=60)
+@given(geometry=conv_geometries(max_size=24), dtype=dtypes, seed=seeds)
+def test_col2im_by_table_and_by_rows_agree(geometry, dtype, seed):
+    check_col2im_algorithms(geometry, dtype, seed)
+
+
+@settings(deadline=None, max_examples=30)
+@given(geometry=conv_geometries(max_size=40), dtype=dtypes, seed=seeds)
+def test_public_functions_match_oracles_on_wide_inputs(geometry, dtype, seed):
+    """Wide enough that the public functions also pick the row loops."""
+    check_im2col(geometry, dtype, seed)
+    check_col2im(geometry, dtype, seed)
+
+
+def test_public_functions_use_both_algorithms():
+    """Narrow outputs go by table, wide ones by rows (the thresholds are in the module)."""
+    narrow = ConvGeometry(2, 3, 5, 5, 3, 3, 1, 1, 1, 1, 1, 1)
+    wide = ConvGeometry(2, 3, 6, 33, 3, 3, 1, 2, 1, 1, 1, 2)  # OW = 16, stride and dilation 2
+    assert narrow.out_width < im2col_kernels._COL2IM_TABLE_BELOW_WIDTH
+    assert wide.out_width >= im2col_kernels._IM2COL_TABLE_BELOW_WIDTH
+    for geometry in (narrow, wide):
+        for dtype in (np.float32, np.float64):
+            check_im2col(geometry, dtype, 5)
+            check_col2im(geometry, dtype, 6)
 
 
 def test_im2col_follows_the_index_formula():
@@ -249,10 +327,21 @@ def test_kernels_run_as_plain_python_without_jit():
         kernels = tests.im2col_kernels
         for loop in (kernels._im2col_fill, kernels._col2im_accumulate):
             assert isinstance(loop, types.FunctionType), type(loop)
+        loops = (
+            kernels._column_table,
+            kernels._im2col_by_table,
+            kernels._im2col_by_rows,
+            kernels._col2im_by_table,
+            kernels._col2im_by_rows,
+        )
+        for loop in loops:
+            assert isinstance(loop, types.FunctionType), type(loop)
         for geometry in tests.FIXED_GEOMETRIES:
             for dtype in (np.float32, np.float64):
                 tests.check_im2col(geometry, dtype, 11)
                 tests.check_col2im(geometry, dtype, 12)
+                tests.check_im2col_algorithms(geometry, dtype, 14)
+                tests.check_col2im_algorithms(geometry, dtype, 15)
             tests.check_col2im_is_adjoint(geometry, 13)
         print("plain python kernels ok")
         """

@@ -199,6 +199,42 @@ def check_max_pool(g, dtype, seed, kind):
     np.testing.assert_array_equal(grad_x, max_pool_backward_oracle(grad_out, argmax, g))
 
 
+def _as_bits(values):
+    return values.view(f"u{values.itemsize}")
+
+
+def run_max_pool_loop(x, g, fast_path):
+    """The jitted forward loop called directly; empty offsets turn its fast path off."""
+    geometry = (g.height, g.width, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw,
+                g.out_height, g.out_width)
+    if fast_path:
+        offsets = pooling._window_offsets(g.width, g.kh, g.kw, g.dh, g.dw)
+    else:
+        offsets = np.empty(0, dtype=np.uintp)
+    planes = g.batch * g.channels
+    out = np.full((planes, g.out_height * g.out_width), 7.0, x.dtype)
+    argmax = np.full(out.shape, -7, np.int64)
+    pooling._max_pool2d_forward_fill(x.reshape(planes, -1), out, argmax, offsets, geometry)
+    return out.reshape(output_shape(g)), argmax.reshape(output_shape(g))
+
+
+def check_max_pool_fast_path(g, dtype, seed, kind):
+    """The fast path for windows inside the input equals the general path bit for bit, and
+    every output is the very input element its argmax points at (NaN payloads included)."""
+    x = random_values(input_shape(g), dtype, seed, kind)
+    fast_out, fast_argmax = run_max_pool_loop(x, g, fast_path=True)
+    general_out, general_argmax = run_max_pool_loop(x, g, fast_path=False)
+    np.testing.assert_array_equal(_as_bits(fast_out), _as_bits(general_out))
+    np.testing.assert_array_equal(fast_argmax, general_argmax)
+    planes = x.reshape(g.batch * g.channels, -1)
+    chosen = fast_argmax.reshape(g.batch * g.channels, -1)
+    inside = chosen >= 0
+    picked = np.take_along_axis(planes, np.where(inside, chosen, 0), axis=1)
+    np.testing.assert_array_equal(
+        _as_bits(fast_out.reshape(chosen.shape))[inside], _as_bits(picked)[inside]
+    )
+
+
 def check_avg_pool(g, dtype, seed, count_include_pad):
     x = random_values(input_shape(g), dtype, seed)
     window = (g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, count_include_pad)
@@ -236,6 +272,38 @@ FIXED_GEOMETRIES = [
 @given(geometry=pool_geometries(), dtype=dtypes, seed=seeds, kind=value_kinds)
 def test_max_pool_matches_oracle(geometry, dtype, seed, kind):
     check_max_pool(geometry, dtype, seed, kind)
+
+
+@settings(deadline=None, max_examples=80)
+@given(geometry=pool_geometries(), dtype=dtypes, seed=seeds, kind=value_kinds)
+def test_max_pool_fast_path_matches_general_path(geometry, dtype, seed, kind):
+    check_max_pool_fast_path(geometry, dtype, seed, kind)
+
+
+def test_max_pool_keeps_the_bits_of_the_last_nan():
+    nan_a = np.array([0x7FC00001], np.uint32).view(np.float32)[0]
+    nan_b = np.array([0xFFC00002], np.uint32).view(np.float32)[0]  # negative, other payload
+    x = np.array([[[[nan_a, 5.0], [nan_b, np.inf]]]], dtype=np.float32)
+    # Output (0, 0) sees all four elements: through the fast path (a 2x2 window inside the
+    # input), then through the clipped path (a 3x3 window reaching into the padding).
+    for k, padding in ((2, 0), (3, 1)):
+        out, argmax = pooling.max_pool2d_forward(x, k, k, 1, 1, padding, padding, 1, 1)
+        assert argmax[0, 0, 0, 0] == 2
+        assert _as_bits(out)[0, 0, 0, 0] == 0xFFC00002
+
+
+def test_max_pool_larger_inputs_match_oracle():
+    """Beyond the hypothesis sizes: many interior windows, 3x3 and dilated ones included."""
+    geometries = [
+        PoolGeometry(2, 3, 23, 17, 3, 3, 2, 2, 1, 1),
+        PoolGeometry(1, 2, 20, 21, 2, 2, 2, 2, 0, 0),
+        PoolGeometry(1, 2, 19, 16, 3, 2, 1, 2, 1, 0, 2, 3),
+    ]
+    for g in geometries:
+        for dtype in (np.float32, np.float64):
+            for kind in ("normal", "ties", "special"):
+                check_max_pool(g, dtype, 3, kind)
+                check_max_pool_fast_path(g, dtype, 4, kind)
 
 
 def test_max_pool_ties_pick_the_first_element_in_window_order():
@@ -355,9 +423,11 @@ def test_kernels_run_as_plain_python_without_jit():
         )
         for loop in loops:
             assert isinstance(loop, types.FunctionType), type(loop)
+        assert isinstance(kernels._window_offsets, types.FunctionType)
         for geometry in tests.FIXED_GEOMETRIES:
             for dtype in (np.float32, np.float64):
                 tests.check_max_pool(geometry, dtype, 21, "special")
+                tests.check_max_pool_fast_path(geometry, dtype, 25, "special")
         for geometry in tests.FIXED_GEOMETRIES[:1]:
             for dtype in (np.float32, np.float64):
                 tests.check_avg_pool(geometry, dtype, 22, True)
