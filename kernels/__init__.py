@@ -12,6 +12,12 @@ Modules:
     fake_quant -- ``fake_quantize_forward`` / ``fake_quantize_backward``: NUMERICS.md fake
                 quantization per tensor or per channel, and its single-pass backward (STE,
                 LSQ, LSQ+, clipped counts).
+    requantize -- the fixed-point requantization of the int8 runtime: ``quantize_multiplier``,
+                gemmlowp's helpers, and qatcore's headroom shift that avoids double rounding.
+    int8_gemm  -- ``int8_gemm_int32`` / ``int8_linear``: blocked int8 GEMM (AVX-512 VNNI
+                ``vpdpbusd`` where available) with the fused requantization epilogue.
+    int8_conv  -- ``int8_conv2d``: channels-last gather + int8 GEMM, zero padding at the input's
+                zero point, groups and depthwise.
 
 Conventions shared by every kernel:
     * Pure functions over NumPy arrays: arguments are never modified, results are new arrays,

@@ -24,6 +24,9 @@ from qatcore.quantization.qat import (
     QATPreparer,
     QATSchedule,
 )
+from qatcore.quantization.qat.conversion import convert_to_quantized
+from qatcore.quantization.qat.int8_serialization import int8_model_from_dict, int8_model_to_dict
+from qatcore.quantization.qat.parity import ParityReport, parity_report
 from qatcore.quantization.qparams import QParams
 from qatcore.quantization.qscheme import QScheme
 
@@ -33,4 +36,5 @@ __all__ = [
     "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "PerChannelMinMaxObserver",
     "MovingAveragePerChannelMinMaxObserver", "HistogramObserver", "MSEObserver", "make_observer",
     "ObserverError", "IQATPreparer", "QATPreparer", "LayerwiseConfig", "LayerOverride", "QATSchedule",
+    "convert_to_quantized", "parity_report", "ParityReport", "int8_model_to_dict", "int8_model_from_dict",
 ]

@@ -13,9 +13,10 @@
    :class:`QATConv2d`; each QAT layer fake-quantizes its weight (weights mode)
    and its output (activations mode);
 5. insert activation ``FakeQuantize`` nodes where the int8 runtime will
-   materialise a new tensor: after the model inputs, after activations, and
-   after residual adds, multiplications and concatenations (after the ReLU
-   instead when one follows). Ops that keep their input's scale (pooling,
+   materialise a new tensor: after the model inputs, after activations, after
+   residual adds, multiplications and concatenations (after the ReLU instead
+   when one follows), and after average pooling (a mean of grid values is off
+   the grid). Ops whose outputs stay on their input's grid (max pooling,
    flatten, reshape, dropout, identity) get none. Finally, any quantized layer
    whose input would still arrive unquantized (after a float layer, say) gets a
    quantizer on that input.
@@ -57,11 +58,12 @@ __all__ = ["LayerRecord", "prepare_graph_mode", "prepare_eager_mode", "quantizab
 QUANTIZABLE = (Linear, Conv2d)
 ACTIVATION_MODULES = (ReLU, ReLU6, LeakyReLU, Sigmoid, Tanh)
 ACTIVATION_FUNCTIONS = (F.relu, F.relu6, F.leaky_relu, F.sigmoid, F.tanh)
-# ops whose output the int8 runtime keeps at its input's scale: no new quantizer
-SCALE_PRESERVING_MODULES = (MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Identity, Dropout)
-SCALE_PRESERVING_FUNCTIONS = (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.flatten, F.reshape,
-                              F.transpose, F.permute, F.dropout)
-NEW_VALUE_FUNCTIONS = (F.add, F.sub, F.mul, F.cat)
+# ops whose output values lie on their input's grid: no new quantizer
+SCALE_PRESERVING_MODULES = (MaxPool2d, Flatten, Identity, Dropout)
+SCALE_PRESERVING_FUNCTIONS = (F.max_pool2d, F.flatten, F.reshape, F.transpose, F.permute, F.dropout)
+# ops that make values off the grid (a mean of grid values is not on it): quantized after
+NEW_VALUE_MODULES = (AvgPool2d, AdaptiveAvgPool2d)
+NEW_VALUE_FUNCTIONS = (F.add, F.sub, F.mul, F.cat, F.avg_pool2d, F.adaptive_avg_pool2d, F.mean)
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,7 @@ def _produces_quantized_value(gm: GraphModule, node: Node) -> str:
             return "layer" if module.output_fake_quant is not None else "float"
         if isinstance(module, FakeQuantize):
             return "layer"
-        if isinstance(module, ACTIVATION_MODULES):
+        if isinstance(module, ACTIVATION_MODULES + NEW_VALUE_MODULES):
             return "new"
         if isinstance(module, SCALE_PRESERVING_MODULES):
             return "same"
@@ -219,7 +221,8 @@ def _insert_activation_quantizers(gm: GraphModule, layerwise: LayerwiseConfig) -
             kind = _produces_quantized_value(gm, node)
             if kind != "new" or not node.users or all(u.op == "output" for u in node.users):
                 continue
-            if node.op == "call_function" and node.target in NEW_VALUE_FUNCTIONS and _followed_by_activation(gm, node):
+            if (node.op == "call_function" and node.target in (F.add, F.sub, F.mul, F.cat)
+                    and _followed_by_activation(gm, node)):
                 continue  # quantized after the activation instead
             spec = config.activation
             if node.op == "call_module":

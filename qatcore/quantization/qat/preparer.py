@@ -18,6 +18,7 @@ from qatcore.errors import ConfigError, QATCoreError, TraceError
 from qatcore.nn.module import Module
 from qatcore.quantization.config import QuantizationConfig
 from qatcore.quantization.fake_quantize_module import FakeQuantize
+from qatcore.quantization.qat.conversion import convert_to_quantized
 from qatcore.quantization.qat.interface import IQATPreparer
 from qatcore.quantization.qat.layerwise_config import LayerwiseConfig
 from qatcore.quantization.qat.preparation import LayerRecord, prepare_eager_mode, prepare_graph_mode
@@ -91,9 +92,10 @@ class QATPreparer(IQATPreparer):
         return qat_model
 
     def convert_to_quantized(self, qat_model: Module) -> Module:
-        """Integer-only int8 conversion (qatcore.quantization.qat.conversion)."""
+        """The integer-only int8 model of a trained QAT model (qatcore.quantization.qat.conversion);
+        calling it on a float array or Tensor returns dequantized float outputs."""
         self.controller(qat_model)
-        raise QATCoreError("convert_to_quantized: int8 conversion is not part of this qatcore version yet")
+        return convert_to_quantized(qat_model)
 
     def get_qat_statistics(self, qat_model: Module) -> QATStatistics:
         """The statistics collected while ``qat_model`` trained (qatcore.quantization.qat.statistics):

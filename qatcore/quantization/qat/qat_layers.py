@@ -78,6 +78,13 @@ class _QATLayer(Module):
         values = bias.data if isinstance(bias, Tensor) else np.asarray(bias)
         return (np.rint(values.astype(np.float64) / step) * step).astype(np.float32)
 
+    def _exact_eval(self) -> bool:
+        """Eval with quantization on: accumulate in float64, as the int8 runtime's exact
+        int32 accumulators do, so the output quantizer's rounding is the only difference
+        left between this simulation and the converted model (fake-quantized operands are
+        exact in float64; a float32 sum of hundreds of products is not)."""
+        return not self.training and self.enabled
+
     def _quantized_weight(self, weight):
         if self.enabled and isinstance(self.weight_fake_quant, FakeQuantize):
             return self.weight_fake_quant(weight)
@@ -104,7 +111,12 @@ class QATLinear(_QATLayer):
 
     def forward(self, x):
         bias = self._eval_bias(self.bias) if self.enabled else self.bias
-        return self._finish(F.linear(x, self._quantized_weight(self.weight), bias))
+        weight = self._quantized_weight(self.weight)
+        if self._exact_eval():
+            y = F.linear(F.cast(x, np.float64), F.cast(weight, np.float64),
+                         None if bias is None else F.cast(bias, np.float64))
+            return self._finish(F.cast(y, np.float32))
+        return self._finish(F.linear(x, weight, bias))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, relu={self.relu}"
@@ -124,8 +136,13 @@ class QATConv2d(_QATLayer):
 
     def forward(self, x):
         bias = self._eval_bias(self.bias) if self.enabled else self.bias
-        y = F.conv2d(x, self._quantized_weight(self.weight), bias, self.stride, self.padding,
-                     self.dilation, self.groups)
+        weight = self._quantized_weight(self.weight)
+        if self._exact_eval():
+            y = F.conv2d(F.cast(x, np.float64), F.cast(weight, np.float64),
+                         None if bias is None else F.cast(bias, np.float64), self.stride, self.padding,
+                         self.dilation, self.groups)
+            return self._finish(F.cast(y, np.float32))
+        y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         return self._finish(y)
 
     def extra_repr(self) -> str:
@@ -191,9 +208,10 @@ class QATConvBn2d(_QATLayer):
                          bn.momentum, bn.eps)
         return self._finish(y)
 
-    def _folded_eval(self, x):
-        """Eval with running statistics, in the folded form the int8 model computes:
-        conv(x, fake_quant(W * sf)) + beta + (b - mean) * sf   (= BN(conv(x, ...)), exactly, in reals)."""
+    def folded_parameters(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(W * sf, beta + (b - mean) * sf, channels with sf == 0) with the running statistics,
+        in float32, computed exactly as training folds them, so the weights the converter
+        quantizes are bit for bit the ones the weight quantizer saw."""
         bn = self.bn
         sf = self._scale_factor()
         gamma = np.ones(bn.num_features, np.float64) if bn.weight is None else bn.weight.data.astype(np.float64)
@@ -201,13 +219,21 @@ class QATConvBn2d(_QATLayer):
         beta = np.zeros(bn.num_features) if bn.bias is None else bn.bias.data.astype(np.float64)
         bias = 0.0 if self.bias is None else self.bias.data.astype(np.float64)
         folded_bias = (beta + (bias - bn.running_mean.data.astype(np.float64)) * real_sf).astype(np.float32)
-        weight = self.weight * F.reshape(sf, (-1, 1, 1, 1))
-        quantized = self._quantized_weight(weight)
-        if np.any(real_sf == 0):
+        folded_weight = self.weight.data * sf.reshape(-1, 1, 1, 1)
+        return folded_weight, folded_bias, real_sf == 0
+
+    def _folded_eval(self, x):
+        """Eval with running statistics, in the folded form the int8 model computes:
+        conv(x, fake_quant(W * sf)) + beta + (b - mean) * sf   (= BN(conv(x, ...)), exactly, in reals)."""
+        folded_weight, folded_bias, dead = self.folded_parameters()
+        quantized = self._quantized_weight(Tensor._from_array(folded_weight, False))
+        if np.any(dead):
             # channels with gamma == 0 output beta: zero their folded weights, as the converter does
-            quantized = quantized * F.reshape((real_sf != 0).astype(np.float32), (-1, 1, 1, 1))
-        return F.conv2d(x, quantized, self._eval_bias(folded_bias), self.stride, self.padding, self.dilation,
-                        self.groups)
+            quantized = quantized * F.reshape((~dead).astype(np.float32), (-1, 1, 1, 1))
+        y = F.conv2d(F.cast(x, np.float64), F.cast(quantized, np.float64),
+                     F.cast(self._eval_bias(folded_bias), np.float64), self.stride, self.padding, self.dilation,
+                     self.groups)
+        return F.cast(y, np.float32)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

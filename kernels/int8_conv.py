@@ -1,0 +1,214 @@
+"""Integer-only int8 2-D convolution (Jacob et al. 2018; NUMERICS.md), groups and depthwise.
+
+For x_q (N, C, H, W), uint8 or int8 with zero point z_x, and int8 weights w_q (K, C/G, kh, kw)
+(symmetric per output channel), output channel k of group g = k // (K/G) is
+
+    acc[n, k, oh, ow] = bias_q[k] + sum_{c, u, v} (x_q[n, g*C/G + c, oh*sh - ph + u*dh, ow*sw - pw + v*dw]
+                                                   - z_x) * w_q[k, c, u, v]
+    y_q[n, k, oh, ow] = requantize(acc[n, k, oh, ow])       (kernels/requantize.py, per channel k)
+
+where a position in the padding reads z_x, the integer that represents real 0 (so it adds
+nothing). OH = (H + 2*ph - dh*(kh - 1) - 1) // sh + 1, OW likewise. The accumulator is exact
+for C/G * kh * kw <= ``MAX_DEPTH``, as in :mod:`int8_gemm`, whose tiles and epilogue this
+module reuses; the oracle in ``tests/kernels/test_int8_conv.py`` is a direct int64 loop.
+
+Layout. The input is transposed once to channels-last (N, H, W, C) (int8 inputs get their sign
+bit flipped on the way, see int8_gemm). A task owns one image and a block of output pixels:
+it gathers, for each pixel, the kh*kw taps of C/G channels of each group into one contiguous
+row ("im2row": each tap is a copy of C/G contiguous bytes, or a fill with z_x in the padding),
+then multiplies those rows with the weights of each group (packed by ``pack_weights`` in the
+same (kh, kw, C/G) order) and requantizes straight into the (K, OH*OW) planes of the output.
+The pixel block is sized so that its rows stay in L2. A 1x1 convolution with stride 1 and no
+padding reads the channels-last input directly, with no gather. Tasks run in parallel above
+int8_gemm's ``PARALLEL_MIN_MACS``. At N=32, C=K=64, 56x56, 3x3 (7.4 G integer operations) a
+call takes about 30 ms on one Zen 5 core and 16 ms on two, of which the transpose and the
+gather take 7 ms of one core and the requantization about 4.
+
+>>> import numpy as np
+>>> x = np.full((1, 1, 3, 3), 12, np.uint8)                         # z_x = 10: x - z_x = 2
+>>> w = np.ones((1, 1, 3, 3), np.int8)
+>>> one = np.array([1 << 30], np.int32)                             # M0 = 0.5, shift 0
+>>> int8_conv2d(x, 10, w, None, one, np.zeros(1, np.int32), 0, 0, 255, np.uint8, padding=1)[0, 0]
+array([[4, 6, 4],
+       [6, 9, 6],
+       [4, 6, 4]], dtype=uint8)
+"""
+
+import numpy as np
+from numba import get_thread_id, njit, prange
+
+from qatcore.errors import ConfigError, ShapeError
+
+from .int8_gemm import (
+    PARALLEL_MIN_MACS,
+    activations_as_uint8,
+    as_packed,
+    channel_parameters,
+    check_depth,
+    gemm_block,
+    output_parameters,
+    requantize_block,
+    scratch_for,
+)
+
+__all__ = ["int8_conv2d"]
+
+# Bytes of gathered rows per task (pixels x C*kh*kw): they are re-read from L2 for every 4
+# output channels.
+_L2_BLOCK_BYTES = 256 * 1024
+_MAX_PIXEL_BLOCK = 512
+
+
+def _output_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@njit(cache=True)
+def _gather_rows(x, image, p0, p1, geometry, zero_point, cols):
+    """cols[p - p0, ((g*kh + u)*kw + v)*Cg + c] = x[image, ih, iw, g*Cg + c] for output pixel p,
+    (ih, iw) = (oh*sh - ph + u*dh, ow*sw - pw + v*dw), or zero_point in the padding.
+
+    x is channels-last, flattened; cols is 2-d, one row per pixel. Offsets are unsigned
+    (np.uintp) so that numba does not test them for negative wraparound, which would keep the
+    copies from vectorising, and no row views are taken (see kernels/im2col.py). The taps are
+    the outer loops and the pixels the inner one: with the pixels outside, this function ran
+    at 5 ms for the benchmark's convolution when compiled on its own but at 27 ms as the copy
+    that numba links into (and optimises again with) its caller, which is the copy the
+    on-disk cache keeps; in this order both copies run at the same speed.
+    """
+    height, width, channels, kh, kw, sh, sw, ph, pw, dh, dw, out_width, groups = geometry
+    group_channels = channels // groups
+    span = np.uintp(group_channels)
+    image_start = image * height * width * channels
+    for g in range(groups):
+        for u in range(kh):
+            for v in range(kw):
+                target = np.uintp(((g * kh + u) * kw + v) * group_channels)
+                for p in range(p0, p1):
+                    row = np.uintp(p - p0)
+                    ih = p // out_width * sh - ph + u * dh
+                    iw = p % out_width * sw - pw + v * dw
+                    if 0 <= ih < height and 0 <= iw < width:
+                        start = np.uintp(image_start + (ih * width + iw) * channels + g * group_channels)
+                        for c in range(span):
+                            cols[row, target + c] = x[start + c]
+                    else:
+                        for c in range(span):
+                            cols[row, target + c] = zero_point
+
+
+@njit(cache=True)
+def _conv_task(task, x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point, offset,
+               multiplier, shift, out_zero_point, out_min, out_max, flip, pointwise, rows, acc, out):
+    """Image task // blocks_per_image, output pixels [p0, p1) of it, every output channel.
+    rows (pixel_block, C*kh*kw) and acc (K/groups, pixel_block) are this thread's work
+    buffers; out is (N * K, OH * OW): row n*K + k is output plane (n, k)."""
+    height, width, channels, kh, kw, _, _, _, _, _, _, out_width, groups = geometry
+    pixels = out_height * out_width
+    image, block = task // blocks_per_image, task % blocks_per_image
+    p0 = block * pixel_block
+    p1 = min(pixels, p0 + pixel_block)
+    out_channels = weights.shape[0]
+    group_out, depth = out_channels // groups, weights.shape[1]
+    if pointwise:  # 1x1, stride 1, no padding: the channels-last rows are the gathered rows
+        source, row0 = x.reshape(-1, channels), image * pixels + p0
+    else:
+        _gather_rows(x, image, p0, p1, geometry, zero_point, rows)
+        source, row0 = rows, 0
+    for g in range(groups):
+        # acc is channel-major, like the output planes, so the epilogue reads and writes rows
+        gemm_block(source, row0, row0 + p1 - p0, g * depth, weights, g * group_out, (g + 1) * group_out, depth,
+                   acc, True)
+        requantize_block(acc, p1 - p0, group_out, out, image * out_channels + g * group_out, p0, True, g * group_out,
+                         offset, multiplier, shift, out_zero_point, out_min, out_max, flip)
+
+
+@njit(cache=True, parallel=True)
+def _conv_parallel(x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point, offset, multiplier,
+                   shift, out_zero_point, out_min, out_max, flip, pointwise, n_tasks, rows, acc, out):
+    for task in prange(n_tasks):
+        thread = get_thread_id()
+        _conv_task(np.int64(task), x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point,
+                   offset, multiplier, shift, out_zero_point, out_min, out_max, flip, pointwise, rows[thread],
+                   acc[thread], out)
+
+
+@njit(cache=True)
+def _conv_serial(x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point, offset, multiplier,
+                 shift, out_zero_point, out_min, out_max, flip, pointwise, n_tasks, rows, acc, out):
+    for task in range(n_tasks):
+        _conv_task(task, x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point, offset,
+                   multiplier, shift, out_zero_point, out_min, out_max, flip, pointwise, rows[0], acc[0], out)
+
+
+def _pair(value, what, minimum):
+    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v >= minimum for v in pair):
+        raise ConfigError(f"int8_conv2d: {what} must be an integer >= {minimum} or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def int8_conv2d(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_point, out_min, out_max, out_dtype,
+                stride=1, padding=0, dilation=1, groups=1):
+    """Integer-only 2-D convolution with requantized output (module docstring formula).
+
+    Args:
+        x_q: (N, C, H, W) uint8 or int8 activations; x_zero_point: z_x in their range.
+        w_q: (K, C/groups, kh, kw) int8 weights (symmetric, zero point 0), or
+            ``int8_gemm.pack_weights`` of them (pack once per layer).
+        bias_q: (K,) int32 at scale s_x * s_w[k], or None.
+        multiplier, shift: (K,) int32 (or (1,)) from ``requantize.quantize_multiplier`` of
+            s_x * s_w[k] / s_y: M0 in [2^30, 2^31), shift in [-31, 31] (negative = left).
+        out_zero_point, out_min, out_max: z_y and the clamp (out_min = z_y fuses a ReLU).
+        out_dtype: np.uint8 or np.int8.
+        stride, padding, dilation: an int or an (h, w) pair; >= 1, >= 0, >= 1.
+        groups: a positive divisor of C and K; groups == C == K is depthwise.
+
+    Returns:
+        A new (N, K, OH, OW) array of out_dtype.
+
+    Raises:
+        DTypeError, ShapeError, ConfigError (the last two are ValueErrors): wrong dtypes or
+        shapes, a kernel that does not fit the padded input, C/groups * kh * kw > MAX_DEPTH,
+        parameters out of range.
+    """
+    name = "int8_conv2d"
+    packed = as_packed(w_q, 4, name)
+    x_u8, zero_point = activations_as_uint8(x_q, x_zero_point, name)
+    if x_u8.ndim != 4:
+        raise ShapeError(f"{name}: input must be (N, C, H, W), got shape {x_u8.shape}")
+    (batch, channels, height, width), (out_channels, group_channels, kh, kw) = x_u8.shape, packed.shape
+    if not isinstance(groups, (int, np.integer)) or groups < 1 or out_channels % groups or channels % groups:
+        raise ConfigError(f"{name}: groups must be a positive divisor of in_channels {channels} and "
+                          f"out_channels {out_channels}, got {groups!r}")
+    if channels != group_channels * groups:
+        raise ShapeError(f"{name}: input has {channels} channels but weights {packed.shape} with groups={groups} "
+                         f"expect {group_channels * groups}")
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation,
+                                                                                                "dilation", 1)
+    out_height, out_width = _output_size(height, kh, sh, ph, dh), _output_size(width, kw, sw, pw, dw)
+    if out_height < 1 or out_width < 1:
+        raise ShapeError(f"{name}: kernel {(kh, kw)} with dilation {(dh, dw)} does not fit input {(height, width)} "
+                         f"padded by {(ph, pw)}")
+    check_depth(group_channels * kh * kw, name)
+    offset, multiplier, shift = channel_parameters(packed, zero_point, bias_q, multiplier, shift, name)
+    out_zero_point, out_min, out_max, flip, out_dtype = output_parameters(out_zero_point, out_min, out_max,
+                                                                           out_dtype, name)
+    pixels = out_height * out_width
+    out = np.empty((batch, out_channels, out_height, out_width), np.uint8)
+    if out.size == 0:
+        return out.view(out_dtype)
+    x_nhwc = np.ascontiguousarray(x_u8.transpose(0, 2, 3, 1)).reshape(-1)
+    pointwise = (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0)
+    pixel_block = max(4, min(_MAX_PIXEL_BLOCK, _L2_BLOCK_BYTES // (channels * kh * kw)) // 4 * 4)
+    blocks_per_image = -(-pixels // pixel_block)
+    n_tasks = batch * blocks_per_image
+    geometry = (height, width, channels, kh, kw, sh, sw, ph, pw, dh, dw, out_width, int(groups))
+    parallel = n_tasks > 1 and batch * out_channels * pixels * group_channels * kh * kw >= PARALLEL_MIN_MACS
+    driver = _conv_parallel if parallel else _conv_serial
+    rows = scratch_for(parallel, (0 if pointwise else pixel_block, channels * kh * kw), np.uint8)
+    acc = scratch_for(parallel, (out_channels // groups, pixel_block), np.int32)
+    driver(x_nhwc, packed.matrix, geometry, out_height, pixel_block, blocks_per_image, np.uint8(zero_point), offset,
+           multiplier, shift, out_zero_point, out_min, out_max, flip, pointwise, n_tasks, rows, acc,
+           out.reshape(batch * out_channels, pixels))
+    return out.view(out_dtype)

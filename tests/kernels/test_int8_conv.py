@@ -1,0 +1,229 @@
+"""qatcore.kernels.int8_conv against a direct int64 NumPy oracle (padding read as the input's
+zero point), bit for bit, compiled and as plain Python. The requantization oracle is the one
+of test_int8_gemm.py."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qatcore.errors import ConfigError, ShapeError
+from qatcore.kernels import int8_conv as conv
+from qatcore.kernels import int8_gemm as gemm
+from qatcore.kernels import requantize as rq
+
+_spec = importlib.util.spec_from_file_location("int8_gemm_oracle", Path(__file__).with_name("test_int8_gemm.py"))
+gemm_tests = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gemm_tests)
+
+# ----------------------------------------------------------------------------------------
+# The oracle
+
+
+def output_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def oracle_conv_int32(x, x_zero_point, w, stride, padding, dilation, groups):
+    """acc[n, k, oh, ow] = sum_{c,u,v} (xpad[n, g*Cg + c, oh*sh + u*dh, ow*sw + v*dw] - z_x) * w[k, c, u, v]
+    in int64, where xpad is x padded with z_x (real 0) and g is output channel k's group."""
+    (batch, channels, height, width), (out_channels, group_channels, kh, kw) = x.shape, w.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    padded = np.full((batch, channels, height + 2 * ph, width + 2 * pw), x_zero_point, np.int64)
+    padded[:, :, ph:ph + height, pw:pw + width] = x
+    centred = padded - x_zero_point
+    out_height, out_width = output_size(height, kh, sh, ph, dh), output_size(width, kw, sw, pw, dw)
+    acc = np.zeros((batch, out_channels, out_height, out_width), np.int64)
+    group_out = out_channels // groups
+    for k in range(out_channels):
+        g = k // group_out
+        for u in range(kh):
+            for v in range(kw):
+                window = centred[:, g * group_channels:(g + 1) * group_channels,
+                                 u * dh:u * dh + sh * (out_height - 1) + 1:sh,
+                                 v * dw:v * dw + sw * (out_width - 1) + 1:sw]
+                acc[:, k] += np.einsum("nchw,c->nhw", window, w[k, :, u, v].astype(np.int64))
+    return acc
+
+
+def oracle_conv(x, x_zero_point, w, bias, multiplier, shift, out_zero_point, out_min, out_max, out_dtype, stride,
+                padding, dilation, groups):
+    acc = oracle_conv_int32(x, x_zero_point, w, stride, padding, dilation, groups)
+    if bias is not None:
+        acc += bias.astype(np.int64)[None, :, None, None]
+    per_channel = (slice(None), None, None)
+    y = gemm_tests.oracle_requantize(acc, multiplier[per_channel], shift[per_channel], out_zero_point, out_min,
+                                     out_max)
+    return y.astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Generated cases
+
+
+class Case:
+    """One convolution: operands, requantization and geometry, drawn from a seed."""
+
+    def __init__(self, batch, channels, out_per_group, groups, size, kernel, stride, padding, dilation, x_dtype,
+                 out_dtype, fill, multiplier_range, relu, seed):
+        rng = np.random.default_rng(seed)
+        (height, width), (kh, kw) = size, kernel
+        rows = batch * height * width
+        x, self.x_zero_point, _ = gemm_tests.random_operands(rng, rows, 1, channels * groups, x_dtype, fill)
+        self.x = np.ascontiguousarray(x.reshape(batch, height, width, channels * groups).transpose(0, 3, 1, 2))
+        out_channels = out_per_group * groups
+        if fill == "uniform":
+            self.w = rng.integers(-128, 127, (out_channels, channels, kh, kw), endpoint=True).astype(np.int8)
+        else:
+            self.w = np.full((out_channels, channels, kh, kw), -128, np.int8)
+        self.bias, self.multiplier, self.shift = gemm_tests.random_requantization(rng, out_channels,
+                                                                                  multiplier_range)
+        self.out_zero_point, self.out_min, self.out_max = gemm_tests.output_range(rng, out_dtype, relu)
+        self.out_dtype = out_dtype
+        self.geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+    def requantization(self):
+        return (self.bias, self.multiplier, self.shift, self.out_zero_point, self.out_min, self.out_max,
+                self.out_dtype)
+
+    def check(self, weights=None):
+        pairs = {k: (v, v) if isinstance(v, int) and k != "groups" else v for k, v in self.geometry.items()}
+        expected = oracle_conv(self.x, self.x_zero_point, self.w, *self.requantization(), pairs["stride"],
+                               pairs["padding"], pairs["dilation"], pairs["groups"])
+        y = conv.int8_conv2d(self.x, self.x_zero_point, self.w if weights is None else weights,
+                             *self.requantization(), **self.geometry)
+        gemm_tests.assert_same(y, expected, self.out_dtype)
+        return y
+
+
+@st.composite
+def cases(draw, max_size=7):
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    height = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), max_size))
+    width = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), max_size))
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    depthwise = draw(st.booleans()) and groups > 1
+    channels = 1 if depthwise else draw(st.integers(1, 5) | st.sampled_from([16, 17]))
+    out_per_group = 1 if depthwise else draw(st.integers(1, 6))
+    stride = draw(st.integers(1, 3) | st.tuples(st.integers(1, 3), st.integers(1, 3)))
+    return Case(draw(st.integers(1, 2)), channels, out_per_group, groups, (height, width), (kh, kw), stride,
+                (ph, pw), (dh, dw), draw(st.sampled_from([np.uint8, np.int8])),
+                draw(st.sampled_from([np.uint8, np.int8])), draw(st.sampled_from(["uniform", "uniform", "x_min"])),
+                draw(st.sampled_from(["small", "any", "large"])), draw(st.booleans()),
+                draw(st.integers(0, 2**32 - 1)))
+
+
+@settings(max_examples=60)
+@given(cases())
+def test_matches_oracle(case):
+    case.check()
+
+
+@pytest.mark.parametrize("groups, channels, out_per_group", [(1, 8, 12), (4, 2, 3), (6, 1, 1)])
+def test_pointwise_reads_the_input_directly(groups, channels, out_per_group):
+    """1x1, stride 1, no padding skips the gather; with and without groups, and packed weights."""
+    case = Case(2, channels, out_per_group, groups, (5, 3), (1, 1), 1, 0, 1, np.uint8, np.uint8, "uniform", "any",
+                False, 11)
+    y = case.check()
+    np.testing.assert_array_equal(case.check(gemm.pack_weights(case.w)), y)
+
+
+def test_depthwise_with_multiplier_channels():
+    """groups == C with two output channels per group (depth multiplier 2), 3x3, stride 2."""
+    Case(2, 1, 2, 5, (9, 8), (3, 3), 2, 1, 1, np.int8, np.int8, "uniform", "small", True, 12).check()
+
+
+def test_padding_reads_the_zero_point():
+    """An input that is all z_x (real 0) gives requantize(bias) everywhere, padding included."""
+    x = np.full((1, 3, 4, 4), 77, np.uint8)
+    w = np.random.default_rng(0).integers(-128, 127, (2, 3, 3, 3), endpoint=True).astype(np.int8)
+    bias = np.array([1000, -1000], np.int32)
+    m0, shift = rq.quantize_multiplier(np.array([0.01, 0.02]))
+    y = conv.int8_conv2d(x, 77, w, bias, m0, shift, 10, 0, 255, np.uint8, padding=2, dilation=2)
+    assert y.shape == (1, 2, 4, 4)
+    assert (y[0, 0] == 20).all() and (y[0, 1] == 0).all()  # 10 + 1000 * 0.01, 10 - 1000 * 0.02 -> 0
+
+
+def test_parallel_and_serial_drivers_agree(monkeypatch):
+    case = Case(3, 5, 7, 1, (12, 11), (3, 3), 1, 1, 1, np.uint8, np.uint8, "uniform", "any", False, 13)
+    monkeypatch.setattr(conv, "_L2_BLOCK_BYTES", 45 * 16)  # 16-pixel blocks: several tasks an image
+    results = []
+    for threshold in (0, 2**62):
+        monkeypatch.setattr(conv, "PARALLEL_MIN_MACS", threshold)
+        results.append(case.check())
+    np.testing.assert_array_equal(*results)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(groups=2), ConfigError, "groups"),
+    (dict(groups=0), ConfigError, "groups"),
+    (dict(w_q=np.zeros((4, 2, 3, 3), np.int8)), ShapeError, "channels"),
+    (dict(w_q=np.zeros((4, 3, 7, 3), np.int8)), ShapeError, "does not fit"),
+    (dict(x_q=np.zeros((3, 5, 5), np.uint8)), ShapeError, "N, C, H, W"),
+    (dict(w_q=np.zeros((4, 3), np.int8)), ShapeError, "4 dimensions"),
+    (dict(stride=0), ConfigError, "stride"),
+    (dict(padding=(1, -1)), ConfigError, "padding"),
+    (dict(dilation=(1, 2, 3)), ConfigError, "dilation"),
+])
+def test_invalid_arguments_are_refused(kwargs, error, match):
+    args = dict(x_q=np.zeros((1, 3, 5, 5), np.uint8), x_zero_point=0, w_q=np.zeros((4, 3, 3, 3), np.int8),
+                bias_q=None, multiplier=np.full(4, 2**30, np.int32), shift=np.zeros(4, np.int32), out_zero_point=0,
+                out_min=0, out_max=255, out_dtype=np.uint8)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        conv.int8_conv2d(**args)
+
+
+def test_depth_beyond_the_bound_is_refused():
+    channels = gemm.MAX_DEPTH // 9 + 1  # C * 3 * 3 > MAX_DEPTH
+    with pytest.raises(ValueError, match="MAX_DEPTH"):
+        conv.int8_conv2d(np.zeros((1, channels, 3, 3), np.uint8), 0, np.zeros((1, channels, 3, 3), np.int8), None,
+                         np.full(1, 2**30, np.int32), np.zeros(1, np.int32), 0, 0, 255, np.uint8)
+
+
+def test_empty_batch_and_inputs_left_alone():
+    case = Case(1, 3, 2, 1, (4, 5), (3, 3), 1, 1, 1, np.int8, np.uint8, "uniform", "any", False, 14)
+    before = [a.copy() for a in (case.x, case.w, case.bias, case.multiplier, case.shift)]
+    case.check()
+    for a, b in zip((case.x, case.w, case.bias, case.multiplier, case.shift), before):
+        np.testing.assert_array_equal(a, b)
+    y = conv.int8_conv2d(case.x[:0], case.x_zero_point, case.w, *case.requantization(), padding=1)
+    assert y.shape == (0, 2, 4, 5) and y.dtype == np.uint8
+
+
+# ----------------------------------------------------------------------------------------
+# The same kernels as plain Python
+
+
+def test_runs_as_plain_python():
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, types
+        import numpy as np
+        from numba.core import config
+        assert config.DISABLE_JIT
+        spec = importlib.util.spec_from_file_location("int8_conv_tests", {__file__!r})
+        tests = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tests)
+        assert isinstance(tests.conv._gather_rows, types.FunctionType)
+        Case = tests.Case
+        Case(2, 3, 2, 1, (5, 4), (3, 3), 1, 1, 1, np.uint8, np.uint8, "uniform", "any", False, 1).check()
+        Case(1, 2, 3, 2, (6, 5), (2, 3), (2, 1), (1, 0), (2, 1), np.int8, np.int8, "uniform", "small", True, 2).check()
+        Case(1, 1, 1, 4, (5, 5), (3, 3), 2, 1, 1, np.int8, np.uint8, "x_min", "large", False, 3).check()
+        Case(2, 4, 3, 1, (3, 2), (1, 1), 1, 0, 1, np.uint8, np.int8, "uniform", "any", False, 4).check()
+        print("plain python ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True, text=True,
+                            env=dict(os.environ, NUMBA_DISABLE_JIT="1"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "plain python ok"

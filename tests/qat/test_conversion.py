@@ -1,0 +1,155 @@
+"""Conversion to an integer-only int8 model: structure, parity with the QAT model, accuracy."""
+
+import numpy as np
+import pytest
+
+import qatcore
+from qatcore import nn
+from qatcore.cli import run_float
+from qatcore.data import DataLoader, load_digits
+from qatcore.errors import ConfigError, ObserverError
+from qatcore.models import DigitsCNN, SmallResNet
+from qatcore.optim import SGD, CosineAnnealingLR
+from qatcore.quantization import QATPreparer, QuantizationConfig
+from qatcore.quantization.int8_layers import INT8_MODULES, Dequantize, Quantize
+from qatcore.quantization.qat import LayerOverride, LayerwiseConfig
+from qatcore.quantization.qat.parity import parity_report
+from qatcore.training import evaluate_accuracy, train_one_epoch
+
+INTEGER_MODULES = tuple(cls for name, cls in INT8_MODULES.items() if name not in ("Quantize", "Dequantize"))
+
+
+def fine_tune(model, config=None, epochs=2, seed=1):
+    x_train, y_train, _, _ = load_digits()
+    preparer = QATPreparer()
+    qat = preparer.prepare_for_qat(model, config)
+    optimizer = SGD(qat.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    schedule = CosineAnnealingLR(optimizer, T_max=epochs)
+    loader = DataLoader(x_train, y_train, 64, shuffle=True, rng=np.random.default_rng(seed))
+    for _ in range(epochs):
+        train_one_epoch(qat, loader, optimizer)
+        schedule.step()
+    return preparer, qat
+
+
+@pytest.fixture(scope="module")
+def digits_qat():
+    result = run_float("cnn", epochs=12, lr=0.05, batch_size=64, seed=0, return_model=True)
+    preparer, qat = fine_tune(result["trained_model"], epochs=3)
+    return result["float_accuracy"], preparer, qat, preparer.convert_to_quantized(qat)
+
+
+def test_every_node_between_quantize_and_dequantize_is_integer(digits_qat):
+    _, _, _, int8_model = digits_qat
+    kinds = []
+    for node in int8_model.graph.nodes:
+        if node.op == "call_module":
+            module = int8_model.get_submodule(node.target)
+            assert isinstance(module, (Quantize, Dequantize, *INTEGER_MODULES)), node.name
+            kinds.append(type(module).__name__)
+        else:
+            assert node.op in ("input", "output"), f"{node.name} is a {node.op}"
+    assert kinds[0] == "Quantize" and kinds[-1] == "Dequantize" and kinds.count("Quantize") == 1
+    assert kinds.count("QuantizedConv2d") == 2 and kinds.count("QuantizedLinear") == 1
+    x = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    seen = []
+    int8_model.run((x,), {}, lambda node, value: seen.append((node.name, value)))
+    for name, value in seen[2:-1]:  # after Quantize, before Dequantize: integers only
+        assert isinstance(value, np.ndarray) and value.dtype.kind in "iu", name
+
+
+def test_digits_parity_and_accuracy(digits_qat):
+    float_accuracy, _, qat, int8_model = digits_qat
+    _, _, x_test, y_test = load_digits()
+    report = parity_report(qat, int8_model, x_test)
+    assert report.output.exact >= 0.999, str(report)
+    assert report.output.max_lsb <= 1, str(report)
+    assert report.top1_agreement >= 0.999
+    assert report.passes
+    int8_accuracy = evaluate_accuracy(int8_model, x_test, y_test)
+    assert int8_accuracy >= float_accuracy - 0.005
+
+
+def test_resnet_parity_on_random_inputs():
+    model = SmallResNet()
+    _, qat = fine_tune(model, epochs=1)
+    int8_model = QATPreparer().convert_to_quantized(qat)
+    x = np.random.default_rng(7).random((256, 1, 8, 8), dtype=np.float32)
+    report = parity_report(qat, int8_model, x)
+    assert report.output.exact >= 0.999 and report.output.max_lsb <= 1, str(report)
+    assert report.top1_agreement >= 0.999
+    names = [type(int8_model.get_submodule(n.target)).__name__ for n in int8_model.graph.nodes
+             if n.op == "call_module"]
+    assert names.count("QuantizedAdd") == 2 and "Int8AvgPool2d" in names
+
+
+def test_float_layer_stays_float_between_dequantize_and_quantize():
+    config = LayerwiseConfig(overrides={"fc": LayerOverride(enabled=False)})
+    _, qat = fine_tune(DigitsCNN(), config, epochs=1)
+    int8_model = QATPreparer().convert_to_quantized(qat)
+    modules = [int8_model.get_submodule(n.target) for n in int8_model.graph.nodes if n.op == "call_module"]
+    position = next(i for i, m in enumerate(modules) if isinstance(m, nn.Linear))
+    assert isinstance(modules[position - 1], Dequantize)
+    x = np.random.default_rng(1).random((8, 1, 8, 8), dtype=np.float32)
+    assert int8_model(x).shape == (8, 10)
+
+
+def test_conversion_before_training_names_the_quantizer():
+    qat = QATPreparer().prepare_for_qat(DigitsCNN())
+    with pytest.raises(ObserverError, match="nothing was observed"):
+        QATPreparer().convert_to_quantized(qat)
+
+
+def test_weights_only_models_are_refused_with_the_reason():
+    _, qat = fine_tune(DigitsCNN(), QuantizationConfig.weights_only(), epochs=1)
+    with pytest.raises(ConfigError, match="quantizes only its weights"):
+        QATPreparer().convert_to_quantized(qat)
+
+
+def test_int8_model_accepts_tensor_and_array(digits_qat):
+    _, _, _, int8_model = digits_qat
+    x = np.random.default_rng(2).random((2, 1, 8, 8), dtype=np.float32)
+    a, b = int8_model(x), int8_model(qatcore.tensor(x))
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert a.dtype == np.float32
+
+
+def test_int8_model_saves_loads_and_is_small(digits_qat, tmp_path):
+    from qatcore.quantization.qat.int8_serialization import int8_model_from_dict, int8_model_to_dict
+
+    _, _, qat, int8_model = digits_qat
+    int8_path, float_path = tmp_path / "model.int8", tmp_path / "model.float"
+    qatcore.save(int8_model_to_dict(int8_model), int8_path)
+    qatcore.save(DigitsCNN().state_dict(), float_path)
+    # a 6k-parameter model: int8 weights (1/4 of float) plus ~3 KB of graph and qparams description
+    assert int8_path.stat().st_size <= 0.25 * float_path.stat().st_size + 3500
+    loaded = int8_model_from_dict(qatcore.load(int8_path))
+    _, _, x_test, _ = load_digits()
+    np.testing.assert_array_equal(loaded(x_test).numpy(), int8_model(x_test).numpy())
+    assert parity_report(qat, loaded, x_test[:64]).passes
+
+
+def test_int8_file_is_at_most_30_percent_of_float():
+    from qatcore.quantization.qat.int8_serialization import int8_model_to_dict
+
+    model = SmallResNet(width=32)  # 77k parameters: the size is the weights', not the metadata's
+    preparer = QATPreparer()
+    qat = preparer.prepare_for_qat(model)
+    qat(np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32))
+    int8_bytes = len(qatcore.dumps(int8_model_to_dict(preparer.convert_to_quantized(qat))))
+    assert int8_bytes <= 0.30 * len(qatcore.dumps(model.state_dict()))
+
+
+def test_int8_model_loading_rejects_bad_records(digits_qat):
+    from qatcore.quantization.qat.int8_serialization import int8_model_from_dict, int8_model_to_dict
+
+    record = int8_model_to_dict(digits_qat[3])
+    with pytest.raises(ConfigError, match="format"):
+        int8_model_from_dict({"format": "something else"})
+    with pytest.raises(ConfigError, match="version"):
+        int8_model_from_dict(dict(record, version=99))
+    broken = dict(record, modules=dict(record["modules"]))
+    first = next(iter(broken["modules"]))
+    broken["modules"][first] = dict(broken["modules"][first], type="os.system")
+    with pytest.raises(ConfigError, match="unknown type"):
+        int8_model_from_dict(broken)
