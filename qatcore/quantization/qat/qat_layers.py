@@ -85,6 +85,13 @@ class _QATLayer(Module):
         exact in float64; a float32 sum of hundreds of products is not)."""
         return not self.training and self.enabled
 
+    def _weight_op(self, op, x, weight, bias, *args):
+        """op(x, weight, bias, *args) in float64 on the exact eval path, else as is."""
+        if self._exact_eval():
+            wide = [None if t is None else F.cast(t, np.float64) for t in (x, weight, bias)]
+            return F.cast(op(*wide, *args), np.float32)
+        return op(x, weight, bias, *args)
+
     def _quantized_weight(self, weight):
         if self.enabled and isinstance(self.weight_fake_quant, FakeQuantize):
             return self.weight_fake_quant(weight)
@@ -111,12 +118,7 @@ class QATLinear(_QATLayer):
 
     def forward(self, x):
         bias = self._eval_bias(self.bias) if self.enabled else self.bias
-        weight = self._quantized_weight(self.weight)
-        if self._exact_eval():
-            y = F.linear(F.cast(x, np.float64), F.cast(weight, np.float64),
-                         None if bias is None else F.cast(bias, np.float64))
-            return self._finish(F.cast(y, np.float32))
-        return self._finish(F.linear(x, weight, bias))
+        return self._finish(self._weight_op(F.linear, x, self._quantized_weight(self.weight), bias))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, relu={self.relu}"
@@ -136,13 +138,8 @@ class QATConv2d(_QATLayer):
 
     def forward(self, x):
         bias = self._eval_bias(self.bias) if self.enabled else self.bias
-        weight = self._quantized_weight(self.weight)
-        if self._exact_eval():
-            y = F.conv2d(F.cast(x, np.float64), F.cast(weight, np.float64),
-                         None if bias is None else F.cast(bias, np.float64), self.stride, self.padding,
-                         self.dilation, self.groups)
-            return self._finish(F.cast(y, np.float32))
-        y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        y = self._weight_op(F.conv2d, x, self._quantized_weight(self.weight), bias, self.stride, self.padding,
+                            self.dilation, self.groups)
         return self._finish(y)
 
     def extra_repr(self) -> str:
@@ -230,10 +227,8 @@ class QATConvBn2d(_QATLayer):
         if np.any(dead):
             # channels with gamma == 0 output beta: zero their folded weights, as the converter does
             quantized = quantized * F.reshape((~dead).astype(np.float32), (-1, 1, 1, 1))
-        y = F.conv2d(F.cast(x, np.float64), F.cast(quantized, np.float64),
-                     F.cast(self._eval_bias(folded_bias), np.float64), self.stride, self.padding, self.dilation,
-                     self.groups)
-        return F.cast(y, np.float32)
+        return self._weight_op(F.conv2d, x, quantized, self._eval_bias(folded_bias), self.stride, self.padding,
+                               self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

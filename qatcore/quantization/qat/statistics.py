@@ -11,7 +11,8 @@ records, in bounded series indexed by step:
 - gradient flow through the fake-quant node: the fraction of elements clipped
   (their gradient zeroed by the straight-through estimator), the L2 norm of the
   gradient entering (dL/dy) and leaving (dL/dx), and the scale gradient (LSQ);
-- quantization error: SQNR = 10 log10(sum x^2 / sum (x - fake_quant(x))^2) dB,
+- quantization error: SQNR = 10 log10(sum x^2 / sum (x - fake_quant(x))^2) dB
+  (SQNR and the percentiles use at most 16384 elements per tensor, a fixed stride),
   and for weights the *flip rate*: the fraction of integer weights that changed
   since the previous sample (oscillation around a rounding boundary).
 
