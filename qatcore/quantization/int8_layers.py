@@ -56,8 +56,17 @@ def requantize_array(values: np.ndarray, multiplier: np.ndarray, shift: np.ndarr
     return multiply_by_quantized_multiplier(values, multiplier, shift)
 
 
+_OUTPUT_STATE = (("output_scale", "<f4"), ("output_zero_point", "<i4"), ("output_range", "<i4"))
+
+
 class _Int8Module(Module):
-    """Shared: integer buffers, the settings dict, the qparams of the output."""
+    """Shared: integer buffers, the settings dict, the qparams of the output.
+
+    ``STATE`` lists each subclass's buffers, in registration order, with their dtypes:
+    the int8 file format stores the values in that order (no names) and restores them.
+    """
+
+    STATE: tuple[tuple[str, str], ...] = ()
 
     def _set_output(self, scale: float, zero_point: int, qmin: int, qmax: int) -> None:
         self.register_buffer("output_scale", np.array(scale, dtype=np.float32))
@@ -91,6 +100,8 @@ def _int_input(module: Module, x) -> np.ndarray:
 class Quantize(_Int8Module):
     """x (float) -> clamp(z + rne(x * float32(1/s)), qmin, qmax) as integers."""
 
+    STATE = _OUTPUT_STATE
+
     def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int) -> None:
         super().__init__()
         self._set_output(scale, zero_point, qmin, qmax)
@@ -106,6 +117,8 @@ class Quantize(_Int8Module):
 class Dequantize(_Int8Module):
     """x_q -> (x_q - z) * s as a float32 Tensor."""
 
+    STATE = _OUTPUT_STATE
+
     def __init__(self, scale: float, zero_point: int) -> None:
         super().__init__()
         self._set_output(scale, zero_point, -(2**31), 2**31 - 1)
@@ -118,6 +131,9 @@ class Dequantize(_Int8Module):
 
 class _QuantizedWeighted(_Int8Module):
     """QuantizedLinear / QuantizedConv2d: int8 weights, int32 bias, per-channel requantization."""
+
+    STATE = (("weight_q", "|i1"), ("bias_q", "<i4"), ("multiplier", "<i4"), ("shift", "<i4"),
+             ("input_zero_point", "<i4"), *_OUTPUT_STATE, ("clamp_min", "<i4"))
 
     def __init__(self, weight_q: np.ndarray, bias_q: np.ndarray, multiplier: np.ndarray, shift: np.ndarray,
                  input_zero_point: int, output_scale: float, output_zero_point: int, out_min: int, qmin: int,
@@ -174,6 +190,9 @@ class QuantizedConv2d(_QuantizedWeighted):
 class Requantize(_Int8Module):
     """y_q = clamp(z_y + requant(x_q - z_x; s_x / s_y), lo, hi); lo = z_y fuses a ReLU."""
 
+    STATE = (("multiplier", "<i4"), ("shift", "<i4"), ("input_zero_point", "<i4"), *_OUTPUT_STATE,
+             ("clamp_min", "<i4"))
+
     def __init__(self, input_scale: float, input_zero_point: int, output_scale: float, output_zero_point: int,
                  out_min: int, qmin: int, qmax: int) -> None:
         super().__init__()
@@ -199,6 +218,9 @@ class QuantizedAdd(_Int8Module):
     a = requant((x1 - z1) << 20; s1 / 2m), b = requant((x2 - z2) << 20; s2 / 2m), m = max(s1, s2):
     both inputs are brought to a common scale keeping 20 fractional bits, summed, and
     rounded once (TFLite's int8 add)."""
+
+    STATE = (("multiplier", "<i4"), ("shift", "<i4"), ("input_zero_points", "<i4"), *_OUTPUT_STATE,
+             ("clamp_min", "<i4"))
 
     def __init__(self, scales: tuple[float, float], zero_points: tuple[int, int], output_scale: float,
                  output_zero_point: int, out_min: int, qmin: int, qmax: int) -> None:
@@ -250,6 +272,8 @@ class Int8AvgPool2d(_Int8Module):
     y_q = clamp(z_y + requant(sum over the window of (x_q - z_x); s_x / (count * s_y)), qmin, qmax).
     ``kernel_size=None`` is global average pooling (the window is the whole plane); the
     multiplier for a window size is computed once, the first time that size is seen."""
+
+    STATE = (("input_scale", "<f8"), ("input_zero_point", "<i4"), *_OUTPUT_STATE)
 
     def __init__(self, kernel_size, stride, input_scale: float, input_zero_point: int, output_scale: float,
                  output_zero_point: int, qmin: int, qmax: int) -> None:

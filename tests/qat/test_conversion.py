@@ -121,8 +121,7 @@ def test_int8_model_saves_loads_and_is_small(digits_qat, tmp_path):
     int8_path, float_path = tmp_path / "model.int8", tmp_path / "model.float"
     qatcore.save(int8_model_to_dict(int8_model), int8_path)
     qatcore.save(DigitsCNN().state_dict(), float_path)
-    # a 6k-parameter model: int8 weights (1/4 of float) plus ~3 KB of graph and qparams description
-    assert int8_path.stat().st_size <= 0.25 * float_path.stat().st_size + 3500
+    assert int8_path.stat().st_size <= 0.30 * float_path.stat().st_size
     loaded = int8_model_from_dict(qatcore.load(int8_path))
     _, _, x_test, _ = load_digits()
     np.testing.assert_array_equal(loaded(x_test).numpy(), int8_model(x_test).numpy())
@@ -148,8 +147,16 @@ def test_int8_model_loading_rejects_bad_records(digits_qat):
         int8_model_from_dict({"format": "something else"})
     with pytest.raises(ConfigError, match="version"):
         int8_model_from_dict(dict(record, version=99))
-    broken = dict(record, modules=dict(record["modules"]))
-    first = next(iter(broken["modules"]))
-    broken["modules"][first] = dict(broken["modules"][first], type="os.system")
-    with pytest.raises(ConfigError, match="unknown type"):
-        int8_model_from_dict(broken)
+    nodes = [list(n) for n in record["nodes"]]
+    module_node = next(i for i, n in enumerate(nodes) if len(n) == 4)
+    nodes[module_node][3] = ["os.system", {}, []]
+    with pytest.raises(ConfigError, match="unknown module type 'os.system'"):
+        int8_model_from_dict(dict(record, nodes=nodes))
+    forward_reference = [list(n) for n in record["nodes"]]
+    forward_reference[module_node][2] = [len(forward_reference) + 5]
+    with pytest.raises(ConfigError, match="not defined before it"):
+        int8_model_from_dict(dict(record, nodes=forward_reference))
+    short = [list(n) for n in record["nodes"]]
+    short[module_node][3] = [short[module_node][3][0], short[module_node][3][1], []]
+    with pytest.raises(ConfigError, match="state values"):
+        int8_model_from_dict(dict(record, nodes=short))

@@ -1,16 +1,24 @@
 """Saving and loading a converted int8 model through ``qatcore.save`` / ``qatcore.load``.
 
 A converted model is a graph of int8 runtime modules (and, for layers left
-float, a few float layers). It is stored as plain data, no pickle, no code:
+float, a few float layers). It is stored as compact plain data, no pickle, no code:
 
     {"format": "qatcore.int8_model", "version": 1, "class_name": ...,
-     "nodes":   [{"name", "op", "target", "args"}, ...]   (args: nested lists with
-                                                          {"node": name} references)
-     "modules": {target: {"type": class name, "config": {...}, "state": state_dict}},
-     "sources": {int8 node: QAT node it reproduces}}
+     "nodes":   [[op, target, args, (module record)], ...]
+     "sources": [[node index, QAT node, scale, zero point], ...]}
 
-and rebuilt by :func:`int8_model_from_dict`, which accepts only the known module
-types (the int8 runtime's, and float Linear/Conv2d/BatchNorm for layers left float).
+- ``args`` hold node references as the referenced node's index, nested lists for
+  tuples, and ``["=", value]`` for a constant;
+- an int8 module's record is ``[type, config, values]`` with the values of its
+  buffers in the order its class declares (``STATE``): a number for a scalar, a
+  list for an array of up to 4 elements, an array otherwise (integer arrays whose
+  values fit are stored as int8 and restored to their declared dtype); a float
+  layer's record is ``[type, config, state_dict]``.
+
+Names are not stored: an int8 model's nodes are named after their targets. The
+compactness matters for small models, whose int8 file would otherwise be mostly
+description rather than weights. :func:`int8_model_from_dict` accepts only the
+known module types (the int8 runtime's, and float Linear/Conv2d/BatchNorm).
 
 >>> import numpy as np, tempfile, os, qatcore
 >>> from qatcore.models import DigitsCNN
@@ -35,7 +43,7 @@ import numpy as np
 
 from qatcore.errors import ConfigError
 from qatcore.graph import Graph, GraphModule
-from qatcore.graph.node import Node, map_nodes
+from qatcore.graph.node import Node
 from qatcore.nn import functional as F
 from qatcore.nn.batchnorm import BatchNorm1d, BatchNorm2d
 from qatcore.nn.conv import Conv2d
@@ -46,6 +54,32 @@ from qatcore.quantization.int8_layers import INT8_MODULES
 __all__ = ["int8_model_to_dict", "int8_model_from_dict"]
 
 FORMAT, VERSION = "qatcore.int8_model", 1
+OPS = ("input", "call_module", "call_function", "output")
+_FLOAT_TYPES = {"Linear": Linear, "Conv2d": Conv2d, "BatchNorm1d": BatchNorm1d, "BatchNorm2d": BatchNorm2d}
+
+
+# ---- values ------------------------------------------------------------------------------------
+def _pack_value(array: np.ndarray) -> Any:
+    if array.ndim == 0:
+        return array.item()
+    if array.size <= 4 and array.ndim == 1:
+        return array.tolist()
+    if array.dtype.kind in "iu" and array.dtype.itemsize > 1 and array.size and \
+            -128 <= int(array.min()) and int(array.max()) <= 127:
+        return array.astype(np.int8)
+    return array
+
+
+def _unpack_value(value: Any, dtype: str, where: str) -> np.ndarray:
+    if isinstance(value, (bool, int, float)):
+        return np.array(value, dtype=np.dtype(dtype))
+    if isinstance(value, list):
+        if not all(isinstance(v, (int, float)) for v in value):
+            raise ConfigError(f"int8 model: {where} holds a list that is not numbers")
+        return np.array(value, dtype=np.dtype(dtype))
+    if isinstance(value, np.ndarray):
+        return value.astype(np.dtype(dtype))
+    raise ConfigError(f"int8 model: {where} has a value of type {type(value).__name__}")
 
 
 def _float_config(module: Module) -> dict:
@@ -64,78 +98,94 @@ def _float_config(module: Module) -> dict:
                       f"supported float layers: Linear, Conv2d, BatchNorm1d, BatchNorm2d")
 
 
-_FLOAT_TYPES = {"Linear": Linear, "Conv2d": Conv2d, "BatchNorm1d": BatchNorm1d, "BatchNorm2d": BatchNorm2d}
+def _module_record(module: Module) -> list:
+    kind = type(module).__name__
+    if kind in INT8_MODULES:
+        state = module.state_dict()
+        names = [name for name, _ in type(module).STATE]
+        if list(state) != names:
+            raise ConfigError(f"int8 model: {kind} holds buffers {list(state)}, its class declares {names}")
+        return [kind, module.config(), [_pack_value(state[name]) for name in names]]
+    return [kind, _float_config(module), module.state_dict()]
 
 
-def _compact(array: np.ndarray) -> Any:
-    """Small arrays (qparams, clamps) as [dtype, shape, values]: a few bytes instead of a
-    binary array record, which matters for small models."""
-    if array.size > 4:
-        return array
-    return [array.dtype.str, list(array.shape), array.ravel().tolist()]
+def _build_module(record: Any, where: str) -> Module:
+    if not (isinstance(record, list) and len(record) == 3 and isinstance(record[0], str)):
+        raise ConfigError(f"int8 model: {where} has a malformed module record")
+    kind, config, values = record
+    if not isinstance(config, dict):
+        raise ConfigError(f"int8 model: {where}: the module config must be a mapping")
+    if kind in INT8_MODULES:
+        cls = INT8_MODULES[kind]
+        if not isinstance(values, list) or len(values) != len(cls.STATE):
+            raise ConfigError(f"int8 model: {where}: {kind} needs {len(cls.STATE)} state values")
+        module = cls.from_config(config)
+        for (name, dtype), value in zip(cls.STATE, values):
+            module.register_buffer(name, _unpack_value(value, dtype, f"{where}.{name}"))
+        return module
+    if kind in _FLOAT_TYPES:
+        cls = _FLOAT_TYPES[kind]
+        extra = {"rng": np.random.default_rng(0)} if cls in (Linear, Conv2d) else {}
+        module = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}, **extra)
+        if not isinstance(values, dict):
+            raise ConfigError(f"int8 model: {where}: a float layer's state must be a mapping")
+        module.load_state_dict(values)
+        return module.eval()
+    raise ConfigError(f"int8 model: {where} has unknown module type {kind!r}")
 
 
-def _expand(value: Any) -> np.ndarray:
+# ---- arguments ----------------------------------------------------------------------------------
+def _pack_args(value: Any, index: dict[Node, int]) -> Any:
+    if isinstance(value, Node):
+        return index[value]
+    if isinstance(value, (tuple, list)):
+        return [_pack_args(v, index) for v in value]
+    return ["=", value]
+
+
+def _unpack_args(value: Any, nodes: list[Node], where: str) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value < len(nodes):
+            raise ConfigError(f"int8 model: {where} reads node {value}, which is not defined before it")
+        return nodes[value]
     if isinstance(value, list):
-        if len(value) != 3 or not isinstance(value[0], str):
-            raise ConfigError("int8 model: a module state entry is neither an array nor [dtype, shape, values]")
-        dtype, shape, values = value
-        if dtype not in ("<i4", "<f4", "<f8", "<i8", "|i1", "|u1", "|b1"):
-            raise ConfigError(f"int8 model: unsupported dtype {dtype!r} in a module state entry")
-        return np.array(values, dtype=np.dtype(dtype)).reshape(shape)
-    return np.asarray(value)
+        if len(value) == 2 and value[0] == "=":
+            return value[1]
+        return tuple(_unpack_args(v, nodes, where) for v in value)
+    raise ConfigError(f"int8 model: {where} has a malformed argument {value!r}")
 
 
+# ---- the model ------------------------------------------------------------------------------------
 def int8_model_to_dict(model: GraphModule) -> dict:
     """The model as plain data (see the module docstring); ConfigError for what cannot be stored."""
     if not isinstance(model, GraphModule) or not isinstance(getattr(model, "int8_sources", None), dict):
         raise ConfigError("int8_model_to_dict needs a model returned by convert_to_quantized")
-    nodes, modules = [], {}
-    for node in model.graph.nodes:
+    index: dict[Node, int] = {}
+    records = []
+    for position, node in enumerate(model.graph.nodes):
+        index[node] = position
+        if node.kwargs:
+            raise ConfigError(f"cannot save node {node.name!r}: keyword arguments are not stored")
         target = node.target
         if node.op == "call_function":
             if getattr(F, getattr(target, "__name__", ""), None) is not target:
                 raise ConfigError(f"cannot save node {node.name!r}: its function is not in qatcore.nn.functional")
             target = target.__name__
-        args = map_nodes(list(node.args), lambda n: {"node": n.name})
-        nodes.append({"name": node.name, "op": node.op, "target": target, "args": args,
-                      "kwargs": map_nodes(dict(node.kwargs), lambda n: {"node": n.name})})
+        elif node.op not in ("input", "call_module", "output"):
+            raise ConfigError(f"cannot save node {node.name!r} of kind {node.op}")
+        record = [OPS.index(node.op), target, _pack_args(list(node.args), index)]
         if node.op == "call_module":
-            module = model.get_submodule(node.target)
-            kind = type(module).__name__
-            config = module.config() if kind in INT8_MODULES else _float_config(module)
-            modules[node.target] = {"type": kind, "config": config,
-                                    "state": {k: _compact(v) for k, v in module.state_dict().items()}}
-    return {"format": FORMAT, "version": VERSION, "class_name": model.class_name, "nodes": nodes,
-            "modules": modules, "sources": dict(model.int8_sources)}
-
-
-def _resolve_args(value: Any, env: dict[str, Node]) -> Any:
-    if isinstance(value, dict) and set(value) == {"node"}:
-        if value["node"] not in env:
-            raise ConfigError(f"int8 model: a node reads {value['node']!r} before it is defined")
-        return env[value["node"]]
-    if isinstance(value, list):
-        return tuple(_resolve_args(v, env) for v in value)
-    if isinstance(value, dict):
-        return {k: _resolve_args(v, env) for k, v in value.items()}
-    return value
-
-
-def _build_module(target: str, record: dict) -> Module:
-    kind, config, state = record.get("type"), record.get("config", {}), record.get("state", {})
-    if kind in INT8_MODULES:
-        module = INT8_MODULES[kind].from_config(config)
-        for name, value in state.items():
-            module.register_buffer(name, _expand(value))
-        return module
-    if kind in _FLOAT_TYPES:
-        cls = _FLOAT_TYPES[kind]
-        module = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()},
-                     **({"rng": np.random.default_rng(0)} if cls in (Linear, Conv2d) else {}))
-        module.load_state_dict({k: _expand(v) for k, v in state.items()})
-        return module.eval()
-    raise ConfigError(f"int8 model: module {target!r} has unknown type {kind!r}")
+            if node.name != node.target:
+                raise ConfigError(f"cannot save node {node.name!r}: an int8 node is named after its target")
+            record.append(_module_record(model.get_submodule(node.target)))
+        elif node.op == "call_function":
+            record.append(node.name)
+        records.append(record)
+    by_name = {n.name: i for n, i in index.items()}
+    sources = [[by_name[name], s["source"], float(s["scale"]), int(s["zero_point"])]
+               for name, s in model.int8_sources.items()]
+    return {"format": FORMAT, "version": VERSION, "class_name": model.class_name, "nodes": records,
+            "sources": sources}
 
 
 def int8_model_from_dict(data: dict) -> GraphModule:
@@ -144,26 +194,39 @@ def int8_model_from_dict(data: dict) -> GraphModule:
         raise ConfigError(f"not a qatcore int8 model (format {FORMAT!r} expected)")
     if data.get("version") != VERSION:
         raise ConfigError(f"int8 model format version {data.get('version')!r}; this qatcore reads {VERSION}")
-    root, graph, env = Module(), Graph(), {}
-    for target, record in data["modules"].items():
-        root.add_module(target, _build_module(target, record))
-    for record in data["nodes"]:
-        op, target = record["op"], record["target"]
-        if op == "call_function":
-            function = getattr(F, target, None)
-            if not callable(function) or target not in F.__all__:
-                raise ConfigError(f"int8 model: unknown function {target!r}")
-            target = function
-        args = _resolve_args(record["args"], env)
-        kwargs = _resolve_args(record.get("kwargs", {}), env)
+    records = data.get("nodes")
+    if not isinstance(records, list):
+        raise ConfigError("int8 model: 'nodes' must be a list")
+    root, graph, nodes = Module(), Graph(), []
+    for position, record in enumerate(records):
+        where = f"node {position}"
+        if not (isinstance(record, list) and len(record) >= 3 and isinstance(record[0], int)
+                and 0 <= record[0] < len(OPS) and isinstance(record[1], str)):
+            raise ConfigError(f"int8 model: {where} is malformed")
+        op, target = OPS[record[0]], record[1]
+        args = _unpack_args(record[2], nodes, where)
         if op == "input":
             node = graph.input(target)
         elif op == "output":
             node = graph.output(args[0])
+        elif op == "call_module":
+            if len(record) != 4 or target in root._modules:
+                raise ConfigError(f"int8 model: {where} needs one module record and a unique target")
+            root.add_module(target, _build_module(record[3], f"{where} ({target})"))
+            node = graph.create_node("call_module", target, args, name=target)
         else:
-            node = graph.create_node(op, target, args, kwargs, name=record["name"])
-        env[record["name"]] = node
+            function = getattr(F, target, None)
+            if target not in F.__all__ or not callable(function) or len(record) != 4:
+                raise ConfigError(f"int8 model: {where} calls unknown function {target!r}")
+            node = graph.create_node("call_function", function, args, name=record[3])
+        nodes.append(node)
     model = GraphModule(root, graph, class_name=data.get("class_name"))
     model.lint()
-    object.__setattr__(model, "int8_sources", dict(data.get("sources", {})))
+    sources = {}
+    for entry in data.get("sources", []):
+        if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], int)
+                and 0 <= entry[0] < len(nodes)):
+            raise ConfigError("int8 model: malformed 'sources' entry")
+        sources[nodes[entry[0]].name] = {"source": entry[1], "scale": entry[2], "zero_point": entry[3]}
+    object.__setattr__(model, "int8_sources", sources)
     return model.eval()
