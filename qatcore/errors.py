@@ -23,6 +23,7 @@ __all__ = [
     "GraphError",
     "TraceError",
     "ObserverError",
+    "CheckpointError",
 ]
 
 
@@ -73,3 +74,8 @@ class TraceError(QATCoreError, RuntimeError):
 class ObserverError(QATCoreError, ValueError):
     """An observer saw NaN/Inf, or was asked for parameters before observing anything
     (the message names the observer and its layer)."""
+
+
+class CheckpointError(QATCoreError, ValueError):
+    """A QAT checkpoint (or int8 model file) is corrupted, truncated, hostile, of another
+    format version, or does not fit the model it is loaded into."""

@@ -68,6 +68,7 @@ class Module:
         object.__setattr__(self, "_parameters", {})
         object.__setattr__(self, "_buffers", {})
         object.__setattr__(self, "_non_persistent", set())
+        object.__setattr__(self, "_resizable", set())
         object.__setattr__(self, "_modules", {})
         object.__setattr__(self, "_forward_pre_hooks", {})
         object.__setattr__(self, "_forward_hooks", {})
@@ -126,6 +127,14 @@ class Module:
             f"{type(self).__name__}.{name}: a buffer must be a Tensor, a numpy array or None, "
             f"not {type(value).__name__}"
         )
+
+    def mark_resizable(self, name: str) -> None:
+        """Let ``load_state_dict`` give parameter or buffer ``name`` the loaded value's shape
+        (state whose size the data decides, e.g. an observer's per-channel ranges, which are
+        empty in a freshly prepared model). The Tensor or Parameter object is kept."""
+        if name not in self._parameters and name not in self._buffers:
+            raise QATCoreError(f"{type(self).__name__}: {name!r} is not a parameter or buffer")
+        self._resizable.add(name)
 
     def register_buffer(self, name: str, value: Any, persistent: bool = True) -> None:
         """Register non-trainable state (saved in state_dict unless persistent=False)."""
@@ -271,6 +280,8 @@ class Module:
         if not isinstance(state_dict, dict):
             raise StateDictError(f"load_state_dict expects a dict, got {type(state_dict).__name__}")
         targets = dict(self._state_items())
+        resizable = {f"{prefix}.{name}" if prefix else name
+                     for prefix, module in self.named_modules() for name in module._resizable}
         missing = [k for k in targets if k not in state_dict]
         unexpected = [k for k in state_dict if k not in targets]
         mismatched, values = [], {}
@@ -279,7 +290,7 @@ class Module:
                 continue
             raw = state_dict[key]
             value = raw.data if isinstance(raw, Tensor) else np.asarray(raw)
-            if value.shape != target.data.shape:
+            if value.shape != target.data.shape and key not in resizable:
                 mismatched.append(f"{key}: checkpoint {value.shape} vs model {target.data.shape}")
             elif not np.can_cast(value.dtype, target.data.dtype, casting="same_kind"):
                 mismatched.append(f"{key}: dtype {value.dtype} cannot become {target.data.dtype}")
@@ -297,7 +308,11 @@ class Module:
                 f"load_state_dict into {type(self).__name__} failed; " + " | ".join(problems)
             )
         for key, value in values.items():
-            np.copyto(targets[key].data, value, casting="same_kind")
+            target = targets[key]
+            if value.shape != target.data.shape:  # a resizable entry: same object, new array
+                target.data = np.array(value, dtype=target.data.dtype)
+            else:
+                np.copyto(target.data, value, casting="same_kind")
         return IncompatibleKeys(missing, unexpected)
 
     # ---- calling -----------------------------------------------------------------------

@@ -2,7 +2,7 @@
 fake quantization. The QAT engine lives in :mod:`qatcore.quantization.qat` and its
 main names are re-exported here."""
 
-from qatcore.errors import ObserverError
+from qatcore.errors import CheckpointError, ObserverError
 from qatcore.quantization.config import QuantizationConfig, QuantMode, QuantSpec
 from qatcore.quantization.dtypes import INT4, INT4_NARROW, INT8, INT8_NARROW, UINT4, UINT8, QuantDType
 from qatcore.quantization.fake_quantize import fake_quantize, fake_quantize_learnable
@@ -24,6 +24,12 @@ from qatcore.quantization.qat import (
     QATPreparer,
     QATSchedule,
 )
+from qatcore.quantization.qat.checkpointing import (
+    load_int8_model,
+    load_qat_checkpoint,
+    save_int8_model,
+    save_qat_checkpoint,
+)
 from qatcore.quantization.qat.conversion import convert_to_quantized
 from qatcore.quantization.qat.int8_serialization import int8_model_from_dict, int8_model_to_dict
 from qatcore.quantization.qat.parity import ParityReport, parity_report
@@ -37,4 +43,5 @@ __all__ = [
     "MovingAveragePerChannelMinMaxObserver", "HistogramObserver", "MSEObserver", "make_observer",
     "ObserverError", "IQATPreparer", "QATPreparer", "LayerwiseConfig", "LayerOverride", "QATSchedule",
     "convert_to_quantized", "parity_report", "ParityReport", "int8_model_to_dict", "int8_model_from_dict",
+    "save_qat_checkpoint", "load_qat_checkpoint", "CheckpointError", "save_int8_model", "load_int8_model",
 ]

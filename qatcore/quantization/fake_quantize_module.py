@@ -69,6 +69,9 @@ class FakeQuantize(Module):
                 self.zero_point = Parameter(np.zeros(1, dtype=np.float32))
             else:  # LSQ learns the scale only; the zero point is a constant
                 self.register_buffer("zero_point", np.zeros(1, dtype=np.float32))
+        # one entry until the first batch shows how many channels there are
+        self.mark_resizable("scale")
+        self.mark_resizable("zero_point")
 
     # ---- construction helpers ----------------------------------------------------------
     @classmethod

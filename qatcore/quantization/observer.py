@@ -108,6 +108,8 @@ class Observer(Module, abc.ABC):
         self.name = name
         for buffer_name, value in self._initial_state(0 if spec.scheme.per_channel else 1).items():
             self.register_buffer(buffer_name, value)
+            if spec.scheme.per_channel:
+                self.mark_resizable(buffer_name)  # sized by the data: empty until observed
         self.register_buffer("num_batches_observed", np.zeros((), dtype=np.int64))
 
     # ---- what a concrete observer provides ---------------------------------------------

@@ -14,6 +14,8 @@ conv1  Conv2d  QATConvBn2d  bn1, relu1
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from qatcore.errors import ConfigError, QATCoreError, TraceError
 from qatcore.nn.module import Module
 from qatcore.quantization.config import QuantizationConfig
@@ -101,6 +103,33 @@ class QATPreparer(IQATPreparer):
         """The statistics collected while ``qat_model`` trained (qatcore.quantization.qat.statistics):
         the live record, which further training extends."""
         return self.controller(qat_model).statistics
+
+    @classmethod
+    def from_checkpoint(cls, path, float_model: Module, make_optimizer=None, generators=None):
+        """Rebuild a QAT model from the float model definition and a checkpoint alone.
+
+        The checkpoint says how the model was prepared (mode, schedule, statistics,
+        layer-wise config); ``make_optimizer(parameters)``, if given, builds the optimizer
+        whose state the checkpoint restores. Returns (qat_model, LoadedCheckpoint), the
+        optimizer in ``LoadedCheckpoint.optimizer``.
+        """
+        from qatcore.errors import CheckpointError
+        from qatcore.quantization.qat.checkpointing import load_qat_checkpoint, read_qat_checkpoint
+
+        payload = read_qat_checkpoint(path)
+        if payload["format"] != "qatcore.qat_checkpoint":
+            raise CheckpointError(f"{path} is a float checkpoint: prepare the model, then load_qat_checkpoint it")
+        settings = payload["preparer"]
+        try:
+            preparer = cls(mode=settings["mode"], schedule=QATSchedule.from_dict(settings["schedule"]),
+                           auto_step=settings["auto_step"], statistics=StatisticsConfig(**settings["statistics"]))
+            layerwise = LayerwiseConfig.from_dict(settings["layerwise_config"])
+        except (QATCoreError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: the checkpoint's preparation settings are unusable: {e}") from e
+        qat_model = preparer.prepare_for_qat(float_model, layerwise)
+        optimizer = make_optimizer(qat_model.parameters()) if make_optimizer is not None else None
+        info = load_qat_checkpoint(path, qat_model, optimizer, generators)
+        return qat_model, replace(info, optimizer=optimizer)
 
     # ---- lifecycle -------------------------------------------------------------------------
     @staticmethod

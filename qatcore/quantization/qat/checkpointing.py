@@ -1,0 +1,206 @@
+"""QAT checkpoints: everything needed to stop a QAT run and resume it exactly.
+
+A checkpoint is one ``qatcore.save`` container (magic header, format version,
+CRC-32 over the payload, written atomically: temporary file, fsync, rename, so
+a crash mid-write leaves the previous checkpoint intact) holding:
+
+    {"format": "qatcore.qat_checkpoint", "version": 1,
+     "model": the QAT model's state_dict (weights, qparams, observer buffers, the
+              lifecycle step, BatchNorm statistics),
+     "preparer": how it was prepared (mode, schedule, auto_step, statistics config,
+                 the layer-wise config), so the QAT model can be rebuilt from the
+                 float model definition alone (``QATPreparer.from_checkpoint``),
+     "statistics": the statistics collected so far,
+     "optimizer": the optimizer's state_dict (or None),
+     "generators": {name: bit_generator.state} of the generators handed in,
+     "extra": anything else of plain data (epoch, data loader state, ...)}
+
+Loading checks the format, version and every part before changing anything;
+corrupted, truncated or hostile files raise :class:`~qatcore.errors.CheckpointError`.
+A plain float ``state_dict`` file loads into a QAT model as a warm start
+(quantization state stays fresh); one whose keys do not fit lists them.
+
+>>> import numpy as np, os, tempfile
+>>> from qatcore.models import DigitsCNN
+>>> from qatcore.quantization import QATPreparer
+>>> preparer = QATPreparer()
+>>> qat = preparer.prepare_for_qat(DigitsCNN())
+>>> _ = qat(np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32))
+>>> path = os.path.join(tempfile.mkdtemp(), "run.qatckpt")
+>>> save_qat_checkpoint(path, qat, preparer=preparer, extra={"epoch": 3})
+>>> restored, info = QATPreparer.from_checkpoint(path, DigitsCNN())
+>>> info.extra["epoch"], restored.qat_controller.current_step
+(3, 1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from qatcore.errors import CheckpointError, QATCoreError
+from qatcore.nn.module import Module
+from qatcore.serialization import load, save
+
+__all__ = ["save_qat_checkpoint", "load_qat_checkpoint", "read_qat_checkpoint", "LoadedCheckpoint",
+           "save_int8_model", "load_int8_model"]
+
+FORMAT, VERSION = "qatcore.qat_checkpoint", 1
+INT8_FORMAT = "qatcore.int8_model"
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What a checkpoint held besides the model state: ``kind`` is "qat" or "float"."""
+
+    kind: str
+    extra: Any
+    preparer: dict | None
+    step: int | None
+    optimizer: Any = None
+
+
+def _controller(qat_model: Module):
+    from qatcore.quantization.qat.preparer import QATPreparer
+
+    return QATPreparer.controller(qat_model)
+
+
+def save_qat_checkpoint(path, qat_model: Module, optimizer=None, preparer=None, extra: Any = None,
+                        generators: dict[str, np.random.Generator] | None = None) -> None:
+    """Write a checkpoint of ``qat_model`` (and the optional parts) to ``path``, atomically."""
+    controller = _controller(qat_model)
+    settings = {
+        "mode": controller.preparation_mode,
+        "schedule": controller.schedule.to_dict(),
+        "auto_step": controller.auto_step,
+        "statistics": controller.statistics.to_dict()["config"],
+        "layerwise_config": controller.layerwise_config.to_dict(),
+    }
+    if preparer is not None and preparer.controller(qat_model) is not controller:
+        raise CheckpointError("save_qat_checkpoint: the preparer did not prepare this model")
+    states = {}
+    for name, generator in (generators or {}).items():
+        if not isinstance(generator, np.random.Generator):
+            raise CheckpointError(f"save_qat_checkpoint: generators[{name!r}] is not a numpy Generator")
+        states[name] = generator.bit_generator.state
+    payload = {
+        "format": FORMAT, "version": VERSION,
+        "model": qat_model.state_dict(),
+        "preparer": settings,
+        "statistics": controller.statistics.to_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "generators": states,
+        "extra": extra,
+    }
+    try:
+        save(payload, path)
+    except QATCoreError as e:
+        raise CheckpointError(f"save_qat_checkpoint: {e}") from e
+
+
+def read_qat_checkpoint(path) -> dict:
+    """The checkpoint's payload, validated in structure (CheckpointError if it is not one).
+    A plain state_dict file (a float checkpoint) comes back as {"format": "float", "model": ...}."""
+    try:
+        payload = load(path)
+    except QATCoreError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    if isinstance(payload, dict) and "format" not in payload:
+        if all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in payload.items()):
+            return {"format": "float", "model": payload}
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a QAT checkpoint (no format {FORMAT!r}) nor a float state_dict")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: QAT checkpoint format version {payload.get('version')!r}; this qatcore reads version {VERSION}"
+        )
+    expected = {"format": str, "version": int, "model": dict, "preparer": dict, "statistics": dict,
+                "generators": dict}
+    for key, kind in expected.items():
+        if not isinstance(payload.get(key), kind):
+            raise CheckpointError(f"{path}: checkpoint field {key!r} is missing or not a {kind.__name__}")
+    if not all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in payload["model"].items()):
+        raise CheckpointError(f"{path}: checkpoint field 'model' must map names to arrays")
+    if payload.get("optimizer") is not None and not isinstance(payload["optimizer"], dict):
+        raise CheckpointError(f"{path}: checkpoint field 'optimizer' must be a mapping or None")
+    return payload
+
+
+def load_qat_checkpoint(path, qat_model: Module, optimizer=None,
+                        generators: dict[str, np.random.Generator] | None = None) -> LoadedCheckpoint:
+    """Restore ``qat_model`` (and optimizer, statistics, generators) from ``path``.
+
+    A float checkpoint (a plain state_dict) warm-starts the QAT model: its weights
+    and BatchNorm statistics load, quantization state stays as it is. Nothing changes
+    unless every part fits; CheckpointError otherwise (naming the mismatched keys).
+    """
+    from qatcore.quantization.qat.statistics import QATStatistics
+
+    payload = read_qat_checkpoint(path)
+    controller = _controller(qat_model)
+    if payload["format"] == "float":
+        state = payload["model"]
+        expected = set(qat_model.state_dict())
+        unknown = sorted(set(state) - expected)
+        if unknown or not state:
+            raise CheckpointError(f"{path}: this float checkpoint does not fit the model; keys the model does "
+                                  f"not have: {unknown[:20]}")
+        try:
+            qat_model.load_state_dict(state, strict=False)
+        except QATCoreError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+        return LoadedCheckpoint("float", None, None, None)
+    try:
+        statistics = QATStatistics.from_dict(payload["statistics"])
+        states = dict(payload["generators"])
+        for name in states:
+            if generators is None or name not in generators:
+                raise CheckpointError(f"{path}: the checkpoint holds generator {name!r}; hand it in to restore it")
+        # validate everything before changing anything: the model on a scratch copy of its state
+        before = qat_model.state_dict()
+        qat_model.load_state_dict(payload["model"], strict=True)
+        if optimizer is not None:
+            if payload.get("optimizer") is None:
+                qat_model.load_state_dict(before)
+                raise CheckpointError(f"{path}: the checkpoint holds no optimizer state")
+            try:
+                optimizer.load_state_dict(payload["optimizer"])
+            except QATCoreError:
+                qat_model.load_state_dict(before)
+                raise
+        for name, state in states.items():
+            generators[name].bit_generator.state = state
+    except CheckpointError:
+        raise
+    except QATCoreError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    except (TypeError, ValueError, KeyError) as e:  # hostile or damaged fields
+        raise CheckpointError(f"{path}: malformed checkpoint ({type(e).__name__}: {e})") from e
+    controller.collector.statistics = statistics
+    controller.apply_schedule()
+    return LoadedCheckpoint("qat", payload.get("extra"), payload["preparer"], controller.current_step)
+
+
+def save_int8_model(path, int8_model: Module) -> None:
+    """Save a converted int8 model for deployment (same container as checkpoints)."""
+    from qatcore.quantization.qat.int8_serialization import int8_model_to_dict
+
+    try:
+        save(int8_model_to_dict(int8_model), path)
+    except QATCoreError as e:
+        raise CheckpointError(f"save_int8_model: {e}") from e
+
+
+def load_int8_model(path) -> Module:
+    """Load an int8 model saved by :func:`save_int8_model`."""
+    from qatcore.quantization.qat.int8_serialization import int8_model_from_dict
+
+    try:
+        return int8_model_from_dict(load(path))
+    except QATCoreError as e:
+        raise CheckpointError(f"cannot load int8 model {path}: {e}") from e
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot load int8 model {path}: malformed ({type(e).__name__}: {e})") from e
