@@ -1,40 +1,124 @@
+"""The command line: the main job end to end, interruption and resume, exit codes."""
+
 import json
+import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
 from qatcore.cli import main
+from qatcore.quantization.qat.checkpointing import read_qat_checkpoint
+
+SMALL = ["--model", "mlp", "--epochs", "2", "--qat-epochs", "1"]
 
 
-def test_run_json_on_small_setting(capsys):
-    assert main(["run", "--model", "mlp", "--epochs", "2", "--json"]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1
-    result = json.loads(out[0])
-    assert result["model"] == "mlp" and result["epochs"] == 2
-    assert 0.5 < result["float_accuracy"] <= 1.0
-    assert result["train_samples"] + result["test_samples"] == 1797
+def test_run_json_and_files(tmp_path, capsys):
+    assert main(["run", *SMALL, "--output", str(tmp_path / "run"), "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["model"] == "mlp" and result["dataset"] == "digits"
+    for key in ("float_accuracy", "qat_accuracy", "int8_accuracy"):
+        assert 0.5 < result[key] <= 1.0
+    assert result["int8_model_bytes"] < result["float_model_bytes"]
+    assert result["parity_exact"] >= 0.999 and result["parity_max_lsb"] <= 1
+    folder = tmp_path / "run"
+    for name in ("float.qat", "qat.ckpt", "model.int8", "statistics.json", "statistics.qat", "report.md",
+                 "result.json"):
+        assert (folder / name).is_file(), name
+    assert json.loads((folder / "result.json").read_text())["int8_accuracy"] == result["int8_accuracy"]
+    assert "int8 vs QAT outputs" in (folder / "report.md").read_text()
+    assert not (folder / "resume.ckpt").exists()
 
 
-def test_run_is_deterministic(capsys):
-    main(["run", "--model", "mlp", "--epochs", "1", "--quiet"])
-    first = capsys.readouterr().out
-    main(["run", "--model", "mlp", "--epochs", "1", "--quiet"])
-    assert capsys.readouterr().out == first
+def test_stats_and_convert_commands(tmp_path, capsys):
+    folder = tmp_path / "run"
+    assert main(["run", *SMALL, "--output", str(folder), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["stats", str(folder / "qat.ckpt")]) == 0
+    assert "layers.1.weight" in capsys.readouterr().out
+    assert main(["stats", str(folder / "statistics.qat")]) == 0
+    assert main(["convert", str(folder / "qat.ckpt"), "--model", "mlp", "--output", str(tmp_path / "m.int8")]) == 0
+    assert (tmp_path / "m.int8").is_file()
 
 
-@pytest.mark.parametrize("argv", [["run", "--model", "vgg"], ["run", "--epochs", "0"], ["fly"], []])
-def test_bad_usage_exits_2(argv, capsys):
-    assert main(argv) == 2
-    assert "error" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, reason", [
+    (["run", "--model", "vgg"], "invalid choice"),
+    (["run", "--config", "/nonexistent/config.json"], "does not exist"),
+    (["run", "--mnist", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["run", "--bits", "12"], "--bits"),
+    (["stats", "/nonexistent/file"], "does not exist"),
+    (["fly"], "invalid choice"),
+])
+def test_bad_usage_exits_2_with_one_line(argv, reason, capsys, tmp_path):
+    assert main(argv + (["--output", str(tmp_path / "x")] if argv[0] == "run" else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert reason in err
+    assert "Traceback" not in err
 
 
-def test_console_entry_point_runs():
-    proc = subprocess.run(
-        [sys.executable, "-m", "qatcore", "run", "--model", "mlp", "--epochs", "1", "--quiet"],
-        capture_output=True, text=True, timeout=300,
-    )
+@pytest.mark.parametrize("content, reason", [
+    ("{not json", "not valid JSON"),
+    ('{"overrides": [{"match": "nothing.here", "enabled": false}]}', "matches no layer"),
+    ('{"global": {"weight": {"bits": 99}}}', "bits"),
+])
+def test_bad_config_files_exit_2(tmp_path, capsys, content, reason):
+    config = tmp_path / "config.json"
+    config.write_text(content)
+    assert main(["run", *SMALL, "--config", str(config), "--output", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert reason in err and len(err.splitlines()) == 1
+
+
+def test_toml_config_with_overrides(tmp_path, capsys):
+    config = tmp_path / "config.toml"
+    config.write_text('[[overrides]]\nmatch = "layers.5"\nenabled = false\n')
+    assert main(["run", *SMALL, "--config", str(config), "--output", str(tmp_path / "r"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["int8_accuracy"] > 0.5
+
+
+def _model_state(folder):
+    return read_qat_checkpoint(folder / "qat.ckpt")["model"]
+
+
+def test_interrupt_and_resume_reach_the_same_result(tmp_path):
+    base = [sys.executable, "-m", "qatcore", "run", "--model", "cnn", "--epochs", "6", "--qat-epochs", "2",
+            "--json"]
+    straight = subprocess.run(base + ["--output", str(tmp_path / "straight")], capture_output=True, text=True,
+                              timeout=600)
+    assert straight.returncode == 0, straight.stderr
+    folder = tmp_path / "interrupted"
+    process = subprocess.Popen(base + ["--output", str(folder), "--progress"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    seen = b""
+    deadline = time.time() + 300
+    while b"float epoch 3/6" not in seen and time.time() < deadline:
+        chunk = process.stderr.read1(4096)
+        if not chunk:
+            break
+        seen += chunk
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130, (seen + err).decode()[-500:]
+    assert b"--resume" in err and (folder / "resume.ckpt").is_file()
+    resumed = subprocess.run([sys.executable, "-m", "qatcore", "run", "--resume", str(folder), "--json"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = json.loads(straight.stdout), json.loads(resumed.stdout)
+    for key in ("float_accuracy", "qat_accuracy", "int8_accuracy", "int8_model_bytes", "parity_exact"):
+        assert a[key] == b[key], key
+    state_a, state_b = _model_state(tmp_path / "straight"), _model_state(folder)
+    for key in state_a:
+        np.testing.assert_array_equal(state_a[key], state_b[key], err_msg=key)
+    assert not (folder / "resume.ckpt").exists()
+
+
+def test_console_entry_point_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qatcore", "run", *SMALL, "--quiet", "--output", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert 0.0 < float(proc.stdout.strip()) <= 1.0
     assert proc.stderr == ""  # no progress display when stderr is not a terminal

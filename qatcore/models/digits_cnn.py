@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qatcore.errors import ConfigError
 from qatcore.nn import BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, Module, ReLU
 
 __all__ = ["DigitsCNN"]
@@ -12,7 +13,8 @@ __all__ = ["DigitsCNN"]
 class DigitsCNN(Module):
     """conv3x3(1->c1)-bn-relu, maxpool 2, conv3x3(c1->c2)-bn-relu, maxpool 2, linear.
 
-    Input (N, 1, 8, 8) -> (N, c1, 4, 4) -> (N, c2, 2, 2) -> logits (N, num_classes).
+    Input (N, 1, 8, 8) -> (N, c1, 4, 4) -> (N, c2, 2, 2) -> logits (N, num_classes);
+    ``image_size=28`` fits MNIST (the linear layer then takes c2 * 7 * 7 features).
     Weights are drawn from ``rng`` (default: seed 0, so the model is reproducible).
 
     >>> import numpy as np
@@ -21,7 +23,7 @@ class DigitsCNN(Module):
     """
 
     def __init__(self, channels: tuple[int, int] = (16, 32), num_classes: int = 10,
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: np.random.Generator | None = None, image_size: int = 8) -> None:
         super().__init__()
         rng = np.random.default_rng(0) if rng is None else rng
         c1, c2 = channels
@@ -34,7 +36,10 @@ class DigitsCNN(Module):
         self.relu2 = ReLU()
         self.pool2 = MaxPool2d(2)
         self.flatten = Flatten()
-        self.fc = Linear(c2 * 2 * 2, num_classes, rng=rng)
+        side = image_size // 4  # two 2x2 max pools
+        if side < 1:
+            raise ConfigError(f"DigitsCNN: image_size must be at least 4, got {image_size}")
+        self.fc = Linear(c2 * side * side, num_classes, rng=rng)
 
     def forward(self, x):
         x = self.pool1(self.relu1(self.bn1(self.conv1(x))))
