@@ -173,6 +173,8 @@ def load_config_file(path: Path, bits: int):
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     text = path.read_text()
+    if path.suffix.lower() == ".toml" and sys.version_info < (3, 11):
+        raise ConfigError(f"config file {path}: TOML needs Python 3.11 or newer (tomllib); write the config as JSON")
     try:
         if path.suffix.lower() == ".toml":
             import tomllib
@@ -180,7 +182,7 @@ def load_config_file(path: Path, bits: int):
             data = tomllib.loads(text)
         else:
             data = json.loads(text)
-    except (ValueError, ImportError) as e:
+    except ValueError as e:
         raise ConfigError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from e
     return LayerwiseConfig.from_dict(data)
 
