@@ -326,8 +326,11 @@ class _Plan:
         else:
             outer, channels, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
         self.channels, self.inner = channels, inner
-        with np.errstate(divide="ignore", over="ignore"):  # s = 0 or subnormal: inv = inf
+        if scale.size and scale.min() > np.float32(1e-37):
             inv_scale = np.float32(1.0) / scale
+        else:  # s = 0 or subnormal: inv = inf (entering errstate costs more than the division)
+            with np.errstate(divide="ignore", over="ignore"):
+                inv_scale = np.float32(1.0) / scale
         self.per_element = axis is not None and inner < _MIN_RUN
         if self.per_element:
             # one period holds every channel's run; repeat it to at least _MIN_PERIOD elements

@@ -113,14 +113,17 @@ class FakeQuantize(Module):
 
     # ---- qparams ---------------------------------------------------------------------------
     def _set_buffers(self, qparams: QParams) -> None:
+        self._set_scale_zero_point(qparams.scale, qparams.zero_point)
+
+    def _set_scale_zero_point(self, scale: np.ndarray, zero_point: np.ndarray) -> None:
         if self.learnable:
             raise ConfigError("learnable quantizers keep their scale in Parameters")
-        if self.scale.data.shape != qparams.scale.shape:
-            self.scale = np.array(qparams.scale)
-            self.zero_point = np.array(qparams.zero_point)
+        if self.scale.data.shape != scale.shape:
+            self.scale = np.array(scale)
+            self.zero_point = np.array(zero_point)
         else:
-            self.scale.data[...] = qparams.scale
-            self.zero_point.data[...] = qparams.zero_point
+            self.scale.data[...] = scale
+            self.zero_point.data[...] = zero_point
         self.qparams_ready.data[...] = True
 
     def _initialize_learnable(self, x: np.ndarray) -> None:
@@ -163,7 +166,7 @@ class FakeQuantize(Module):
                 if not bool(self.qparams_ready.data):
                     self._initialize_learnable(array)
             else:
-                self._set_buffers(self.observer.calculate_qparams())
+                self._set_scale_zero_point(*self.observer.scale_zero_point())
         if not bool(self.fake_quant_enabled.data):
             recorder = self.recorder
             if recorder is not None and self.training and recorder[0].sampling:

@@ -51,7 +51,7 @@ from qatcore.errors import ConfigError, ObserverError
 from qatcore.nn.module import Module
 from qatcore.quantization.config import QuantSpec
 from qatcore.quantization.dtypes import QuantDType
-from qatcore.quantization.qparams import QParams
+from qatcore.quantization.qparams import QParams, scale_zero_point_from_range
 from qatcore.quantization.qscheme import QScheme
 from qatcore.tensor import Tensor
 
@@ -175,6 +175,15 @@ class Observer(Module, abc.ABC):
                 "never saw a finite value (every value there was NaN/Inf and ignore_nan dropped it)"
             )
         return QParams.from_range(min_val, max_val, self.spec.dtype, self.spec.scheme, self.spec.axis)
+
+    @final
+    def scale_zero_point(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scale float32, zero_point int32) arrays: calculate_qparams's values without building
+        and validating a QParams object (FakeQuantize calls this on every training step)."""
+        if not self.has_observed or not np.all(self.min_val.data <= self.max_val.data):
+            return self.calculate_qparams().scale, self.calculate_qparams().zero_point  # raises, naming the cause
+        return scale_zero_point_from_range(self.min_val.data, self.max_val.data, self.spec.dtype,
+                                           self.spec.scheme.symmetric)
 
     def forward(self, x):
         """Observe ``x`` (a Tensor's data or an array) and return ``x`` itself, in

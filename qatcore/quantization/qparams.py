@@ -58,11 +58,18 @@ def scale_zero_point_from_range(min_val, max_val, dtype: QuantDType, symmetric: 
     eps32 = np.float32(eps)
     mn = np.minimum(mn_in, np.float32(0))
     mx = np.maximum(mx_in, np.float32(0))
-    with np.errstate(over="ignore"):
-        if symmetric:
-            scale = np.maximum(-mn, mx) / np.float32((qmax - qmin) / 2)
+    if symmetric:
+        numerator, denominator = np.maximum(-mn, mx), np.float32((qmax - qmin) / 2)
+    else:
+        # mx - mn overflows float32 only beyond ~1.7e38; entering np.errstate costs more than
+        # the arithmetic, so only ranges that large pay for it (the training step calls this)
+        if np.float64(mx.max()) - np.float64(mn.min()) <= 1e38:  # float64: the check cannot overflow
+            numerator = mx - mn
         else:
-            scale = (mx - mn) / np.float32(qmax - qmin)
+            with np.errstate(over="ignore"):
+                numerator = mx - mn
+        denominator = np.float32(qmax - qmin)
+    scale = numerator / denominator
     scale = np.maximum(np.minimum(scale.astype(np.float32), _FLOAT32_MAX), eps32)
     if symmetric:
         zero = 0 if dtype.signed else (qmin + qmax + 1) // 2

@@ -136,6 +136,8 @@ def moving_average_reference(lows: list[np.ndarray], highs: list[np.ndarray], c:
             if not (np.isfinite(a) and np.isfinite(b) and a <= b):
                 a = np.float32(float(low[i]) + c * (float(cur_low[i]) - float(low[i])))
                 b = np.float32(float(high[i]) + c * (float(cur_high[i]) - float(high[i])))
+                # beyond 2^53 float64 cancels too (9.0e15 + (1 - 9.0e15) = 0): min <= max guard
+                a = min(a, b)
             next_low[i], next_high[i] = a, b
         low, high = next_low, next_high
     return low, high
