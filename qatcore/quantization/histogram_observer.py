@@ -45,8 +45,6 @@ uses them per channel.
 
 from __future__ import annotations
 
-from typing import final
-
 import numpy as np
 
 from qatcore.quantization.observer import Observer, empty_range
@@ -144,21 +142,22 @@ def update_histograms(state: dict[str, np.ndarray], rows: np.ndarray, finite: np
     data_min[...], data_max[...] = new_min, new_max
 
 
-def histogram_percentile(counts: np.ndarray, start: float, width: float, percentile: float) -> float:
-    """The ``percentile``-th percentile of one channel's histogram (float64).
+def histogram_percentile(counts: np.ndarray, start: float, width: float, percentile):
+    """The ``percentile``-th percentile of one channel's histogram (float64); ``percentile``
+    may be an array of them (one cumulative sum for all).
 
     Rank as in ``np.percentile`` (position (n - 1) * q / 100 among the sorted values);
     the n_b values of a bin are taken at the midpoints of n_b equal slices of it.
     """
     total = int(counts.sum())
-    position = (total - 1) * percentile / 100.0 + 0.5          # in [0.5, total - 0.5]
+    position = (total - 1) * np.asarray(percentile, dtype=np.float64) / 100.0 + 0.5  # in [0.5, total - 0.5]
     cumulative = np.cumsum(counts)
-    b = int(np.searchsorted(cumulative, position, side="right"))  # first bin whose count passes it
+    b = np.searchsorted(cumulative, position, side="right")  # first bin whose count passes it
     before = cumulative[b] - counts[b]
-    return float(start + width * (b + (position - before) / counts[b]))
+    value = start + width * (b + (position - before) / counts[b])
+    return float(value) if np.ndim(value) == 0 else value.astype(np.float64)
 
 
-@final
 class HistogramObserver(Observer):
     """Per tensor: a bounded, exactly re-binned histogram; the range is its
     [100 - p, p] percentile range (update rule in the module docstring).

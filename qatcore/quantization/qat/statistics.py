@@ -153,7 +153,8 @@ class QuantizerStatistics:
             return {}
         start, width = float(self.histogram["histogram_start"][0]), float(self.histogram["bin_width"][0])
         lo, hi = float(self.histogram["data_min"][0]), float(self.histogram["data_max"][0])
-        return {f"p{p:g}": float(np.clip(histogram_percentile(counts, start, width, p), lo, hi)) for p in PERCENTILES}
+        values = np.clip(histogram_percentile(counts, start, width, PERCENTILES), lo, hi)
+        return {f"p{p:g}": float(v) for p, v in zip(PERCENTILES, values)}
 
     def moving_average(self, key: str, value: float) -> float:
         previous = self.moving.get(key)
