@@ -23,32 +23,16 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 
 import numba
 import numpy as np
+from timing import median_time_s
 
 from qatcore.kernels import fake_quant
 
 SHAPE = (256, 256, 256)
 QUICK_SHAPE = (64, 128, 128)
 QMIN, QMAX = -128, 127
-
-
-def median_time_s(fn, repeats: int, warmup: int = 2, before=None) -> float:
-    for _ in range(warmup):
-        if before is not None:
-            before()
-        fn()
-    times = []
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def figures(seconds: float, size: int, copyto_s: float) -> dict:

@@ -32,12 +32,11 @@ import json
 import os
 import platform
 import re
-import statistics
-import time
 import warnings
 
 import numba
 import numpy as np
+from timing import median_time_s, settle
 
 from qatcore.kernels import int8_conv, int8_gemm
 from qatcore.kernels.requantize import quantize_multiplier
@@ -46,25 +45,6 @@ GEMM_SHAPES = [(1024, 1024, 1024), (256, 1024, 1024)]  # (M, N, K)
 QUICK_GEMM_SHAPES = [(256, 256, 256), (64, 256, 256)]
 CONV_SHAPE = dict(n=32, c=64, k=64, h=56, w=56, kernel=3, padding=1)
 QUICK_CONV_SHAPE = dict(CONV_SHAPE, n=2)
-# OpenBLAS's threads spin for a while after each call; an int8 phase waits this long first.
-SETTLE_S = 0.5
-
-
-def median_time_s(fn, repeats: int, warmup: int = 2, before=None) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def settle() -> None:
-    time.sleep(SETTLE_S)
 
 
 def requantization(channels: int, rng):

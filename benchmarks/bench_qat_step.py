@@ -20,10 +20,9 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 
 import numpy as np
+from timing import median_time_s
 
 import qatcore.nn.functional as F
 from qatcore import Tensor
@@ -36,14 +35,7 @@ BATCH = 64
 
 
 def median_ms(fn, repeats: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_time_s(fn, repeats, warmup)
 
 
 def _mean_of_cycles(step, repeats: int, cycle: int = 10) -> float:

@@ -19,26 +19,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 
 import numpy as np
+from timing import median_time_s
 
 import qatcore.nn.functional as F
 from qatcore import Tensor
 from qatcore.models import DigitsCNN
 from qatcore.optim import SGD
-
-
-def median_time_s(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def numpy_matmul_gflops(n: int, repeats: int) -> float:
