@@ -227,7 +227,7 @@ def test_loader_covers_every_sample_once_per_epoch(num_samples, batch_size, shuf
         assert len(batches) == len(loader) == math.ceil(num_samples / batch_size)
         seen = []
         for xb, yb in batches:
-            assert 1 <= len(yb) <= batch_size and xb.shape == (len(yb), 3)
+            assert len(yb) >= 1 and len(yb) <= batch_size and xb.shape == (len(yb), 3)
             np.testing.assert_array_equal(xb[:, 0], yb * 3)  # x and y stay paired
             seen.extend(yb.tolist())
         assert sorted(seen) == list(range(num_samples))
