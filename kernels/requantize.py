@@ -64,7 +64,8 @@ NumPy 2 would otherwise keep int32 * int32 in int32 and overflow.
 """
 
 import numpy as np
-from numba import njit
+from numba import config, njit, types
+from numba.extending import intrinsic
 
 from qatcore.errors import ConfigError
 
@@ -128,6 +129,32 @@ def quantize_multiplier(real_multiplier):
     return m0.astype(np.int32), shift.astype(np.int32)
 
 
+@intrinsic
+def _count_leading_zeros(typingctx, value):
+    """LLVM's ctlz on an int64: one lzcnt instruction (vplzcntq when vectorised)."""
+    if not isinstance(value, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        wide = context.cast(builder, args[0], signature.args[0], types.int64)
+        return builder.ctlz(wide, context.get_constant(types.boolean, False))
+
+    return types.int64(value), codegen
+
+
+if config.DISABLE_JIT:  # plain Python (NUMBA_DISABLE_JIT=1): no intrinsics there
+
+    def _bit_length(magnitude):
+        return np.int64(int(magnitude).bit_length())
+
+else:
+
+    @njit(cache=True)
+    def _bit_length(magnitude):
+        """Bits needed for a non-negative int64 (0 for 0): 64 - count_leading_zeros."""
+        return np.int64(64) - _count_leading_zeros(np.int64(magnitude))
+
+
 @njit(cache=True)
 def saturating_rounding_doubling_high_mul(a, b):
     """gemmlowp's SaturatingRoundingDoublingHighMul of two int32 values; returns an int32.
@@ -178,23 +205,7 @@ def scale_value(acc, multiplier, shift):
         # |total| < 2^bits exactly for bits = its bit length, so left = 31 - bits is the largest
         # shift that stays below 2^31; the bit length by binary search, five steps.
         magnitude = total if total >= 0 else -total
-        bits = np.int64(0)
-        if magnitude >= np.int64(65536):
-            magnitude >>= np.int64(16)
-            bits += np.int64(16)
-        if magnitude >= np.int64(256):
-            magnitude >>= np.int64(8)
-            bits += np.int64(8)
-        if magnitude >= np.int64(16):
-            magnitude >>= np.int64(4)
-            bits += np.int64(4)
-        if magnitude >= np.int64(4):
-            magnitude >>= np.int64(2)
-            bits += np.int64(2)
-        if magnitude >= np.int64(2):
-            magnitude >>= np.int64(1)
-            bits += np.int64(1)
-        bits += magnitude  # magnitude is now 0 or 1
+        bits = _bit_length(magnitude)
         left = min(max(np.int64(31) - bits, np.int64(0)), np.int64(31) - shift64)
         right = shift64 + left
     # |total| <= 2^31 and left <= 31, so the shift cannot leave int64; then saturate to int32
