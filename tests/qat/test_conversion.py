@@ -160,3 +160,25 @@ def test_int8_model_loading_rejects_bad_records(digits_qat):
     short[module_node][3] = [short[module_node][3][0], short[module_node][3][1], []]
     with pytest.raises(ConfigError, match="state values"):
         int8_model_from_dict(dict(record, nodes=short))
+
+
+@pytest.mark.parametrize("kernel, stride, padding, shape", [
+    ((2, 2), (2, 2), (0, 0), (3, 4, 8, 8)),     # tiling windows: the strided-view path
+    ((3, 3), (3, 3), (0, 0), (2, 2, 9, 6)),
+    ((2, 2), (1, 1), (0, 0), (2, 3, 5, 5)),     # overlapping: the float kernel path
+    ((3, 3), (2, 2), (1, 1), (2, 3, 7, 7)),     # padded
+])
+def test_int8_max_pool_paths_equal_numpy(kernel, stride, padding, shape):
+    from qatcore.quantization.int8_layers import Int8MaxPool2d
+
+    q = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
+    out = Int8MaxPool2d(kernel, stride, padding, (1, 1))(q)
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    padded = np.pad(q.astype(np.int64), ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=-1)
+    oh, ow = (shape[2] + 2 * ph - kh) // sh + 1, (shape[3] + 2 * pw - kw) // sw + 1
+    expected = np.full(shape[:2] + (oh, ow), -1, np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            expected = np.maximum(expected, padded[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw])
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
