@@ -169,10 +169,16 @@ class QATConvBn2d(_QATLayer):
         """Use (and stop updating) the running statistics from now on."""
         self.bn_frozen.data[...] = frozen
 
-    def _scale_factor(self) -> np.ndarray:
+    def _inverse_std(self) -> np.ndarray:
         bn = self.bn
-        gamma = bn.weight.data if bn.weight is not None else np.ones(bn.num_features, np.float32)
-        sf = gamma / np.sqrt(bn.running_var.data + np.float32(bn.eps))
+        return (1 / np.sqrt(bn.running_var.data + np.float32(bn.eps))).astype(self.weight.dtype)
+
+    def _scale_factor(self) -> np.ndarray:
+        """sf = gamma * (1 / sqrt(running_var + eps)) in float32, 1 where it is 0: the very
+        values the training path multiplies the weight by, so eval and conversion fold alike."""
+        bn = self.bn
+        gamma = bn.weight.data if bn.weight is not None else np.ones(bn.num_features, self.weight.dtype)
+        sf = gamma * self._inverse_std()
         return np.where(sf == 0, np.float32(1), sf).astype(self.weight.dtype)
 
     def forward(self, x):
@@ -183,15 +189,13 @@ class QATConvBn2d(_QATLayer):
             return self._finish(bn(y))
         if not bn.training:
             return self._finish(self._folded_eval(x))
-        sf = self._scale_factor()
-        gamma = bn.weight if bn.weight is not None else None
-        if gamma is not None:
-            # sf as a function of gamma, so gamma gets the gradient through the folded weight too
-            inv_std = (1 / np.sqrt(bn.running_var.data + np.float32(bn.eps))).astype(self.weight.dtype)
-            safe = np.where(gamma.data * inv_std == 0, np.float32(1), np.float32(0)).astype(self.weight.dtype)
-            sf_tensor = gamma * inv_std + safe
+        if bn.weight is not None:
+            # sf as a function of gamma, so gamma gets the gradient through the folded weight too;
+            # adding 1 where it is 0 (and 0 elsewhere, exactly) gives _scale_factor's values
+            sf_tensor = bn.weight * self._inverse_std()
+            sf_tensor = sf_tensor + (sf_tensor.data == 0).astype(self.weight.dtype)
         else:
-            sf_tensor = sf
+            sf_tensor = self._scale_factor()
         folded = self.weight * F.reshape(sf_tensor, (-1, 1, 1, 1))
         y = F.conv2d(x, self._quantized_weight(folded), None, self.stride, self.padding, self.dilation,
                      self.groups)
