@@ -48,10 +48,10 @@ class Interrupted(Exception):
 
 
 class _Progress:
-    """Progress on stderr: tqdm when installed, else a one-line display; silent when off."""
+    """Progress on stderr as one line rewritten in place; silent when off."""
 
     def __init__(self, stream: TextIO, enabled: bool) -> None:
-        self.stream, self.enabled, self._bar = stream, enabled, None
+        self.stream, self.enabled = stream, enabled
 
     def update(self, text: str) -> None:
         if self.enabled:

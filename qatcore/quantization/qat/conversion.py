@@ -260,6 +260,11 @@ def convert_to_quantized(qat_model: Module) -> GraphModule:
     return int8_model.eval()
 
 
+def _pair(value) -> tuple[int, int]:
+    """An int or a pair, as a pair (the pooling modules keep what the user passed)."""
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
 def _integer_op(builder: _Builder, node: Node, module: Module, source: Node,
                 value: Int8Value) -> tuple[Node, Int8Value | None]:
     if isinstance(module, (Identity, Dropout)):
@@ -269,16 +274,14 @@ def _integer_op(builder: _Builder, node: Node, module: Module, source: Node,
     if isinstance(module, Flatten):
         return builder.add(node.name, Int8Flatten(module.start_dim, module.end_dim), (source,), value)
     if isinstance(module, MaxPool2d):
-        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-        kernel = pair(module.kernel_size)
-        return builder.add(node.name, Int8MaxPool2d(kernel, pair(module.stride or module.kernel_size),
-                                                    pair(module.padding), pair(module.dilation)), (source,), value)
+        kernel = _pair(module.kernel_size)
+        return builder.add(node.name, Int8MaxPool2d(kernel, _pair(module.stride or module.kernel_size),
+                                                    _pair(module.padding), _pair(module.dilation)), (source,), value)
     if isinstance(module, (AvgPool2d, AdaptiveAvgPool2d)):
-        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
         if isinstance(module, AvgPool2d):
-            if pair(module.padding) != (0, 0):
+            if _pair(module.padding) != (0, 0):
                 raise ConfigError(f"int8 conversion: average pool {node.target!r} with padding is not supported")
-            kernel, stride = pair(module.kernel_size), pair(module.stride or module.kernel_size)
+            kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
         else:
             if module.output_size not in (1, (1, 1)):
                 raise ConfigError(f"int8 conversion: adaptive pool {node.target!r} must pool to 1x1")
