@@ -9,6 +9,7 @@ from qatcore.cli import run_float
 from qatcore.data import DataLoader, load_digits
 from qatcore.errors import ConfigError, ObserverError
 from qatcore.models import DigitsCNN, SmallResNet
+from qatcore.nn import functional as F
 from qatcore.optim import SGD, CosineAnnealingLR
 from qatcore.quantization import QATPreparer, QuantizationConfig
 from qatcore.quantization.int8_layers import INT8_MODULES, Dequantize, Quantize
@@ -81,6 +82,38 @@ def test_resnet_parity_on_random_inputs():
     names = [type(int8_model.get_submodule(n.target)).__name__ for n in int8_model.graph.nodes
              if n.op == "call_module"]
     assert names.count("QuantizedAdd") == 2 and "Int8AvgPool2d" in names
+
+
+class TwoBranch(nn.Module):
+    """Two conv branches joined by a concatenation, optionally with a ReLU after it."""
+
+    def __init__(self, relu_after_cat: bool) -> None:
+        super().__init__()
+        self.relu_after_cat = relu_after_cat
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.b = nn.Conv2d(1, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        y = F.cat([self.relu(self.a(x)), self.b(x)], dim=1)
+        if self.relu_after_cat:
+            y = F.relu(y)
+        return self.fc(self.flatten(y))
+
+
+@pytest.mark.parametrize("relu_after_cat", [False, True])
+def test_concatenation_runs_on_integers(relu_after_cat):
+    _, qat = fine_tune(TwoBranch(relu_after_cat), epochs=1)
+    int8_model = QATPreparer().convert_to_quantized(qat)
+    names = [type(int8_model.get_submodule(n.target)).__name__ for n in int8_model.graph.nodes
+             if n.op == "call_module"]
+    assert "Int8Cat" in names and names.count("Quantize") == 1 and names.count("Dequantize") == 1, names
+    x = np.random.default_rng(3).random((256, 1, 8, 8), dtype=np.float32)
+    report = parity_report(qat, int8_model, x)
+    assert report.output.exact >= 0.999 and report.output.max_lsb <= 1, str(report)
+    assert report.top1_agreement >= 0.999
 
 
 def test_float_layer_stays_float_between_dequantize_and_quantize():

@@ -12,9 +12,10 @@ int8 runtime module (:mod:`qatcore.quantization.int8_layers`):
   weights quantized with the trained weight qparams, bias to int32 at s_x * s_w
   (zero point 0), the requantization multiplier per output channel, a fused ReLU
   as the clamp's lower bound;
-- max pool, average pool, flatten run on the integers; a residual add (and a ReLU
-  after it) becomes ``QuantizedAdd``; a standalone ReLU followed by a quantizer
-  becomes a ``Requantize`` whose clamp starts at the zero point;
+- max pool, average pool, flatten run on the integers; a concatenation becomes
+  ``Int8Cat``, each input first requantized to the output's grid where it differs;
+  a residual add (and a ReLU after it) becomes ``QuantizedAdd``; a standalone ReLU
+  followed by a quantizer becomes a ``Requantize`` whose clamp starts at the zero point;
 - a layer left float by the layer-wise config stays float, with ``Dequantize``
   before it and ``Quantize`` after it; model outputs get ``Dequantize``.
 
@@ -41,6 +42,7 @@ from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.quantization.int8_layers import (
     Dequantize,
     Int8AvgPool2d,
+    Int8Cat,
     Int8Flatten,
     Int8MaxPool2d,
     Quantize,
@@ -244,6 +246,14 @@ def convert_to_quantized(qat_model: Module) -> GraphModule:
                 for absorbed_node in chain:
                     absorbed[absorbed_node] = node
                 continue
+        elif (node.op == "call_function" and node.target is F.cat and node.args
+              and isinstance(node.args[0], (list, tuple)) and all(isinstance(a, Node) for a in node.args[0])):
+            result = _integer_cat(builder, node)
+            if result is not None:
+                builder.env[node], chain = result
+                for absorbed_node in chain:
+                    absorbed[absorbed_node] = node
+                continue
         elif node.op == "call_function" and node.target is F.flatten and args:
             source = builder.env[node.args[0]]
             if source[1] is not None:
@@ -258,6 +268,27 @@ def convert_to_quantized(qat_model: Module) -> GraphModule:
     int8_model.lint()
     object.__setattr__(int8_model, "int8_sources", dict(builder.sources))
     return int8_model.eval()
+
+
+def _integer_cat(builder: _Builder, node: Node) -> tuple[tuple[Node, Int8Value], list[Node]] | None:
+    """A concatenation of integer values followed by its quantizer (and maybe a ReLU) as
+    ``Int8Cat`` on the output grid: each input whose (scale, zero point) differ from the
+    output's, or that a ReLU clamps, is requantized first. None when it must stay float."""
+    quantizer, chain, relu = _following_quantizer(builder.qat, node)
+    inputs = [builder.env[a] for a in node.args[0]]
+    if quantizer is None or any(v is None for _, v in inputs):
+        return None
+    out = _value_of(quantizer, chain[-1].name)
+    parts = []
+    for i, (new, value) in enumerate(inputs):
+        if relu or (value.scale, value.zero_point) != (out.scale, out.zero_point):
+            out_min = out.zero_point if relu else out.qmin
+            new = builder.add(f"{node.name}_requantize_{i}", Requantize(value.scale, value.zero_point, out.scale,
+                                                                        out.zero_point, out_min, out.qmin, out.qmax),
+                              (new,), None)[0]
+        parts.append(new)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return builder.add(chain[-1].name, Int8Cat(dim), tuple(parts), out), chain
 
 
 def _pair(value) -> tuple[int, int]:
