@@ -1,9 +1,5 @@
 """Fused batch-norm kernels against a float64 NumPy oracle."""
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 from hypothesis import given
@@ -77,20 +73,8 @@ def test_inputs_left_alone():
     np.testing.assert_array_equal(x, before)
 
 
-def test_runs_as_plain_python():
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        import numba
-        from test_batch_norm import check
-        assert numba.config.DISABLE_JIT
-        check((3, 2, 5), __import__("numpy").float32, 1)
-        check((2, 3, 1), __import__("numpy").float64, 2)
-        print("plain python ok")
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, NUMBA_DISABLE_JIT="1"),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "plain python ok"
+def test_runs_as_plain_python(run_without_jit):
+    run_without_jit(__file__, """
+        tests.check((3, 2, 5), np.float32, 1)
+        tests.check((2, 3, 1), np.float64, 2)
+    """)

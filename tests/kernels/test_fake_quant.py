@@ -2,10 +2,6 @@
 when it is installed, and (LSQ gradients) against float64 finite differences."""
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -397,26 +393,13 @@ def test_lsq_matches_torch_learnable(shape_axis, grid_range, seed, grad_factor):
 # The same kernels as plain Python
 
 
-def test_runs_as_plain_python():
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        import numba
-        import numpy as np
-        from test_fake_quant import check_against_oracle, make_case
-        assert numba.config.DISABLE_JIT
+def test_runs_as_plain_python(run_without_jit):
+    run_without_jit(__file__, """
         rng = np.random.default_rng(5)
         for shape, axis, qmin, qmax in [((3, 40), None, -128, 127), ((2, 3, 4), 1, 0, 15),
                                          ((3, 70), 0, -127, 127), ((), None, 0, 3)]:
             channels = 1 if axis is None else shape[axis]
-            x, grad, scale, zero_point = make_case(rng, shape, axis, qmin, qmax,
-                                                   rng.uniform(-3, 1, channels), True)
-            check_against_oracle(x, grad, scale, zero_point, qmin, qmax, axis, 0.3)
-        print("plain python ok")
-        """
-    )
-    result = subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True, text=True,
-                            env=dict(os.environ, NUMBA_DISABLE_JIT="1"), timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "plain python ok"
+            x, grad, scale, zero_point = tests.make_case(rng, shape, axis, qmin, qmax,
+                                                         rng.uniform(-3, 1, channels), True)
+            tests.check_against_oracle(x, grad, scale, zero_point, qmin, qmax, axis, 0.3)
+    """)

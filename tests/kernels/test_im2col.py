@@ -1,10 +1,8 @@
 """qatcore.kernels.im2col against NumPy oracles: im2col, and col2im as its adjoint."""
 
 import doctest
-import os
 import subprocess
 import sys
-import textwrap
 from typing import NamedTuple
 
 import numpy as np
@@ -314,16 +312,8 @@ def test_docstring_examples():
     assert doctest.testmod(im2col_kernels).failed == 0
 
 
-def test_kernels_run_as_plain_python_without_jit():
-    script = textwrap.dedent(
-        f"""
-        import importlib.util, types
-        import numpy as np
-        from numba.core import config
-        assert config.DISABLE_JIT
-        spec = importlib.util.spec_from_file_location("im2col_tests", {__file__!r})
-        tests = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tests)
+def test_kernels_run_as_plain_python_without_jit(run_without_jit):
+    run_without_jit(__file__, """
         kernels = tests.im2col_kernels
         for loop in (kernels._im2col_fill, kernels._col2im_accumulate):
             assert isinstance(loop, types.FunctionType), type(loop)
@@ -343,15 +333,7 @@ def test_kernels_run_as_plain_python_without_jit():
                 tests.check_im2col_algorithms(geometry, dtype, 14)
                 tests.check_col2im_algorithms(geometry, dtype, 15)
             tests.check_col2im_is_adjoint(geometry, 13)
-        print("plain python kernels ok")
-        """
-    )
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "plain python kernels ok"
+    """)
 
 
 def test_importing_the_kernel_package_does_not_import_numba():

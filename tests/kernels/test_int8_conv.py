@@ -3,10 +3,6 @@ zero point), bit for bit, compiled and as plain Python. The requantization oracl
 of test_int8_gemm.py."""
 
 import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -204,26 +200,12 @@ def test_empty_batch_and_inputs_left_alone():
 # The same kernels as plain Python
 
 
-def test_runs_as_plain_python():
-    script = textwrap.dedent(
-        f"""
-        import importlib.util, types
-        import numpy as np
-        from numba.core import config
-        assert config.DISABLE_JIT
-        spec = importlib.util.spec_from_file_location("int8_conv_tests", {__file__!r})
-        tests = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tests)
+def test_runs_as_plain_python(run_without_jit):
+    run_without_jit(__file__, """
         assert isinstance(tests.conv._gather_rows, types.FunctionType)
         Case = tests.Case
         Case(2, 3, 2, 1, (5, 4), (3, 3), 1, 1, 1, np.uint8, np.uint8, "uniform", "any", False, 1).check()
         Case(1, 2, 3, 2, (6, 5), (2, 3), (2, 1), (1, 0), (2, 1), np.int8, np.int8, "uniform", "small", True, 2).check()
         Case(1, 1, 1, 4, (5, 5), (3, 3), 2, 1, 1, np.int8, np.uint8, "x_min", "large", False, 3).check()
         Case(2, 4, 3, 1, (3, 2), (1, 1), 1, 0, 1, np.uint8, np.int8, "uniform", "any", False, 4).check()
-        print("plain python ok")
-        """
-    )
-    result = subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True, text=True,
-                            env=dict(os.environ, NUMBA_DISABLE_JIT="1"), timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "plain python ok"
+    """)

@@ -1,10 +1,6 @@
 """qatcore.kernels.requantize and int8_gemm against int64 NumPy oracles written from NUMERICS.md
 ("Integer-only inference") and gemmlowp's fixedpoint.h, bit for bit, compiled and as plain Python."""
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import numba
 import numpy as np
@@ -401,16 +397,8 @@ def test_per_tensor_parameters_broadcast():
 # The same kernels as plain Python
 
 
-def test_runs_as_plain_python():
-    script = textwrap.dedent(
-        f"""
-        import importlib.util, types
-        import numpy as np
-        from numba.core import config
-        assert config.DISABLE_JIT
-        spec = importlib.util.spec_from_file_location("int8_gemm_tests", {__file__!r})
-        tests = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tests)
+def test_runs_as_plain_python(run_without_jit):
+    run_without_jit(__file__, """
         assert isinstance(tests.gemm._dot_4x4, types.FunctionType)
         assert isinstance(tests.rq.requantize_value, types.FunctionType)
         tests.check_multiply_by_quantized_multiplier(5, (3, 5))
@@ -423,10 +411,4 @@ def test_runs_as_plain_python():
                  (4, 9, 33, np.int8, np.int8, "x_min", "small", True, 4)]
         for case in cases:
             tests.check_gemm_and_linear(*case)
-        print("plain python ok")
-        """
-    )
-    result = subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True, text=True,
-                            env=dict(os.environ, NUMBA_DISABLE_JIT="1"), timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "plain python ok"
+    """)

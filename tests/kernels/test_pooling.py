@@ -1,10 +1,6 @@
 """qatcore.kernels.pooling against NumPy oracles: max and average pooling, forward and backward."""
 
 import doctest
-import os
-import subprocess
-import sys
-import textwrap
 from typing import NamedTuple
 
 import numpy as np
@@ -404,16 +400,8 @@ def test_docstring_examples():
     assert doctest.testmod(pooling).failed == 0
 
 
-def test_kernels_run_as_plain_python_without_jit():
-    script = textwrap.dedent(
-        f"""
-        import importlib.util, types
-        import numpy as np
-        from numba.core import config
-        assert config.DISABLE_JIT
-        spec = importlib.util.spec_from_file_location("pooling_tests", {__file__!r})
-        tests = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tests)
+def test_kernels_run_as_plain_python_without_jit(run_without_jit):
+    run_without_jit(__file__, """
         kernels = tests.pooling
         loops = (
             kernels._max_pool2d_forward_fill,
@@ -433,12 +421,4 @@ def test_kernels_run_as_plain_python_without_jit():
                 tests.check_avg_pool(geometry, dtype, 22, True)
                 tests.check_avg_pool(geometry, dtype, 23, False)
             tests.check_avg_pool_backward_is_adjoint(geometry, 24, False)
-        print("plain python kernels ok")
-        """
-    )
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "plain python kernels ok"
+    """)
