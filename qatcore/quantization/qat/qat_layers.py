@@ -55,6 +55,13 @@ class _QATLayer(Module):
         object.__setattr__(self, "input_quantizer", None)
         self.register_buffer("quant_enabled", np.ones((), dtype=np.bool_))
 
+    def _adopt_conv(self, conv: Conv2d) -> None:
+        """Take the conv's geometry and its very weight and bias Parameters (shared, not copied)."""
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            object.__setattr__(self, name, getattr(conv, name))
+        self.weight = conv.weight
+        self.register_parameter("bias", conv.bias)
+
     @property
     def enabled(self) -> bool:
         return bool(self.quant_enabled.data)
@@ -130,10 +137,7 @@ class QATConv2d(_QATLayer):
     def __init__(self, conv: Conv2d, weight_fake_quant: FakeQuantize | None,
                  output_fake_quant: FakeQuantize | None, relu: bool = False) -> None:
         super().__init__()
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
-            object.__setattr__(self, name, getattr(conv, name))
-        self.weight = conv.weight
-        self.register_parameter("bias", conv.bias)
+        self._adopt_conv(conv)
         self._init_quantizers(weight_fake_quant, output_fake_quant, relu)
 
     def forward(self, x):
@@ -154,10 +158,7 @@ class QATConvBn2d(_QATLayer):
     def __init__(self, conv: Conv2d, bn: BatchNorm2d, bn_name: str, weight_fake_quant: FakeQuantize | None,
                  output_fake_quant: FakeQuantize | None, relu: bool = False) -> None:
         super().__init__()
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
-            object.__setattr__(self, name, getattr(conv, name))
-        self.weight = conv.weight
-        self.register_parameter("bias", conv.bias)
+        self._adopt_conv(conv)
         # Referenced, not registered: the BatchNorm stays registered (and saved) under
         # its float name, bn_name, in the QAT model.
         object.__setattr__(self, "bn", bn)
