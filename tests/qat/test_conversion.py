@@ -11,7 +11,7 @@ from qatcore.errors import ConfigError, ObserverError
 from qatcore.models import DigitsCNN, SmallResNet
 from qatcore.nn import functional as F
 from qatcore.optim import SGD, CosineAnnealingLR
-from qatcore.quantization import QATPreparer, QuantizationConfig
+from qatcore.quantization import QATPreparer, QuantizationConfig, QuantSpec
 from qatcore.quantization.int8_layers import INT8_MODULES, Dequantize, Quantize
 from qatcore.quantization.qat import LayerOverride, LayerwiseConfig
 from qatcore.quantization.qat.parity import parity_report
@@ -131,6 +131,38 @@ def test_conversion_before_training_names_the_quantizer():
     qat = QATPreparer().prepare_for_qat(DigitsCNN())
     with pytest.raises(ObserverError, match="nothing was observed"):
         QATPreparer().convert_to_quantized(qat)
+
+
+class OneLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("config, message", [
+    (QuantizationConfig(weight=QuantSpec(bits=8, signed=True, scheme="per_channel_affine", axis=0)),
+     "'fc' weight quantizer has nonzero zero points"),
+    (QuantizationConfig(weight=QuantSpec(bits=8, signed=True, scheme="per_tensor_affine")),
+     "'fc' weight quantizer has nonzero zero points"),
+    (QuantizationConfig(weight=QuantSpec(bits=8, signed=True, scheme="per_channel_symmetric", axis=1)),
+     "per channel along axis 1.*set weight.axis to 0"),
+    (QuantizationConfig(weight=QuantSpec(bits=8, signed=False, scheme="per_tensor_affine")),
+     "needs signed weights of at most 8 bits"),
+    (QuantizationConfig(activation=QuantSpec(bits=12)), "activations of at most 8 bits"),
+])
+def test_grids_the_int8_kernels_cannot_run_are_refused(config, message):
+    # weights shifted off zero, so an affine weight grid gets nonzero zero points
+    model = OneLinear()
+    model.fc.weight.data += np.float32(0.3)
+    preparer = QATPreparer()
+    qat = preparer.prepare_for_qat(model, config)
+    qat.train()
+    qat(np.random.default_rng(0).random((8, 6), dtype=np.float32))
+    with pytest.raises(ConfigError, match=message):
+        preparer.convert_to_quantized(qat)
 
 
 def test_weights_only_models_are_refused_with_the_reason():

@@ -73,6 +73,9 @@ def _value_of(quantizer: FakeQuantize, source: str) -> Int8Value:
     if qparams.scale.size != 1:
         raise ConfigError(f"int8 conversion: activation quantizer {quantizer.name!r} is per channel; "
                           f"the int8 runtime needs per-tensor activations")
+    if qparams.dtype.bits > 8:
+        raise ConfigError(f"int8 conversion: activation quantizer {quantizer.name!r} uses {qparams.dtype}; "
+                          f"the int8 runtime needs activations of at most 8 bits (set activation.bits to 8)")
     return Int8Value(float(qparams.scale[0]), int(qparams.zero_point[0]), qparams.quant_min, qparams.quant_max,
                      source)
 
@@ -119,6 +122,22 @@ def _check_quantizers(node: Node, layer) -> None:
         )
 
 
+def _check_weight_grid(node: Node, w_qparams) -> None:
+    """The int8 kernels take weights as signed 8-bit integers with zero point 0, one scale
+    per tensor or per output channel (axis 0); any other trained grid is refused here rather
+    than converted into a model that computes something else."""
+    where = f"int8 conversion: layer {node.target!r} weight quantizer"
+    if w_qparams.dtype.quant_min < -128 or w_qparams.dtype.quant_max > 127 or not w_qparams.dtype.signed:
+        raise ConfigError(f"{where} uses {w_qparams.dtype}; the int8 model needs signed weights of at most "
+                          f"8 bits (set weight.signed to true and weight.bits to at most 8)")
+    if np.any(w_qparams.zero_point != 0):
+        raise ConfigError(f"{where} has nonzero zero points; the int8 model needs symmetric weights "
+                          f"(set weight.scheme to per_tensor_symmetric or per_channel_symmetric)")
+    if w_qparams.axis not in (None, 0):
+        raise ConfigError(f"{where} is per channel along axis {w_qparams.axis}; the int8 model needs "
+                          f"axis 0, the output channel (set weight.axis to 0)")
+
+
 def _weighted(builder: _Builder, node: Node, layer, x: Node, x_value: Int8Value) -> tuple[Node, Int8Value]:
     from qatcore.kernels.requantize import quantize_multiplier
 
@@ -128,11 +147,10 @@ def _weighted(builder: _Builder, node: Node, layer, x: Node, x_value: Int8Value)
     if isinstance(layer, QATConvBn2d):
         weight, bias, dead = layer.folded_parameters()  # exactly what training quantized
     w_qparams = layer.weight_fake_quant.calculate_qparams()
+    _check_weight_grid(node, w_qparams)
     weight_q = w_qparams.quantize(weight)
     if dead is not None:
         weight_q[dead] = 0  # channels with gamma == 0 output beta whatever the conv computes
-    if weight_q.min() < -128 or weight_q.max() > 127:
-        raise ConfigError(f"int8 conversion: layer {node.target!r} has weights wider than 8 bits")
     out = _value_of(layer.output_fake_quant, f"{node.name} (output)")
     s_w = w_qparams.scale.astype(np.float64)
     if s_w.size == 1:
