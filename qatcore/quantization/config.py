@@ -75,8 +75,9 @@ class QuantSpec:
             per-channel scheme (default 0, the output channel of a weight).
         observer: "minmax", "moving_average_minmax", "histogram" or "mse";
             observer_options: that observer's options (see OBSERVER_OPTIONS).
-        learnable: "fixed" (the observer sets the scale), "lsq" (learned scale)
-            or "lsq+" (learned scale and zero point; affine schemes only).
+        learnable: "fixed" (the observer sets the scale), "lsq" (learned scale, zero
+            point 0; symmetric schemes only) or "lsq+" (learned scale and zero point;
+            affine schemes only).
         grad_factor: the LSQ gradient scale; None means 1 / sqrt(numel * qmax).
         ignore_nan: drop NaN/Inf when observing instead of raising an error.
     """
@@ -127,6 +128,10 @@ class QuantSpec:
         _validate_observer_options(owner, self.observer, options)
         object.__setattr__(self, "observer_options", MappingProxyType(options))
         _choice(owner, "learnable", self.learnable, LEARNABLE_MODES)
+        if self.learnable == "lsq" and not self.scheme.symmetric:
+            raise ConfigError(f"{owner}.learnable 'lsq' learns the scale with the zero point held at 0, which an "
+                              f"affine scheme ({self.scheme.value}) would not give; use a symmetric scheme "
+                              f"(unsigned for values >= 0, as after a ReLU) or learnable 'lsq+'")
         if self.learnable == "lsq+" and self.scheme.symmetric:
             raise ConfigError(f"{owner}.learnable 'lsq+' learns a zero point; it needs an affine scheme, "
                               f"not {self.scheme.value}")
@@ -230,6 +235,9 @@ class QuantizationConfig:
                 object.__setattr__(self, name, QuantSpec.from_dict(value, f"QuantizationConfig.{name}"))
             elif not isinstance(value, QuantSpec):
                 raise ConfigError(f"QuantizationConfig.{name} must be a QuantSpec, got {type(value).__name__}")
+        if self.activation.scheme.per_channel and self.activation.axis == 0:
+            raise ConfigError("QuantizationConfig.activation is per channel along axis 0, the batch axis of an "
+                              "activation; use a per-tensor scheme (or axis 1, the channels, in eager-mode QAT)")
 
     @classmethod
     def default_8bit(cls) -> QuantizationConfig:

@@ -119,7 +119,8 @@ def test_off_switch():
 
 
 def test_lsq_scale_gradient_is_recorded():
-    quantizer = FakeQuantize(QuantSpec(bits=4, signed=False, learnable="lsq"), name="act")
+    spec = QuantSpec(bits=4, signed=False, scheme="per_tensor_symmetric", learnable="lsq")
+    quantizer = FakeQuantize(spec, name="act")
     stats = sample(quantizer, np.random.default_rng(2).uniform(0, 1, 1000).astype(np.float32), StatisticsCollector())
     assert stats.series["scale_grad"].last() > 0
 

@@ -43,6 +43,7 @@ def test_immutable():
     (dict(observer="histogram", observer_options={"percentile": 10}), "percentile"),
     (dict(learnable="sgd"), "learnable must be one of"),
     (dict(signed=True, scheme=QScheme.PER_TENSOR_SYMMETRIC, learnable="lsq+"), "affine"),
+    (dict(scheme=QScheme.PER_TENSOR_AFFINE, learnable="lsq"), "learnable 'lsq' .* zero point held at 0"),
     (dict(grad_factor=-1.0), "grad_factor"),
     (dict(signed=False, narrow_range=True), "narrow_range"),
     (dict(ignore_nan=1), "ignore_nan"),
@@ -57,6 +58,8 @@ def test_config_validation():
         QuantizationConfig(mode="everything")
     with pytest.raises(ConfigError, match="weight must be a QuantSpec"):
         QuantizationConfig(weight=8)
+    with pytest.raises(ConfigError, match="activation is per channel along axis 0, the batch axis"):
+        QuantizationConfig(activation=QuantSpec(scheme=QScheme.PER_CHANNEL_AFFINE, axis=0))
     with pytest.raises(ConfigError, match="QuantizationConfig.weight: unknown fields"):
         QuantizationConfig(weight={"bitz": 4})
     with pytest.raises(ConfigError, match="no fields"):
