@@ -116,3 +116,20 @@ def test_dict_round_trip():
         LayerwiseConfig.from_dict({"overrides": [{"type": "Conv9d"}]})
     with pytest.raises(ConfigError, match="exactly one of 'match' or 'type'"):
         LayerwiseConfig.from_dict({"overrides": [{"config": None}]})
+
+
+def test_dicts_refuse_repeats_non_strings_and_foreign_types():
+    with pytest.raises(ConfigError, match=r"overrides\[1\] repeats match 'fc'"):
+        LayerwiseConfig.from_dict({"overrides": [{"match": "fc", "enabled": False},
+                                                 {"match": "fc", "mode": "weights_only"}]})
+    with pytest.raises(ConfigError, match=r"overrides\[0\].match must be a string, got \['fc'\]"):
+        LayerwiseConfig.from_dict({"overrides": [{"match": ["fc"]}]})
+    with pytest.raises(ConfigError, match=r"overrides\[0\].type must be a string"):
+        LayerwiseConfig.from_dict({"overrides": [{"type": ["Linear"]}]})
+
+    class Linear(nn.Linear):  # a user's own class with a qatcore.nn name
+        pass
+
+    config = LayerwiseConfig(overrides={Linear: LayerOverride(enabled=False)})
+    with pytest.raises(ConfigError, match="only qatcore.nn layer types can"):
+        config.to_dict()

@@ -264,3 +264,16 @@ def test_resnet_prepares_and_trains():
         train_one_epoch(qat, loader, optimizer)
         schedule.step()
     assert evaluate_accuracy(qat, x_test, y_test) > 0.9
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="lazy"), "QATPreparer.mode must be one of"),
+    (dict(inplace="no"), "QATPreparer.inplace must be True or False, got 'no'"),
+    (dict(auto_step=1), "QATPreparer.auto_step must be True or False, got 1"),
+    (dict(schedule={"freeze_bn_at": 3}), "QATPreparer.schedule must be a QATSchedule"),
+    (dict(statistics=10), "QATPreparer.statistics must be a StatisticsConfig"),
+    (dict(mode="graph", inplace=True), "inplace=True needs mode 'eager' or 'auto'"),
+])
+def test_preparer_arguments_are_checked_when_given(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        QATPreparer(**kwargs)

@@ -195,10 +195,15 @@ class LayerwiseConfig:
 
     # ---- dicts (config files) -------------------------------------------------------------
     def to_dict(self) -> dict:
+        from qatcore import nn
+
         entries = []
         for key, value in self.overrides.items():
             override = _as_override(key, value)
             if isinstance(key, type):
+                if getattr(nn, key.__name__, None) is not key:
+                    raise ConfigError(f"layer-wise config: the override for type {key.__qualname__} cannot be "
+                                      f"written as a dict; only qatcore.nn layer types can (match it by name)")
                 entries.append({"type": key.__name__, **override.to_dict()})
             else:
                 entries.append({"match": key, **override.to_dict()})
@@ -229,13 +234,20 @@ class LayerwiseConfig:
                 raise ConfigError(f"layer-wise config: {where} has unknown keys {extra}")
             if ("match" in entry) == ("type" in entry):
                 raise ConfigError(f"layer-wise config: {where} needs exactly one of 'match' or 'type'")
-            if "type" in entry:
+            field_name = "type" if "type" in entry else "match"
+            if not isinstance(entry[field_name], str):
+                raise ConfigError(f"layer-wise config: {where}.{field_name} must be a string, "
+                                  f"got {entry[field_name]!r}")
+            if field_name == "type":
                 kind = getattr(nn, entry["type"], None)
                 if not (isinstance(kind, type) and issubclass(kind, Module)):
                     raise ConfigError(f"layer-wise config: {where}.type {entry['type']!r} is not a qatcore.nn layer")
                 key: Any = kind
             else:
                 key = entry["match"]
+            if key in overrides:
+                raise ConfigError(f"layer-wise config: {where} repeats {field_name} {entry[field_name]!r}; "
+                                  f"give each layer or type one entry")
             config = entry.get("config")
             overrides[key] = LayerOverride(
                 config=None if config is None else QuantizationConfig.from_dict(config),

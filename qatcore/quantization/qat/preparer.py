@@ -49,6 +49,12 @@ class QATPreparer(IQATPreparer):
                  inplace: bool = False, statistics: StatisticsConfig | None = None) -> None:
         if mode not in MODES:
             raise ConfigError(f"QATPreparer.mode must be one of {list(MODES)}, got {mode!r}")
+        for name, flag in (("inplace", inplace), ("auto_step", auto_step)):
+            if type(flag) is not bool:
+                raise ConfigError(f"QATPreparer.{name} must be True or False, got {flag!r}")
+        if schedule is not None and not isinstance(schedule, QATSchedule):
+            raise ConfigError(f"QATPreparer.schedule must be a QATSchedule (QATSchedule.from_dict reads a dict), "
+                              f"got {type(schedule).__name__}")
         if inplace and mode == "graph":
             raise ConfigError(
                 "QATPreparer: inplace=True needs mode 'eager' or 'auto'; graph mode always returns a new "
