@@ -15,7 +15,7 @@ import qatcore
 from qatcore.errors import CheckpointError
 from qatcore.models import MLP, DigitsCNN
 from qatcore.optim import SGD
-from qatcore.quantization import QATPreparer, load_qat_checkpoint, save_qat_checkpoint
+from qatcore.quantization import QATPreparer, QuantizationConfig, load_qat_checkpoint, save_qat_checkpoint
 from qatcore.quantization.qat.checkpointing import load_int8_model, read_qat_checkpoint, save_int8_model
 
 RUN = textwrap.dedent('''
@@ -205,6 +205,9 @@ def test_float_checkpoint_warm_starts_and_mismatch_lists_keys(tmp_path):
     qatcore.save(MLP().state_dict(), path)
     with pytest.raises(CheckpointError, match="layers.1.weight"):
         load_qat_checkpoint(path, qat)
+    qatcore.save({"fc.bias": float_model.fc.bias.data}, path)  # one of 14 float keys
+    with pytest.raises(CheckpointError, match=r"lacks 13 of the model's float weights.*'bn1.bias'"):
+        load_qat_checkpoint(path, qat)
 
 
 def test_other_models_checkpoint_is_refused_with_keys(tmp_path):
@@ -215,6 +218,36 @@ def test_other_models_checkpoint_is_refused_with_keys(tmp_path):
     other = QATPreparer().prepare_for_qat(DigitsCNN())
     with pytest.raises(CheckpointError, match="missing keys: .*conv1.weight"):
         load_qat_checkpoint(path, other)
+
+
+def test_checkpoint_from_other_settings_is_refused_and_changes_nothing(tmp_path):
+    x = np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32)
+    four_bit = QATPreparer().prepare_for_qat(DigitsCNN(), QuantizationConfig.lsq_4bit_weights())
+    four_bit(x)
+    path = tmp_path / "four_bit.ckpt"
+    save_qat_checkpoint(path, four_bit)
+    eight_bit = QATPreparer().prepare_for_qat(DigitsCNN())
+    eight_bit(x)
+    before = eight_bit.state_dict()
+    with pytest.raises(CheckpointError, match=r"other settings \(layerwise_config\).*from_checkpoint"):
+        load_qat_checkpoint(path, eight_bit)
+    for key, value in eight_bit.state_dict().items():
+        np.testing.assert_array_equal(value, before[key], err_msg=key)
+    restored, _ = QATPreparer.from_checkpoint(path, DigitsCNN())
+    np.testing.assert_array_equal(restored.eval()(x).numpy(), four_bit.eval()(x).numpy())
+
+
+def test_generator_of_another_kind_is_refused_before_anything_changes(tmp_path):
+    qat = QATPreparer().prepare_for_qat(MLP(hidden=(8,)))
+    qat(np.zeros((2, 1, 8, 8), np.float32))
+    path = tmp_path / "mlp.ckpt"
+    save_qat_checkpoint(path, qat, generators={"data": np.random.default_rng(0)})
+    other = QATPreparer().prepare_for_qat(MLP(hidden=(8,)))
+    before = other.state_dict()
+    with pytest.raises(CheckpointError, match="generator 'data' was saved from a 'PCG64' bit generator.*MT19937"):
+        load_qat_checkpoint(path, other, generators={"data": np.random.Generator(np.random.MT19937(0))})
+    for key, value in other.state_dict().items():
+        np.testing.assert_array_equal(value, before[key], err_msg=key)
 
 
 def test_int8_model_deployment_save_load(tmp_path):

@@ -35,6 +35,7 @@ A plain float ``state_dict`` file loads into a QAT model as a warm start
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ import numpy as np
 
 from qatcore.errors import CheckpointError, QATCoreError
 from qatcore.nn.module import Module
+from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.serialization import load, save
 
 __all__ = ["save_qat_checkpoint", "load_qat_checkpoint", "read_qat_checkpoint", "LoadedCheckpoint",
@@ -68,17 +70,47 @@ def _controller(qat_model: Module):
     return QATPreparer.controller(qat_model)
 
 
+def _preparation_settings(controller) -> dict:
+    """What decides how the model quantizes and when: a checkpoint only resumes a model
+    prepared with the same."""
+    return {
+        "mode": controller.preparation_mode,
+        "schedule": controller.schedule.to_dict(),
+        "auto_step": controller.auto_step,
+        "layerwise_config": controller.layerwise_config.to_dict(),
+    }
+
+
+def _check_same_preparation(path, saved: dict, current: dict) -> None:
+    # compared as JSON text: the file's msgpack round trip turns tuples into lists
+    def canonical(value):
+        return json.dumps(value, sort_keys=True, default=repr)
+
+    differing = [key for key in current if canonical(saved.get(key)) != canonical(current[key])]
+    if differing:
+        raise CheckpointError(
+            f"{path}: the checkpoint was saved from a model prepared with other settings ({', '.join(differing)}); "
+            f"loading it would quantize on the wrong grid. Prepare the model as it was "
+            f"(QATPreparer.from_checkpoint({str(path)!r}) does) and load again"
+        )
+
+
+def _float_keys(qat_model: Module) -> set[str]:
+    """The state_dict keys a float checkpoint must hold: all but the quantization state
+    that preparation added (quantizers, the controller, the per-layer switches)."""
+    from qatcore.quantization.qat.training_integration import QATController
+
+    added = tuple(f"{name}." for name, module in qat_model.named_modules()
+                  if name and isinstance(module, (FakeQuantize, QATController)))
+    return {key for key in qat_model.state_dict()
+            if not key.startswith(added) and key.rsplit(".", 1)[-1] not in ("quant_enabled", "bn_frozen")}
+
+
 def save_qat_checkpoint(path, qat_model: Module, optimizer=None, preparer=None, extra: Any = None,
                         generators: dict[str, np.random.Generator] | None = None) -> None:
     """Write a checkpoint of ``qat_model`` (and the optional parts) to ``path``, atomically."""
     controller = _controller(qat_model)
-    settings = {
-        "mode": controller.preparation_mode,
-        "schedule": controller.schedule.to_dict(),
-        "auto_step": controller.auto_step,
-        "statistics": controller.statistics.to_dict()["config"],
-        "layerwise_config": controller.layerwise_config.to_dict(),
-    }
+    settings = {**_preparation_settings(controller), "statistics": controller.statistics.to_dict()["config"]}
     if preparer is not None and preparer.controller(qat_model) is not controller:
         raise CheckpointError("save_qat_checkpoint: the preparer did not prepare this model")
     states = {}
@@ -148,17 +180,27 @@ def load_qat_checkpoint(path, qat_model: Module, optimizer=None,
         if unknown or not state:
             raise CheckpointError(f"{path}: this float checkpoint does not fit the model; keys the model does "
                                   f"not have: {unknown[:20]}")
+        missing = sorted(_float_keys(qat_model) - set(state))
+        if missing:
+            raise CheckpointError(f"{path}: this float checkpoint lacks {len(missing)} of the model's float "
+                                  f"weights and statistics: {missing[:20]}")
         try:
             qat_model.load_state_dict(state, strict=False)
         except QATCoreError as e:
             raise CheckpointError(f"{path}: {e}") from e
         return LoadedCheckpoint("float", None, None, None)
+    _check_same_preparation(path, payload["preparer"], _preparation_settings(controller))
     try:
         statistics = QATStatistics.from_dict(payload["statistics"])
         states = dict(payload["generators"])
-        for name in states:
+        for name, state in states.items():
             if generators is None or name not in generators:
                 raise CheckpointError(f"{path}: the checkpoint holds generator {name!r}; hand it in to restore it")
+            kind = type(generators[name].bit_generator).__name__
+            if not isinstance(state, dict) or state.get("bit_generator") != kind:
+                saved = state.get("bit_generator") if isinstance(state, dict) else state
+                raise CheckpointError(f"{path}: generator {name!r} was saved from a {saved!r} bit generator; "
+                                      f"the one handed in is a {kind}")
         # validate everything before changing anything: the model on a scratch copy of its state
         before = qat_model.state_dict()
         qat_model.load_state_dict(payload["model"], strict=True)
