@@ -4,7 +4,7 @@ Prints one JSON object:
 
 - ``numpy_copyto_ms``: one ``np.copyto`` of the array into a preallocated one (read + write of
   every element, the memory-bandwidth yardstick);
-- for ``per_tensor`` and ``per_channel`` (shape (256, 256, 256), axis 0), the median time of
+- for ``per_tensor`` and ``per_channel_axis0`` (shape (256, 256, 256), axis 0), the median time of
   ``fake_quantize_forward`` and of forward + ``fake_quantize_backward`` (STE, and LSQ+ for the
   backward alone), with throughput in Melem/s and the ratio to ``np.copyto`` (the outputs are
   new arrays, so both include the first touch of freshly allocated memory, which copyto does not);

@@ -11,13 +11,13 @@ Prints one JSON object with one entry per section (``SECTIONS``):
   next to qatcore's float conv2d forward (``qatcore.nn.functional.conv2d`` under no_grad);
 - ``torch``: when torch is installed, ``torch.ao.nn.quantized.Linear`` / ``Conv2d`` (quint8
   activations, per-channel qint8 weights) on the same shapes with the x86 (fbgemm) engine;
-- ``machine``: CPU, cores, versions, numba's threads and threading layer, the load average
-  (other processes on a shared machine show up there), and the vector instructions of the
-  int8 tile's inner loop as LLVM compiles it on this machine.
+- ``digits_cnn_inference``: DigitsCNN on the digits test set, float vs converted int8 model;
+- ``machine`` (not a section; always present): CPU, cores, versions, numba's threads and
+  threading layer, the load average (other processes on a shared machine show up there),
+  and the vector instructions of the int8 tile's inner loop as LLVM compiles it here.
 
 Phases that call BLAS run after the int8 phases, and each int8 phase starts after a pause, so
 that the int8 figures (but for ``after_blas``) are not measured against spinning BLAS threads.
-- ``digits_cnn_inference``: DigitsCNN on the digits test set, float vs converted int8 model.
 
 A further section is a function ``name(args) -> dict`` added to ``SECTIONS``.
 

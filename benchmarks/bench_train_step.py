@@ -7,7 +7,7 @@ Prints one JSON object:
 - ``conv2d_fwd_bwd_gflops``: conv2d forward + backward (input and weight gradients)
   at N=32, C=K=64, H=W=56, 3x3, padding 1; FLOPs counted as 3 GEMMs of
   2 * N * K * C * 9 * H * W each;
-- ``numpy_matmul_gflops``: numpy float32 matmul at 1024^3, the machine's BLAS rate;
+- ``numpy_matmul_1024_gflops``: numpy float32 matmul at 1024^3, the machine's BLAS rate;
 - the same step and conv figures for PyTorch eager CPU when torch is installed.
 
 Usage: ``python benchmarks/bench_train_step.py [--repeats N] [--quick]``
