@@ -78,11 +78,17 @@ class _Int8Module(Module):
         qmin, qmax = self.output_range.data.tolist()
         return _out_dtype(qmin, qmax)
 
+    # the attributes config() writes and from_config() restores (beyond the STATE buffers)
+    CONFIG_KEYS: tuple[str, ...] = ()
+
     def config(self) -> dict:
         return {}
 
     @classmethod
     def from_config(cls, config: dict) -> _Int8Module:
+        if set(config) != set(cls.CONFIG_KEYS):
+            raise ConfigError(f"{cls.__name__} config needs exactly the keys {sorted(cls.CONFIG_KEYS)}, "
+                              f"got {sorted(config)}")
         module = cls.__new__(cls)
         Module.__init__(module)
         for key, value in config.items():
@@ -175,6 +181,8 @@ class QuantizedConv2d(_QuantizedWeighted):
         super().__init__(*args)
         self.stride, self.padding, self.dilation, self.groups = tuple(stride), tuple(padding), tuple(dilation), groups
 
+    CONFIG_KEYS = ("stride", "padding", "dilation", "groups")
+
     def config(self) -> dict:
         return {"stride": list(self.stride), "padding": list(self.padding), "dilation": list(self.dilation),
                 "groups": self.groups}
@@ -254,6 +262,8 @@ class Int8MaxPool2d(_Int8Module):
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation = tuple(padding), tuple(dilation)
 
+    CONFIG_KEYS = ("kernel_size", "stride", "padding", "dilation")
+
     def config(self) -> dict:
         return {k: list(getattr(self, k)) for k in ("kernel_size", "stride", "padding", "dilation")}
 
@@ -295,6 +305,8 @@ class Int8AvgPool2d(_Int8Module):
         self.register_buffer("input_zero_point", np.array(input_zero_point, dtype=np.int32))
         self._set_output(output_scale, output_zero_point, qmin, qmax)
 
+    CONFIG_KEYS = ("kernel_size", "stride")
+
     def config(self) -> dict:
         return {"kernel_size": None if self.kernel_size is None else list(self.kernel_size),
                 "stride": None if self.stride is None else list(self.stride)}
@@ -333,6 +345,8 @@ class Int8Flatten(_Int8Module):
         super().__init__()
         self.start_dim, self.end_dim = start_dim, end_dim
 
+    CONFIG_KEYS = ("start_dim", "end_dim")
+
     def config(self) -> dict:
         return {"start_dim": self.start_dim, "end_dim": self.end_dim}
 
@@ -349,6 +363,8 @@ class Int8Cat(_Int8Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dim = dim
+
+    CONFIG_KEYS = ("dim",)
 
     def config(self) -> dict:
         return {"dim": self.dim}

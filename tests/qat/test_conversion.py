@@ -225,6 +225,11 @@ def test_int8_model_loading_rejects_bad_records(digits_qat):
     short[module_node][3] = [short[module_node][3][0], short[module_node][3][1], []]
     with pytest.raises(ConfigError, match="state values"):
         int8_model_from_dict(dict(record, nodes=short))
+    conv_node = next(i for i, n in enumerate(nodes) if len(n) == 4 and n[3][0] == "QuantizedConv2d")
+    no_config = [list(n) for n in record["nodes"]]
+    no_config[conv_node][3] = [no_config[conv_node][3][0], {}, no_config[conv_node][3][2]]
+    with pytest.raises(ConfigError, match=r"QuantizedConv2d config needs exactly the keys \['dilation'"):
+        int8_model_from_dict(dict(record, nodes=no_config))
 
 
 @pytest.mark.parametrize("kernel, stride, padding, shape", [

@@ -119,7 +119,10 @@ def _build_module(record: Any, where: str) -> Module:
         cls = INT8_MODULES[kind]
         if not isinstance(values, list) or len(values) != len(cls.STATE):
             raise ConfigError(f"int8 model: {where}: {kind} needs {len(cls.STATE)} state values")
-        module = cls.from_config(config)
+        try:
+            module = cls.from_config(config)
+        except ConfigError as e:
+            raise ConfigError(f"int8 model: {where}: {e}") from None
         for (name, dtype), value in zip(cls.STATE, values):
             module.register_buffer(name, _unpack_value(value, dtype, f"{where}.{name}"))
         return module
