@@ -143,3 +143,19 @@ def test_plot_writes_png_or_explains(tmp_path):
 def test_config_validation(kwargs):
     with pytest.raises(ConfigError):
         StatisticsConfig(**kwargs)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"format": "qatcore.statistics", "version": 1}, "'config' must be a mapping"),
+    ({"format": "qatcore.statistics", "version": 1, "config": {"bogus": 1}}, r"got \['bogus'\]"),
+    ({"format": "qatcore.statistics", "version": 1, "config": {}, "last_step": 0, "quantizers": {"a": {}}},
+     "statistics record is malformed .*KeyError"),
+])
+def test_malformed_statistics_records_are_refused_by_field(record, message):
+    with pytest.raises(ConfigError, match=message):
+        QATStatistics.from_dict(record)
+
+
+def test_schedule_from_something_not_a_mapping_is_refused():
+    with pytest.raises(ConfigError, match="QATSchedule: expected a mapping of its fields, got int"):
+        QATSchedule.from_dict(5)

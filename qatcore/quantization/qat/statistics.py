@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -216,8 +216,7 @@ class QATStatistics:
         config = self.config
         return {
             "format": "qatcore.statistics", "version": 1, "last_step": self.last_step,
-            "config": {"enabled": config.enabled, "every": config.every, "capacity": config.capacity,
-                       "per_channel_detail": config.per_channel_detail, "histogram_bins": config.histogram_bins},
+            "config": asdict(config),
             "quantizers": {name: q.to_dict() for name, q in self.quantizers.items()},
         }
 
@@ -227,9 +226,17 @@ class QATStatistics:
             raise ConfigError("not a qatcore statistics record (missing format 'qatcore.statistics')")
         if data.get("version") != 1:
             raise ConfigError(f"statistics record version {data.get('version')!r}; this qatcore reads version 1")
-        stats = cls(StatisticsConfig(**data["config"]))
-        stats.last_step = int(data["last_step"])
-        stats.quantizers = {name: QuantizerStatistics.from_dict(q) for name, q in data["quantizers"].items()}
+        config = data.get("config")
+        known = {f.name for f in fields(StatisticsConfig)}
+        if not isinstance(config, dict) or not set(config) <= known:
+            raise ConfigError(f"statistics record: 'config' must be a mapping with keys from {sorted(known)}, "
+                              f"got {sorted(config) if isinstance(config, dict) else type(config).__name__}")
+        stats = cls(StatisticsConfig(**config))
+        try:
+            stats.last_step = int(data["last_step"])
+            stats.quantizers = {name: QuantizerStatistics.from_dict(q) for name, q in data["quantizers"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise ConfigError(f"statistics record is malformed ({type(e).__name__}: {e})") from None
         return stats
 
     def save(self, path) -> None:

@@ -78,6 +78,8 @@ class QATSchedule:
 
     @classmethod
     def from_dict(cls, data: dict) -> QATSchedule:
+        if not isinstance(data, dict):
+            raise ConfigError(f"QATSchedule: expected a mapping of its fields, got {type(data).__name__}")
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ConfigError(f"QATSchedule: unknown fields {unknown}")
