@@ -181,7 +181,8 @@ class Observer(Module, abc.ABC):
         """(scale float32, zero_point int32) arrays: calculate_qparams's values without building
         and validating a QParams object (FakeQuantize calls this on every training step)."""
         if not self.has_observed or not np.all(self.min_val.data <= self.max_val.data):
-            return self.calculate_qparams().scale, self.calculate_qparams().zero_point  # raises, naming the cause
+            self.calculate_qparams()  # raises, naming the cause
+            raise AssertionError("unreachable: calculate_qparams accepted an empty or inverted range")
         return scale_zero_point_from_range(self.min_val.data, self.max_val.data, self.spec.dtype,
                                            self.spec.scheme.symmetric)
 

@@ -50,7 +50,6 @@ __all__ = ["save_qat_checkpoint", "load_qat_checkpoint", "read_qat_checkpoint", 
            "save_int8_model", "load_int8_model"]
 
 FORMAT, VERSION = "qatcore.qat_checkpoint", 1
-INT8_FORMAT = "qatcore.int8_model"
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from qatcore.quantization.int8_layers import (
     QuantizedLinear,
     Requantize,
 )
-from qatcore.quantization.qat.qat_layers import QATConv2d, QATConvBn2d, QATLinear
+from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES, QATConvBn2d, QATLinear
 
 __all__ = ["convert_to_quantized", "Int8Value"]
 
@@ -240,7 +240,7 @@ def convert_to_quantized(qat_model: Module) -> GraphModule:
                                                                           value.scale, value.zero_point, value.qmin,
                                                                           value.qmin, value.qmax), (new,), value)
                 continue
-            if isinstance(module, (QATLinear, QATConv2d, QATConvBn2d)) and module.enabled:
+            if isinstance(module, QAT_LAYER_TYPES) and module.enabled:
                 _check_quantizers(node, module)
                 x, x_value = builder.as_int(node.args[0], f"layer {node.target!r}")
                 builder.env[node] = _weighted(builder, node, module, x, x_value)
