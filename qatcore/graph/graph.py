@@ -34,6 +34,7 @@ import numpy as np
 from qatcore.errors import GraphError
 from qatcore.graph.node import OPCODES, Node, iter_nodes, target_name
 from qatcore.tensor import Tensor
+from qatcore.text_table import text_table
 
 __all__ = ["Graph"]
 
@@ -251,11 +252,7 @@ class Graph:
         return rows
 
     def __str__(self) -> str:
-        rows = self._rows()
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return "\n".join(text_table(self._rows()))
 
     def to_dot(self, name: str = "graph") -> str:
         """The graph in Graphviz DOT form (render with ``dot -Tpng``)."""

@@ -30,6 +30,7 @@ from qatcore.autograd import no_grad
 from qatcore.errors import ConfigError
 from qatcore.graph import GraphModule
 from qatcore.tensor import Tensor
+from qatcore.text_table import text_table
 
 __all__ = ["LayerParity", "ParityReport", "parity_report"]
 
@@ -56,9 +57,7 @@ class ParityReport:
         header = ["value", "elements", "exact %", "<= 1 LSB %", "max LSB"]
         rows = [header] + [[p.name, str(p.elements), f"{100 * p.exact:.3f}", f"{100 * p.within_one:.3f}",
                             f"{p.max_lsb:g}"] for p in (*self.layers, self.output)]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = text_table(rows)
         if self.top1_agreement is not None:
             lines.append(f"top-1 agreement: {100 * self.top1_agreement:.3f}%")
         return "\n".join(lines)

@@ -27,6 +27,7 @@ from qatcore.quantization.qat.preparation import LayerRecord, prepare_eager_mode
 from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES
 from qatcore.quantization.qat.statistics import QATStatistics, StatisticsConfig
 from qatcore.quantization.qat.training_integration import QATController, QATSchedule
+from qatcore.text_table import text_table
 
 __all__ = ["QATPreparer"]
 
@@ -186,9 +187,7 @@ class QATPreparer(IQATPreparer):
         rows = [header]
         for record in controller.layers:
             rows.append(_describe_row(record, qat_model))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = text_table(rows)
         lines.append(f"preparation: {controller.preparation_mode} mode"
                      + (f" (tracing failed: {controller.fallback_reason})" if controller.fallback_reason else ""))
         return "\n".join(lines)

@@ -39,6 +39,7 @@ import numpy as np
 
 from qatcore.errors import ConfigError, QATCoreError
 from qatcore.quantization.histogram_observer import histogram_percentile, histogram_state, update_histograms
+from qatcore.text_table import text_table
 
 __all__ = ["Series", "QuantizerStatistics", "QATStatistics", "StatisticsConfig", "PERCENTILES"]
 
@@ -284,9 +285,7 @@ class QATStatistics:
             flip = "-" if flips is None or not len(flips) else f"{100 * flips.last():.2f}"
             rows.append([name, q.kind, last(q, "scale_mean"), f"[{low}, {high}]", clip, last(q, "sqnr_db", "{:.1f}"),
                          flip, last(q, "grad_norm_in"), last(q, "grad_norm_out")])
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = text_table(rows)
         lines.append(f"last step {self.last_step}; one sample every {self.config.every} steps")
         return "\n".join(lines)
 
