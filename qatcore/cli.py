@@ -13,8 +13,9 @@ to an integer-only int8 model, evaluate all three, and write a run folder:
 
 Ctrl-C stops at the end of the current training step and saves ``resume.ckpt`` in
 the run folder; ``qatcore run --resume FOLDER`` continues to the same result an
-uninterrupted run gives. ``qatcore stats``, ``qatcore convert`` and ``qatcore bench``
-inspect checkpoints, convert them and run the benchmarks.
+uninterrupted run gives. ``qatcore stats``, ``qatcore convert``, ``qatcore export``
+and ``qatcore bench`` inspect checkpoints, convert them, export runs and models to
+ONNX (with the onnx extra) and run the benchmarks.
 
 Exit codes a script can rely on: 0 success, 2 bad usage or bad input (one line on
 stderr saying why, no traceback), 130 interrupted (resumable), 1 internal error.
@@ -27,6 +28,7 @@ stderr saying why, no traceback), 130 interrupted (resumable), 1 internal error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -118,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--model", choices=MODELS, default="cnn", help="the float model the checkpoint is of")
     convert.add_argument("--image-size", type=int, default=8, help="input side, for the cnn and mlp (default: 8)")
     convert.add_argument("--output", type=Path, default=Path("model.int8"))
+    export = sub.add_parser("export", help="export a run, an int8 model or a QAT checkpoint to ONNX "
+                                           "(needs the onnx extra)")
+    export.add_argument("source", type=Path,
+                        help="a run folder, an int8 model file (model.int8) or a QAT checkpoint (qat.ckpt)")
+    export.add_argument("--output", type=Path, default=Path("model.onnx"), help="(default: model.onnx)")
+    export.add_argument("--format", choices=("qdq", "qoperator"), default="qdq",
+                        help="int8 operators as DequantizeLinear/op/QuantizeLinear (qdq, default) or "
+                             "QLinearConv/QLinearMatMul (qoperator)")
+    export.add_argument("--qat", action="store_true",
+                        help="export the QAT model (float, with QDQ pairs) instead of the int8 model")
+    export.add_argument("--model", choices=MODELS,
+                        help="the float model a QAT checkpoint is of (default: the run's, else cnn)")
+    export.add_argument("--image-size", type=_positive_int,
+                        help="input side (default: the run's, 28 for MNIST runs, else 8)")
     bench = sub.add_parser("bench", help="run the benchmark suite and write one JSON file")
     bench.add_argument("--output", type=Path, default=Path("benchmarks.json"))
     bench.add_argument("--quick", action="store_true", help="a smoke run with few repetitions")
@@ -427,6 +443,48 @@ def _convert(args) -> int:
     return 0
 
 
+def _export_source(args) -> tuple[Any, dict]:
+    """The model to export and the run settings found beside it ({} when there are none)."""
+    from qatcore.errors import CheckpointError
+    from qatcore.quantization import QATPreparer, load_int8_model
+    from qatcore.quantization.qat.checkpointing import read_qat_checkpoint
+
+    source = args.source
+    if source.is_dir():
+        source = source / ("qat.ckpt" if args.qat or not (source / "model.int8").is_file() else "model.int8")
+    if not source.is_file():
+        raise ConfigError(f"{source} does not exist")
+    checkpoint = source if source.name != "model.int8" else source.with_name("qat.ckpt")
+    settings: dict = {}
+    if checkpoint.is_file():
+        with contextlib.suppress(QATCoreError, KeyError, TypeError):
+            settings = dict(read_qat_checkpoint(checkpoint)["extra"]["run_args"])
+    if not args.qat:
+        with contextlib.suppress(CheckpointError):
+            return load_int8_model(source), settings
+    payload = read_qat_checkpoint(source)
+    if payload["format"] == "float":
+        raise ConfigError(f"{source} is a float checkpoint; export takes a QAT checkpoint or an int8 model")
+    image_size = args.image_size or (28 if settings.get("mnist") else 8)
+    float_model = _make_model(args.model or settings.get("model", "cnn"), np.random.default_rng(0), image_size)
+    qat_model, _ = QATPreparer.from_checkpoint(source, float_model)
+    return (qat_model if args.qat else QATPreparer().convert_to_quantized(qat_model)), settings
+
+
+def _export(args) -> int:
+    from qatcore.interop.onnx import export_onnx
+
+    model, settings = _export_source(args)
+    if args.qat and args.format != "qdq":
+        raise ConfigError("--qat exports the QAT model in QDQ form; --format qoperator is for int8 models")
+    image_size = args.image_size or (28 if settings.get("mnist") else 8)
+    example = np.zeros((1, 1, image_size, image_size), dtype=np.float32)
+    export_onnx(model.eval(), args.output, example, format=args.format)
+    kind = "QAT" if args.qat else "int8"
+    print(f"{kind} model exported to {args.output} (ONNX, {args.format}, input (batch, 1, {image_size}, {image_size}))")
+    return 0
+
+
 def _bench(args) -> int:
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
     if not script.is_file():
@@ -451,6 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _convert(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "export":
+            return _export(args)
         show = args.progress or (not args.quiet and not args.json and sys.stderr.isatty())
         result = run_pipeline(args, _Progress(sys.stderr, show))
     except Interrupted:

@@ -24,6 +24,7 @@ __all__ = [
     "TraceError",
     "ObserverError",
     "CheckpointError",
+    "InteropError",
 ]
 
 
@@ -79,3 +80,9 @@ class ObserverError(QATCoreError, ValueError):
 class CheckpointError(QATCoreError, ValueError):
     """A QAT checkpoint (or int8 model file) is corrupted, truncated, hostile, of another
     format version, or does not fit the model it is loaded into."""
+
+
+class InteropError(QATCoreError, ValueError):
+    """A model cannot be exported to, or an ONNX file imported from, another framework's
+    format: an operator or setting that has no faithful counterpart (named, with the node),
+    or a file that is malformed; also raised when the optional ``onnx`` extra is missing."""

@@ -65,7 +65,7 @@ import numpy as np
 
 from qatcore.errors import SerializationError
 
-__all__ = ["dumps", "load", "loads", "save"]
+__all__ = ["dumps", "load", "loads", "save", "write_atomically"]
 
 _MAGIC = b"QATCSAVE"
 _FORMAT_VERSION = 1
@@ -312,7 +312,16 @@ def save(obj: Any, path: str | os.PathLike) -> None:
     >>> state
     {'step': 3, 'weight': array([0., 1., 2.], dtype=float32)}
     """
-    data = dumps(obj)
+    write_atomically(dumps(obj), path)
+
+
+def write_atomically(data: bytes, path) -> None:
+    """Write ``data`` to ``path`` so that the file is either the old one or all of the new
+    one, never a part: a temporary file beside it, fsynced, then renamed over it.
+
+    Raises:
+        SerializationError: a missing directory or a failed write (the temporary is removed).
+    """
     target = _as_path(path)
     directory = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(directory):

@@ -719,7 +719,7 @@ def test_docstring_examples_run():
 
 
 def test_public_api():
-    assert sorted(serialization.__all__) == ["dumps", "load", "loads", "save"]
+    assert sorted(serialization.__all__) == ["dumps", "load", "loads", "save", "write_atomically"]
     assert "QATCSAVE" in serialization.__doc__ and "crc32" in serialization.__doc__
 
 

@@ -13,8 +13,8 @@ from qatcore.graph.pattern import (
     replace_chain_with_module,
     replace_chain_with_subgraph,
 )
-from qatcore.graph.tracer import Proxy, Tracer, trace
+from qatcore.graph.tracer import Proxy, Tracer, copy_graph, trace
 
 __all__ = ["Graph", "GraphModule", "Node", "OPCODES", "PassResult", "Proxy", "Tracer", "trace",
            "propagate_shapes", "eliminate_dead_code", "fuse_for_inference", "find_chains",
-           "node_matches", "replace_chain_with_module", "replace_chain_with_subgraph"]
+           "node_matches", "replace_chain_with_module", "replace_chain_with_subgraph", "copy_graph"]

@@ -40,7 +40,7 @@ from qatcore.nn.module import Module
 from qatcore.symbolic import SymbolicValue
 from qatcore.tensor import Tensor
 
-__all__ = ["Proxy", "Tracer", "trace", "is_default_leaf"]
+__all__ = ["Proxy", "Tracer", "trace", "copy_graph", "is_default_leaf"]
 
 _GRAPH_DIR = os.path.dirname(os.path.abspath(__file__))
 _QATCORE_DIR = os.path.dirname(_GRAPH_DIR)
@@ -289,11 +289,28 @@ class Tracer:
         return self.graph
 
 
+def copy_graph(graph: Graph) -> Graph:
+    """A new Graph with the same nodes (names, targets, arguments, meta) in the same order."""
+    new = Graph()
+    env: dict[Node, Node] = {}
+    for node in graph.nodes:
+        if node.op == "input":
+            env[node] = new.input(node.target)
+        elif node.op == "output":
+            env[node] = new.output(map_nodes(node.args[0], env.__getitem__))
+        else:
+            env[node] = new.create_node(node.op, node.target, map_nodes(node.args, env.__getitem__),
+                                        map_nodes(node.kwargs, env.__getitem__), name=node.name)
+        env[node].meta.update(node.meta)
+    return new
+
+
 def trace(module: Module, example_inputs: tuple | None = None, leaf_modules: Iterable = ()) -> GraphModule:
     """Trace ``module`` into a GraphModule sharing its submodules and parameters.
 
     Args:
-        module: the model (left unchanged).
+        module: the model (left unchanged). A GraphModule (an imported model, say) is
+            not traced again: the result runs a copy of its graph.
         example_inputs: optional inputs (arrays or Tensors); when given, every node's
             output ``shape`` and ``dtype`` are recorded in ``node.meta``.
         leaf_modules: extra Module types or dotted names to keep as single nodes.
@@ -304,8 +321,13 @@ def trace(module: Module, example_inputs: tuple | None = None, leaf_modules: Ite
     """
     from qatcore.graph.passes.shape_propagation import propagate_shapes
 
-    graph = Tracer(module, leaf_modules).trace()
-    gm = GraphModule(module, graph)
+    if isinstance(module, GraphModule):
+        # already a graph (an imported model, say): its trace is a copy of that graph
+        graph = copy_graph(module.graph)
+        gm = GraphModule(module, graph, class_name=module.class_name)
+    else:
+        graph = Tracer(module, leaf_modules).trace()
+        gm = GraphModule(module, graph)
     gm.lint()
     if example_inputs is not None:
         propagate_shapes(gm, *example_inputs)

@@ -5,39 +5,17 @@ import pytest
 
 import qatcore
 from qatcore import nn
-from qatcore.cli import run_float
-from qatcore.data import DataLoader, load_digits
+from qatcore.data import load_digits
 from qatcore.errors import ConfigError, ObserverError
 from qatcore.models import DigitsCNN, SmallResNet
 from qatcore.nn import functional as F
-from qatcore.optim import SGD, CosineAnnealingLR
 from qatcore.quantization import QATPreparer, QuantizationConfig, QuantSpec
 from qatcore.quantization.int8_layers import INT8_MODULES, Dequantize, Quantize
 from qatcore.quantization.qat import LayerOverride, LayerwiseConfig
 from qatcore.quantization.qat.parity import parity_report
-from qatcore.training import evaluate_accuracy, train_one_epoch
+from qatcore.training import evaluate_accuracy
 
 INTEGER_MODULES = tuple(cls for name, cls in INT8_MODULES.items() if name not in ("Quantize", "Dequantize"))
-
-
-def fine_tune(model, config=None, epochs=2, seed=1):
-    x_train, y_train, _, _ = load_digits()
-    preparer = QATPreparer()
-    qat = preparer.prepare_for_qat(model, config)
-    optimizer = SGD(qat.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    schedule = CosineAnnealingLR(optimizer, T_max=epochs)
-    loader = DataLoader(x_train, y_train, 64, shuffle=True, rng=np.random.default_rng(seed))
-    for _ in range(epochs):
-        train_one_epoch(qat, loader, optimizer)
-        schedule.step()
-    return preparer, qat
-
-
-@pytest.fixture(scope="module")
-def digits_qat():
-    result = run_float("cnn", epochs=12, lr=0.05, batch_size=64, seed=0, return_model=True)
-    preparer, qat = fine_tune(result["trained_model"], epochs=3)
-    return result["float_accuracy"], preparer, qat, preparer.convert_to_quantized(qat)
 
 
 def test_every_node_between_quantize_and_dequantize_is_integer(digits_qat):
@@ -71,7 +49,7 @@ def test_digits_parity_and_accuracy(digits_qat):
     assert int8_accuracy >= float_accuracy - 0.005
 
 
-def test_resnet_parity_on_random_inputs():
+def test_resnet_parity_on_random_inputs(fine_tune):
     model = SmallResNet()
     _, qat = fine_tune(model, epochs=1)
     int8_model = QATPreparer().convert_to_quantized(qat)
@@ -104,7 +82,7 @@ class TwoBranch(nn.Module):
 
 
 @pytest.mark.parametrize("relu_after_cat", [False, True])
-def test_concatenation_runs_on_integers(relu_after_cat):
+def test_concatenation_runs_on_integers(relu_after_cat, fine_tune):
     _, qat = fine_tune(TwoBranch(relu_after_cat), epochs=1)
     int8_model = QATPreparer().convert_to_quantized(qat)
     names = [type(int8_model.get_submodule(n.target)).__name__ for n in int8_model.graph.nodes
@@ -116,7 +94,7 @@ def test_concatenation_runs_on_integers(relu_after_cat):
     assert report.top1_agreement >= 0.999
 
 
-def test_float_layer_stays_float_between_dequantize_and_quantize():
+def test_float_layer_stays_float_between_dequantize_and_quantize(fine_tune):
     config = LayerwiseConfig(overrides={"fc": LayerOverride(enabled=False)})
     _, qat = fine_tune(DigitsCNN(), config, epochs=1)
     int8_model = QATPreparer().convert_to_quantized(qat)
@@ -165,7 +143,7 @@ def test_grids_the_int8_kernels_cannot_run_are_refused(config, message):
         preparer.convert_to_quantized(qat)
 
 
-def test_weights_only_models_are_refused_with_the_reason():
+def test_weights_only_models_are_refused_with_the_reason(fine_tune):
     _, qat = fine_tune(DigitsCNN(), QuantizationConfig.weights_only(), epochs=1)
     with pytest.raises(ConfigError, match="quantizes only its weights"):
         QATPreparer().convert_to_quantized(qat)

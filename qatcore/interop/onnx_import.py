@@ -1,0 +1,516 @@
+"""Import of a float ONNX model as a trainable qatcore GraphModule.
+
+Each ONNX node becomes one graph node; layers with weights become qatcore layers
+whose Parameters hold the file's initializers, so the result trains, and
+:class:`~qatcore.quantization.QATPreparer` prepares it like any traced model:
+
+====================  ==============================================================
+ONNX                  qatcore
+====================  ==============================================================
+Conv (2-D)            ``nn.Conv2d`` (symmetric pads; groups, dilation, stride)
+Gemm                  ``nn.Linear`` (B a constant; alpha folded into W, beta into the bias)
+MatMul                ``nn.Linear`` without bias when B is a constant matrix (an Add of a
+                      constant vector right after it becomes its bias), else ``F.matmul``
+Add, Sub, Mul, Div    ``F.add`` ... (a constant operand is a literal or a buffer)
+Relu                  ``nn.ReLU``
+Clip                  ``nn.ReLU`` (min 0), ``nn.ReLU6`` (0, 6), else ``F.clamp``
+BatchNormalization    ``nn.BatchNorm2d`` / ``nn.BatchNorm1d`` with the running statistics
+MaxPool, AveragePool  ``nn.MaxPool2d``, ``nn.AvgPool2d`` (symmetric pads, no ceil_mode)
+GlobalAveragePool     ``nn.AdaptiveAvgPool2d(1)``
+Flatten               ``nn.Flatten()`` (axis 1)
+Reshape               ``nn.Flatten()`` for [0, -1], else ``F.reshape`` (constant shape)
+Concat                ``F.cat``
+Identity, Dropout     nothing (the input value)
+Constant              a constant
+====================  ==============================================================
+
+A layer is named after its ONNX node when the name is a dotted Python path
+(``conv1``, ``layer1.conv2``, as qatcore's exporter writes them), so a model
+exported by qatcore comes back with its own state_dict keys; other names are made
+into identifiers. Any other operator, or an attribute these layers cannot express,
+raises :class:`~qatcore.errors.InteropError` naming the operator and the node.
+"""
+
+from __future__ import annotations
+
+import keyword
+import os
+import re
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from qatcore.errors import InteropError
+from qatcore.graph import Graph, GraphModule
+from qatcore.graph.graph_module import Submodules
+from qatcore.graph.node import Node
+from qatcore.nn import functional as F
+from qatcore.nn.activation import ReLU, ReLU6
+from qatcore.nn.batchnorm import BatchNorm1d, BatchNorm2d
+from qatcore.nn.conv import Conv2d
+from qatcore.nn.flatten import Flatten
+from qatcore.nn.linear import Linear
+from qatcore.nn.module import Module
+from qatcore.nn.parameter import Parameter
+from qatcore.nn.pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
+
+__all__ = ["import_model", "SUPPORTED_OPS"]
+
+_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")
+
+
+class _Importer:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = Graph()
+        self.root = Module()
+        # ONNX tensor name -> a graph Node (computed at run time) or a numpy array (a constant)
+        self.env: dict[str, Node | np.ndarray] = {}
+        self.ranks: dict[str, int] = {}
+        self.dims: dict[str, tuple] = {}
+        self.uses: dict[str, int] = {}
+        self.linear_of: dict[Node, Linear] = {}  # MatMul-made Linear layers, for a bias Add after them
+        self.constants = 0
+
+    # ---- names and errors ---------------------------------------------------------------------
+    def fail(self, node: onnx.NodeProto, why: str) -> InteropError:
+        return InteropError(f"import_onnx: operator {node.op_type!r} at node {node.name or '<unnamed>'!r}: {why}")
+
+    def module_name(self, node: onnx.NodeProto) -> str:
+        """The node's own name when it is a free dotted Python path, else an identifier made of it."""
+        name = node.name
+        if _DOTTED.match(name or "") and self._free(name):
+            return name
+        scoped = _scope_path(name or "")
+        if scoped and self._free(scoped):  # PyTorch's "/features/features.0/Conv" -> "features.0"
+            return scoped
+        base = re.sub(r"\W+", "_", name or "").strip("_") or node.op_type.lower()
+        if base[0].isdigit() or keyword.iskeyword(base):
+            base = f"{node.op_type.lower()}_{base}"
+        candidate, i = base, 1
+        while not self._free(candidate):
+            candidate, i = f"{base}_{i}", i + 1
+        return candidate
+
+    def _free(self, path: str) -> bool:
+        """Whether a layer can be registered at dotted ``path`` (no layer at it or above it,
+        and not a prefix of an existing layer path)."""
+        parts = path.split(".")
+        if any(keyword.iskeyword(p) for p in parts):
+            return False
+        current = self.root
+        for i, part in enumerate(parts):
+            child = current._modules.get(part)
+            if child is None:
+                return part not in current._parameters and part not in current._buffers
+            if i == len(parts) - 1 or not isinstance(child, Submodules):
+                return False
+            current = child
+        return False
+
+    def add_layer(self, node: onnx.NodeProto, layer: Module, args: tuple) -> Node:
+        path = self.module_name(node)
+        *parents, leaf = path.split(".")
+        holder = self.root
+        for part in parents:
+            if part not in holder._modules:
+                holder.add_module(part, Submodules())
+            holder = holder._modules[part]
+        holder.add_module(leaf, layer)
+        return self.graph.create_node("call_module", path, args, name=path.replace(".", "_"))
+
+    def call(self, node: onnx.NodeProto, fn: Callable, args: tuple, kwargs: dict | None = None) -> Node:
+        base = re.sub(r"\W+", "_", node.name or "").strip("_") or fn.__name__
+        return self.graph.create_node("call_function", fn, args, kwargs or {}, name=base)
+
+    # ---- values -------------------------------------------------------------------------------
+    def runtime(self, node: onnx.NodeProto, index: int = 0) -> Node:
+        name = node.input[index] if index < len(node.input) else ""
+        value = self.env.get(name)
+        if not isinstance(value, Node):
+            what = "missing" if name == "" or name not in self.env else "a constant"
+            raise self.fail(node, f"input {index} ({name!r}) is {what}; it must be a computed value")
+        return value
+
+    def constant(self, node: onnx.NodeProto, index: int, optional: bool = False) -> np.ndarray | None:
+        name = node.input[index] if index < len(node.input) else ""
+        if name == "":
+            if optional:
+                return None
+            raise self.fail(node, f"input {index} is missing")
+        value = self.env.get(name)
+        if not isinstance(value, np.ndarray):
+            raise self.fail(node, f"input {index} ({name!r}) must be a constant (an initializer)")
+        return value
+
+    def weight(self, node: onnx.NodeProto, index: int, rank: int | None = None,
+               optional: bool = False) -> np.ndarray | None:
+        value = self.constant(node, index, optional)
+        if value is None:
+            return None
+        if value.dtype.kind != "f" or not np.all(np.isfinite(value)):
+            raise self.fail(node, f"input {index} must hold finite floats, got {value.dtype}")
+        if rank is not None and value.ndim != rank:
+            raise self.fail(node, f"input {index} must have rank {rank}, got shape {value.shape}")
+        return value.astype(np.float32)
+
+    def operand(self, node: onnx.NodeProto, index: int):
+        """A computed value (Node), a Python float (one-element constant), or a buffer read."""
+        value = self.env.get(node.input[index]) if index < len(node.input) else None
+        if isinstance(value, Node):
+            return value
+        if value is None:
+            raise self.fail(node, f"input {index} is missing")
+        if value.dtype.kind != "f":
+            raise self.fail(node, f"constant input {index} must be float, got {value.dtype}")
+        if value.size == 1 and value.ndim <= 1:
+            return float(value.reshape(()))
+        self.constants += 1
+        name = f"constant_{self.constants}"
+        self.root.register_buffer(name, value.astype(np.float32))
+        return self.graph.create_node("get_attr", name, (), {}, name=name)
+
+    # ---- the walk -----------------------------------------------------------------------------
+    def run(self) -> GraphModule:
+        graph = self.model.graph
+        for tensor in graph.initializer:
+            self.env[tensor.name] = _array(tensor, "initializer")
+        self._infer_shapes()
+        for node in graph.node:
+            for name in node.input:
+                self.uses[name] = self.uses.get(name, 0) + 1
+        for value_info in graph.input:
+            if value_info.name in self.env:
+                continue  # an initializer listed as an input (older exporters)
+            name = _identifier(value_info.name)
+            self.env[value_info.name] = self.graph.input(name)
+        for node in graph.node:
+            if node.domain not in ("", "ai.onnx"):
+                raise InteropError(f"import_onnx: operator {node.domain}.{node.op_type} at node {node.name!r} is "
+                                   f"not supported (custom domain); supported: {', '.join(SUPPORTED_OPS)}")
+            handler = _HANDLERS.get(node.op_type)
+            if handler is None:
+                raise InteropError(f"import_onnx: operator {node.op_type!r} at node {node.name or '<unnamed>'!r} "
+                                   f"is not supported; supported: {', '.join(SUPPORTED_OPS)}")
+            result = handler(self, node)
+            outputs = [o for o in node.output if o]
+            if len(outputs) != 1:
+                raise self.fail(node, f"{len(outputs)} outputs; only the first (the value) is supported")
+            self.env[outputs[0]] = result
+        results = []
+        for value_info in graph.output:
+            value = self.env.get(value_info.name)
+            if not isinstance(value, Node):
+                raise InteropError(f"import_onnx: graph output {value_info.name!r} is not computed from the inputs")
+            results.append(value)
+        if not results:
+            raise InteropError("import_onnx: the graph has no outputs")
+        self.graph.output(results[0] if len(results) == 1 else tuple(results))
+        self.graph.lint()
+        gm = GraphModule(self.root, self.graph, class_name=_identifier(graph.name or "OnnxModel"))
+        gm.lint()
+        return gm.train()
+
+    def _infer_shapes(self) -> None:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(self.model)
+        except Exception:  # shape inference is a convenience here: ranks are checked where used
+            return
+        for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+            tensor_type = info.type.tensor_type
+            if tensor_type.HasField("shape"):
+                dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+                self.ranks[info.name], self.dims[info.name] = len(dims), dims
+
+
+def _array(tensor: onnx.TensorProto, what: str) -> np.ndarray:
+    try:
+        return numpy_helper.to_array(tensor).copy()
+    except Exception as e:
+        raise InteropError(f"import_onnx: {what} {tensor.name!r} cannot be read: {e}") from e
+
+
+def _scope_path(name: str) -> str | None:
+    """The module path in a scoped node name as PyTorch writes them, "/<scope>/.../<OpType>":
+    a segment that extends the path so far ("layer1" then "layer1.0") replaces it, another one
+    is appended ("conv1"): "/layer1/layer1.0/conv1/Conv" -> "layer1.0.conv1". None otherwise.
+    """
+    segments = name.split("/")
+    if len(segments) < 3 or segments[0] != "":
+        return None
+    path = ""
+    for segment in segments[1:-1]:
+        path = segment if not path or segment.startswith(path + ".") else f"{path}.{segment}"
+    return path if _DOTTED.match(path) else None
+
+
+def _identifier(name: str) -> str:
+    base = re.sub(r"\W+", "_", name).strip("_") or "input"
+    return f"v_{base}" if base[0].isdigit() or keyword.iskeyword(base) else base
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _check_attrs(imp: _Importer, node: onnx.NodeProto, attrs: dict, known: set[str]) -> None:
+    unknown = set(attrs) - known
+    if unknown:
+        raise imp.fail(node, f"attribute(s) {sorted(unknown)} are not supported")
+
+
+def _window(imp: _Importer, node: onnx.NodeProto, attrs: dict, kernel: list[int]) -> dict:
+    """stride, padding, dilation of a 2-D window op; symmetric pads only, no auto_pad/ceil_mode."""
+    if len(kernel) != 2:
+        raise imp.fail(node, f"only 2-D windows are supported, got kernel_shape {kernel}")
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    if auto_pad == "VALID":
+        pads = [0, 0, 0, 0]
+    elif auto_pad != "NOTSET":
+        raise imp.fail(node, f"auto_pad={auto_pad!r} is not supported (export with explicit pads)")
+    if len(pads) != 4 or pads[0] != pads[2] or pads[1] != pads[3]:
+        raise imp.fail(node, f"pads {pads} are not symmetric (begin == end per axis)")
+    if int(attrs.get("ceil_mode", 0)):
+        raise imp.fail(node, "ceil_mode=1 is not supported")
+    return {"stride": tuple(attrs.get("strides", [1, 1])), "padding": (pads[0], pads[1]),
+            "dilation": tuple(attrs.get("dilations", [1, 1]))}
+
+
+def _conv(imp: _Importer, node: onnx.NodeProto):
+    attrs = _attrs(node)
+    _check_attrs(imp, node, attrs, {"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"})
+    weight = imp.weight(node, 1)
+    if weight.ndim != 4:
+        raise imp.fail(node, f"only 2-D convolutions are supported, got a weight of shape {weight.shape}")
+    bias = imp.weight(node, 2, rank=1, optional=True)
+    window = _window(imp, node, attrs, list(attrs.get("kernel_shape", weight.shape[2:])))
+    groups = int(attrs.get("group", 1))
+    out_channels, in_per_group = weight.shape[:2]
+    conv = Conv2d(in_per_group * groups, out_channels, tuple(weight.shape[2:]), groups=groups, bias=bias is not None,
+                  rng=np.random.default_rng(0), **window)
+    conv.weight.data = np.ascontiguousarray(weight)
+    if bias is not None:
+        conv.bias.data = bias.copy()
+    return imp.add_layer(node, conv, (imp.runtime(node, 0),))
+
+
+def _linear_layer(weight: np.ndarray, bias: np.ndarray | None) -> Linear:
+    linear = Linear(weight.shape[1], weight.shape[0], bias=bias is not None, rng=np.random.default_rng(0))
+    linear.weight.data = np.ascontiguousarray(weight, dtype=np.float32)
+    if bias is not None:
+        linear.bias.data = bias.astype(np.float32)
+    return linear
+
+
+def _gemm(imp: _Importer, node: onnx.NodeProto):
+    attrs = _attrs(node)
+    _check_attrs(imp, node, attrs, {"alpha", "beta", "transA", "transB"})
+    if int(attrs.get("transA", 0)):
+        raise imp.fail(node, "transA=1 is not supported")
+    b = imp.weight(node, 1, rank=2)
+    weight = (b if int(attrs.get("transB", 0)) else b.T) * np.float32(attrs.get("alpha", 1.0))
+    c = imp.weight(node, 2, optional=True)
+    bias = None
+    if c is not None:
+        try:
+            bias = np.broadcast_to(c * np.float32(attrs.get("beta", 1.0)), (1, weight.shape[0]))[0].copy()
+        except ValueError as e:
+            raise imp.fail(node, f"C of shape {c.shape} does not broadcast to one value per output") from e
+    return imp.add_layer(node, _linear_layer(weight, bias), (imp.runtime(node, 0),))
+
+
+def _matmul(imp: _Importer, node: onnx.NodeProto):
+    b = imp.env.get(node.input[1]) if len(node.input) > 1 else None
+    if isinstance(b, np.ndarray) and b.ndim == 2:
+        linear = _linear_layer(imp.weight(node, 1, rank=2).T, None)
+        result = imp.add_layer(node, linear, (imp.runtime(node, 0),))
+        imp.linear_of[result] = linear
+        return result
+    return imp.call(node, F.matmul, (imp.operand(node, 0), imp.operand(node, 1)))
+
+
+def _binary(fn: Callable) -> Callable:
+    def handler(imp: _Importer, node: onnx.NodeProto):
+        if fn is F.add:
+            folded = _bias_after_matmul(imp, node)
+            if folded is not None:
+                return folded
+        return imp.call(node, fn, (imp.operand(node, 0), imp.operand(node, 1)))
+
+    return handler
+
+
+def _bias_after_matmul(imp: _Importer, node: onnx.NodeProto) -> Node | None:
+    """Add(MatMul-made Linear, constant vector) with the Linear used only here: its bias."""
+    for index in (0, 1):
+        x = imp.env.get(node.input[index])
+        c = imp.env.get(node.input[1 - index])
+        linear = imp.linear_of.get(x) if isinstance(x, Node) else None
+        if linear is None or not isinstance(c, np.ndarray) or imp.uses.get(node.input[index]) != 1:
+            continue
+        if c.dtype.kind == "f" and c.size == linear.out_features and c.ndim >= 1 and c.shape[-1] == c.size:
+            linear.register_parameter("bias", Parameter(c.reshape(-1).astype(np.float32)))
+            return x
+    return None
+
+
+def _relu(imp: _Importer, node: onnx.NodeProto):
+    return imp.add_layer(node, ReLU(), (imp.runtime(node, 0),))
+
+
+def _clip(imp: _Importer, node: onnx.NodeProto):
+    attrs = _attrs(node)
+    _check_attrs(imp, node, attrs, {"min", "max"})
+    low, high = attrs.get("min"), attrs.get("max")
+    for index, key in ((1, "low"), (2, "high")):
+        value = imp.constant(node, index, optional=True) if len(node.input) > index else None
+        if value is not None:
+            if value.size != 1:
+                raise imp.fail(node, f"{key} bound must be a scalar")
+            if key == "low":
+                low = float(value.reshape(()))
+            else:
+                high = float(value.reshape(()))
+    x = imp.runtime(node, 0)
+    if low == 0 and high is None:
+        return imp.add_layer(node, ReLU(), (x,))
+    if low == 0 and high == 6:
+        return imp.add_layer(node, ReLU6(), (x,))
+    return imp.call(node, F.clamp, (x,), {"min": low, "max": high})
+
+
+def _batch_norm(imp: _Importer, node: onnx.NodeProto):
+    attrs = _attrs(node)
+    _check_attrs(imp, node, attrs, {"epsilon", "momentum", "training_mode", "spatial"})
+    if int(attrs.get("training_mode", 0)) or len([o for o in node.output if o]) != 1:
+        raise imp.fail(node, "training_mode BatchNormalization is not supported (export the model in eval mode)")
+    gamma, beta, mean, var = (imp.weight(node, i, rank=1) for i in range(1, 5))
+    channels = gamma.shape[0]
+    if not all(v.shape == (channels,) for v in (beta, mean, var)):
+        raise imp.fail(node, "scale, B, mean and var must have one value per channel")
+    rank = imp.ranks.get(node.input[0], 4)
+    cls = BatchNorm2d if rank == 4 else BatchNorm1d
+    bn = cls(channels, eps=float(attrs.get("epsilon", 1e-5)), momentum=1.0 - float(attrs.get("momentum", 0.9)))
+    bn.weight.data, bn.bias.data = gamma.copy(), beta.copy()
+    bn.running_mean.data[...] = mean
+    bn.running_var.data[...] = var
+    return imp.add_layer(node, bn, (imp.runtime(node, 0),))
+
+
+def _max_pool(imp: _Importer, node: onnx.NodeProto):
+    attrs = _attrs(node)
+    _check_attrs(imp, node, attrs, {"auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "storage_order",
+                                    "strides"})
+    if len([o for o in node.output if o]) != 1:
+        raise imp.fail(node, "the Indices output is not supported")
+    kernel = list(attrs.get("kernel_shape", []))
+    window = _window(imp, node, attrs, kernel)
+    return imp.add_layer(node, MaxPool2d(tuple(kernel), **window), (imp.runtime(node, 0),))
+
+
+def _average_pool(imp: _Importer, node: onnx.NodeProto):
+    attrs = _attrs(node)
+    _check_attrs(imp, node, attrs, {"auto_pad", "ceil_mode", "count_include_pad", "dilations", "kernel_shape",
+                                    "pads", "strides"})
+    kernel = list(attrs.get("kernel_shape", []))
+    window = _window(imp, node, attrs, kernel)
+    if window.pop("dilation") != (1, 1):
+        raise imp.fail(node, "dilated average pooling is not supported")
+    pool = AvgPool2d(tuple(kernel), count_include_pad=bool(attrs.get("count_include_pad", 0)), **window)
+    return imp.add_layer(node, pool, (imp.runtime(node, 0),))
+
+
+def _global_average_pool(imp: _Importer, node: onnx.NodeProto):
+    rank = imp.ranks.get(node.input[0], 4)
+    if rank != 4:
+        raise imp.fail(node, f"only (N, C, H, W) inputs are supported, got rank {rank}")
+    return imp.add_layer(node, AdaptiveAvgPool2d(1), (imp.runtime(node, 0),))
+
+
+def _flatten(imp: _Importer, node: onnx.NodeProto):
+    attrs = _attrs(node)
+    _check_attrs(imp, node, attrs, {"axis"})
+    if int(attrs.get("axis", 1)) != 1:
+        raise imp.fail(node, f"axis={attrs['axis']} is not supported (only 1: keep the batch axis)")
+    return imp.add_layer(node, Flatten(), (imp.runtime(node, 0),))
+
+
+def _reshape(imp: _Importer, node: onnx.NodeProto):
+    attrs = _attrs(node)
+    _check_attrs(imp, node, attrs, {"allowzero"})
+    if int(attrs.get("allowzero", 0)):
+        raise imp.fail(node, "allowzero=1 is not supported")
+    shape = imp.constant(node, 1)
+    if shape.dtype.kind not in "iu" or shape.ndim != 1:
+        raise imp.fail(node, f"the shape must be a constant 1-D integer tensor, got {shape.dtype} {shape.shape}")
+    target = [int(d) for d in shape]
+    x = imp.runtime(node, 0)
+    if target == [0, -1]:
+        return imp.add_layer(node, Flatten(), (x,))
+    dims = imp.dims.get(node.input[0])
+    for i, d in enumerate(target):
+        if d == 0:  # ONNX: copy the input's dimension
+            if i == 0 and -1 not in target:
+                target[0] = -1
+            elif dims is not None and i < len(dims) and dims[i] is not None:
+                target[i] = dims[i]
+            else:
+                raise imp.fail(node, f"shape entry {i} copies an input dimension that is not known statically")
+    return imp.call(node, F.reshape, (x, tuple(target)))
+
+
+def _concat(imp: _Importer, node: onnx.NodeProto):
+    attrs = _attrs(node)
+    _check_attrs(imp, node, attrs, {"axis"})
+    if "axis" not in attrs:
+        raise imp.fail(node, "the axis attribute is required")
+    parts = [imp.runtime(node, i) for i in range(len(node.input))]
+    return imp.call(node, F.cat, (parts,), {"dim": int(attrs["axis"])})
+
+
+def _identity(imp: _Importer, node: onnx.NodeProto):
+    attrs = _attrs(node)
+    _check_attrs(imp, node, attrs, {"seed", "ratio"} if node.op_type == "Dropout" else set())
+    if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
+        mode = imp.constant(node, 2)
+        if bool(mode.reshape(())):
+            raise imp.fail(node, "training_mode=True dropout is not supported")
+    return imp.runtime(node, 0)
+
+
+def _constant(imp: _Importer, node: onnx.NodeProto):
+    attrs = node.attribute
+    if len(attrs) != 1 or attrs[0].name != "value":
+        raise imp.fail(node, "only the 'value' attribute (a tensor) is supported")
+    return _array(attrs[0].t, f"Constant {node.name!r}")
+
+
+_HANDLERS: dict[str, Callable[[_Importer, onnx.NodeProto], Any]] = {
+    "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul,
+    "Add": _binary(F.add), "Sub": _binary(F.sub), "Mul": _binary(F.mul), "Div": _binary(F.div),
+    "Relu": _relu, "Clip": _clip, "BatchNormalization": _batch_norm,
+    "MaxPool": _max_pool, "AveragePool": _average_pool, "GlobalAveragePool": _global_average_pool,
+    "Flatten": _flatten, "Reshape": _reshape, "Concat": _concat,
+    "Identity": _identity, "Dropout": _identity, "Constant": _constant,
+}
+SUPPORTED_OPS = tuple(sorted(_HANDLERS))
+
+
+def import_model(path) -> GraphModule:
+    """The float ONNX model at ``path`` as a GraphModule in training mode (module docstring)."""
+    path = os.fspath(path)
+    try:
+        model = onnx.load(path)
+    except FileNotFoundError as e:
+        raise InteropError(f"import_onnx: no such file {path!r}") from e
+    except Exception as e:  # protobuf DecodeError, external-data errors, ...
+        raise InteropError(f"import_onnx: {path!r} is not a readable ONNX model: {type(e).__name__}: {e}") from e
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise InteropError(f"import_onnx: {path!r} is not a valid ONNX model: {e}") from e
+    return _Importer(model).run()
