@@ -59,6 +59,8 @@ from qatcore.nn.pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 __all__ = ["import_model", "SUPPORTED_OPS"]
 
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")
+# names a layer must not take: registering it would shadow a method or attribute ("forward", "graph")
+_RESERVED = frozenset(dir(GraphModule)) | {"graph", "class_name", "training"}
 
 
 class _Importer:
@@ -98,7 +100,7 @@ class _Importer:
         """Whether a layer can be registered at dotted ``path`` (no layer at it or above it,
         and not a prefix of an existing layer path)."""
         parts = path.split(".")
-        if any(keyword.iskeyword(p) for p in parts):
+        if any(keyword.iskeyword(p) or p in _RESERVED for p in parts):
             return False
         current = self.root
         for i, part in enumerate(parts):

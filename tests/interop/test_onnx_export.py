@@ -189,6 +189,43 @@ def test_concatenation_average_pool_and_float_layers_export(fine_tune, tmp_path,
             np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
+class NoBias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        rng = np.random.default_rng(1)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(64, 32, bias=False, rng=rng)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(32, 10, bias=False, rng=rng)
+
+    def forward(self, x):
+        return self.fc2(self.relu(self.fc1(self.flatten(x))))
+
+
+def test_linear_layers_without_bias_become_qlinearmatmul(fine_tune, tmp_path, run_onnxruntime, agree):
+    _, qat = fine_tune(NoBias(), epochs=1)
+    int8_model = QATPreparer().convert_to_quantized(qat)
+    x = load_digits()[2]
+    path = tmp_path / "nobias.onnx"
+    export_onnx(int8_model, path, x[:1], format="qoperator")
+    ops = op_counts(path)
+    assert ops["QLinearMatMul"] == 2 and "QLinearConv" not in ops
+    exact, max_steps, top1 = agree(int8_model(x).data, run_onnxruntime(path, x), output_step(int8_model))
+    assert exact >= 0.999 and max_steps <= 1.0 + 1e-6 and top1 >= 0.999, (exact, max_steps, top1)
+
+
+def test_qat_export_of_a_disabled_layer_is_the_float_layer(fine_tune, tmp_path, run_onnxruntime, agree):
+    preparer, qat = fine_tune(DigitsCNN(), epochs=1)
+    preparer.disable(qat, "conv2")  # at runtime: conv2 (with its BatchNorm) computes in float again
+    qat.eval()
+    x = load_digits()[2]
+    path = tmp_path / "disabled.onnx"
+    export_onnx(qat, path, x[:1])
+    ops = op_counts(path)
+    assert ops["BatchNormalization"] == 1 and ops["QuantizeLinear"] == count_fake_quant_nodes(qat)
+    np.testing.assert_allclose(run_onnxruntime(path, x), qat(x).data, rtol=1e-4, atol=1e-4)
+
+
 def test_export_keeps_training_flags_and_outputs(digits_qat, tmp_path):
     _, _, qat, _ = digits_qat
     modes = {name: m.training for name, m in qat.named_modules()}

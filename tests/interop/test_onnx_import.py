@@ -308,3 +308,14 @@ def test_mutated_and_truncated_files_import_or_raise_interop_error(tmp_path):
         outcomes["imported"] += 1
         assert isinstance(gm, GraphModule)
     assert outcomes["refused"] > 0 and sum(outcomes.values()) == 150
+
+
+def test_node_names_that_would_shadow_module_attributes_are_renamed(tmp_path):
+    names = ["forward", "graph", "training", "eval.x", "", "1st", "class"]
+    nodes = [helper.make_node("Relu", ["x" if i == 0 else f"t{i}"], [f"t{i + 1}"], name=name)
+             for i, name in enumerate(names)]
+    path = save_model(tmp_path, nodes, {}, (3,), 2)
+    gm = import_onnx(path)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert targets == ["forward_1", "graph_1", "training_1", "eval_x", "relu", "relu_1st", "relu_class"]
+    assert np.array_equal(gm(np.array([[-1, 2, 3]], np.float32)).data, [[0, 2, 3]])
