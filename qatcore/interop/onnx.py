@@ -82,8 +82,9 @@ def export_onnx(model: Module, path, example_input, format: str = "qdq"):  # noq
 
     Raises:
         InteropError: the onnx extra is missing, an unknown format, an eager-mode QAT model,
-            or an operation with no ONNX counterpart (naming the node).
-        TraceError: a float model that cannot be traced.
+            a model that cannot be traced, or an operation with no ONNX counterpart (naming
+            the node).
+        SerializationError: the file cannot be written (nothing is left behind).
     """
     onnx = _require_onnx()
     from qatcore.graph import GraphModule, propagate_shapes, trace
@@ -113,8 +114,14 @@ def export_onnx(model: Module, path, example_input, format: str = "qdq"):  # noq
     if len(input_nodes) != len(inputs):
         raise InteropError(f"export_onnx: the model takes {len(input_nodes)} inputs "
                            f"({', '.join(n.target for n in input_nodes)}), got {len(inputs)} example inputs")
-    propagate_shapes(gm, *inputs)
-    proto = build_onnx_model(gm, kind, format)
+    modes = {module: module.training for module in gm.modules()}
+    gm.eval()  # the file is the eval-mode computation (running BatchNorm statistics, the QAT eval bias)
+    try:
+        propagate_shapes(gm, *inputs)
+        proto = build_onnx_model(gm, kind, format)
+    finally:
+        for module, mode in modes.items():
+            object.__setattr__(module, "training", mode)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:  # onnx raises several checker and shape-inference types

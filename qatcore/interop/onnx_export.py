@@ -51,8 +51,9 @@ import onnx
 from qatcore.errors import InteropError
 from qatcore.graph import GraphModule
 from qatcore.graph.graph import _resolve
-from qatcore.graph.node import Node, map_nodes
+from qatcore.graph.node import Node
 from qatcore.interop.onnx_builder import OnnxBuilder
+from qatcore.interop.onnx_import import onnx_reshape
 from qatcore.nn import functional as F
 from qatcore.nn.activation import LeakyReLU, LogSoftmax, ReLU, ReLU6, Sigmoid, Softmax, Tanh
 from qatcore.nn.batchnorm import BatchNorm1d, BatchNorm2d
@@ -145,7 +146,9 @@ class _Exporter:
         if isinstance(arg, Node):
             return self.names[arg]
         array = arg.data if isinstance(arg, Tensor) else np.asarray(arg)
-        return self.b.constant(f"{base}_const", array.astype(np.float32) if array.dtype.kind == "f" else array)
+        if array.dtype.kind not in "biuf":
+            raise InteropError(f"ONNX export: node {base!r} takes a constant of dtype {array.dtype}")
+        return self.b.constant(f"{base}_const", array.astype(np.float32))  # operands of float ops
 
     def float_input(self, node: Node, arg: Node) -> str:
         if self.grids.get(arg) is not None:
@@ -193,7 +196,10 @@ class _Exporter:
                 outputs = self.outputs(node)
             elif node.op == "get_attr":
                 value = _resolve(self.gm, node.target, node)
-                self.names[node] = self.b.constant(node.target, value.data if isinstance(value, Tensor) else value)
+                array = np.asarray(value.data if isinstance(value, Tensor) else value)
+                if array.dtype == np.float64:
+                    array = array.astype(np.float32)  # the float ops of the file are float32
+                self.names[node] = self.b.constant(node.target, array)
                 self.grids[node] = None
             elif node.op == "call_module":
                 self.names[node], self.grids[node] = self.call_module(node, self.gm.get_submodule(node.target))
@@ -203,7 +209,11 @@ class _Exporter:
 
     def outputs(self, node: Node) -> list[tuple[str, Any, tuple]]:
         leaves: list[Node] = []
-        map_nodes(node.args[0], leaves.append)
+        constants: list[Any] = []
+        _walk_outputs(node.args[0], leaves.append, constants.append)
+        if constants:
+            raise InteropError(f"ONNX export: the model returns a constant ({constants[0]!r}) among its outputs; "
+                               f"ONNX outputs are computed tensors")
         result, used = [], set()
         for leaf in leaves:
             name = self.names[leaf]
@@ -366,7 +376,7 @@ class _Exporter:
         if fn is F.flatten:
             shape = self.shape(a["x"])
             return self.flatten(name, self.value(a["x"], name), len(shape), shape, a["start_dim"], a["end_dim"])
-        if fn is F.reshape:
+        if fn is F.reshape or fn is onnx_reshape:  # onnx_reshape: an imported Reshape (0 copies a dimension)
             target = np.array([int(d) for d in a["shape"]], np.int64)
             return b.node("Reshape", [self.value(a["x"], name), b.constant(f"{name}.shape", target)], name)
         if fn in (F.transpose, F.permute):
@@ -402,8 +412,14 @@ class _Exporter:
         raise self.fail(node, f"function {getattr(fn, '__name__', fn)}")
 
     # ---- QAT ----------------------------------------------------------------------------------
-    def qdq(self, x: str, quantizer: FakeQuantize, name: str) -> str:
-        """QuantizeLinear -> (integer Clip) -> DequantizeLinear with the quantizer's qparams now."""
+    def qdq(self, x: str, quantizer: FakeQuantize, name: str, on_grid: bool = False) -> str:
+        """QuantizeLinear -> DequantizeLinear with the quantizer's qparams now (``x`` itself when
+        its fake quantization is off). A range narrower than the container is clipped: on the
+        integers after QuantizeLinear in an 8-bit container, on the reals before it in a 16-bit
+        one (ONNX Runtime has no 16-bit integer Clip); both equal the clamp after rounding.
+        ``on_grid``: ``x`` holds grid values already (weights), so no clip is needed."""
+        if not bool(quantizer.fake_quant_enabled.data):
+            return x
         qparams = quantizer.calculate_qparams()
         dtype = qparams.dtype
         container = _CONTAINERS.get((8 if dtype.bits <= 8 else 16, dtype.signed))
@@ -415,21 +431,26 @@ class _Exporter:
         zero_point = qparams.zero_point.astype(container)
         if axis is None:
             scale, zero_point = scale.reshape(()), zero_point.reshape(())
+        low, high = int(np.iinfo(container).min), int(np.iinfo(container).max)
+        narrow = not on_grid and (qparams.quant_min, qparams.quant_max) != (low, high)
+        if narrow and container in (np.int16, np.uint16):
+            if axis is not None:
+                raise InteropError(f"ONNX export: quantizer {quantizer.name or name!r} is per channel with "
+                                   f"{dtype}; a narrowed 16-bit range is exported per tensor only")
+            lo = np.float32((qparams.quant_min - int(zero_point)) * scale)
+            hi = np.float32((qparams.quant_max - int(zero_point)) * scale)
+            x = self.clip(f"{name}/Clip", x, float(lo), float(hi))
         s = self.b.constant(f"{name}.scale", scale)
         z = self.b.constant(f"{name}.zero_point", zero_point)
         q = self.b.node("QuantizeLinear", [x, s, z], f"{name}/QuantizeLinear", axis=axis)
-        low, high = int(np.iinfo(container).min), int(np.iinfo(container).max)
-        if (qparams.quant_min, qparams.quant_max) != (low, high):
+        if narrow and container in (np.int8, np.uint8):
             q = self.b.node("Clip", [q, self.b.constant(f"{name}.clip_min", np.array(qparams.quant_min, container)),
                                      self.b.constant(f"{name}.clip_max", np.array(qparams.quant_max, container))],
                             f"{name}/Clip")
         return self.b.node("DequantizeLinear", [q, s, z], f"{name}/DequantizeLinear", axis=axis)
 
     def fake_quantize(self, node: Node, module: FakeQuantize, name: str) -> str:
-        x = self.float_input(node, node.args[0])
-        if not bool(module.fake_quant_enabled.data):
-            return x
-        return self.qdq(x, module, name)
+        return self.qdq(self.float_input(node, node.args[0]), module, name)
 
     def qat_layer(self, node: Node, layer, name: str) -> str:
         arg = node.args[0]
@@ -450,12 +471,13 @@ class _Exporter:
         dead = None
         if isinstance(layer, QATConvBn2d):
             weight, bias, dead = layer.folded_parameters()
-        if isinstance(layer.weight_fake_quant, FakeQuantize):
-            qparams = layer.weight_fake_quant.calculate_qparams()
+        weight_quantizer = layer.weight_fake_quant
+        if isinstance(weight_quantizer, FakeQuantize) and bool(weight_quantizer.fake_quant_enabled.data):
+            qparams = weight_quantizer.calculate_qparams()
             weight = qparams.dequantize(qparams.quantize(weight))  # the grid values the layer computes with
             if dead is not None and np.any(dead):
                 weight[dead] = 0
-            w_name = self.qdq(b.constant(f"{name}.weight", weight), layer.weight_fake_quant, f"{name}.weight")
+            w_name = self.qdq(b.constant(f"{name}.weight", weight), weight_quantizer, f"{name}.weight", on_grid=True)
         else:
             w_name = b.constant(f"{name}.weight", weight)
         if bias is not None:
@@ -581,6 +603,20 @@ class _Geometry:
     padding: Any
     dilation: Any
     groups: int
+
+
+def _walk_outputs(value, on_node, on_constant) -> None:
+    """Call ``on_node`` on every Node of a (nested) output structure, ``on_constant`` on anything else."""
+    if isinstance(value, Node):
+        on_node(value)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _walk_outputs(item, on_node, on_constant)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _walk_outputs(item, on_node, on_constant)
+    else:
+        on_constant(value)
 
 
 def _data(value):

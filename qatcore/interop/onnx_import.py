@@ -18,17 +18,21 @@ BatchNormalization    ``nn.BatchNorm2d`` / ``nn.BatchNorm1d`` with the running s
 MaxPool, AveragePool  ``nn.MaxPool2d``, ``nn.AvgPool2d`` (symmetric pads, no ceil_mode)
 GlobalAveragePool     ``nn.AdaptiveAvgPool2d(1)``
 Flatten               ``nn.Flatten()`` (axis 1)
-Reshape               ``nn.Flatten()`` for [0, -1], else ``F.reshape`` (constant shape)
+Reshape               ``nn.Flatten(start_dim=k)`` for [0, .., 0, -1], ``F.reshape`` without
+                      zeros, else ``onnx_reshape`` (a 0 copies the input's dimension)
 Concat                ``F.cat``
-Identity, Dropout     nothing (the input value)
+Identity, Dropout     nothing (the input value, computed or constant)
 Constant              a constant
 ====================  ==============================================================
 
 A layer is named after its ONNX node when the name is a dotted Python path
 (``conv1``, ``layer1.conv2``, as qatcore's exporter writes them), so a model
 exported by qatcore comes back with its own state_dict keys; other names are made
-into identifiers. Any other operator, or an attribute these layers cannot express,
-raises :class:`~qatcore.errors.InteropError` naming the operator and the node.
+into identifiers (never one that shadows a Module attribute). Nodes no output
+depends on are skipped; the finished model runs once on zeros of the declared
+input shapes, so parts that do not fit together fail here. Any other operator, or
+an attribute these layers cannot express, raises
+:class:`~qatcore.errors.InteropError` naming the operator and the node.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qatcore.errors import InteropError
+from qatcore.autograd import no_grad
+from qatcore.errors import InteropError, QATCoreError
 from qatcore.graph import Graph, GraphModule
 from qatcore.graph.graph_module import Submodules
 from qatcore.graph.node import Node
@@ -56,11 +61,11 @@ from qatcore.nn.module import Module
 from qatcore.nn.parameter import Parameter
 from qatcore.nn.pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 
-__all__ = ["import_model", "SUPPORTED_OPS"]
+__all__ = ["import_model", "onnx_reshape", "SUPPORTED_OPS"]
 
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")
 # names a layer must not take: registering it would shadow a method or attribute ("forward", "graph")
-_RESERVED = frozenset(dir(GraphModule)) | {"graph", "class_name", "training"}
+_RESERVED = frozenset(dir(GraphModule)) | frozenset(vars(Module())) | {"graph", "class_name"}
 
 
 class _Importer:
@@ -71,7 +76,6 @@ class _Importer:
         # ONNX tensor name -> a graph Node (computed at run time) or a numpy array (a constant)
         self.env: dict[str, Node | np.ndarray] = {}
         self.ranks: dict[str, int] = {}
-        self.dims: dict[str, tuple] = {}
         self.uses: dict[str, int] = {}
         self.linear_of: dict[Node, Linear] = {}  # MatMul-made Linear layers, for a bias Add after them
         self.constants = 0
@@ -100,7 +104,7 @@ class _Importer:
         """Whether a layer can be registered at dotted ``path`` (no layer at it or above it,
         and not a prefix of an existing layer path)."""
         parts = path.split(".")
-        if any(keyword.iskeyword(p) or p in _RESERVED for p in parts):
+        if any(keyword.iskeyword(p) or p in _RESERVED or p.startswith("_") for p in parts):
             return False
         current = self.root
         for i, part in enumerate(parts):
@@ -167,10 +171,12 @@ class _Importer:
             raise self.fail(node, f"input {index} is missing")
         if value.dtype.kind != "f":
             raise self.fail(node, f"constant input {index} must be float, got {value.dtype}")
-        if value.size == 1 and value.ndim <= 1:
-            return float(value.reshape(()))
-        self.constants += 1
-        name = f"constant_{self.constants}"
+        if value.ndim == 0:
+            return float(value)
+        name = "constant"
+        while not self._free(name):
+            self.constants += 1
+            name = f"constant_{self.constants}"
         self.root.register_buffer(name, value.astype(np.float32))
         return self.graph.create_node("get_attr", name, (), {}, name=name)
 
@@ -180,15 +186,18 @@ class _Importer:
         for tensor in graph.initializer:
             self.env[tensor.name] = _array(tensor, "initializer")
         self._infer_shapes()
-        for node in graph.node:
-            for name in node.input:
-                self.uses[name] = self.uses.get(name, 0) + 1
+        for name in [*(i for node in graph.node for i in node.input), *(o.name for o in graph.output)]:
+            self.uses[name] = self.uses.get(name, 0) + 1
+        input_names: set[str] = set()
         for value_info in graph.input:
             if value_info.name in self.env:
                 continue  # an initializer listed as an input (older exporters)
-            name = _identifier(value_info.name)
+            base = name = _identifier(value_info.name)
+            while name in input_names:
+                name = f"{base}_{len(input_names)}"
+            input_names.add(name)
             self.env[value_info.name] = self.graph.input(name)
-        for node in graph.node:
+        for node in _needed_nodes(graph):
             if node.domain not in ("", "ai.onnx"):
                 raise InteropError(f"import_onnx: operator {node.domain}.{node.op_type} at node {node.name!r} is "
                                    f"not supported (custom domain); supported: {', '.join(SUPPORTED_OPS)}")
@@ -196,7 +205,12 @@ class _Importer:
             if handler is None:
                 raise InteropError(f"import_onnx: operator {node.op_type!r} at node {node.name or '<unnamed>'!r} "
                                    f"is not supported; supported: {', '.join(SUPPORTED_OPS)}")
-            result = handler(self, node)
+            try:
+                result = handler(self, node)
+            except InteropError:
+                raise
+            except QATCoreError as e:  # a layer refused the settings (ConfigError, ShapeError, ...)
+                raise self.fail(node, str(e)) from e
             outputs = [o for o in node.output if o]
             if len(outputs) != 1:
                 raise self.fail(node, f"{len(outputs)} outputs; only the first (the value) is supported")
@@ -213,7 +227,34 @@ class _Importer:
         self.graph.lint()
         gm = GraphModule(self.root, self.graph, class_name=_identifier(graph.name or "OnnxModel"))
         gm.lint()
+        self._smoke_run(gm)
         return gm.train()
+
+    def _smoke_run(self, gm: GraphModule) -> None:
+        """Run the imported model once, in eval mode, on zeros of the declared input shapes
+        (batch 1 where the batch axis is symbolic), so that a file whose parts do not fit
+        together fails here, naming the problem, rather than at the first real call. Skipped
+        when an input has an unknown dimension past the batch axis."""
+        inputs = []
+        for value_info in self.model.graph.input:
+            if value_info.name not in self.env or not isinstance(self.env[value_info.name], Node):
+                continue
+            tensor_type = value_info.type.tensor_type
+            if tensor_type.elem_type != onnx.TensorProto.FLOAT or not tensor_type.HasField("shape"):
+                return
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+            if any(d is None or d <= 0 for d in dims[1:]):
+                return
+            shape = ([dims[0] if dims[0] else 1] if dims else []) + dims[1:]
+            inputs.append(np.zeros(shape, np.float32))
+        gm.eval()
+        try:
+            with no_grad(), np.errstate(all="ignore"):
+                gm(*inputs)
+        except Exception as e:  # anything at all: the file's parts do not fit together
+            shapes = ", ".join(str(x.shape) for x in inputs)
+            raise InteropError(f"import_onnx: the imported model does not run on zeros of shape {shapes}: "
+                               f"{type(e).__name__}: {e}") from e
 
     def _infer_shapes(self) -> None:
         try:
@@ -224,7 +265,18 @@ class _Importer:
             tensor_type = info.type.tensor_type
             if tensor_type.HasField("shape"):
                 dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
-                self.ranks[info.name], self.dims[info.name] = len(dims), dims
+                self.ranks[info.name] = len(dims)
+
+
+def _needed_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes some graph output depends on, in file order (valid ONNX may hold dead nodes)."""
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    return kept[::-1]
 
 
 def _array(tensor: onnx.TensorProto, what: str) -> np.ndarray:
@@ -278,8 +330,11 @@ def _window(imp: _Importer, node: onnx.NodeProto, attrs: dict, kernel: list[int]
         raise imp.fail(node, f"pads {pads} are not symmetric (begin == end per axis)")
     if int(attrs.get("ceil_mode", 0)):
         raise imp.fail(node, "ceil_mode=1 is not supported")
-    return {"stride": tuple(attrs.get("strides", [1, 1])), "padding": (pads[0], pads[1]),
-            "dilation": tuple(attrs.get("dilations", [1, 1]))}
+    strides, dilations = list(attrs.get("strides", [1, 1])), list(attrs.get("dilations", [1, 1]))
+    if len(strides) != 2 or len(dilations) != 2 or min(strides + dilations) < 1 or min(pads) < 0:
+        raise imp.fail(node, f"strides {strides} and dilations {dilations} must be two positive values, "
+                             f"pads {pads} non-negative")
+    return {"stride": tuple(strides), "padding": (pads[0], pads[1]), "dilation": tuple(dilations)}
 
 
 def _conv(imp: _Importer, node: onnx.NodeProto):
@@ -289,7 +344,12 @@ def _conv(imp: _Importer, node: onnx.NodeProto):
     if weight.ndim != 4:
         raise imp.fail(node, f"only 2-D convolutions are supported, got a weight of shape {weight.shape}")
     bias = imp.weight(node, 2, rank=1, optional=True)
-    window = _window(imp, node, attrs, list(attrs.get("kernel_shape", weight.shape[2:])))
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise imp.fail(node, f"B has {bias.shape[0]} values for {weight.shape[0]} output channels")
+    kernel = list(attrs.get("kernel_shape", weight.shape[2:]))
+    if kernel != list(weight.shape[2:]):
+        raise imp.fail(node, f"kernel_shape {kernel} does not match the weight's {list(weight.shape[2:])}")
+    window = _window(imp, node, attrs, kernel)
     groups = int(attrs.get("group", 1))
     out_channels, in_per_group = weight.shape[:2]
     conv = Conv2d(in_per_group * groups, out_channels, tuple(weight.shape[2:]), groups=groups, bias=bias is not None,
@@ -327,7 +387,9 @@ def _gemm(imp: _Importer, node: onnx.NodeProto):
 
 def _matmul(imp: _Importer, node: onnx.NodeProto):
     b = imp.env.get(node.input[1]) if len(node.input) > 1 else None
-    if isinstance(b, np.ndarray) and b.ndim == 2:
+    if isinstance(b, np.ndarray) and b.ndim != 2:
+        raise imp.fail(node, f"a constant B of shape {b.shape} is not supported (only a matrix)")
+    if isinstance(b, np.ndarray):
         linear = _linear_layer(imp.weight(node, 1, rank=2).T, None)
         result = imp.add_layer(node, linear, (imp.runtime(node, 0),))
         imp.linear_of[result] = linear
@@ -354,7 +416,8 @@ def _bias_after_matmul(imp: _Importer, node: onnx.NodeProto) -> Node | None:
         linear = imp.linear_of.get(x) if isinstance(x, Node) else None
         if linear is None or not isinstance(c, np.ndarray) or imp.uses.get(node.input[index]) != 1:
             continue
-        if c.dtype.kind == "f" and c.size == linear.out_features and c.ndim >= 1 and c.shape[-1] == c.size:
+        rank = imp.ranks.get(node.input[index], 2)  # the bias must not add axes to the MatMul's result
+        if c.dtype.kind == "f" and c.size == linear.out_features and 1 <= c.ndim <= rank and c.shape[-1] == c.size:
             linear.register_parameter("bias", Parameter(c.reshape(-1).astype(np.float32)))
             return x
     return None
@@ -395,6 +458,8 @@ def _batch_norm(imp: _Importer, node: onnx.NodeProto):
     if not all(v.shape == (channels,) for v in (beta, mean, var)):
         raise imp.fail(node, "scale, B, mean and var must have one value per channel")
     rank = imp.ranks.get(node.input[0], 4)
+    if rank not in (2, 3, 4):
+        raise imp.fail(node, f"a rank-{rank} input is not supported ((N, C), (N, C, L) or (N, C, H, W))")
     cls = BatchNorm2d if rank == 4 else BatchNorm1d
     bn = cls(channels, eps=float(attrs.get("epsilon", 1e-5)), momentum=1.0 - float(attrs.get("momentum", 0.9)))
     bn.weight.data, bn.bias.data = gamma.copy(), beta.copy()
@@ -449,20 +514,36 @@ def _reshape(imp: _Importer, node: onnx.NodeProto):
     shape = imp.constant(node, 1)
     if shape.dtype.kind not in "iu" or shape.ndim != 1:
         raise imp.fail(node, f"the shape must be a constant 1-D integer tensor, got {shape.dtype} {shape.shape}")
-    target = [int(d) for d in shape]
+    target = tuple(int(d) for d in shape)
+    if any(d < -1 for d in target) or target.count(-1) > 1:
+        raise imp.fail(node, f"shape {list(target)} is not a valid ONNX shape")
     x = imp.runtime(node, 0)
-    if target == [0, -1]:
-        return imp.add_layer(node, Flatten(), (x,))
-    dims = imp.dims.get(node.input[0])
-    for i, d in enumerate(target):
-        if d == 0:  # ONNX: copy the input's dimension
-            if i == 0 and -1 not in target:
-                target[0] = -1
-            elif dims is not None and i < len(dims) and dims[i] is not None:
-                target[i] = dims[i]
-            else:
-                raise imp.fail(node, f"shape entry {i} copies an input dimension that is not known statically")
-    return imp.call(node, F.reshape, (x, tuple(target)))
+    leading = next((i for i, d in enumerate(target) if d != 0), len(target))
+    if leading >= 1 and target[leading:] == (-1,):
+        # [0, ..., 0, -1]: keep the first axes, merge the rest (a layer the QAT tools know)
+        return imp.add_layer(node, Flatten(start_dim=leading), (x,))
+    if 0 not in target:
+        return imp.call(node, F.reshape, (x, target))
+    return imp.call(node, onnx_reshape, (x, target))
+
+
+def onnx_reshape(x, shape):
+    """ONNX Reshape (allowzero=0): a 0 in ``shape`` copies the input's dimension at that
+    position, then ``F.reshape``. Imported Reshape nodes with 0 entries call this.
+
+    >>> import numpy as np
+    >>> onnx_reshape(np.zeros((5, 2, 3), np.float32), (0, -1, 2)).shape
+    (5, 3, 2)
+    """
+    dims = np.shape(x.data if hasattr(x, "data") else x)
+    resolved = []
+    for i, d in enumerate(shape):
+        if d == 0:
+            if i >= len(dims):
+                raise InteropError(f"ONNX Reshape: shape entry {i} copies a dimension of a rank-{len(dims)} input")
+            d = dims[i]
+        resolved.append(int(d))
+    return F.reshape(x, tuple(resolved))
 
 
 def _concat(imp: _Importer, node: onnx.NodeProto):
@@ -481,7 +562,10 @@ def _identity(imp: _Importer, node: onnx.NodeProto):
         mode = imp.constant(node, 2)
         if bool(mode.reshape(())):
             raise imp.fail(node, "training_mode=True dropout is not supported")
-    return imp.runtime(node, 0)
+    value = imp.env.get(node.input[0]) if node.input else None
+    if value is None:
+        raise imp.fail(node, "input 0 is missing")
+    return value  # a computed value, or a constant (shared weights pass through Identity)
 
 
 def _constant(imp: _Importer, node: onnx.NodeProto):

@@ -7,14 +7,16 @@ import pytest
 
 @pytest.fixture(scope="session")
 def run_onnxruntime():
-    """``run_onnxruntime(path, *inputs) -> first output`` with ONNX Runtime on the CPU."""
+    """``run_onnxruntime(path, *inputs, disabled_optimizers=None) -> first output`` with ONNX
+    Runtime on the CPU (all graph optimizations on, but for the named ones)."""
 
     import onnxruntime as ort
 
-    def run(path, *inputs):
+    def run(path, *inputs, disabled_optimizers=None):
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=disabled_optimizers)
         feeds = {i.name: np.asarray(x, dtype=np.float32) for i, x in zip(session.get_inputs(), inputs)}
         return session.run(None, feeds)[0]
 

@@ -311,11 +311,108 @@ def test_mutated_and_truncated_files_import_or_raise_interop_error(tmp_path):
 
 
 def test_node_names_that_would_shadow_module_attributes_are_renamed(tmp_path):
-    names = ["forward", "graph", "training", "eval.x", "", "1st", "class"]
+    names = ["forward", "graph", "training", "eval.x", "", "1st", "class", "_modules", "_non_persistent"]
     nodes = [helper.make_node("Relu", ["x" if i == 0 else f"t{i}"], [f"t{i + 1}"], name=name)
              for i, name in enumerate(names)]
     path = save_model(tmp_path, nodes, {}, (3,), 2)
     gm = import_onnx(path)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
-    assert targets == ["forward_1", "graph_1", "training_1", "eval_x", "relu", "relu_1st", "relu_class"]
+    assert targets == ["forward_1", "graph_1", "training_1", "eval_x", "relu", "relu_1st", "relu_class", "modules_1",
+                       "non_persistent"]
     assert np.array_equal(gm(np.array([[-1, 2, 3]], np.float32)).data, [[0, 2, 3]])
+
+
+def two_input_model(tmp_path, nodes, initializers, outputs, name="m.onnx"):
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None] * rank) for o, rank in outputs],
+        [numpy_helper.from_array(v, k) for k, v in initializers.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / name
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_bias_add_is_folded_only_when_nothing_else_reads_the_matmul(tmp_path, run_onnxruntime):
+    w, b = weights(4, 3), weights(3)
+    x = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
+    # the MatMul's result is also a graph output: the Add must stay an Add
+    path = two_input_model(tmp_path, [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+                                      helper.make_node("Add", ["m", "b"], ["y"], name="add")],
+                           {"w": w, "b": b}, [("m", 2), ("y", 2)])
+    m, y = import_onnx(path).eval()(x)
+    np.testing.assert_allclose(m.data, x @ w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y.data, x @ w + b, rtol=1e-5, atol=1e-6)
+    # a (1, 1, 3) constant broadcasts the result to rank 3: not a bias either
+    path = two_input_model(tmp_path, [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+                                      helper.make_node("Add", ["m", "b"], ["y"], name="add")],
+                           {"w": w, "b": b.reshape(1, 1, 3)}, [("y", 3)], name="m3.onnx")
+    assert import_onnx(path).eval()(x).shape == run_onnxruntime(path, x).shape == (1, 5, 3)
+
+
+def test_dead_nodes_are_skipped_and_identity_passes_constants(tmp_path, run_onnxruntime):
+    w = weights(3, 4)
+    nodes = [helper.make_node("Identity", ["w"], ["w_shared"], name="share"),
+             helper.make_node("Gemm", ["x", "w_shared"], ["y"], name="fc", transB=1),
+             helper.make_node("Sigmoid", ["x"], ["unused"], name="dead")]  # unsupported, but nothing reads it
+    path = two_input_model(tmp_path, nodes, {"w": w}, [("y", 2)])
+    x = np.random.default_rng(4).standard_normal((2, 4)).astype(np.float32)
+    np.testing.assert_allclose(import_onnx(path).eval()(x).data, run_onnxruntime(path, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("target, layer", [([0, 0, -1], "Flatten"), ([0, -1, 4], None), ([-1, 16], None)])
+def test_reshape_zero_entries_copy_the_input_dimension(target, layer, tmp_path, run_onnxruntime):
+    nodes = [helper.make_node("Reshape", ["x", "s"], ["y"], name="r")]
+    path = save_model(tmp_path, nodes, {"s": np.array(target, np.int64)}, (2, 4, 2), len(target))
+    x = np.random.default_rng(5).standard_normal((3, 2, 4, 2)).astype(np.float32)
+    gm = check_against_onnxruntime(path, x, run_onnxruntime)
+    assert any(type(m).__name__ == layer for m in gm.modules()) == (layer is not None)
+    x7 = np.random.default_rng(6).standard_normal((7, 2, 4, 2)).astype(np.float32)
+    if target[0] == 0:  # the batch axis is copied, whatever the batch
+        np.testing.assert_allclose(gm(x7).data, run_onnxruntime(path, x7), rtol=1e-6)
+
+
+def test_input_names_stay_distinct(tmp_path):
+    nodes = [helper.make_node("Add", ["a.b", "a_b"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 3])
+                                           for n in ("a.b", "a_b")],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    gm = import_onnx(tmp_path / "m.onnx")
+    names = [n.target for n in gm.graph.nodes if n.op == "input"]
+    assert len(set(names)) == 2
+    ones = np.ones((1, 3), np.float32)
+    export_onnx(gm, tmp_path / "again.onnx", (ones, ones))  # and it exports back
+    assert np.array_equal(gm(ones, 2 * ones).data, 3 * ones)
+
+
+@pytest.mark.parametrize("node, initializers, message", [
+    (helper.make_node("Conv", ["x", "w", "b"], ["y"], name="c"), {"w": weights(3, 2, 3, 3), "b": weights(5)},
+     "B has 5 values for 3 output channels"),
+    (helper.make_node("Conv", ["x", "w"], ["y"], name="c", strides=[0, 1]), {"w": weights(3, 2, 3, 3)},
+     "strides .* must be two positive values"),
+    (helper.make_node("MaxPool", ["x"], ["y"], name="p", kernel_shape=[2, 2], pads=[2, 2, 2, 2]), {},
+     "does not run on zeros of shape \\(1, 2, 6, 6\\)"),
+    (helper.make_node("Reshape", ["x", "s"], ["y"], name="r"), {"s": np.array([0, 0], np.int64)},
+     "does not run on zeros"),
+    (helper.make_node("MatMul", ["x", "v"], ["y"], name="m"), {"v": weights(6)}, "only a matrix"),
+])
+def test_files_whose_parts_do_not_fit_are_refused_at_import(node, initializers, message, tmp_path):
+    path = tmp_path / "bad.onnx"
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)],
+                              [numpy_helper.from_array(v, k) for k, v in initializers.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(InteropError, match=message):
+        import_onnx(path)
+
+
+def test_one_element_constants_keep_their_shape(tmp_path, run_onnxruntime):
+    path = two_input_model(tmp_path, [helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0)], {},
+                           [("s", 0)])
+    with pytest.raises(InteropError, match="'ReduceSum'"):
+        import_onnx(path)
+    nodes = [helper.make_node("Mul", ["x", "k"], ["y"], name="mul")]
+    path = two_input_model(tmp_path, nodes, {"k": np.array([2.0], np.float32)}, [("y", 2)], name="k.onnx")
+    x = np.ones((2, 4), np.float32)
+    assert import_onnx(path)(x).shape == run_onnxruntime(path, x).shape == (2, 4)

@@ -138,7 +138,9 @@ def test_grids_the_int8_kernels_cannot_run_are_refused(config, message):
     preparer = QATPreparer()
     qat = preparer.prepare_for_qat(model, config)
     qat.train()
-    qat(np.random.default_rng(0).random((8, 6), dtype=np.float32))
+    x = np.random.default_rng(0).random((8, 6), dtype=np.float32)
+    qat(x)
+    assert qat.eval()(x).shape == (8, 3)  # the QAT model itself evaluates on any of these grids
     with pytest.raises(ConfigError, match=message):
         preparer.convert_to_quantized(qat)
 

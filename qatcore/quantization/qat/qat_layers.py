@@ -78,8 +78,8 @@ class _QATLayer(Module):
         quantizer, weight_quantizer = self.input_quantizer, self.weight_fake_quant
         if (self.training or bias is None or not isinstance(quantizer, FakeQuantize)
                 or not isinstance(weight_quantizer, FakeQuantize) or not bool(quantizer.qparams_ready.data)
-                or not bool(weight_quantizer.qparams_ready.data)):
-            return bias
+                or not bool(weight_quantizer.qparams_ready.data) or weight_quantizer.axis not in (None, 0)):
+            return bias  # (weights per channel on another axis have no int8 model to match)
         s_x = np.float64(quantizer.calculate_qparams().scale[0])
         step = s_x * weight_quantizer.calculate_qparams().scale.astype(np.float64)
         values = bias.data if isinstance(bias, Tensor) else np.asarray(bias)
