@@ -36,6 +36,7 @@ import warnings
 
 import numba
 import numpy as np
+from reference_models import digits_cnn_float_qat_int8
 from timing import median_time_s, settle
 
 from qatcore.kernels import int8_conv, int8_gemm
@@ -201,18 +202,8 @@ def digits_cnn_inference(args) -> dict:
     """DigitsCNN inference on the 359 digits test images (one batch): the float model, the
     QAT model in eval mode and the converted int8 model (Quantize ... Dequantize)."""
     from qatcore.autograd import no_grad
-    from qatcore.data import load_digits
-    from qatcore.models import DigitsCNN
-    from qatcore.quantization import QATPreparer
 
-    x_train, _, x_test, _ = load_digits()
-    model = DigitsCNN().eval()
-    preparer = QATPreparer()
-    qat = preparer.prepare_for_qat(DigitsCNN())
-    for start in range(0, 256, 64):
-        qat(x_train[start:start + 64])
-    int8_model = preparer.convert_to_quantized(qat)
-    qat.eval()
+    _, x_test, model, qat, int8_model = digits_cnn_float_qat_int8()
     repeats = max(5, args.repeats)
     with no_grad():
         settle()

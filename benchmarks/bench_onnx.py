@@ -27,6 +27,7 @@ import os
 import tempfile
 
 import numpy as np
+from reference_models import digits_cnn_float_qat_int8
 from timing import median_time_s, settle
 
 
@@ -44,20 +45,10 @@ def main() -> None:
         print(json.dumps({"benchmark": "onnx", "skipped": reason}))
         return
     from qatcore.autograd import no_grad
-    from qatcore.data import load_digits
     from qatcore.interop.onnx import export_onnx, import_onnx
-    from qatcore.models import DigitsCNN
-    from qatcore.quantization import QATPreparer
 
-    x_train, _, x_test, _ = load_digits()
+    _, x_test, model, qat, int8_model = digits_cnn_float_qat_int8()
     one = x_test[:1]
-    model = DigitsCNN().eval()
-    preparer = QATPreparer()
-    qat = preparer.prepare_for_qat(DigitsCNN())
-    for start in range(0, 256, 64):
-        qat(x_train[start:start + 64])
-    int8_model = preparer.convert_to_quantized(qat)
-    qat.eval()
     folder = tempfile.mkdtemp()
     files = {name: os.path.join(folder, f"{name}.onnx") for name in ("float", "qat", "int8_qdq", "int8_qoperator")}
     exports = {
