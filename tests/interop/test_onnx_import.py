@@ -192,7 +192,7 @@ def test_import_qat_convert_export_round_trip(digits_qat, fine_tune, tmp_path, r
     assert exact >= 0.999 and max_steps <= 1.0 + 1e-6 and top1 >= 0.999
 
 
-def test_pytorch_exported_model_imports_with_its_module_names(tmp_path):
+def test_pytorch_exported_model_imports_with_its_module_names(tmp_path, fine_tune, run_onnxruntime):
     torch = pytest.importorskip("torch", reason="PyTorch is not installed (optional reference)")
     nn = torch.nn
 
@@ -224,8 +224,13 @@ def test_pytorch_exported_model_imports_with_its_module_names(tmp_path):
         expected = net(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(gm(x).data, expected, rtol=1e-5, atol=1e-5)
     assert "features.0.weight" in gm.state_dict() and "head.4.weight" in gm.state_dict()
-    qat = QATPreparer().prepare_for_qat(gm.train())
-    assert qat(x).shape == (16, 10)
+    # and on through QAT, conversion and export, as for qatcore's own models
+    preparer, qat = fine_tune(gm.train(), epochs=1)
+    int8_model = preparer.convert_to_quantized(qat)
+    export_onnx(int8_model, tmp_path / "int8.onnx", x[:1])
+    x_test = load_digits()[2]
+    theirs = run_onnxruntime(tmp_path / "int8.onnx", x_test)
+    assert np.mean(theirs == int8_model(x_test).data) >= 0.999
 
 
 # ---- errors ------------------------------------------------------------------------------------
