@@ -166,11 +166,19 @@ class _Exporter:
         return (self.b.constant(f"{name}.scale", np.float32(grid.scale)),
                 self.b.constant(f"{name}.zero_point", np.array(grid.zero_point, dtype=grid.dtype)))
 
-    def quantize(self, y: str, grid: Grid, name: str, relu: bool = False) -> str:
+    def quantize(self, y: str, grid: Grid, name: str, relu: bool = False, separate: bool = False) -> str:
         """QuantizeLinear onto ``grid``: a ``Relu`` first when ``relu`` (the clamp at the zero
-        point), an integer ``Clip`` after when the range is narrower than the container."""
+        point), an integer ``Clip`` after when the range is narrower than the container.
+        ``separate``: ``y`` comes straight from a DequantizeLinear (a requantization); put a float
+        ``Clip`` to the grid's range between them when there is no Relu (a no-op, as QuantizeLinear
+        clamps there too), so that ONNX Runtime's DoubleQDQPairsRemover cannot merge
+        Q -> DQ -> Q -> DQ into a single quantization to a recomputed grid."""
         if relu:
             y = self.b.node("Relu", [y], f"{name}/Relu")
+        elif separate:
+            low = np.float32(grid.lo - grid.zero_point) * np.float32(grid.scale)
+            high = np.float32(grid.hi - grid.zero_point) * np.float32(grid.scale)
+            y = self.clip(f"{name}/Clip_range", y, float(low), float(high))
         q = self.b.node("QuantizeLinear", [y, *self.grid_constants(grid, name)], f"{name}/QuantizeLinear")
         return self.clip_integers(q, grid, name, relu)
 
@@ -516,12 +524,15 @@ class _Exporter:
                 return self.flatten(name, x, len(shape), shape, module.start_dim, module.end_dim), grids[0]
             return b.node("Concat", [self.names[a] for a in args], name, axis=int(module.dim)), grids[0]
         grid = self.out_grid(module)
-        relu = isinstance(module, (QuantizedConv2d, QuantizedLinear, QuantizedAdd, Requantize)) and \
-            int(module.clamp_min.data) == grid.zero_point and grid.zero_point > grid.lo
+        clamps_at_zero = isinstance(module, (QuantizedConv2d, QuantizedLinear, QuantizedAdd, Requantize)) and \
+            int(module.clamp_min.data) == grid.zero_point
+        # a Relu where the clamp starts at the zero point (a Requantize keeps it even where the
+        # range starts there too: see quantize(separate=True))
+        relu = clamps_at_zero and (grid.zero_point > grid.lo or isinstance(module, Requantize))
         if isinstance(module, (QuantizedConv2d, QuantizedLinear)):
             return self.weighted(node, module, name, args[0], grid, relu), grid
         if isinstance(module, Requantize):
-            return self.quantize(self.dequantize(args[0], name), grid, name, relu), grid
+            return self.quantize(self.dequantize(args[0], name), grid, name, relu, separate=True), grid
         if isinstance(module, QuantizedAdd):
             y = b.node("Add", [self.dequantize(args[0], f"{name}.a"), self.dequantize(args[1], f"{name}.b")],
                        f"{name}/Add")

@@ -350,3 +350,53 @@ def test_integer_literals_export_as_float_constants(tmp_path, run_onnxruntime):
     np.testing.assert_allclose(run_onnxruntime(tmp_path / "lit.onnx", x), model(x).data, rtol=1e-5, atol=1e-6)
     with pytest.raises(InteropError, match="returns a constant"):
         export_onnx(Literals(with_constant_output=True), tmp_path / "c.onnx", x[:1])
+
+
+def test_back_to_back_requantizations_survive_onnxruntime_optimizations(tmp_path, run_onnxruntime):
+    """Q -> DQ -> Q -> DQ chains (a Requantize between two quantized values) are what ONNX
+    Runtime's DoubleQDQPairsRemover merges into one quantization to a recomputed grid; the
+    exporter keeps an exact no-op between them, so the default session computes the file."""
+    from qatcore.graph import Graph, GraphModule
+    from qatcore.quantization.int8_layers import Dequantize, Quantize, Requantize
+
+    root = nn.Module()
+    root.add_module("q", Quantize(0.02, 128, 0, 255))
+    root.add_module("r1", Requantize(0.02, 128, 0.031, 100, 0, 0, 255))  # a grid change, no ReLU
+    root.add_module("r2", Requantize(0.031, 100, 0.013, 140, 140, 0, 255))  # with a ReLU (clamp at z)
+    root.add_module("dq", Dequantize(0.013, 140))
+    graph = Graph()
+    value = graph.input("x")
+    for name in ("q", "r1", "r2", "dq"):
+        value = graph.call_module(name, (value,))
+    graph.output(value)
+    int8_model = GraphModule(root, graph)
+    x = np.random.default_rng(0).uniform(-2.5, 2.5, (64, 100)).astype(np.float32)
+    export_onnx(int8_model, tmp_path / "r.onnx", x[:1])
+    assert np.array_equal(run_onnxruntime(tmp_path / "r.onnx", x), int8_model(x).data)
+
+
+class Relu6Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        rng = np.random.default_rng(2)
+        self.conv = nn.Conv2d(1, 8, 3, padding=1, rng=rng)
+        self.act = nn.ReLU6()
+        self.pool = nn.AvgPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(8 * 4 * 4, 10, rng=rng)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.act(self.conv(x)))))
+
+
+def test_relu6_models_convert_to_integers_and_export(fine_tune, tmp_path, run_onnxruntime, agree):
+    _, qat = fine_tune(Relu6Net(), epochs=1)
+    int8_model = QATPreparer().convert_to_quantized(qat)
+    kinds = [type(int8_model.get_submodule(n.target)).__name__ for n in int8_model.graph.nodes
+             if n.op == "call_module"]
+    assert "ReLU6" not in kinds and kinds.count("Dequantize") == 1  # the ReLU6 is a Requantize's clamp
+    x = load_digits()[2]
+    export_onnx(int8_model, tmp_path / "relu6.onnx", x[:1])
+    exact, max_steps, top1 = agree(int8_model(x).data, run_onnxruntime(tmp_path / "relu6.onnx", x),
+                                   output_step(int8_model))
+    assert exact >= 0.999 and max_steps <= 1.0 + 1e-6 and top1 >= 0.999, (exact, max_steps, top1)

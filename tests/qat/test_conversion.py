@@ -232,3 +232,34 @@ def test_int8_max_pool_paths_equal_numpy(kernel, stride, padding, shape):
             expected = np.maximum(expected, padded[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw])
     assert out.dtype == np.uint8
     np.testing.assert_array_equal(out, expected)
+
+
+class ConvRelu6(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        rng = np.random.default_rng(5)
+        self.conv = nn.Conv2d(1, 6, 3, padding=1, rng=rng)
+        self.act = nn.ReLU6()
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(6 * 8 * 8, 10, rng=rng)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.act(self.conv(x))))
+
+
+def test_relu6_becomes_an_integer_clamp_when_its_grid_ends_below_6(fine_tune):
+    _, qat = fine_tune(ConvRelu6(), epochs=1)
+    int8_model = QATPreparer().convert_to_quantized(qat)
+    kinds = [type(int8_model.get_submodule(n.target)).__name__ for n in int8_model.graph.nodes
+             if n.op == "call_module"]
+    assert kinds == ["Quantize", "QuantizedConv2d", "Requantize", "Int8Flatten", "QuantizedLinear", "Dequantize"]
+    x = np.random.default_rng(2).random((128, 1, 8, 8), dtype=np.float32) * 4
+    report = parity_report(qat, int8_model, x)
+    assert report.output.exact >= 0.999 and report.output.max_lsb <= 1, str(report)
+    # a quantizer whose grid reaches past 6 (fixed qparams up to 8) keeps the ReLU6 in float
+    quantizer = qat.get_submodule("activation_fake_quant.act")
+    quantizer.disable_observer()
+    quantizer.scale.data[...] = np.float32(8 / 255)
+    quantizer.zero_point.data[...] = 0
+    kinds = [type(m).__name__ for m in QATPreparer().convert_to_quantized(qat).modules()]
+    assert "ReLU6" in kinds

@@ -15,7 +15,9 @@ int8 runtime module (:mod:`qatcore.quantization.int8_layers`):
 - max pool, average pool, flatten run on the integers; a concatenation becomes
   ``Int8Cat``, each input first requantized to the output's grid where it differs;
   a residual add (and a ReLU after it) becomes ``QuantizedAdd``; a standalone ReLU
-  followed by a quantizer becomes a ``Requantize`` whose clamp starts at the zero point;
+  followed by a quantizer becomes a ``Requantize`` whose clamp starts at the zero point,
+  and so does a ReLU6 whose quantizer's grid ends at or below 6 (always, for an observed
+  one: the clamp at qmax is then the min with 6);
 - a layer left float by the layer-wise config stays float, with ``Dequantize``
   before it and ``Quantize`` after it; model outputs get ``Dequantize``.
 
@@ -33,7 +35,7 @@ from qatcore.errors import ConfigError
 from qatcore.graph import Graph, GraphModule
 from qatcore.graph.node import Node, map_nodes
 from qatcore.nn import functional as F
-from qatcore.nn.activation import ReLU
+from qatcore.nn.activation import ReLU, ReLU6
 from qatcore.nn.dropout import Dropout
 from qatcore.nn.flatten import Flatten, Identity
 from qatcore.nn.module import Module
@@ -247,7 +249,7 @@ def convert_to_quantized(qat_model: Module) -> GraphModule:
                 continue
             source = builder.env[node.args[0]] if args else (None, None)
             if source[1] is not None and isinstance(module, (MaxPool2d, Flatten, Identity, Dropout, AvgPool2d,
-                                                              AdaptiveAvgPool2d, ReLU)):
+                                                              AdaptiveAvgPool2d, ReLU, ReLU6)):
                 builder.env[node] = _integer_op(builder, node, module, *source)
                 continue
         elif node.op == "call_function" and node.target is F.add and len(args) == 2:
@@ -341,13 +343,22 @@ def _integer_op(builder: _Builder, node: Node, module: Module, source: Node,
         out = _value_of(quantizer, chain[-1].name)
         return builder.add(chain[-1].name, Int8AvgPool2d(kernel, stride, value.scale, value.zero_point, out.scale,
                                                          out.zero_point, out.qmin, out.qmax), (source,), out)
-    # ReLU: its quantizer follows (preparation puts one after every activation)
+    # ReLU / ReLU6: its quantizer follows (preparation puts one after every activation)
     quantizer, chain, _ = _following_quantizer(builder.qat, node)
     if quantizer is None:
-        return source, value
+        return (source, value) if isinstance(module, ReLU) else _float_op(builder, node)
     out = _value_of(quantizer, chain[-1].name)
+    if isinstance(module, ReLU6) and out.qmax - out.zero_point > _quantized_six(out):
+        return _float_op(builder, node)  # the grid reaches past 6: the min(., 6) is not the clamp at qmax
     return builder.add(chain[-1].name, Requantize(value.scale, value.zero_point, out.scale, out.zero_point,
                                                   out.zero_point, out.qmin, out.qmax), (source,), out)
+
+
+def _quantized_six(value: Int8Value) -> int:
+    """rne(6 * float32(1 / s)): the grid step of 6.0 above the zero point. When the output grid
+    ends at or below it (an observer after a ReLU6 never sees more than 6), min(relu(x), 6)
+    followed by the quantizer equals the clamp to [z, qmax], so a ReLU6 converts like a ReLU."""
+    return int(np.rint(np.float32(6.0) * (np.float32(1) / np.float32(value.scale))))
 
 
 def _float_op(builder: _Builder, node: Node) -> tuple[Node, None]:
