@@ -196,6 +196,37 @@ def test_empty_batch_and_inputs_left_alone():
     assert y.shape == (0, 2, 4, 5) and y.dtype == np.uint8
 
 
+@pytest.mark.parametrize("direct_max_depth", [0, 16, 10_000])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_direct_and_gemm_paths_agree_across_pixel_blocks(monkeypatch, direct_max_depth, parallel):
+    """Short depths (C/groups * kh * kw <= DIRECT_MAX_DEPTH) sum along the pixels instead of
+    through the GEMM tiles; forcing either path gives the oracle's result, also when an image's
+    pixels are split into blocks that start mid-row (p0 not a multiple of OW). Moderate
+    multipliers and biases keep every input pixel visible in the output."""
+    monkeypatch.setattr(conv, "DIRECT_MAX_DEPTH", direct_max_depth)
+    monkeypatch.setattr(conv, "_L2_BLOCK_BYTES", 9 * 12)  # 12-pixel blocks of 9-byte columns
+    monkeypatch.setattr(conv, "PARALLEL_MIN_MACS", 0 if parallel else 2**62)
+    rng = np.random.default_rng(21)
+    for x_dtype, channels, groups, kernel, geometry in [
+        (np.uint8, 1, 1, (3, 3), dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1))),  # depth 9
+        (np.int8, 4, 2, (2, 2), dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2))),  # depth 8, grouped
+        (np.uint8, 3, 1, (3, 3), dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1))),  # depth 27
+    ]:
+        info = np.iinfo(x_dtype)
+        x = rng.integers(info.min, info.max, (3, channels, 9, 11), endpoint=True).astype(x_dtype)
+        out_channels = 6
+        w = rng.integers(-127, 127, (out_channels, channels // groups, *kernel), endpoint=True).astype(np.int8)
+        bias = rng.integers(-200, 200, out_channels).astype(np.int32)
+        m0, shift = rq.quantize_multiplier(np.full(out_channels, 1 / 96))
+        args = (bias, m0, shift, 128, 0, 255, np.uint8)
+        x_zero_point = int(rng.integers(info.min, info.max))
+        expected = oracle_conv(x, x_zero_point, w, *args, geometry["stride"], geometry["padding"],
+                               geometry["dilation"], groups)
+        assert len(np.unique(expected)) > 50  # sensitive to every input value
+        y = conv.int8_conv2d(x, x_zero_point, w, *args, groups=groups, **geometry)
+        gemm_tests.assert_same(y, expected, np.uint8)
+
+
 # ----------------------------------------------------------------------------------------
 # The same kernels as plain Python
 
@@ -203,6 +234,7 @@ def test_empty_batch_and_inputs_left_alone():
 def test_runs_as_plain_python(run_without_jit):
     run_without_jit(__file__, """
         assert isinstance(tests.conv._gather_rows, types.FunctionType)
+        assert isinstance(tests.conv._direct_block, types.FunctionType)
         Case = tests.Case
         Case(2, 3, 2, 1, (5, 4), (3, 3), 1, 1, 1, np.uint8, np.uint8, "uniform", "any", False, 1).check()
         Case(1, 2, 3, 2, (6, 5), (2, 3), (2, 1), (1, 0), (2, 1), np.int8, np.int8, "uniform", "small", True, 2).check()
