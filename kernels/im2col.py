@@ -112,19 +112,19 @@ def _column_table(geometry):
 
 
 @njit(cache=True)
-def _im2col_by_table(x2, cols2, table):
-    """cols2[p, k] = x2[p, table[k]] for every plane p, or 0 where the table points past it."""
+def _im2col_by_table(x2, cols2, table, fill):
+    """cols2[p, k] = x2[p, table[k]] for every plane p, or fill where the table points past it."""
     plane_size = np.uintp(x2.shape[1])
-    zero = x2.dtype.type(0)
     for plane in range(x2.shape[0]):
         for k in range(table.size):
             index = table[k]
-            cols2[plane, k] = x2[plane, index] if index < plane_size else zero
+            cols2[plane, k] = x2[plane, index] if index < plane_size else fill
 
 
 @njit(cache=True)
 def _im2col_by_rows(x2, cols2, geometry):
-    """Copy the valid part of every output row of every tap of every plane; cols2 is zeroed."""
+    """Copy the valid part of every output row of every tap of every plane; cols2 holds the
+    padding value already."""
     height, width, kh, kw, sh, sw, ph, pw, dh, dw, out_height, out_width = geometry
     stride = np.uintp(sw)
     for plane in range(x2.shape[0]):
@@ -148,10 +148,10 @@ def _im2col_by_rows(x2, cols2, geometry):
 
 
 @njit(cache=True)
-def _im2col_fill(x2, cols2, table, geometry):
+def _im2col_fill(x2, cols2, table, geometry, fill):
     """im2col of every plane of x2 into cols2: by table when one is given, else by rows."""
     if table.size > 0:
-        _im2col_by_table(x2, cols2, table)
+        _im2col_by_table(x2, cols2, table, fill)
     else:
         _im2col_by_rows(x2, cols2, geometry)
 
@@ -215,15 +215,17 @@ def _geometry(H, W, kh, kw, sh, sw, ph, pw, dh, dw):
     return (H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_height, out_width)
 
 
-def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw):
+def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, fill=0):
     """Unfold the receptive fields of ``x`` into columns.
 
     Args:
-        x: C-contiguous float32 or float64 array of shape (N, C, H, W).
+        x: C-contiguous array of shape (N, C, H, W): float32 or float64 for the float conv,
+            uint8 for the int8 conv's short-depth path (``kernels/int8_conv.py``).
         kh, kw: kernel height and width (>= 1).
         sh, sw: stride (>= 1).
-        ph, pw: zero padding on both sides (>= 0).
+        ph, pw: padding on both sides (>= 0).
         dh, dw: dilation (>= 1).
+        fill: the value read in the padding (0; an int8 conv pads with its input's zero point).
 
     Returns:
         cols, a new array of x's dtype with shape (N, C*kh*kw, OH*OW), where
@@ -231,7 +233,7 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw):
 
             cols[n, (c*kh + i)*kw + j, oh*OW + ow] = x[n, c, oh*sh - ph + i*dh, ow*sw - pw + j*dw]
 
-        or 0 where that position lies outside [0, H) x [0, W).
+        or ``fill`` where that position lies outside [0, H) x [0, W).
 
     Preconditions, checked by the caller and not here: the integer ranges above, OH >= 1 and
     OW >= 1.
@@ -252,14 +254,16 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw):
     out_height, out_width = geometry[-2:]
     shape = (batch, channels * kh * kw, out_height * out_width)
     plane_columns = kh * kw * out_height * out_width
+    fill = x.dtype.type(fill)
     if out_width < _IM2COL_TABLE_BELOW_WIDTH:
         table = _column_table(geometry)
         cols = np.empty(shape, dtype=x.dtype)  # the table loop writes every element
     else:
         table = np.empty(0, dtype=np.uintp)
-        cols = np.zeros(shape, dtype=x.dtype)  # the row loop leaves the padding untouched
+        # the row loop leaves the padding untouched (np.zeros: calloc'd pages, no write pass)
+        cols = np.zeros(shape, dtype=x.dtype) if fill == 0 else np.full(shape, fill, dtype=x.dtype)
     x2 = x.reshape(batch * channels, height * width)
-    _im2col_fill(x2, cols.reshape(batch * channels, plane_columns), table, geometry)
+    _im2col_fill(x2, cols.reshape(batch * channels, plane_columns), table, geometry, fill)
     return cols
 
 

@@ -20,10 +20,11 @@ then multiplies those rows with the weights of each group (packed by ``pack_weig
 same (kh, kw, C/G) order) and requantizes straight into the (K, OH*OW) planes of the output.
 The pixel block is sized so that its rows stay in L2. A 1x1 convolution with stride 1 and no
 padding reads the channels-last input directly, with no gather. A short depth (C/G*kh*kw at
-most ``DIRECT_MAX_DEPTH``, a first layer on one input channel say) gathers columns instead
-(im2col: one row per tap, the pixels along it) and sums along the pixels, where the GEMM's
-tiles would spend most of their time setting up: DigitsCNN's first conv (depth 9) takes 0.9
-instead of 1.8 ms on the 359 test images. Tasks run in parallel above
+most ``DIRECT_MAX_DEPTH``, a first layer on one input channel say) takes another path: the
+float conv's ``im2col`` (padding with z_x) lays each tap out along the pixels, and the sums run
+along the pixels (``_direct_block``), where the GEMM's tiles would spend most of their time
+setting up: DigitsCNN's first conv (depth 9) takes 0.6 instead of 1.8 ms on the 359 test
+images. Tasks run in parallel above
 int8_gemm's ``PARALLEL_MIN_MACS``. At N=32, C=K=64, 56x56, 3x3 (7.4 G integer operations) a
 call takes about 30 ms on one Zen 5 core and 16 ms on two, of which the transpose and the
 gather take 7 ms of one core and the requantization about 4.
@@ -43,6 +44,7 @@ from numba import get_thread_id, njit, prange
 
 from qatcore.errors import ConfigError, ShapeError
 
+from .im2col import im2col
 from .int8_gemm import (
     PARALLEL_MIN_MACS,
     activations_as_uint8,
@@ -105,63 +107,11 @@ def _gather_rows(x, image, p0, p1, geometry, zero_point, cols):
 
 
 @njit(cache=True)
-def _gather_columns(x, image, p0, p1, geometry, zero_point, cols):
-    """cols[((g*kh + u)*kw + v)*Cg + c, p - p0] = x[image, ih, iw, g*Cg + c], or zero_point in the
-    padding: im2col, one row per tap and channel, the block's pixels contiguous along it.
-    (oh, ow) advance with p instead of being divided out of it: the depth is short here, so
-    the per-pixel arithmetic is most of the work."""
-    height, width, channels, kh, kw, sh, sw, ph, pw, dh, dw, out_width, groups = geometry
-    group_channels = channels // groups
-    image_start = image * height * width * channels
-    for g in range(groups):
-        for u in range(kh):
-            for v in range(kw):
-                base = ((g * kh + u) * kw + v) * group_channels
-                oh, ow = p0 // out_width, p0 % out_width
-                for p in range(p0, p1):
-                    ih = oh * sh - ph + u * dh
-                    iw = ow * sw - pw + v * dw
-                    column = np.uintp(p - p0)
-                    inside = 0 <= ih < height and 0 <= iw < width
-                    start = np.uintp(image_start + (ih * width + iw) * channels + g * group_channels) if inside \
-                        else np.uintp(0)
-                    if group_channels == 1:  # one input channel (a first layer): no inner loop
-                        cols[np.uintp(base), column] = x[start] if inside else zero_point
-                    elif inside:
-                        for c in range(group_channels):
-                            cols[np.uintp(base + c), column] = x[start + np.uintp(c)]
-                    else:
-                        for c in range(group_channels):
-                            cols[np.uintp(base + c), column] = zero_point
-                    ow += 1
-                    if ow == out_width:
-                        ow = 0
-                        oh += 1
-
-
-@njit(cache=True)
-def _direct_block(cols, count, weights, channel0, channels, row0, depth, acc):
-    """acc[k, p] = sum_j cols[row0 + j, p] * weights[channel0 + k, j] for k < channels, p < count:
-    the raw sums gemm_block computes, vectorised along the pixels instead of the depth (for a
-    depth too short to fill the GEMM's tiles)."""
-    n = np.uintp(count)
-    for k in range(channels):
-        for p in range(n):
-            acc[k, p] = 0
-        for j in range(depth):
-            w = np.int32(weights[channel0 + k, j])
-            row = np.uintp(row0 + j)
-            for p in range(n):
-                acc[k, p] += w * np.int32(cols[row, p])
-
-
-@njit(cache=True)
 def _conv_task(task, x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point, offset,
-               multiplier, shift, out_zero_point, out_min, out_max, flip, pointwise, direct, rows, acc, out):
+               multiplier, shift, out_zero_point, out_min, out_max, flip, pointwise, rows, acc, out):
     """Image task // blocks_per_image, output pixels [p0, p1) of it, every output channel.
-    rows (pixel_block, C*kh*kw), or (C*kh*kw, pixel_block) on the ``direct`` path, and acc
-    (K/groups, pixel_block) are this thread's work buffers; out is (N * K, OH * OW): row
-    n*K + k is output plane (n, k)."""
+    rows (pixel_block, C*kh*kw) and acc (K/groups, pixel_block) are this thread's work
+    buffers; out is (N * K, OH * OW): row n*K + k is output plane (n, k)."""
     height, width, channels, kh, kw, _, _, _, _, _, _, out_width, groups = geometry
     pixels = out_height * out_width
     image, block = task // blocks_per_image, task % blocks_per_image
@@ -169,13 +119,6 @@ def _conv_task(task, x, weights, geometry, out_height, pixel_block, blocks_per_i
     p1 = min(pixels, p0 + pixel_block)
     out_channels = weights.shape[0]
     group_out, depth = out_channels // groups, weights.shape[1]
-    if direct:  # a short depth: im2col, and sums vectorised along the pixels
-        _gather_columns(x, image, p0, p1, geometry, zero_point, rows)
-        for g in range(groups):
-            _direct_block(rows, p1 - p0, weights, g * group_out, group_out, g * depth, depth, acc)
-            requantize_block(acc, p1 - p0, group_out, out, image * out_channels + g * group_out, p0, True,
-                             g * group_out, offset, multiplier, shift, out_zero_point, out_min, out_max, flip)
-        return
     if pointwise:  # 1x1, stride 1, no padding: the channels-last rows are the gathered rows
         source, row0 = x.reshape(-1, channels), image * pixels + p0
     else:
@@ -191,21 +134,68 @@ def _conv_task(task, x, weights, geometry, out_height, pixel_block, blocks_per_i
 
 @njit(cache=True, parallel=True)
 def _conv_parallel(x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point, offset, multiplier,
-                   shift, out_zero_point, out_min, out_max, flip, pointwise, direct, n_tasks, rows, acc, out):
+                   shift, out_zero_point, out_min, out_max, flip, pointwise, n_tasks, rows, acc, out):
     for task in prange(n_tasks):
         thread = get_thread_id()
         _conv_task(np.int64(task), x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point,
-                   offset, multiplier, shift, out_zero_point, out_min, out_max, flip, pointwise, direct, rows[thread],
+                   offset, multiplier, shift, out_zero_point, out_min, out_max, flip, pointwise, rows[thread],
                    acc[thread], out)
 
 
 @njit(cache=True)
 def _conv_serial(x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point, offset, multiplier,
-                 shift, out_zero_point, out_min, out_max, flip, pointwise, direct, n_tasks, rows, acc, out):
+                 shift, out_zero_point, out_min, out_max, flip, pointwise, n_tasks, rows, acc, out):
     for task in range(n_tasks):
         _conv_task(task, x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point, offset,
-                   multiplier, shift, out_zero_point, out_min, out_max, flip, pointwise, direct, rows[0], acc[0],
-                   out)
+                   multiplier, shift, out_zero_point, out_min, out_max, flip, pointwise, rows[0], acc[0], out)
+
+
+@njit(cache=True)
+def _direct_block(cols, col0, count, weights, channel0, channels, row0, depth, acc):
+    """acc[k, p] = sum_j cols[row0 + j, col0 + p] * weights[channel0 + k, j] for k < channels and
+    p < count: the raw sums gemm_block computes, vectorised along the pixels instead of the
+    depth (for a depth too short to fill the GEMM's tiles)."""
+    n, first = np.uintp(count), np.uintp(col0)
+    for k in range(channels):
+        for p in range(n):
+            acc[k, p] = 0
+        for j in range(depth):
+            w = np.int32(weights[channel0 + k, j])
+            row = np.uintp(row0 + j)
+            for p in range(n):
+                acc[k, p] += w * np.int32(cols[row, first + p])
+
+
+@njit(cache=True)
+def _direct_task(task, cols, weights, groups, pixels, pixel_block, blocks_per_image, offset, multiplier, shift,
+                 out_zero_point, out_min, out_max, flip, acc, out):
+    """The short-depth path's task: image task // blocks_per_image, output pixels [p0, p1) of it.
+    cols is im2col's (N*C*kh*kw, OH*OW), weights (K, C/G*kh*kw) in im2col's (c, kh, kw) order."""
+    image, block = task // blocks_per_image, task % blocks_per_image
+    p0 = block * pixel_block
+    p1 = min(pixels, p0 + pixel_block)
+    out_channels, depth = weights.shape
+    group_out = out_channels // groups
+    for g in range(groups):
+        _direct_block(cols, p0, p1 - p0, weights, g * group_out, group_out, (image * groups + g) * depth, depth, acc)
+        requantize_block(acc, p1 - p0, group_out, out, image * out_channels + g * group_out, p0, True, g * group_out,
+                         offset, multiplier, shift, out_zero_point, out_min, out_max, flip)
+
+
+@njit(cache=True, parallel=True)
+def _direct_parallel(cols, weights, groups, pixels, pixel_block, blocks_per_image, offset, multiplier, shift,
+                     out_zero_point, out_min, out_max, flip, n_tasks, acc, out):
+    for task in prange(n_tasks):
+        _direct_task(np.int64(task), cols, weights, groups, pixels, pixel_block, blocks_per_image, offset,
+                     multiplier, shift, out_zero_point, out_min, out_max, flip, acc[get_thread_id()], out)
+
+
+@njit(cache=True)
+def _direct_serial(cols, weights, groups, pixels, pixel_block, blocks_per_image, offset, multiplier, shift,
+                   out_zero_point, out_min, out_max, flip, n_tasks, acc, out):
+    for task in range(n_tasks):
+        _direct_task(task, cols, weights, groups, pixels, pixel_block, blocks_per_image, offset, multiplier, shift,
+                     out_zero_point, out_min, out_max, flip, acc[0], out)
 
 
 def _pair(value, what, minimum):
@@ -265,19 +255,31 @@ def int8_conv2d(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
     out = np.empty((batch, out_channels, out_height, out_width), np.uint8)
     if out.size == 0:
         return out.view(out_dtype)
+    if group_channels * kh * kw <= DIRECT_MAX_DEPTH and (kh, kw, sh, sw, ph, pw) != (1, 1, 1, 1, 0, 0):
+        cols = im2col(np.ascontiguousarray(x_u8), kh, kw, sh, sw, ph, pw, dh, dw, fill=zero_point)
+        weights = np.ascontiguousarray(
+            packed.matrix.reshape(out_channels, kh, kw, group_channels).transpose(0, 3, 1, 2)).reshape(out_channels, -1)
+        pixel_block = min(pixels, _MAX_PIXEL_BLOCK)
+        blocks_per_image = -(-pixels // pixel_block)
+        n_tasks = batch * blocks_per_image
+        parallel = n_tasks > 1 and batch * out_channels * pixels * group_channels * kh * kw >= PARALLEL_MIN_MACS
+        driver = _direct_parallel if parallel else _direct_serial
+        acc = scratch_for(parallel, (out_channels // groups, pixel_block), np.int32)
+        driver(cols.reshape(-1, pixels), weights, int(groups), pixels, pixel_block, blocks_per_image, offset,
+               multiplier, shift, out_zero_point, out_min, out_max, flip, n_tasks, acc,
+               out.reshape(batch * out_channels, pixels))
+        return out.view(out_dtype)
     x_nhwc = np.ascontiguousarray(x_u8.transpose(0, 2, 3, 1)).reshape(-1)
     pointwise = (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0)
-    direct = not pointwise and group_channels * kh * kw <= DIRECT_MAX_DEPTH
     pixel_block = max(4, min(_MAX_PIXEL_BLOCK, _L2_BLOCK_BYTES // (channels * kh * kw)) // 4 * 4)
     blocks_per_image = -(-pixels // pixel_block)
     n_tasks = batch * blocks_per_image
     geometry = (height, width, channels, kh, kw, sh, sw, ph, pw, dh, dw, out_width, int(groups))
     parallel = n_tasks > 1 and batch * out_channels * pixels * group_channels * kh * kw >= PARALLEL_MIN_MACS
     driver = _conv_parallel if parallel else _conv_serial
-    rows_shape = (channels * kh * kw, pixel_block) if direct else (0 if pointwise else pixel_block, channels * kh * kw)
-    rows = scratch_for(parallel, rows_shape, np.uint8)
+    rows = scratch_for(parallel, (0 if pointwise else pixel_block, channels * kh * kw), np.uint8)
     acc = scratch_for(parallel, (out_channels // groups, pixel_block), np.int32)
     driver(x_nhwc, packed.matrix, geometry, out_height, pixel_block, blocks_per_image, np.uint8(zero_point), offset,
-           multiplier, shift, out_zero_point, out_min, out_max, flip, pointwise, direct, n_tasks, rows, acc,
+           multiplier, shift, out_zero_point, out_min, out_max, flip, pointwise, n_tasks, rows, acc,
            out.reshape(batch * out_channels, pixels))
     return out.view(out_dtype)

@@ -81,9 +81,9 @@ def _window_slices(geometry, i, j):
     return rows, cols
 
 
-def im2col_oracle(x, geometry):
+def im2col_oracle(x, geometry, fill=0):
     g = geometry
-    padded = np.pad(x, ((0, 0), (0, 0), (g.ph, g.ph), (g.pw, g.pw)))
+    padded = np.pad(x, ((0, 0), (0, 0), (g.ph, g.ph), (g.pw, g.pw)), constant_values=fill)
     cols = np.empty((g.batch, g.channels, g.kh, g.kw, g.out_height, g.out_width), x.dtype)
     for i in range(g.kh):
         for j in range(g.kw):
@@ -108,6 +108,8 @@ def col2im_oracle(cols, geometry):
 def random_input(geometry, dtype, seed):
     g = geometry
     rng = np.random.default_rng(seed)
+    if np.dtype(dtype).kind == "u":  # the int8 conv's uint8 activations
+        return rng.integers(0, 256, (g.batch, g.channels, g.height, g.width)).astype(dtype)
     return rng.standard_normal((g.batch, g.channels, g.height, g.width)).astype(dtype)
 
 
@@ -167,19 +169,20 @@ def _loop_tables(geometry):
     return [("table", table), ("rows", np.empty(0, dtype=np.uintp))]
 
 
-def check_im2col_algorithms(geometry, dtype, seed):
+def check_im2col_algorithms(geometry, dtype, seed, fill=0):
     """Both loops, called directly whatever the output width, equal the oracle and each other
     bit for bit."""
     g = geometry
     x = random_input(g, dtype, seed)
-    expected = im2col_oracle(x, g)
+    expected = im2col_oracle(x, g, fill)
     planes = g.batch * g.channels
     results = []
     for name, table in _loop_tables(g):
-        # The table loop must write every element; the row loop expects a zeroed array.
-        cols = np.full(expected.shape, np.nan if name == "table" else 0.0, dtype=dtype)
+        # The table loop must write every element; the row loop expects the padding value in place.
+        poison = np.nan if np.dtype(dtype).kind == "f" else 255 - fill
+        cols = np.full(expected.shape, poison if name == "table" else fill, dtype=dtype)
         im2col_kernels._im2col_fill(
-            x.reshape(planes, -1), cols.reshape(planes, -1), table, _loop_geometry(g)
+            x.reshape(planes, -1), cols.reshape(planes, -1), table, _loop_geometry(g), np.dtype(dtype).type(fill)
         )
         np.testing.assert_array_equal(cols, expected, err_msg=name)
         results.append(cols.view(f"u{cols.itemsize}"))
@@ -234,6 +237,18 @@ def test_col2im_is_adjoint_of_im2col(geometry, seed):
 @given(geometry=conv_geometries(max_size=24), dtype=dtypes, seed=seeds)
 def test_im2col_by_table_and_by_rows_agree(geometry, dtype, seed):
     check_im2col_algorithms(geometry, dtype, seed)
+
+
+@settings(deadline=None, max_examples=40)
+@given(geometry=conv_geometries(max_size=24), fill=st.integers(0, 255), seed=seeds)
+def test_uint8_im2col_pads_with_the_fill_value(geometry, fill, seed):
+    """The int8 conv's short-depth path: uint8 planes, padding read as its zero point."""
+    check_im2col_algorithms(geometry, np.uint8, seed, fill)
+    x = random_input(geometry, np.uint8, seed)
+    g = geometry
+    cols = im2col_kernels.im2col(x, *g.window, fill=fill)
+    assert cols.dtype == np.uint8
+    np.testing.assert_array_equal(cols, im2col_oracle(x, g, fill))
 
 
 @settings(deadline=None, max_examples=60)

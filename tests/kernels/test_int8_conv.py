@@ -199,12 +199,12 @@ def test_empty_batch_and_inputs_left_alone():
 @pytest.mark.parametrize("direct_max_depth", [0, 16, 10_000])
 @pytest.mark.parametrize("parallel", [False, True])
 def test_direct_and_gemm_paths_agree_across_pixel_blocks(monkeypatch, direct_max_depth, parallel):
-    """Short depths (C/groups * kh * kw <= DIRECT_MAX_DEPTH) sum along the pixels instead of
-    through the GEMM tiles; forcing either path gives the oracle's result, also when an image's
-    pixels are split into blocks that start mid-row (p0 not a multiple of OW). Moderate
-    multipliers and biases keep every input pixel visible in the output."""
+    """Short depths (C/groups * kh * kw <= DIRECT_MAX_DEPTH) sum along the pixels of im2col's
+    columns instead of through the GEMM tiles; forcing either path gives the oracle's result,
+    also when an image's pixels are split into blocks that start mid-row (p0 not a multiple of
+    OW). Moderate multipliers and biases keep every input pixel visible in the output."""
     monkeypatch.setattr(conv, "DIRECT_MAX_DEPTH", direct_max_depth)
-    monkeypatch.setattr(conv, "_L2_BLOCK_BYTES", 9 * 12)  # 12-pixel blocks of 9-byte columns
+    monkeypatch.setattr(conv, "_MAX_PIXEL_BLOCK", 12)  # 12-pixel blocks on both paths
     monkeypatch.setattr(conv, "PARALLEL_MIN_MACS", 0 if parallel else 2**62)
     rng = np.random.default_rng(21)
     for x_dtype, channels, groups, kernel, geometry in [
