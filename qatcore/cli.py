@@ -443,8 +443,8 @@ def _convert(args) -> int:
     return 0
 
 
-def _export_source(args) -> tuple[Any, dict]:
-    """The model to export and the run settings found beside it ({} when there are none)."""
+def _export_source(args) -> tuple[Any, int]:
+    """The model to export and its input side (--image-size, else the run's: 28 for MNIST runs)."""
     from qatcore.errors import CheckpointError
     from qatcore.quantization import QATPreparer, load_int8_model
     from qatcore.quantization.qat.checkpointing import read_qat_checkpoint
@@ -459,25 +459,24 @@ def _export_source(args) -> tuple[Any, dict]:
     if checkpoint.is_file():
         with contextlib.suppress(QATCoreError, KeyError, TypeError):
             settings = dict(read_qat_checkpoint(checkpoint)["extra"]["run_args"])
+    image_size = args.image_size or (28 if settings.get("mnist") else 8)
     if not args.qat:
         with contextlib.suppress(CheckpointError):
-            return load_int8_model(source), settings
+            return load_int8_model(source), image_size
     payload = read_qat_checkpoint(source)
     if payload["format"] == "float":
         raise ConfigError(f"{source} is a float checkpoint; export takes a QAT checkpoint or an int8 model")
-    image_size = args.image_size or (28 if settings.get("mnist") else 8)
     float_model = _make_model(args.model or settings.get("model", "cnn"), np.random.default_rng(0), image_size)
     qat_model, _ = QATPreparer.from_checkpoint(source, float_model)
-    return (qat_model if args.qat else QATPreparer().convert_to_quantized(qat_model)), settings
+    return (qat_model if args.qat else QATPreparer().convert_to_quantized(qat_model)), image_size
 
 
 def _export(args) -> int:
     from qatcore.interop.onnx import export_onnx
 
-    model, settings = _export_source(args)
     if args.qat and args.format != "qdq":
         raise ConfigError("--qat exports the QAT model in QDQ form; --format qoperator is for int8 models")
-    image_size = args.image_size or (28 if settings.get("mnist") else 8)
+    model, image_size = _export_source(args)
     example = np.zeros((1, 1, image_size, image_size), dtype=np.float32)
     export_onnx(model.eval(), args.output, example, format=args.format)
     kind = "QAT" if args.qat else "int8"

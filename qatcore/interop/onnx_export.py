@@ -42,7 +42,7 @@ docs/interop.md for the measured agreement).
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -183,9 +183,11 @@ class _Exporter:
         return self.clip_integers(q, grid, name, relu)
 
     def clip_integers(self, q: str, grid: Grid, name: str, relu: bool = False) -> str:
+        """An integer Clip to the grid's range where it is narrower than the container (with
+        ``relu`` the Relu before QuantizeLinear has already clamped at the zero point)."""
         low, high = grid.container
-        lo = max(grid.lo, grid.zero_point) if relu else grid.lo
-        if lo == low and grid.hi == high or (relu and lo == grid.zero_point and grid.hi == high):
+        lo = grid.zero_point if relu else grid.lo
+        if (relu or lo == low) and grid.hi == high:
             return q
         return self.b.node("Clip", [q, self.b.constant(f"{name}.clip_min", np.array(lo, grid.dtype)),
                                     self.b.constant(f"{name}.clip_max", np.array(grid.hi, grid.dtype))],
@@ -253,7 +255,8 @@ class _Exporter:
         if isinstance(module, (Identity, Dropout)):
             return x
         if isinstance(module, Conv2d):
-            return self.conv(name, x, module.weight.data, None if module.bias is None else module.bias.data, module)
+            w, bias = self.constants(name, module.weight.data, None if module.bias is None else module.bias.data)
+            return self.conv(name, x, w, bias, module.weight.shape[2:], _geometry(module))
         if isinstance(module, Linear):
             return self.linear(name, x, self.shape(arg), module.weight.data,
                                None if module.bias is None else module.bias.data)
@@ -284,14 +287,16 @@ class _Exporter:
         raise self.fail(node, f"module {type(module).__name__}")
 
     # ---- float building blocks ----------------------------------------------------------------
-    def conv(self, name: str, x: str, weight, bias, layer, weight_name: str | None = None,
-             bias_name: str | None = None) -> str:
-        w = weight_name or self.b.constant(f"{name}.weight", weight)
-        inputs = [x, w]
-        if bias_name is not None or bias is not None:
-            inputs.append(bias_name or self.b.constant(f"{name}.bias", bias))
-        return self.b.node("Conv", inputs, name, kernel_shape=list(np.shape(weight)[2:]), strides=_pair(layer.stride),
-                           pads=_pads(layer.padding), dilations=_pair(layer.dilation), group=int(layer.groups))
+    def conv(self, name: str, x: str, w: str, b: str | None, kernel, geometry: tuple) -> str:
+        """Conv(x, w[, b]) for tensor names w and b; geometry is (stride, padding, dilation, groups)."""
+        stride, padding, dilation, groups = geometry
+        return self.b.node("Conv", [x, w] + ([b] if b else []), name, kernel_shape=[int(k) for k in kernel],
+                           strides=_pair(stride), pads=_pads(padding), dilations=_pair(dilation), group=int(groups))
+
+    def constants(self, name: str, weight: np.ndarray, bias: np.ndarray | None) -> tuple[str, str | None]:
+        """Initializers ``<name>.weight`` and ``<name>.bias`` (None without a bias)."""
+        return (self.b.constant(f"{name}.weight", weight),
+                None if bias is None else self.b.constant(f"{name}.bias", bias))
 
     def linear(self, name: str, x: str, x_shape: tuple, weight, bias, weight_name: str | None = None,
                bias_name: str | None = None) -> str:
@@ -403,12 +408,10 @@ class _Exporter:
                                self.names[a["bias"]] if isinstance(a["bias"], Node) else None)
         if fn is F.conv2d:
             weight, bias = a["weight"], a["bias"]
-            geometry = _Geometry(a["stride"], a["padding"], a["dilation"], a["groups"])
-            weight_shape = self.shape(weight) if isinstance(weight, Node) else np.shape(_data(weight))
-            w_name = self.value(weight, f"{name}.weight")
-            b_name = None if bias is None else self.value(bias, f"{name}.bias")
-            return self.conv(name, self.value(a["x"], name), np.empty(weight_shape, np.float32), None, geometry,
-                             weight_name=w_name, bias_name=b_name)
+            kernel = (self.shape(weight) if isinstance(weight, Node) else np.shape(_data(weight)))[2:]
+            return self.conv(name, self.value(a["x"], name), self.value(weight, f"{name}.weight"),
+                             None if bias is None else self.value(bias, f"{name}.bias"), kernel,
+                             (a["stride"], a["padding"], a["dilation"], a["groups"]))
         if fn is F.max_pool2d:
             return self.max_pool(name, self.value(a["x"], name), a["kernel_size"], a["stride"], a["padding"],
                                  a["dilation"])
@@ -470,7 +473,8 @@ class _Exporter:
             if is_linear:
                 y = self.linear(name, x, self.shape(arg), layer.weight.data, bias)
             else:
-                y = self.conv(name, x, layer.weight.data, bias, layer)
+                y = self.conv(name, x, *self.constants(name, layer.weight.data, bias), layer.weight.shape[2:],
+                              _geometry(layer))
                 if isinstance(layer, QATConvBn2d):
                     y = self.batch_norm(layer.bn_name, y, layer.bn)
             return b.node("Relu", [y], f"{name}/Relu") if layer.relu else y
@@ -490,8 +494,11 @@ class _Exporter:
             w_name = b.constant(f"{name}.weight", weight)
         if bias is not None:
             bias = np.asarray(layer._eval_bias(bias), dtype=np.float32)  # what the QAT eval path adds
-        y = (self.linear(name, x, self.shape(arg), weight, bias, weight_name=w_name) if is_linear
-             else self.conv(name, x, weight, bias, layer, weight_name=w_name))
+        if is_linear:
+            y = self.linear(name, x, self.shape(arg), weight, bias, weight_name=w_name)
+        else:
+            y = self.conv(name, x, w_name, None if bias is None else b.constant(f"{name}.bias", bias),
+                          weight.shape[2:], _geometry(layer))
         if layer.relu:
             y = b.node("Relu", [y], f"{name}/Relu")
         if isinstance(layer.output_fake_quant, FakeQuantize):
@@ -568,7 +575,7 @@ class _Exporter:
         if is_linear:
             y = self.linear(f"{name}/Gemm", x, self.shape(arg), None, None, weight_name=w, bias_name=bias)
         else:
-            y = self.conv(f"{name}/Conv", x, weight_q, None, module, weight_name=w, bias_name=bias)
+            y = self.conv(f"{name}/Conv", x, w, bias, weight_q.shape[2:], _geometry(module))
         return self.quantize(y, out, name, relu)
 
     def qlinear(self, node: Node, module, name: str, arg: Node, x_grid: Grid, out: Grid, relu: bool,
@@ -602,18 +609,13 @@ class _Exporter:
             q = b.node("QLinearConv", [x, x_s, x_z, w_q, w_s, w_z, y_s, y_z, bias_q], name,
                        kernel_shape=list(module.weight_q.data.shape[2:]), strides=_pair(module.stride),
                        pads=_pads(module.padding), dilations=_pair(module.dilation), group=int(module.groups))
-        if relu:
-            relu_grid = Grid(out.scale, out.zero_point, out.zero_point, out.hi, out.dtype)
-            return self.clip_integers(q, relu_grid, name)
-        return self.clip_integers(q, out, name)
+        # no Relu before these operators: the fused ReLU is the clip's lower bound
+        return self.clip_integers(q, replace(out, lo=out.zero_point) if relu else out, name)
 
 
-@dataclass(frozen=True)
-class _Geometry:
-    stride: Any
-    padding: Any
-    dilation: Any
-    groups: int
+def _geometry(layer) -> tuple:
+    """(stride, padding, dilation, groups) of a conv layer (float, QAT or int8)."""
+    return layer.stride, layer.padding, layer.dilation, layer.groups
 
 
 def _walk_outputs(value, on_node, on_constant) -> None:

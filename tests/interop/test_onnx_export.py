@@ -126,7 +126,7 @@ def test_qat_model_exports_a_qdq_pair_at_every_fake_quant_node(which, digits_qat
     assert exact >= 0.999 and max_steps <= 1.0 + 1e-6 and top1 >= 0.999, (exact, max_steps, top1)
 
 
-def test_float_model_exports_the_float_graph(digits_qat, tmp_path, run_onnxruntime):
+def test_float_model_exports_the_float_graph(tmp_path, run_onnxruntime):
     model = DigitsCNN(rng=np.random.default_rng(2)).eval()
     x = np.random.default_rng(4).random((16, 1, 8, 8), dtype=np.float32)
     path = tmp_path / "float.onnx"
