@@ -3,6 +3,9 @@
 This folder sits at the top of the repository and is installed as ``qatcore.kernels``.
 
 Modules:
+    window   -- the geometry of a sliding window along one axis: ``output_size`` and
+                ``valid_range`` (which taps or outputs read inside the input), shared by
+                im2col, pooling and int8_conv.
     im2col   -- ``im2col`` / ``col2im``: the column layout that turns conv2d into a batched GEMM
                 (done by NumPy), and its adjoint for the input gradient.
     pooling  -- ``max_pool2d_forward`` / ``max_pool2d_backward`` and ``avg_pool2d_forward`` /

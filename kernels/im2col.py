@@ -55,36 +55,14 @@ Measuring also decided three details:
 import numpy as np
 from numba import njit
 
+from .window import valid_range, window_geometry
+
 __all__ = ["im2col", "col2im"]
 
 # Below these output widths the table loops beat the row loops; at and above them the row
 # loops win (their copies vectorise). Measured on 3x3 convolutions, 32 samples of 32 channels.
 _IM2COL_TABLE_BELOW_WIDTH = 16
 _COL2IM_TABLE_BELOW_WIDTH = 10
-
-
-def _conv_output_size(size, kernel, stride, padding, dilation):
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-@njit(cache=True)
-def _valid_output_range(offset, stride, size, count):
-    """Return (lo, hi) such that ``0 <= offset + k*stride < size`` exactly for k in [lo, hi).
-
-    k is limited to [0, count) and ``lo <= hi`` always holds (the range may be empty).
-    Requires stride >= 1.
-    """
-    if offset >= 0:
-        lo = 0
-    else:
-        lo = (-offset + stride - 1) // stride  # ceil(-offset / stride); numerator > 0
-    if offset >= size:
-        hi = 0
-    else:
-        hi = (size - offset + stride - 1) // stride  # ceil((size - offset) / stride)
-    lo = min(lo, count)
-    hi = max(min(hi, count), lo)
-    return lo, hi
 
 
 @njit(cache=True)
@@ -130,10 +108,10 @@ def _im2col_by_rows(x2, cols2, geometry):
     for plane in range(x2.shape[0]):
         for i in range(kh):
             h_offset = i * dh - ph
-            oh_lo, oh_hi = _valid_output_range(h_offset, sh, height, out_height)
+            oh_lo, oh_hi = valid_range(h_offset, sh, height, out_height)
             for j in range(kw):
                 w_offset = j * dw - pw
-                ow_lo, ow_hi = _valid_output_range(w_offset, sw, width, out_width)
+                ow_lo, ow_hi = valid_range(w_offset, sw, width, out_width)
                 count = np.uintp(ow_hi - ow_lo)
                 tap_start = (i * kw + j) * out_height * out_width
                 for oh in range(oh_lo, oh_hi):
@@ -179,10 +157,10 @@ def _col2im_by_rows(cols2, x_grad2, geometry):
     for plane in range(x_grad2.shape[0]):
         for i in range(kh):
             h_offset = i * dh - ph
-            oh_lo, oh_hi = _valid_output_range(h_offset, sh, height, out_height)
+            oh_lo, oh_hi = valid_range(h_offset, sh, height, out_height)
             for j in range(kw):
                 w_offset = j * dw - pw
-                ow_lo, ow_hi = _valid_output_range(w_offset, sw, width, out_width)
+                ow_lo, ow_hi = valid_range(w_offset, sw, width, out_width)
                 count = np.uintp(ow_hi - ow_lo)
                 tap_start = (i * kw + j) * out_height * out_width
                 for oh in range(oh_lo, oh_hi):
@@ -206,13 +184,6 @@ def _col2im_accumulate(cols2, x_grad2, table, geometry):
 
 
 # ----------------------------------------------------------------------------- public
-
-
-def _geometry(H, W, kh, kw, sh, sw, ph, pw, dh, dw):
-    """The integer tuple the jitted loops take, ending with (OH, OW)."""
-    out_height = _conv_output_size(H, kh, sh, ph, dh)
-    out_width = _conv_output_size(W, kw, sw, pw, dw)
-    return (H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_height, out_width)
 
 
 def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, fill=0):
@@ -250,7 +221,7 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, fill=0):
                [0., 0., 0., 0.]])
     """
     batch, channels, height, width = x.shape
-    geometry = _geometry(height, width, kh, kw, sh, sw, ph, pw, dh, dw)
+    geometry = window_geometry(height, width, kh, kw, sh, sw, ph, pw, dh, dw)
     out_height, out_width = geometry[-2:]
     shape = (batch, channels * kh * kw, out_height * out_width)
     plane_columns = kh * kw * out_height * out_width
@@ -301,7 +272,7 @@ def col2im(cols, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw):
                [1., 2., 1.]])
     """
     batch = cols.shape[0]
-    geometry = _geometry(H, W, kh, kw, sh, sw, ph, pw, dh, dw)
+    geometry = window_geometry(H, W, kh, kw, sh, sw, ph, pw, dh, dw)
     out_height, out_width = geometry[-2:]
     if out_width < _COL2IM_TABLE_BELOW_WIDTH:
         table = _column_table(geometry)

@@ -56,6 +56,7 @@ from .int8_gemm import (
     requantize_block,
     scratch_for,
 )
+from .window import output_size
 
 __all__ = ["int8_conv2d", "DIRECT_MAX_DEPTH"]
 
@@ -66,10 +67,6 @@ _MAX_PIXEL_BLOCK = 512
 # At or below this depth (C/groups * kh * kw) the sums run along the pixels (``_direct_block``):
 # the GEMM's 4x4 tiles need depth to amortise their set-up.
 DIRECT_MAX_DEPTH = 16
-
-
-def _output_size(size, kernel, stride, padding, dilation):
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 @njit(cache=True)
@@ -243,7 +240,7 @@ def int8_conv2d(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
                          f"expect {group_channels * groups}")
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation,
                                                                                                 "dilation", 1)
-    out_height, out_width = _output_size(height, kh, sh, ph, dh), _output_size(width, kw, sw, pw, dw)
+    out_height, out_width = output_size(height, kh, sh, ph, dh), output_size(width, kw, sw, pw, dw)
     if out_height < 1 or out_width < 1:
         raise ShapeError(f"{name}: kernel {(kh, kw)} with dilation {(dh, dw)} does not fit input {(height, width)} "
                          f"padded by {(ph, pw)}")

@@ -25,35 +25,14 @@ The average-pooling loops are serial too, for the same reason.
 import numpy as np
 from numba import njit
 
+from .window import output_size, valid_range, window_geometry
+
 __all__ = [
     "max_pool2d_forward",
     "max_pool2d_backward",
     "avg_pool2d_forward",
     "avg_pool2d_backward",
 ]
-
-
-def _pool_output_size(size, kernel, stride, padding, dilation):
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-@njit(cache=True)
-def _valid_window_range(start, dilation, size, kernel):
-    """Return (lo, hi) such that ``0 <= start + k*dilation < size`` exactly for k in [lo, hi).
-
-    k is limited to [0, kernel) and ``lo <= hi`` always holds (the range may be empty).
-    """
-    if start >= 0:
-        lo = 0
-    else:
-        lo = (-start + dilation - 1) // dilation  # ceil(-start / dilation); numerator > 0
-    if start >= size:
-        hi = 0
-    else:
-        hi = (size - start + dilation - 1) // dilation  # ceil((size - start) / dilation)
-    lo = min(lo, kernel)
-    hi = max(min(hi, kernel), lo)
-    return lo, hi
 
 
 @njit(cache=True)
@@ -149,8 +128,8 @@ def _max_pool2d_forward_fill(x2, out2, argmax2, offsets, geometry):
                                 best_key, best_index, x2[plane, index], index, infinity
                             )
                 else:
-                    i_lo, i_hi = _valid_window_range(h_start, dh, height, kh)
-                    j_lo, j_hi = _valid_window_range(w_start, dw, width, kw)
+                    i_lo, i_hi = valid_range(h_start, dh, height, kh)
+                    j_lo, j_hi = valid_range(w_start, dw, width, kw)
                     if i_lo == i_hi or j_lo == j_hi:
                         # The window lies entirely in the padding.
                         out2[plane, position] = -infinity
@@ -271,9 +250,8 @@ def max_pool2d_forward(x, kh, kw, sh, sw, ph, pw, dh, dw):
         (np.float64(3.0), np.int64(1))
     """
     batch, channels, height, width = x.shape
-    out_height = _pool_output_size(height, kh, sh, ph, dh)
-    out_width = _pool_output_size(width, kw, sw, pw, dw)
-    geometry = (height, width, kh, kw, sh, sw, ph, pw, dh, dw, out_height, out_width)
+    geometry = window_geometry(height, width, kh, kw, sh, sw, ph, pw, dh, dw)
+    out_height, out_width = geometry[-2:]
     out = np.empty((batch, channels, out_height, out_width), dtype=x.dtype)
     argmax = np.empty((batch, channels, out_height, out_width), dtype=np.int64)
     planes = batch * channels
@@ -367,8 +345,8 @@ def avg_pool2d_forward(x, kh, kw, sh, sw, ph, pw, count_include_pad):
         (
             batch,
             channels,
-            _pool_output_size(height, kh, sh, ph, 1),
-            _pool_output_size(width, kw, sw, pw, 1),
+            output_size(height, kh, sh, ph, 1),
+            output_size(width, kw, sw, pw, 1),
         ),
         dtype=x.dtype,
     )

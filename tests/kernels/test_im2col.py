@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qatcore.kernels import im2col as im2col_kernels
+from qatcore.kernels import window
 
 
 class ConvGeometry(NamedTuple):
@@ -160,7 +161,7 @@ def check_col2im_is_adjoint(geometry, seed):
 
 def _loop_geometry(geometry):
     g = geometry
-    return im2col_kernels._geometry(g.height, g.width, *g.window)
+    return window.window_geometry(g.height, g.width, *g.window)
 
 
 def _loop_tables(geometry):
