@@ -66,24 +66,23 @@ _COL2IM_TABLE_BELOW_WIDTH = 10
 
 
 @njit(cache=True)
-def _column_table(geometry):
-    """For one plane: ``table[(i*kw + j)*OH*OW + oh*OW + ow]`` is the flat index ``h*W + w`` of
-    the input element that column entry reads, or ``H*W`` (one past the plane) for padding."""
+def _tap_rows(i, j, geometry):
+    """Where kernel tap (i, j) reads inside the input, for the row loops of im2col and col2im.
+
+    Returns (oh_lo, oh_hi, count, column, element): the tap reads inside the input at output
+    rows [oh_lo, oh_hi) and, in each of them, at the ``count`` outputs from ow_lo on
+    (:func:`valid_range` along each axis). Row oh's run starts at ``column + oh*OW`` in a
+    plane of cols, where it is contiguous, and at ``element + oh*sh*W`` in a plane of x, where
+    it steps by sw.
+    """
     height, width, kh, kw, sh, sw, ph, pw, dh, dw, out_height, out_width = geometry
-    table = np.empty(kh * kw * out_height * out_width, dtype=np.uintp)
-    position = 0
-    for i in range(kh):
-        for j in range(kw):
-            for oh in range(out_height):
-                h = oh * sh - ph + i * dh
-                for ow in range(out_width):
-                    w = ow * sw - pw + j * dw
-                    if 0 <= h < height and 0 <= w < width:
-                        table[position] = h * width + w
-                    else:
-                        table[position] = height * width
-                    position += 1
-    return table
+    h_offset = i * dh - ph
+    w_offset = j * dw - pw
+    oh_lo, oh_hi = valid_range(h_offset, sh, height, out_height)
+    ow_lo, ow_hi = valid_range(w_offset, sw, width, out_width)
+    column = (i * kw + j) * out_height * out_width + ow_lo
+    element = h_offset * width + ow_lo * sw + w_offset
+    return oh_lo, oh_hi, np.uintp(ow_hi - ow_lo), column, element
 
 
 # ----------------------------------------------------------------------------- im2col
@@ -107,22 +106,30 @@ def _im2col_by_rows(x2, cols2, geometry):
     stride = np.uintp(sw)
     for plane in range(x2.shape[0]):
         for i in range(kh):
-            h_offset = i * dh - ph
-            oh_lo, oh_hi = valid_range(h_offset, sh, height, out_height)
             for j in range(kw):
-                w_offset = j * dw - pw
-                ow_lo, ow_hi = valid_range(w_offset, sw, width, out_width)
-                count = np.uintp(ow_hi - ow_lo)
-                tap_start = (i * kw + j) * out_height * out_width
+                oh_lo, oh_hi, count, column, element = _tap_rows(i, j, geometry)
                 for oh in range(oh_lo, oh_hi):
-                    target = np.uintp(tap_start + oh * out_width + ow_lo)
-                    source = np.uintp((oh * sh + h_offset) * width + ow_lo * sw + w_offset)
+                    target = np.uintp(column + oh * out_width)
+                    source = np.uintp(element + oh * sh * width)
                     if sw == 1:
                         for k in range(count):
                             cols2[plane, target + k] = x2[plane, source + k]
                     else:
                         for k in range(count):
                             cols2[plane, target + k] = x2[plane, source + k * stride]
+
+
+def _column_table(geometry):
+    """For one plane: ``table[(i*kw + j)*OH*OW + oh*OW + ow]`` is the flat index ``h*W + w`` of
+    the input element that column entry reads, or ``H*W`` (one past the plane) for padding.
+
+    That is the im2col of a plane that holds its own indices, padded with ``H*W``, so the row
+    loop computes it and the two algorithms share one index rule."""
+    height, width, kh, kw, sh, sw, ph, pw, dh, dw, out_height, out_width = geometry
+    indices = np.arange(height * width, dtype=np.uintp).reshape(1, height * width)
+    table = np.full((1, kh * kw * out_height * out_width), height * width, dtype=np.uintp)
+    _im2col_by_rows(indices, table, geometry)
+    return table[0]
 
 
 @njit(cache=True)
@@ -156,16 +163,11 @@ def _col2im_by_rows(cols2, x_grad2, geometry):
     stride = np.uintp(sw)
     for plane in range(x_grad2.shape[0]):
         for i in range(kh):
-            h_offset = i * dh - ph
-            oh_lo, oh_hi = valid_range(h_offset, sh, height, out_height)
             for j in range(kw):
-                w_offset = j * dw - pw
-                ow_lo, ow_hi = valid_range(w_offset, sw, width, out_width)
-                count = np.uintp(ow_hi - ow_lo)
-                tap_start = (i * kw + j) * out_height * out_width
+                oh_lo, oh_hi, count, column, element = _tap_rows(i, j, geometry)
                 for oh in range(oh_lo, oh_hi):
-                    source = np.uintp(tap_start + oh * out_width + ow_lo)
-                    target = np.uintp((oh * sh + h_offset) * width + ow_lo * sw + w_offset)
+                    source = np.uintp(column + oh * out_width)
+                    target = np.uintp(element + oh * sh * width)
                     if sw == 1:
                         for k in range(count):
                             x_grad2[plane, target + k] += cols2[plane, source + k]
