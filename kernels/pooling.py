@@ -48,6 +48,15 @@ def _average_window(start, kernel, size, padding):
 
 
 @njit(cache=True)
+def _average_divisor(h_lo, h_hi, h_extent, w_lo, w_hi, w_extent, count_include_pad):
+    """PyTorch's divisor for the windows :func:`_average_window` gives along h and w: the
+    padded extent with count_include_pad, else the number of input elements."""
+    if count_include_pad:
+        return h_extent * w_extent
+    return (h_hi - h_lo) * (w_hi - w_lo)
+
+
+@njit(cache=True)
 def _window_offsets(width, kh, kw, dh, dw):
     """Flat offsets ``i*dh*W + j*dw`` of the kh*kw window taps from the window's first
     element, in row-major (i, j) order."""
@@ -177,10 +186,7 @@ def _avg_pool2d_forward_fill(x, kh, kw, sh, sw, ph, pw, count_include_pad, out):
                 if h_lo >= h_hi or w_lo >= w_hi:
                     out[n, c, oh, ow] = zero
                     continue
-                if count_include_pad:
-                    divisor = h_extent * w_extent
-                else:
-                    divisor = (h_hi - h_lo) * (w_hi - w_lo)
+                divisor = _average_divisor(h_lo, h_hi, h_extent, w_lo, w_hi, w_extent, count_include_pad)
                 # Summed in the input dtype, in row-major order, as PyTorch does.
                 total = zero
                 for h in range(h_lo, h_hi):
@@ -203,10 +209,7 @@ def _avg_pool2d_backward_scatter(grad_out, kh, kw, sh, sw, ph, pw, count_include
             h_lo, h_hi, h_extent = _average_window(oh * sh - ph, kh, height, ph)
             for ow in range(out_width):
                 w_lo, w_hi, w_extent = _average_window(ow * sw - pw, kw, width, pw)
-                if count_include_pad:
-                    divisor = h_extent * w_extent
-                else:
-                    divisor = (h_hi - h_lo) * (w_hi - w_lo)
+                divisor = _average_divisor(h_lo, h_hi, h_extent, w_lo, w_hi, w_extent, count_include_pad)
                 if divisor == 0:
                     continue  # an empty window received nothing in the forward pass
                 # Rounded to the gradient dtype once, then added, as PyTorch does.
