@@ -1,71 +1,21 @@
 """qatcore.kernels.im2col against NumPy oracles: im2col, and col2im as its adjoint."""
 
 import doctest
+import importlib.util
 import subprocess
 import sys
-from typing import NamedTuple
+from pathlib import Path
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qatcore.kernels import im2col as im2col_kernels
-from qatcore.kernels import window
+from qatcore.kernels import window as window_kernels
 
-
-class ConvGeometry(NamedTuple):
-    batch: int
-    channels: int
-    height: int
-    width: int
-    kh: int
-    kw: int
-    sh: int
-    sw: int
-    ph: int
-    pw: int
-    dh: int
-    dw: int
-
-    @property
-    def window(self):
-        """(kh, kw, sh, sw, ph, pw, dh, dw), in the kernels' argument order."""
-        return (self.kh, self.kw, self.sh, self.sw, self.ph, self.pw, self.dh, self.dw)
-
-    @property
-    def out_height(self):
-        return (self.height + 2 * self.ph - self.dh * (self.kh - 1) - 1) // self.sh + 1
-
-    @property
-    def out_width(self):
-        return (self.width + 2 * self.pw - self.dw * (self.kw - 1) - 1) // self.sw + 1
-
-
-@st.composite
-def conv_geometries(draw, max_size=9):
-    """Valid geometries only: the input is drawn at least as large as one dilated window."""
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
-    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    height = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), max_size))
-    width = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), max_size))
-    geometry = ConvGeometry(
-        batch=draw(st.integers(1, 3)),
-        channels=draw(st.integers(1, 4)),
-        height=height,
-        width=width,
-        kh=kh,
-        kw=kw,
-        sh=draw(st.integers(1, 3)),
-        sw=draw(st.integers(1, 3)),
-        ph=ph,
-        pw=pw,
-        dh=dh,
-        dw=dw,
-    )
-    assert geometry.out_height >= 1 and geometry.out_width >= 1
-    return geometry
-
+_spec = importlib.util.spec_from_file_location("kernel_geometries", Path(__file__).with_name("geometries.py"))
+geometries = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(geometries)
 
 dtypes = st.sampled_from([np.float32, np.float64])
 seeds = st.integers(0, 2**32 - 1)
@@ -74,21 +24,13 @@ seeds = st.integers(0, 2**32 - 1)
 # ----------------------------------------------------------------------------- oracles
 
 
-def _window_slices(geometry, i, j):
-    """Slices of the zero-padded input read by kernel tap (i, j) at every output position."""
-    g = geometry
-    rows = slice(i * g.dh, i * g.dh + g.sh * (g.out_height - 1) + 1, g.sh)
-    cols = slice(j * g.dw, j * g.dw + g.sw * (g.out_width - 1) + 1, g.sw)
-    return rows, cols
-
-
 def im2col_oracle(x, geometry, fill=0):
     g = geometry
     padded = np.pad(x, ((0, 0), (0, 0), (g.ph, g.ph), (g.pw, g.pw)), constant_values=fill)
     cols = np.empty((g.batch, g.channels, g.kh, g.kw, g.out_height, g.out_width), x.dtype)
     for i in range(g.kh):
         for j in range(g.kw):
-            rows, columns = _window_slices(g, i, j)
+            rows, columns = geometries.tap_slices(g, i, j)
             cols[:, :, i, j] = padded[:, :, rows, columns]
     return cols.reshape(g.batch, g.channels * g.kh * g.kw, g.out_height * g.out_width)
 
@@ -100,7 +42,7 @@ def col2im_oracle(cols, geometry):
     blocks = cols.reshape(g.batch, g.channels, g.kh, g.kw, g.out_height, g.out_width)
     for i in range(g.kh):
         for j in range(g.kw):
-            rows, columns = _window_slices(g, i, j)
+            rows, columns = geometries.tap_slices(g, i, j)
             # For a fixed (i, j) the positions are distinct, so += is a true scatter-add.
             padded[:, :, rows, columns] += blocks[:, :, i, j]
     return padded[:, :, g.ph:g.ph + g.height, g.pw:g.pw + g.width].copy()
@@ -110,8 +52,8 @@ def random_input(geometry, dtype, seed):
     g = geometry
     rng = np.random.default_rng(seed)
     if np.dtype(dtype).kind == "u":  # the int8 conv's uint8 activations
-        return rng.integers(0, 256, (g.batch, g.channels, g.height, g.width)).astype(dtype)
-    return rng.standard_normal((g.batch, g.channels, g.height, g.width)).astype(dtype)
+        return rng.integers(0, 256, g.input_shape).astype(dtype)
+    return rng.standard_normal(g.input_shape).astype(dtype)
 
 
 def random_columns(geometry, dtype, seed):
@@ -161,7 +103,7 @@ def check_col2im_is_adjoint(geometry, seed):
 
 def _loop_geometry(geometry):
     g = geometry
-    return window.window_geometry(g.height, g.width, *g.window)
+    return window_kernels.window_geometry(g.height, g.width, *g.window)
 
 
 def _loop_tables(geometry):
@@ -207,9 +149,9 @@ def check_col2im_algorithms(geometry, dtype, seed):
 
 
 FIXED_GEOMETRIES = [
-    ConvGeometry(2, 3, 7, 6, 3, 3, 1, 1, 1, 1, 1, 1),
-    ConvGeometry(1, 2, 9, 8, 4, 3, 2, 3, 2, 1, 2, 1),
-    ConvGeometry(3, 1, 1, 5, 1, 2, 3, 1, 0, 1, 1, 2),
+    geometries.WindowGeometry(2, 3, 7, 6, 3, 3, 1, 1, 1, 1, 1, 1),
+    geometries.WindowGeometry(1, 2, 9, 8, 4, 3, 2, 3, 2, 1, 2, 1),
+    geometries.WindowGeometry(3, 1, 1, 5, 1, 2, 3, 1, 0, 1, 1, 2),
 ]
 
 
@@ -217,31 +159,31 @@ FIXED_GEOMETRIES = [
 
 
 @settings(deadline=None, max_examples=60)
-@given(geometry=conv_geometries(), dtype=dtypes, seed=seeds)
+@given(geometry=geometries.window_geometries(), dtype=dtypes, seed=seeds)
 def test_im2col_matches_oracle(geometry, dtype, seed):
     check_im2col(geometry, dtype, seed)
 
 
 @settings(deadline=None, max_examples=60)
-@given(geometry=conv_geometries(), dtype=dtypes, seed=seeds)
+@given(geometry=geometries.window_geometries(), dtype=dtypes, seed=seeds)
 def test_col2im_matches_scatter_oracle(geometry, dtype, seed):
     check_col2im(geometry, dtype, seed)
 
 
 @settings(deadline=None, max_examples=40)
-@given(geometry=conv_geometries(), seed=st.integers(0, 2**31))
+@given(geometry=geometries.window_geometries(), seed=st.integers(0, 2**31))
 def test_col2im_is_adjoint_of_im2col(geometry, seed):
     check_col2im_is_adjoint(geometry, seed)
 
 
 @settings(deadline=None, max_examples=60)
-@given(geometry=conv_geometries(max_size=24), dtype=dtypes, seed=seeds)
+@given(geometry=geometries.window_geometries(max_size=24), dtype=dtypes, seed=seeds)
 def test_im2col_by_table_and_by_rows_agree(geometry, dtype, seed):
     check_im2col_algorithms(geometry, dtype, seed)
 
 
 @settings(deadline=None, max_examples=40)
-@given(geometry=conv_geometries(max_size=24), fill=st.integers(0, 255), seed=seeds)
+@given(geometry=geometries.window_geometries(max_size=24), fill=st.integers(0, 255), seed=seeds)
 def test_uint8_im2col_pads_with_the_fill_value(geometry, fill, seed):
     """The int8 conv's short-depth path: uint8 planes, padding read as its zero point."""
     check_im2col_algorithms(geometry, np.uint8, seed, fill)
@@ -253,13 +195,13 @@ def test_uint8_im2col_pads_with_the_fill_value(geometry, fill, seed):
 
 
 @settings(deadline=None, max_examples=60)
-@given(geometry=conv_geometries(max_size=24), dtype=dtypes, seed=seeds)
+@given(geometry=geometries.window_geometries(max_size=24), dtype=dtypes, seed=seeds)
 def test_col2im_by_table_and_by_rows_agree(geometry, dtype, seed):
     check_col2im_algorithms(geometry, dtype, seed)
 
 
 @settings(deadline=None, max_examples=30)
-@given(geometry=conv_geometries(max_size=40), dtype=dtypes, seed=seeds)
+@given(geometry=geometries.window_geometries(max_size=40), dtype=dtypes, seed=seeds)
 def test_public_functions_match_oracles_on_wide_inputs(geometry, dtype, seed):
     """Wide enough that the public functions also pick the row loops."""
     check_im2col(geometry, dtype, seed)
@@ -268,8 +210,8 @@ def test_public_functions_match_oracles_on_wide_inputs(geometry, dtype, seed):
 
 def test_public_functions_use_both_algorithms():
     """Narrow outputs go by table, wide ones by rows (the thresholds are in the module)."""
-    narrow = ConvGeometry(2, 3, 5, 5, 3, 3, 1, 1, 1, 1, 1, 1)
-    wide = ConvGeometry(2, 3, 6, 33, 3, 3, 1, 2, 1, 1, 1, 2)  # OW = 16, stride and dilation 2
+    narrow = geometries.WindowGeometry(2, 3, 5, 5, 3, 3, 1, 1, 1, 1, 1, 1)
+    wide = geometries.WindowGeometry(2, 3, 6, 33, 3, 3, 1, 2, 1, 1, 1, 2)  # OW = 16, stride and dilation 2
     assert narrow.out_width < im2col_kernels._COL2IM_TABLE_BELOW_WIDTH
     assert wide.out_width >= im2col_kernels._IM2COL_TABLE_BELOW_WIDTH
     for geometry in (narrow, wide):
@@ -280,7 +222,7 @@ def test_public_functions_use_both_algorithms():
 
 def test_im2col_follows_the_index_formula():
     """Checks the oracle too: every entry straight from the documented formula."""
-    g = ConvGeometry(2, 2, 5, 6, 3, 2, 2, 1, 1, 1, 2, 3)
+    g = geometries.WindowGeometry(2, 2, 5, 6, 3, 2, 2, 1, 1, 1, 2, 3)
     x = random_input(g, np.float64, 7)
     cols = run_im2col(x, g)
     ow_count = g.out_width
@@ -299,16 +241,16 @@ def test_im2col_follows_the_index_formula():
 
 
 def test_conv2d_as_gemm_matches_direct_convolution():
-    g = ConvGeometry(2, 3, 6, 5, 3, 2, 1, 2, 1, 1, 1, 2)
+    g = geometries.WindowGeometry(2, 3, 6, 5, 3, 2, 1, 2, 1, 1, 1, 2)
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((g.batch, g.channels, g.height, g.width))
+    x = rng.standard_normal(g.input_shape)
     weight = rng.standard_normal((4, g.channels, g.kh, g.kw))
     out = np.matmul(weight.reshape(4, -1), run_im2col(x, g))
     padded = np.pad(x, ((0, 0), (0, 0), (g.ph, g.ph), (g.pw, g.pw)))
     direct = np.zeros((g.batch, 4, g.out_height, g.out_width))
     for i in range(g.kh):
         for j in range(g.kw):
-            rows, columns = _window_slices(g, i, j)
+            rows, columns = geometries.tap_slices(g, i, j)
             direct += np.einsum("kc,nchw->nkhw", weight[:, :, i, j], padded[:, :, rows, columns])
     np.testing.assert_allclose(out.reshape(direct.shape), direct, rtol=1e-12, atol=1e-12)
 

@@ -18,33 +18,31 @@ from qatcore.kernels import requantize as rq
 _spec = importlib.util.spec_from_file_location("int8_gemm_oracle", Path(__file__).with_name("test_int8_gemm.py"))
 gemm_tests = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gemm_tests)
+_spec = importlib.util.spec_from_file_location("kernel_geometries", Path(__file__).with_name("geometries.py"))
+geometries = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(geometries)
 
 # ----------------------------------------------------------------------------------------
 # The oracle
-
-
-def output_size(size, kernel, stride, padding, dilation):
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def oracle_conv_int32(x, x_zero_point, w, stride, padding, dilation, groups):
     """acc[n, k, oh, ow] = sum_{c,u,v} (xpad[n, g*Cg + c, oh*sh + u*dh, ow*sw + v*dw] - z_x) * w[k, c, u, v]
     in int64, where xpad is x padded with z_x (real 0) and g is output channel k's group."""
     (batch, channels, height, width), (out_channels, group_channels, kh, kw) = x.shape, w.shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    geometry = geometries.WindowGeometry(batch, channels, height, width, kh, kw, *stride, *padding, *dilation)
+    ph, pw = padding
     padded = np.full((batch, channels, height + 2 * ph, width + 2 * pw), x_zero_point, np.int64)
     padded[:, :, ph:ph + height, pw:pw + width] = x
     centred = padded - x_zero_point
-    out_height, out_width = output_size(height, kh, sh, ph, dh), output_size(width, kw, sw, pw, dw)
-    acc = np.zeros((batch, out_channels, out_height, out_width), np.int64)
+    acc = np.zeros((batch, out_channels, geometry.out_height, geometry.out_width), np.int64)
     group_out = out_channels // groups
     for k in range(out_channels):
         g = k // group_out
         for u in range(kh):
             for v in range(kw):
-                window = centred[:, g * group_channels:(g + 1) * group_channels,
-                                 u * dh:u * dh + sh * (out_height - 1) + 1:sh,
-                                 v * dw:v * dw + sw * (out_width - 1) + 1:sw]
+                rows, cols = geometries.tap_slices(geometry, u, v)
+                window = centred[:, g * group_channels:(g + 1) * group_channels, rows, cols]
                 acc[:, k] += np.einsum("nchw,c->nhw", window, w[k, :, u, v].astype(np.int64))
     return acc
 
@@ -104,8 +102,8 @@ def cases(draw, max_size=7):
     kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
-    height = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), max_size))
-    width = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), max_size))
+    height = draw(geometries.input_sizes(kh, ph, dh, max_size))
+    width = draw(geometries.input_sizes(kw, pw, dw, max_size))
     groups = draw(st.sampled_from([1, 1, 2, 3]))
     depthwise = draw(st.booleans()) and groups > 1
     channels = 1 if depthwise else draw(st.integers(1, 5) | st.sampled_from([16, 17]))

@@ -1,61 +1,19 @@
 """qatcore.kernels.pooling against NumPy oracles: max and average pooling, forward and backward."""
 
 import doctest
-from typing import NamedTuple
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qatcore.kernels import pooling
+from qatcore.kernels import window as window_kernels
 
-
-class PoolGeometry(NamedTuple):
-    batch: int
-    channels: int
-    height: int
-    width: int
-    kh: int
-    kw: int
-    sh: int
-    sw: int
-    ph: int
-    pw: int
-    dh: int = 1
-    dw: int = 1
-
-    @property
-    def out_height(self):
-        return (self.height + 2 * self.ph - self.dh * (self.kh - 1) - 1) // self.sh + 1
-
-    @property
-    def out_width(self):
-        return (self.width + 2 * self.pw - self.dw * (self.kw - 1) - 1) // self.sw + 1
-
-
-@st.composite
-def pool_geometries(draw, dilated=True):
-    """Valid geometries only: the input is drawn at least as large as one dilated window."""
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
-    dh, dw = (draw(st.integers(1, 2)), draw(st.integers(1, 2))) if dilated else (1, 1)
-    geometry = PoolGeometry(
-        batch=draw(st.integers(1, 3)),
-        channels=draw(st.integers(1, 4)),
-        height=draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 9)),
-        width=draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 9)),
-        kh=kh,
-        kw=kw,
-        sh=draw(st.integers(1, 3)),
-        sw=draw(st.integers(1, 3)),
-        ph=ph,
-        pw=pw,
-        dh=dh,
-        dw=dw,
-    )
-    assert geometry.out_height >= 1 and geometry.out_width >= 1
-    return geometry
-
+_spec = importlib.util.spec_from_file_location("kernel_geometries", Path(__file__).with_name("geometries.py"))
+geometries = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(geometries)
 
 dtypes = st.sampled_from([np.float32, np.float64])
 seeds = st.integers(0, 2**32 - 1)
@@ -75,22 +33,14 @@ def random_values(shape, dtype, seed, kind="normal"):
     return values.astype(dtype)
 
 
-def input_shape(g):
-    return (g.batch, g.channels, g.height, g.width)
-
-
-def output_shape(g):
-    return (g.batch, g.channels, g.out_height, g.out_width)
-
-
 # ----------------------------------------------------------------------------- oracles
 
 
 def max_pool_oracle(x, g):
     """Window by window: the valid positions in row-major order, then PyTorch's choice rule."""
     flat_input = x.reshape(g.batch, g.channels, g.height * g.width)
-    out = np.empty(output_shape(g), x.dtype)
-    argmax = np.empty(output_shape(g), np.int64)
+    out = np.empty(g.output_shape, x.dtype)
+    argmax = np.empty(g.output_shape, np.int64)
     for oh in range(g.out_height):
         for ow in range(g.out_width):
             rows = [oh * g.sh - g.ph + i * g.dh for i in range(g.kh)]
@@ -121,14 +71,7 @@ def max_pool_backward_oracle(grad_out, argmax, g):
     keep = indices >= 0
     # np.add.at adds unbuffered in row-major order, the order the kernel uses.
     np.add.at(grad_x, (planes[keep], indices[keep]), grad_out.reshape(plane_count, -1)[keep])
-    return grad_x.reshape(input_shape(g))
-
-
-def _tap_slices(g, i, j):
-    """Slices of the padded input read by window tap (i, j) at every output position (no dilation)."""
-    rows = slice(i, i + g.sh * (g.out_height - 1) + 1, g.sh)
-    cols = slice(j, j + g.sw * (g.out_width - 1) + 1, g.sw)
-    return rows, cols
+    return grad_x.reshape(g.input_shape)
 
 
 def _avg_divisors(g, count_include_pad):
@@ -140,16 +83,16 @@ def _avg_divisors(g, count_include_pad):
     counts = np.zeros((g.out_height, g.out_width), np.int64)
     for i in range(g.kh):
         for j in range(g.kw):
-            counts += mask[_tap_slices(g, i, j)]
+            counts += mask[geometries.tap_slices(g, i, j)]
     return counts
 
 
 def avg_pool_oracle(x, g, count_include_pad):
     padded = np.pad(x, ((0, 0), (0, 0), (g.ph, g.ph), (g.pw, g.pw)))
-    total = np.zeros(output_shape(g), x.dtype)
+    total = np.zeros(g.output_shape, x.dtype)
     for i in range(g.kh):
         for j in range(g.kw):
-            rows, cols = _tap_slices(g, i, j)
+            rows, cols = geometries.tap_slices(g, i, j)
             total += padded[:, :, rows, cols]
     return (total / _avg_divisors(g, count_include_pad)).astype(x.dtype)
 
@@ -182,14 +125,14 @@ def run_max_pool(x, g):
 
 
 def check_max_pool(g, dtype, seed, kind):
-    x = random_values(input_shape(g), dtype, seed, kind)
+    x = random_values(g.input_shape, dtype, seed, kind)
     out, argmax = run_max_pool(x, g)
     expected_out, expected_argmax = max_pool_oracle(x, g)
     assert out.dtype == dtype and argmax.dtype == np.int64
     np.testing.assert_array_equal(out, expected_out)  # NaN matches NaN here
     np.testing.assert_array_equal(argmax, expected_argmax)
 
-    grad_out = random_values(output_shape(g), dtype, seed + 1)
+    grad_out = random_values(g.output_shape, dtype, seed + 1)
     grad_x = pooling.max_pool2d_backward(grad_out, argmax, g.height, g.width)
     assert grad_x.dtype == dtype
     np.testing.assert_array_equal(grad_x, max_pool_backward_oracle(grad_out, argmax, g))
@@ -201,8 +144,7 @@ def _as_bits(values):
 
 def run_max_pool_loop(x, g, fast_path):
     """The jitted forward loop called directly; empty offsets turn its fast path off."""
-    geometry = (g.height, g.width, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw,
-                g.out_height, g.out_width)
+    geometry = window_kernels.window_geometry(g.height, g.width, *g.window)
     if fast_path:
         offsets = pooling._window_offsets(g.width, g.kh, g.kw, g.dh, g.dw)
     else:
@@ -211,13 +153,13 @@ def run_max_pool_loop(x, g, fast_path):
     out = np.full((planes, g.out_height * g.out_width), 7.0, x.dtype)
     argmax = np.full(out.shape, -7, np.int64)
     pooling._max_pool2d_forward_fill(x.reshape(planes, -1), out, argmax, offsets, geometry)
-    return out.reshape(output_shape(g)), argmax.reshape(output_shape(g))
+    return out.reshape(g.output_shape), argmax.reshape(g.output_shape)
 
 
 def check_max_pool_fast_path(g, dtype, seed, kind):
     """The fast path for windows inside the input equals the general path bit for bit, and
     every output is the very input element its argmax points at (NaN payloads included)."""
-    x = random_values(input_shape(g), dtype, seed, kind)
+    x = random_values(g.input_shape, dtype, seed, kind)
     fast_out, fast_argmax = run_max_pool_loop(x, g, fast_path=True)
     general_out, general_argmax = run_max_pool_loop(x, g, fast_path=False)
     np.testing.assert_array_equal(_as_bits(fast_out), _as_bits(general_out))
@@ -232,13 +174,13 @@ def check_max_pool_fast_path(g, dtype, seed, kind):
 
 
 def check_avg_pool(g, dtype, seed, count_include_pad):
-    x = random_values(input_shape(g), dtype, seed)
+    x = random_values(g.input_shape, dtype, seed)
     window = (g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, count_include_pad)
     out = pooling.avg_pool2d_forward(x, *window)
     assert out.dtype == dtype
     np.testing.assert_allclose(out, avg_pool_oracle(x, g, count_include_pad), **avg_tolerance(dtype))
 
-    grad_out = random_values(output_shape(g), dtype, seed + 1)
+    grad_out = random_values(g.output_shape, dtype, seed + 1)
     grad_x = pooling.avg_pool2d_backward(grad_out, g.height, g.width, *window)
     assert grad_x.dtype == dtype
     expected = avg_pool_backward_oracle(grad_out, g, count_include_pad)
@@ -247,17 +189,17 @@ def check_avg_pool(g, dtype, seed, count_include_pad):
 
 def check_avg_pool_backward_is_adjoint(g, seed, count_include_pad):
     window = (g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, count_include_pad)
-    x = random_values(input_shape(g), np.float64, seed)
-    grad_out = random_values(output_shape(g), np.float64, seed + 1)
+    x = random_values(g.input_shape, np.float64, seed)
+    grad_out = random_values(g.output_shape, np.float64, seed + 1)
     forward = np.vdot(pooling.avg_pool2d_forward(x, *window), grad_out)
     adjoint = np.vdot(x, pooling.avg_pool2d_backward(grad_out, g.height, g.width, *window))
     np.testing.assert_allclose(forward, adjoint, rtol=1e-12, atol=1e-12)
 
 
 FIXED_GEOMETRIES = [
-    PoolGeometry(2, 3, 7, 6, 3, 3, 2, 2, 1, 1),
-    PoolGeometry(1, 2, 9, 8, 4, 3, 1, 3, 2, 1, 2, 1),
-    PoolGeometry(1, 1, 1, 1, 2, 2, 1, 1, 1, 1, 2, 2),  # max pool: a window wholly in padding
+    geometries.WindowGeometry(2, 3, 7, 6, 3, 3, 2, 2, 1, 1),
+    geometries.WindowGeometry(1, 2, 9, 8, 4, 3, 1, 3, 2, 1, 2, 1),
+    geometries.WindowGeometry(1, 1, 1, 1, 2, 2, 1, 1, 1, 1, 2, 2),  # max pool: a window wholly in padding
 ]
 
 
@@ -265,13 +207,13 @@ FIXED_GEOMETRIES = [
 
 
 @settings(deadline=None, max_examples=80)
-@given(geometry=pool_geometries(), dtype=dtypes, seed=seeds, kind=value_kinds)
+@given(geometry=geometries.window_geometries(), dtype=dtypes, seed=seeds, kind=value_kinds)
 def test_max_pool_matches_oracle(geometry, dtype, seed, kind):
     check_max_pool(geometry, dtype, seed, kind)
 
 
 @settings(deadline=None, max_examples=80)
-@given(geometry=pool_geometries(), dtype=dtypes, seed=seeds, kind=value_kinds)
+@given(geometry=geometries.window_geometries(), dtype=dtypes, seed=seeds, kind=value_kinds)
 def test_max_pool_fast_path_matches_general_path(geometry, dtype, seed, kind):
     check_max_pool_fast_path(geometry, dtype, seed, kind)
 
@@ -290,12 +232,12 @@ def test_max_pool_keeps_the_bits_of_the_last_nan():
 
 def test_max_pool_larger_inputs_match_oracle():
     """Beyond the hypothesis sizes: many interior windows, 3x3 and dilated ones included."""
-    geometries = [
-        PoolGeometry(2, 3, 23, 17, 3, 3, 2, 2, 1, 1),
-        PoolGeometry(1, 2, 20, 21, 2, 2, 2, 2, 0, 0),
-        PoolGeometry(1, 2, 19, 16, 3, 2, 1, 2, 1, 0, 2, 3),
+    larger = [
+        geometries.WindowGeometry(2, 3, 23, 17, 3, 3, 2, 2, 1, 1),
+        geometries.WindowGeometry(1, 2, 20, 21, 2, 2, 2, 2, 0, 0),
+        geometries.WindowGeometry(1, 2, 19, 16, 3, 2, 1, 2, 1, 0, 2, 3),
     ]
-    for g in geometries:
+    for g in larger:
         for dtype in (np.float32, np.float64):
             for kind in ("normal", "ties", "special"):
                 check_max_pool(g, dtype, 3, kind)
@@ -351,13 +293,15 @@ def test_max_pool_backward_adds_gradients_of_overlapping_windows():
 
 
 @settings(deadline=None, max_examples=60)
-@given(geometry=pool_geometries(dilated=False), dtype=dtypes, seed=seeds, count_include_pad=st.booleans())
+@given(geometry=geometries.window_geometries(dilated=False), dtype=dtypes, seed=seeds,
+       count_include_pad=st.booleans())
 def test_avg_pool_matches_oracle(geometry, dtype, seed, count_include_pad):
     check_avg_pool(geometry, dtype, seed, count_include_pad)
 
 
 @settings(deadline=None, max_examples=40)
-@given(geometry=pool_geometries(dilated=False), seed=st.integers(0, 2**31), count_include_pad=st.booleans())
+@given(geometry=geometries.window_geometries(dilated=False), seed=st.integers(0, 2**31),
+       count_include_pad=st.booleans())
 def test_avg_pool_backward_is_adjoint_of_forward(geometry, seed, count_include_pad):
     check_avg_pool_backward_is_adjoint(geometry, seed, count_include_pad)
 
@@ -383,8 +327,8 @@ def test_avg_pool_sums_in_the_input_dtype():
 
 def test_kernels_leave_their_inputs_alone():
     g = FIXED_GEOMETRIES[0]
-    x = random_values(input_shape(g), np.float32, 0)
-    grad_out = random_values(output_shape(g), np.float32, 1)
+    x = random_values(g.input_shape, np.float32, 0)
+    grad_out = random_values(g.output_shape, np.float32, 1)
     x_before, grad_before = x.copy(), grad_out.copy()
     _, argmax = run_max_pool(x, g)
     argmax_before = argmax.copy()
