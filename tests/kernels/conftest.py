@@ -3,7 +3,9 @@
 ``run_without_jit(test_file, body)`` starts a fresh interpreter with
 ``NUMBA_DISABLE_JIT=1`` and warnings as errors, loads ``test_file`` as the module
 ``tests`` (so ``body`` calls the same checks and oracles the jitted tests call),
-runs ``body`` and asserts it ran through to the end.
+runs ``body`` and asserts it ran through to the end. ``body`` can call
+``assert_plain_python(*functions)`` to check that the jitted functions it names
+are plain Python functions there.
 """
 
 import os
@@ -24,6 +26,13 @@ assert config.DISABLE_JIT
 spec = importlib.util.spec_from_file_location("kernel_tests", {path!r})
 tests = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tests)
+
+
+def assert_plain_python(*functions):
+    # Under NUMBA_DISABLE_JIT, njit hands back each function unchanged.
+    for function in functions:
+        assert isinstance(function, types.FunctionType), (function, type(function))
+
 """
 
 

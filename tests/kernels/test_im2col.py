@@ -273,17 +273,16 @@ def test_docstring_examples():
 def test_kernels_run_as_plain_python_without_jit(run_without_jit):
     run_without_jit(__file__, """
         kernels = tests.im2col_kernels
-        for loop in (kernels._im2col_fill, kernels._col2im_accumulate):
-            assert isinstance(loop, types.FunctionType), type(loop)
-        loops = (
+        assert_plain_python(
+            kernels._im2col_fill,
+            kernels._col2im_accumulate,
             kernels._column_table,
+            kernels._tap_rows,
             kernels._im2col_by_table,
             kernels._im2col_by_rows,
             kernels._col2im_by_table,
             kernels._col2im_by_rows,
         )
-        for loop in loops:
-            assert isinstance(loop, types.FunctionType), type(loop)
         for geometry in tests.FIXED_GEOMETRIES:
             for dtype in (np.float32, np.float64):
                 tests.check_im2col(geometry, dtype, 11)

@@ -231,8 +231,7 @@ def test_direct_and_gemm_paths_agree_across_pixel_blocks(monkeypatch, direct_max
 
 def test_runs_as_plain_python(run_without_jit):
     run_without_jit(__file__, """
-        assert isinstance(tests.conv._gather_rows, types.FunctionType)
-        assert isinstance(tests.conv._direct_block, types.FunctionType)
+        assert_plain_python(tests.conv._gather_rows, tests.conv._direct_block)
         Case = tests.Case
         Case(2, 3, 2, 1, (5, 4), (3, 3), 1, 1, 1, np.uint8, np.uint8, "uniform", "any", False, 1).check()
         Case(1, 2, 3, 2, (6, 5), (2, 3), (2, 1), (1, 0), (2, 1), np.int8, np.int8, "uniform", "small", True, 2).check()

@@ -399,8 +399,7 @@ def test_per_tensor_parameters_broadcast():
 
 def test_runs_as_plain_python(run_without_jit):
     run_without_jit(__file__, """
-        assert isinstance(tests.gemm._dot_4x4, types.FunctionType)
-        assert isinstance(tests.rq.requantize_value, types.FunctionType)
+        assert_plain_python(tests.gemm._dot_4x4, tests.rq.requantize_value)
         tests.check_multiply_by_quantized_multiplier(5, (3, 5))
         for a, b, e in [(-3, 1 << 30, 1), (3, 1, 1), (tests.INT32_MIN, tests.INT32_MIN, 31), (12345, -999, 4)]:
             assert int(tests.rq.saturating_rounding_doubling_high_mul(a, b)) == int(tests.oracle_high_mul(a, b))

@@ -1,7 +1,5 @@
 """qatcore.kernels.window against brute force: the sliding-window geometry shared by the kernels."""
 
-import doctest
-
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -58,15 +56,11 @@ def test_window_geometry_appends_the_output_sizes():
     )
 
 
-def test_docstring_examples():
-    assert doctest.testmod(window).failed == 0
-
-
 def test_kernels_run_as_plain_python_without_jit(run_without_jit):
     run_without_jit(__file__, """
         import itertools
 
-        assert isinstance(tests.window.valid_range, types.FunctionType)
+        assert_plain_python(tests.window.valid_range)
         for offset, step, size, count in itertools.product(range(-7, 8), (1, 2, 3), (0, 1, 5), (0, 1, 4)):
             tests.check_valid_range(offset, step, size, count)
     """)
