@@ -49,7 +49,7 @@ import onnx
 
 from qatcore.errors import InteropError
 from qatcore.graph import GraphModule
-from qatcore.graph.graph import _resolve
+from qatcore.graph.graph import resolve_attribute
 from qatcore.graph.node import Node
 from qatcore.interop.onnx_builder import OnnxBuilder
 from qatcore.nn.module import Module
@@ -222,7 +222,7 @@ class _Exporter:
             elif node.op == "output":
                 outputs = self.outputs(node)
             elif node.op == "get_attr":
-                value = _resolve(self.gm, node.target, node)
+                value = resolve_attribute(self.gm, node.target, node)
                 array = np.asarray(value.data if isinstance(value, Tensor) else value)
                 if array.dtype == np.float64:
                     array = array.astype(np.float32)  # the float ops of the file are float32

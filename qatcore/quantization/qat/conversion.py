@@ -25,8 +25,11 @@ walks the converted graph and checks every node).
 
 from __future__ import annotations
 
+import numpy as np
+
 from qatcore.errors import ConfigError
 from qatcore.graph import Graph, GraphModule
+from qatcore.graph.graph import resolve_attribute
 from qatcore.graph.node import Node, map_nodes
 from qatcore.nn import functional as F
 from qatcore.nn.activation import ReLU
@@ -35,6 +38,7 @@ from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.quantization.int8_layers import Dequantize
 from qatcore.quantization.qat.int8_model import Int8Model, Int8Value, ValueSource
 from qatcore.quantization.qat.operators import rule_for_node
+from qatcore.tensor import Tensor
 
 __all__ = ["convert_to_quantized", "ConversionContext"]
 
@@ -70,6 +74,15 @@ class ConversionContext:
             target += "_"
         self._targets.add(target)
         return target
+
+    def constant(self, node: Node) -> Node:
+        """A parameter or buffer the QAT graph reads directly (a functional layer's weight), as a
+        constant buffer of the int8 model: it feeds float operations only."""
+        value = resolve_attribute(self.qat, node.target, node)
+        target = self._fresh(node.target)
+        array = value.data if isinstance(value, Tensor) else np.asarray(value)
+        self.root.register_buffer(target, np.array(array))
+        return self.graph.create_node("get_attr", target, name=target)
 
     def as_float(self, node: Node) -> Node:
         """The int8-graph value of QAT node ``node`` as floats (dequantized where integer)."""
@@ -154,7 +167,7 @@ def convert_to_quantized(qat_model: Module) -> Int8Model:
         elif node.op == "output":
             ctx.graph.output(map_nodes(node.args[0], ctx.as_float))
         elif node.op == "get_attr":
-            raise ConfigError(f"int8 conversion: node {node.name!r} reads a parameter directly; not supported")
+            ctx.env[node] = (ctx.constant(node), None)
         else:
             module = qat_model.get_submodule(node.target) if node.op == "call_module" else None
             rule = rule_for_node(node, module)

@@ -47,6 +47,7 @@ import numpy as np
 
 from qatcore.errors import ConfigError
 from qatcore.graph import Graph
+from qatcore.graph.graph import resolve_attribute
 from qatcore.graph.node import Node
 from qatcore.nn import functional as F
 from qatcore.nn.module import Module
@@ -58,7 +59,7 @@ __all__ = ["int8_model_to_dict", "int8_model_from_dict"]
 
 FORMAT, VERSION = "qatcore.int8_model", 2
 READABLE_VERSIONS = (1, 2)
-OPS = ("input", "call_module", "call_function", "output")
+OPS = ("input", "call_module", "call_function", "output", "get_attr")
 # version 1 named three runtime modules differently
 _VERSION_1_NAMES = {"QuantizedLinear": "Int8Linear", "QuantizedConv2d": "Int8Conv2d", "QuantizedAdd": "Int8Add"}
 
@@ -173,7 +174,7 @@ def int8_model_to_dict(model: Int8Model) -> dict:
             if getattr(F, getattr(target, "__name__", ""), None) is not target:
                 raise ConfigError(f"cannot save node {node.name!r}: its function is not in qatcore.nn.functional")
             target = target.__name__
-        elif node.op not in ("input", "call_module", "output"):
+        elif node.op not in ("input", "call_module", "output", "get_attr"):
             raise ConfigError(f"cannot save node {node.name!r} of kind {node.op}")
         record = [OPS.index(node.op), target, _pack_args(list(node.args), index)]
         if node.op == "call_module":
@@ -183,6 +184,10 @@ def int8_model_to_dict(model: Int8Model) -> dict:
             record.append(_module_record(model.get_submodule(node.target)))
         elif node.op == "call_function":
             record.append(node.name)
+        elif node.op == "get_attr":
+            if node.name != node.target or "." in node.target:
+                raise ConfigError(f"cannot save node {node.name!r}: a constant is named after its buffer")
+            record.append(np.array(resolve_attribute(model, node.target, node).data))
         records.append(record)
     by_name = {n.name: i for n, i in index.items()}
     sources = [[by_name[name], s.source, float(s.scale), int(s.zero_point)]
@@ -214,6 +219,12 @@ def int8_model_from_dict(data: dict) -> Int8Model:
             node = graph.input(target)
         elif op == "output":
             node = graph.output(args[0])
+        elif op == "get_attr":
+            if len(record) != 4 or not isinstance(record[3], np.ndarray) or target in targets:
+                raise ConfigError(f"int8 model: {where} needs one array and a unique name")
+            targets.add(target)
+            root.register_buffer(target, record[3])
+            node = graph.create_node("get_attr", target, name=target)
         elif op == "call_module":
             if len(record) != 4 or target in targets:
                 raise ConfigError(f"int8 model: {where} needs one module record and a unique target")

@@ -32,7 +32,7 @@ from qatcore.nn.activation import LeakyReLU, LogSoftmax, ReLU, ReLU6, Sigmoid, S
 from qatcore.nn.container import Sequential
 from qatcore.nn.linear import Linear
 from qatcore.quantization.int8_layers import OUTPUT_STATE, Int8Module, Quantize, Requantize, int_input
-from qatcore.quantization.qat.operators.quantizer import int8_record
+from qatcore.quantization.qat.operators.quantizer import int8_record, module_record
 from qatcore.quantization.qat.operators.registry import OperatorRule, QATRole, register, register_onnx_import
 from qatcore.tensor import Tensor
 
@@ -221,28 +221,35 @@ def example_functional(fn, *args):
 
 register(
     OperatorRule(ReLU, qat=QATRole.ACTIVATION, lower=_lower_relu, export=_export_unary("Relu"),
+                 record=module_record(ReLU),
                  example=example_between_linears(ReLU)),
     OperatorRule(F.relu, qat=QATRole.ACTIVATION, lower=_lower_relu, export=_export_unary("Relu"),
                  example=example_functional(F.relu)),
     OperatorRule(ReLU6, qat=QATRole.ACTIVATION, lower=_lower_relu6, export=_export_clip06,
+                 record=module_record(ReLU6),
                  example=example_between_linears(ReLU6)),
     OperatorRule(F.relu6, qat=QATRole.ACTIVATION, lower=_lower_relu6, export=_export_clip06,
                  example=example_functional(F.relu6)),
     OperatorRule(LeakyReLU, qat=QATRole.ACTIVATION, lower=_lower_lookup, export=_export_leaky,
+                 record=module_record(LeakyReLU, "negative_slope"),
                  example=example_between_linears(LeakyReLU)),
     OperatorRule(F.leaky_relu, qat=QATRole.ACTIVATION, lower=_lower_lookup, export=_export_leaky,
                  example=example_functional(F.leaky_relu, 0.1)),
     OperatorRule(Sigmoid, qat=QATRole.ACTIVATION, lower=_lower_lookup, export=_export_unary("Sigmoid"),
+                 record=module_record(Sigmoid),
                  example=example_between_linears(Sigmoid)),
     OperatorRule(F.sigmoid, qat=QATRole.ACTIVATION, lower=_lower_lookup, export=_export_unary("Sigmoid"),
                  example=example_functional(F.sigmoid)),
     OperatorRule(Tanh, qat=QATRole.ACTIVATION, lower=_lower_lookup, export=_export_unary("Tanh"),
+                 record=module_record(Tanh),
                  example=example_between_linears(Tanh)),
     OperatorRule(F.tanh, qat=QATRole.ACTIVATION, lower=_lower_lookup, export=_export_unary("Tanh"),
                  example=example_functional(F.tanh)),
-    OperatorRule(Softmax, export=_export_softmax("Softmax"), example=example_between_linears(Softmax)),
+    OperatorRule(Softmax, export=_export_softmax("Softmax"), record=module_record(Softmax, "dim"),
+                 example=example_between_linears(Softmax)),
     OperatorRule(F.softmax, export=_export_softmax("Softmax"), example=example_functional(F.softmax, -1)),
-    OperatorRule(LogSoftmax, export=_export_softmax("LogSoftmax"), example=example_between_linears(LogSoftmax)),
+    OperatorRule(LogSoftmax, export=_export_softmax("LogSoftmax"), record=module_record(LogSoftmax, "dim"),
+                 example=example_between_linears(LogSoftmax)),
     OperatorRule(F.log_softmax, export=_export_softmax("LogSoftmax"), example=example_functional(F.log_softmax, -1)),
     OperatorRule(Int8Lookup, export=_export_lookup, record=int8_record(Int8Lookup)),
 )

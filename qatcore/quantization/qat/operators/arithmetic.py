@@ -159,8 +159,24 @@ class _Residual(Sequential):
         return self[2](F.flatten(self.combine(self[0](x), self[1](x)), 1))
 
 
+class _Unary(Sequential):
+    """A conv, then ``fn``, then a linear layer."""
+
+    def __init__(self, fn, features: int = 48) -> None:
+        rng = np.random.default_rng(0)
+        super().__init__(Conv2d(2, 3, 3, padding=1, rng=rng), Linear(features, 4, rng=rng))
+        self.fn = fn
+
+    def forward(self, x):
+        return self[1](F.flatten(self.fn(self[0](x)), 1))
+
+
 def _example(combine, features: int = 48):
     return lambda: (_Residual(combine, features), (2, 2, 4, 4))
+
+
+def _unary_example(fn, features: int = 48):
+    return lambda: (_Unary(fn, features), (2, 2, 4, 4))
 
 
 register(
@@ -171,18 +187,18 @@ register(
     OperatorRule(F.mul, qat=QATRole.NEW_GRID, quantize_after_activation=True, export=_export_binary("Mul"),
                  example=_example(F.mul)),
     OperatorRule(F.mean, qat=QATRole.NEW_GRID, export=_export_reduce("ReduceMean"),
-                 example=_example(lambda a, b: F.mean(F.add(a, b), (2, 3)), 3)),
-    OperatorRule(F.div, export=_export_binary("Div"), example=_example(lambda a, b: F.div(a, 2.0))),
+                 example=_unary_example(lambda a: F.mean(a, (2, 3)), 3)),
+    OperatorRule(F.div, export=_export_binary("Div"), example=_example(lambda a, b: F.div(a, F.exp(b)))),
     OperatorRule(F.matmul, export=_export_binary("MatMul"),
                  example=_example(lambda a, b: F.matmul(a, F.transpose(b, 2, 3)))),
-    OperatorRule(F.neg, export=_export_unary("Neg"), example=_example(lambda a, b: F.neg(a))),
-    OperatorRule(F.exp, export=_export_unary("Exp"), example=_example(lambda a, b: F.exp(a))),
-    OperatorRule(F.log, export=_export_unary("Log"), example=_example(lambda a, b: F.log(F.exp(a)))),
-    OperatorRule(F.sqrt, export=_export_unary("Sqrt"), example=_example(lambda a, b: F.sqrt(F.exp(a)))),
-    OperatorRule(F.pow, export=_export_pow, example=_example(lambda a, b: F.pow(a, 2.0))),
-    OperatorRule(F.clamp, export=_export_clamp, example=_example(lambda a, b: F.clamp(a, -0.5, 0.5))),
-    OperatorRule(F.sum, export=_export_reduce("ReduceSum"), example=_example(lambda a, b: F.sum(a, 1, True), 16)),
-    OperatorRule(F.max, export=_export_reduce("ReduceMax"), example=_example(lambda a, b: F.max(a, 1, True), 16)),
+    OperatorRule(F.neg, export=_export_unary("Neg"), example=_unary_example(F.neg)),
+    OperatorRule(F.exp, export=_export_unary("Exp"), example=_unary_example(F.exp)),
+    OperatorRule(F.log, export=_export_unary("Log"), example=_unary_example(lambda a: F.log(F.exp(a)))),
+    OperatorRule(F.sqrt, export=_export_unary("Sqrt"), example=_unary_example(lambda a: F.sqrt(F.exp(a)))),
+    OperatorRule(F.pow, export=_export_pow, example=_unary_example(lambda a: F.pow(a, 2.0))),
+    OperatorRule(F.clamp, export=_export_clamp, example=_unary_example(lambda a: F.clamp(a, -0.5, 0.5))),
+    OperatorRule(F.sum, export=_export_reduce("ReduceSum"), example=_unary_example(lambda a: F.sum(a, 1, True), 16)),
+    OperatorRule(F.max, export=_export_reduce("ReduceMax"), example=_unary_example(lambda a: F.max(a, 1, True), 16)),
     OperatorRule(Int8Add, export=_export_int8_add, record=int8_record(Int8Add)),
 )
 for _op_type, _fn in (("Add", F.add), ("Sub", F.sub), ("Mul", F.mul), ("Div", F.div)):

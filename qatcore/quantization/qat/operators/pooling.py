@@ -24,7 +24,7 @@ from qatcore.nn.conv import Conv2d
 from qatcore.nn.flatten import Flatten
 from qatcore.nn.pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from qatcore.quantization.int8_layers import OUTPUT_STATE, Int8Module, int_input, requantize_array
-from qatcore.quantization.qat.operators.quantizer import int8_record
+from qatcore.quantization.qat.operators.quantizer import int8_record, module_record
 from qatcore.quantization.qat.operators.registry import (
     OperatorRule,
     QATRole,
@@ -255,14 +255,17 @@ class _FunctionalPool(Sequential):
 
 register(
     OperatorRule(MaxPool2d, qat=QATRole.INPUT_GRID, lower=_lower_max_pool, export=_export_max_pool,
+                 record=module_record(MaxPool2d, "kernel_size", "stride", "padding", "dilation"),
                  example=_example(lambda: MaxPool2d(2))),
     OperatorRule(F.max_pool2d, qat=QATRole.INPUT_GRID, lower=_lower_max_pool, export=_export_max_pool,
                  example=lambda: (_FunctionalPool(F.max_pool2d, 3, 1, 1), (2, 2, 6, 6))),
     OperatorRule(AvgPool2d, qat=QATRole.NEW_GRID, lower=_lower_avg_pool, export=_export_avg_pool,
+                 record=module_record(AvgPool2d, "kernel_size", "stride", "padding", "count_include_pad"),
                  example=_example(lambda: AvgPool2d(2))),
     OperatorRule(F.avg_pool2d, qat=QATRole.NEW_GRID, lower=_lower_avg_pool, export=_export_avg_pool,
                  example=lambda: (_FunctionalPool(F.avg_pool2d, 2), (2, 2, 6, 6))),
     OperatorRule(AdaptiveAvgPool2d, qat=QATRole.NEW_GRID, lower=_lower_avg_pool, export=_export_avg_pool,
+                 record=module_record(AdaptiveAvgPool2d, "output_size"),
                  example=_example(lambda: AdaptiveAvgPool2d(1))),
     OperatorRule(F.adaptive_avg_pool2d, qat=QATRole.NEW_GRID, lower=_lower_avg_pool, export=_export_avg_pool,
                  example=lambda: (_FunctionalPool(F.adaptive_avg_pool2d, 1), (2, 2, 6, 6))),

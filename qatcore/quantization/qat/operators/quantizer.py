@@ -9,18 +9,32 @@ model's ``Quantize`` / ``Dequantize`` are ``QuantizeLinear`` / ``DequantizeLinea
 
 from __future__ import annotations
 
-import numpy as np
-
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.quantization.int8_layers import Dequantize, Quantize, Requantize
 from qatcore.quantization.qat.operators.registry import OperatorRule, QATRole, RecordRule, register
 
-__all__ = ["int8_record"]
+__all__ = ["int8_record", "module_record"]
 
 
 def int8_record(cls: type) -> RecordRule:
     """The record of an int8 runtime module: its ``config()``, rebuilt by ``from_config``."""
     return RecordRule(config=lambda module: module.config(), build=cls.from_config)
+
+
+def module_record(cls: type, *settings: str) -> RecordRule:
+    """The record of a float layer rebuilt as ``cls(**{setting: value})`` (Softmax's ``dim``,
+    a pool's window), kept in an int8 model as a float island."""
+    def config(module) -> dict:
+        return {name: _plain(getattr(module, name)) for name in settings}
+
+    def build(config: dict):
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+
+    return RecordRule(config=config, build=build)
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _lower_fake_quantize(ctx, node, module: FakeQuantize):
@@ -55,15 +69,8 @@ def _export_requantize(ex, node, module: Requantize):
     return ex.quantize(ex.dequantize(node.args[0], name), grid, name, relu, separate=True), grid
 
 
-def _example_quantizer():
-    from qatcore.nn import Flatten, Linear, Sequential
-
-    return Sequential(Flatten(), Linear(12, 4, rng=np.random.default_rng(0))), (3, 12)
-
-
 register(
-    OperatorRule(FakeQuantize, qat=QATRole.QUANTIZER, lower=_lower_fake_quantize, export=_export_fake_quantize,
-                 example=_example_quantizer),
+    OperatorRule(FakeQuantize, qat=QATRole.QUANTIZER, lower=_lower_fake_quantize, export=_export_fake_quantize),
     OperatorRule(Quantize, export=_export_quantize, record=int8_record(Quantize)),
     OperatorRule(Dequantize, export=_export_dequantize, record=int8_record(Dequantize)),
     OperatorRule(Requantize, export=_export_requantize, record=int8_record(Requantize)),

@@ -19,6 +19,7 @@ from dataclasses import replace
 import numpy as np
 
 from qatcore.errors import InteropError
+from qatcore.graph import trace
 from qatcore.graph.node import Node
 from qatcore.nn import functional as F
 from qatcore.nn.container import Sequential
@@ -27,7 +28,7 @@ from qatcore.nn.dropout import Dropout
 from qatcore.nn.flatten import Flatten, Identity
 from qatcore.nn.linear import Linear
 from qatcore.quantization.int8_layers import Int8Module, Requantize, int_input
-from qatcore.quantization.qat.operators.quantizer import int8_record
+from qatcore.quantization.qat.operators.quantizer import int8_record, module_record
 from qatcore.quantization.qat.operators.registry import (
     OperatorRule,
     QATRole,
@@ -345,6 +346,16 @@ class _Concat(Sequential):
         return self[3](self[2](F.relu(F.cat([self[0](x), self[1](x)], 1))))
 
 
+def _onnx_reshape_example():
+    """A traced model whose reshape is the ONNX one (as an imported Reshape with zeros is)."""
+    gm = trace(_Between(F.reshape, ((2, 3, 16),), 48))
+    for node in gm.graph.nodes:
+        if node.target is F.reshape:
+            node.target = onnx_reshape
+            node.args = (node.args[0], (0, 3, 16))
+    return gm, (2, 2, 4, 4)
+
+
 def _module_example(make):
     return lambda: (_ModuleBetween(make()), (2, 2, 4, 4))
 
@@ -357,12 +368,14 @@ class _ModuleBetween(Sequential):
 
 register(
     OperatorRule(Flatten, qat=QATRole.INPUT_GRID, lower=_on_integers(_int8_flatten), export=_export_flatten,
-                 example=_module_example(Flatten)),
+                 record=module_record(Flatten, "start_dim", "end_dim"), example=_module_example(Flatten)),
     OperatorRule(F.flatten, qat=QATRole.INPUT_GRID, lower=_on_integers(_int8_flatten), export=_export_flatten,
                  example=lambda: (_Between(F.flatten, (2,), 48), (2, 2, 4, 4))),
     OperatorRule(Identity, qat=QATRole.INPUT_GRID, lower=_passthrough, export=_export_passthrough,
+                 record=module_record(Identity),
                  example=_module_example(Identity)),
     OperatorRule(Dropout, qat=QATRole.INPUT_GRID, lower=_passthrough, export=_export_passthrough,
+                 record=module_record(Dropout, "p"),
                  example=_module_example(lambda: Dropout(0.5, rng=np.random.default_rng(0)))),
     OperatorRule(F.dropout, qat=QATRole.INPUT_GRID, lower=_passthrough, export=_export_passthrough,
                  example=lambda: (_Between(F.dropout, (0.0,), 48), (2, 2, 4, 4))),
@@ -371,7 +384,7 @@ register(
                  example=lambda: (_Between(F.reshape, ((2, 3, 16),), 48), (2, 2, 4, 4))),
     OperatorRule(onnx_reshape, qat=QATRole.INPUT_GRID,
                  lower=_on_integers(lambda n, m: Int8Reshape(call_arguments(n)["shape"], copy_zeros=True)),
-                 export=_export_reshape, example=lambda: (_Between(onnx_reshape, ((0, 3, 16),), 48), (2, 2, 4, 4))),
+                 export=_export_reshape, example=_onnx_reshape_example),
     OperatorRule(F.permute, qat=QATRole.INPUT_GRID, lower=_on_integers(_permute_of), export=_export_permute,
                  example=lambda: (_Between(F.permute, ((0, 2, 3, 1),), 48), (2, 2, 4, 4))),
     OperatorRule(F.transpose, qat=QATRole.INPUT_GRID, lower=_on_integers(_permute_of), export=_export_permute,
