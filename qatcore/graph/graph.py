@@ -36,7 +36,7 @@ from qatcore.graph.node import OPCODES, Node, iter_nodes, target_name
 from qatcore.tensor import Tensor
 from qatcore.text_table import text_table
 
-__all__ = ["Graph"]
+__all__ = ["Graph", "resolve_attribute"]
 
 
 def _base_name(op: str, target: Any) -> str:
@@ -221,7 +221,7 @@ class Graph:
         if module is not None:
             for node in self._nodes:
                 if node.op in ("call_module", "get_attr"):
-                    _resolve(module, node.target, node)
+                    resolve_attribute(module, node.target, node)
         reachable = set()
         stack = [outputs[0]]
         while stack:
@@ -288,7 +288,7 @@ def _format_value(value: Any) -> str:
     return repr(value)
 
 
-def _resolve(module: Any, path: str, node: Node | None = None) -> Any:
+def resolve_attribute(module: Any, path: str, node: Node | None = None) -> Any:
     """The attribute at dotted ``path`` below ``module`` (GraphError if missing)."""
     current = module
     for part in path.split("."):

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from qatcore.errors import GraphError
-from qatcore.graph.graph import Graph, _resolve
+from qatcore.graph.graph import Graph, resolve_attribute
 from qatcore.graph.node import Node, map_nodes
 from qatcore.nn.module import Module
 
@@ -109,7 +109,7 @@ class GraphModule(Module):
             elif op == "call_function":
                 env[node] = node.target(*node_args, **node_kwargs)
             elif op == "get_attr":
-                env[node] = _resolve(self, node.target, node)
+                env[node] = resolve_attribute(self, node.target, node)
             else:  # output
                 return node_args[0]
             if observe is not None:

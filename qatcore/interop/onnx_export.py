@@ -41,8 +41,7 @@ docs/interop.md for the measured agreement).
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,34 +49,15 @@ import onnx
 
 from qatcore.errors import InteropError
 from qatcore.graph import GraphModule
-from qatcore.graph.graph import _resolve
+from qatcore.graph.graph import resolve_attribute
 from qatcore.graph.node import Node
 from qatcore.interop.onnx_builder import OnnxBuilder
-from qatcore.interop.onnx_import import onnx_reshape
-from qatcore.nn import functional as F
-from qatcore.nn.activation import LeakyReLU, LogSoftmax, ReLU, ReLU6, Sigmoid, Softmax, Tanh
-from qatcore.nn.batchnorm import BatchNorm1d, BatchNorm2d
-from qatcore.nn.conv import Conv2d
-from qatcore.nn.dropout import Dropout
-from qatcore.nn.flatten import Flatten, Identity
-from qatcore.nn.linear import Linear
 from qatcore.nn.module import Module
-from qatcore.nn.pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from qatcore.quantization.fake_quantize_module import FakeQuantize
-from qatcore.quantization.int8_layers import (
-    Dequantize,
-    Int8AvgPool2d,
-    Int8Cat,
-    Int8Flatten,
-    Int8MaxPool2d,
-    Quantize,
-    QuantizedAdd,
-    QuantizedConv2d,
-    QuantizedLinear,
-    Requantize,
-    _Int8Module,
-)
-from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES, QATConvBn2d, QATLinear
+from qatcore.quantization.int8_layers import Int8Module
+from qatcore.quantization.qat.operators import UnregisteredOperatorError, call_arguments, rule_for_node
+from qatcore.quantization.qat.operators.weighted import weight_scales
+from qatcore.quantization.qat.qat_layers import QATLayer
 from qatcore.tensor import Tensor
 
 __all__ = ["build_onnx_model", "model_kind", "weight_scales"]
@@ -88,9 +68,9 @@ _CONTAINERS = {(8, True): np.int8, (8, False): np.uint8, (16, True): np.int16, (
 def model_kind(model: Module) -> str:
     """"int8" (a converted model), "qat" (prepared, with quantizers) or "float"."""
     modules = list(model.modules())
-    if any(isinstance(m, _Int8Module) for m in modules):
+    if any(isinstance(m, Int8Module) for m in modules):
         return "int8"
-    if any(isinstance(m, (FakeQuantize, *QAT_LAYER_TYPES)) for m in modules):
+    if any(isinstance(m, (FakeQuantize, QATLayer)) for m in modules):
         return "qat"
     return "float"
 
@@ -121,6 +101,12 @@ def _pads(padding) -> list[int]:
     return [ph, pw, ph, pw]
 
 
+def _data(value):
+    if value is None or isinstance(value, Node):
+        return None
+    return value.data if isinstance(value, Tensor) else np.asarray(value)
+
+
 class _Exporter:
     """Walks one GraphModule (its nodes carry ``meta["shape"]``) into an OnnxBuilder."""
 
@@ -130,10 +116,41 @@ class _Exporter:
         self.names: dict[Node, str] = {}
         self.grids: dict[Node, Grid | None] = {}
 
-    # ---- helpers ------------------------------------------------------------------------------
+    # ---- helpers (the operator rules' export functions call these) ------------------------------
+    pair = staticmethod(_pair)
+    pads = staticmethod(_pads)
+    data = staticmethod(_data)
+    arguments = staticmethod(call_arguments)
+
     def fail(self, node: Node, what: str) -> InteropError:
         return InteropError(f"ONNX export: node {node.name!r} ({what}) has no ONNX counterpart here; "
                             f"supported: see docs/interop.md")
+
+    def node_name(self, node: Node) -> str:
+        """The ONNX name of a node: a module call keeps its dotted path (``conv1``)."""
+        return node.target if node.op == "call_module" else node.name
+
+    def single_float_input(self, node: Node) -> str:
+        """The float input of a module called on exactly one value."""
+        args = [a for a in node.args if isinstance(a, Node)]
+        if len(args) != 1 or len(node.args) != 1 or node.kwargs:
+            raise self.fail(node, f"{node.target} called with {len(node.args)} arguments")
+        return self.float_input(node, args[0])
+
+    def unary_input(self, node: Node) -> str:
+        """The input of a one-input op, module call or function call (its first argument)."""
+        if node.op == "call_module":
+            return self.single_float_input(node)
+        for arg in node.all_input_nodes:
+            self.float_input(node, arg)
+        return self.value(node.args[0], node.name)
+
+    def same_grid_input(self, node: Node) -> Grid:
+        """The grid shared by all of an int8 node's inputs (max pool, flatten, cat)."""
+        grids = [self.grids.get(a) for a in node.args if isinstance(a, Node)]
+        if not grids or any(g is None for g in grids) or len({(g.scale, g.zero_point) for g in grids}) != 1:
+            raise InteropError(f"ONNX export: int8 node {node.target!r} needs integer inputs on one grid")
+        return grids[0]
 
     def shape(self, node: Node) -> tuple:
         shape = node.meta.get("shape")
@@ -205,16 +222,14 @@ class _Exporter:
             elif node.op == "output":
                 outputs = self.outputs(node)
             elif node.op == "get_attr":
-                value = _resolve(self.gm, node.target, node)
+                value = resolve_attribute(self.gm, node.target, node)
                 array = np.asarray(value.data if isinstance(value, Tensor) else value)
                 if array.dtype == np.float64:
                     array = array.astype(np.float32)  # the float ops of the file are float32
                 self.names[node] = self.b.constant(node.target, array)
                 self.grids[node] = None
-            elif node.op == "call_module":
-                self.names[node], self.grids[node] = self.call_module(node, self.gm.get_submodule(node.target))
             else:
-                self.names[node], self.grids[node] = self.call_function(node), None
+                self.names[node], self.grids[node] = self.call(node)
         return self.b.model(inputs, outputs, graph_name, doc=f"exported by qatcore ({self.kind} model)")
 
     def outputs(self, node: Node) -> list[tuple[str, Any, tuple]]:
@@ -235,56 +250,19 @@ class _Exporter:
             result.append((name, np.float32 if grid is None else grid.dtype, ("batch", *shape[1:])))
         return result
 
-    # ---- modules ------------------------------------------------------------------------------
-    def call_module(self, node: Node, module: Module) -> tuple[str, Grid | None]:
-        name = node.target
-        args = [a for a in node.args if isinstance(a, Node)]
-        if isinstance(module, _Int8Module):
-            return self.int8_module(node, module, name, args)
-        if isinstance(module, FakeQuantize):
-            return self.fake_quantize(node, module, name), None
-        if isinstance(module, QAT_LAYER_TYPES):
-            return self.qat_layer(node, module, name), None
-        if len(args) != 1 or len(node.args) != 1 or node.kwargs:
-            raise self.fail(node, f"{type(module).__name__} called with {len(node.args)} arguments")
-        x = self.float_input(node, args[0])
-        return self.float_module(node, module, name, x, args[0]), None
-
-    def float_module(self, node: Node, module: Module, name: str, x: str, arg: Node) -> str:
-        b = self.b
-        if isinstance(module, (Identity, Dropout)):
-            return x
-        if isinstance(module, Conv2d):
-            w, bias = self.constants(name, module.weight.data, None if module.bias is None else module.bias.data)
-            return self.conv(name, x, w, bias, module.weight.shape[2:], _geometry(module))
-        if isinstance(module, Linear):
-            return self.linear(name, x, self.shape(arg), module.weight.data,
-                               None if module.bias is None else module.bias.data)
-        if isinstance(module, (BatchNorm2d, BatchNorm1d)):
-            return self.batch_norm(name, x, module)
-        if isinstance(module, ReLU):
-            return b.node("Relu", [x], name)
-        if isinstance(module, ReLU6):
-            return self.clip(name, x, 0.0, 6.0)
-        if isinstance(module, LeakyReLU):
-            return b.node("LeakyRelu", [x], name, alpha=float(module.negative_slope))
-        if isinstance(module, Sigmoid):
-            return b.node("Sigmoid", [x], name)
-        if isinstance(module, Tanh):
-            return b.node("Tanh", [x], name)
-        if isinstance(module, (Softmax, LogSoftmax)):
-            op = "Softmax" if isinstance(module, Softmax) else "LogSoftmax"
-            return b.node(op, [x], name, axis=int(module.dim))
-        if isinstance(module, MaxPool2d):
-            return self.max_pool(name, x, module.kernel_size, module.stride, module.padding, module.dilation)
-        if isinstance(module, AvgPool2d):
-            return self.avg_pool(node, name, x, module.kernel_size, module.stride, module.padding,
-                                 module.count_include_pad)
-        if isinstance(module, AdaptiveAvgPool2d):
-            return self.global_pool(node, name, x, module.output_size)
-        if isinstance(module, Flatten):
-            return self.flatten(name, x, len(self.shape(arg)), self.shape(arg), module.start_dim, module.end_dim)
-        raise self.fail(node, f"module {type(module).__name__}")
+    # ---- one node: its operator rule's export ---------------------------------------------------
+    def call(self, node: Node) -> tuple[str, Grid | None]:
+        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        try:
+            rule = rule_for_node(node, module)
+        except UnregisteredOperatorError as e:
+            raise InteropError(f"ONNX export: node {node.name!r}: {e}") from None
+        if rule.export is None:
+            raise self.fail(node, rule.name)
+        if module is None:
+            for arg in node.all_input_nodes:
+                self.float_input(node, arg)
+        return rule.export(self, node, module)
 
     # ---- float building blocks ----------------------------------------------------------------
     def conv(self, name: str, x: str, w: str, b: str | None, kernel, geometry: tuple) -> str:
@@ -339,14 +317,9 @@ class _Exporter:
         return self.b.node("MaxPool", [x], name, kernel_shape=_pair(kernel), strides=_pair(stride or kernel),
                            pads=_pads(padding), dilations=_pair(dilation))
 
-    def avg_pool(self, node: Node, name: str, x: str, kernel, stride, padding, count_include_pad=True) -> str:
+    def avg_pool(self, name: str, x: str, kernel, stride, padding, count_include_pad=True) -> str:
         return self.b.node("AveragePool", [x], name, kernel_shape=_pair(kernel), strides=_pair(stride or kernel),
                            pads=_pads(padding), count_include_pad=int(bool(count_include_pad)))
-
-    def global_pool(self, node: Node, name: str, x: str, output_size) -> str:
-        if output_size not in (1, (1, 1), [1, 1]):
-            raise self.fail(node, f"adaptive average pooling to {output_size}; only 1 (GlobalAveragePool)")
-        return self.b.node("GlobalAveragePool", [x], name)
 
     def flatten(self, name: str, x: str, rank: int, shape: tuple, start_dim: int, end_dim: int) -> str:
         start, end = start_dim % rank, end_dim % rank
@@ -354,73 +327,6 @@ class _Exporter:
             return self.b.node("Flatten", [x], name, axis=1)
         target = [0] * start + [-1] + [int(d) for d in shape[end + 1:]]
         return self.b.node("Reshape", [x, self.b.constant(f"{name}.shape", np.array(target, np.int64))], name)
-
-    # ---- functions ----------------------------------------------------------------------------
-    def call_function(self, node: Node) -> str:
-        fn = node.target
-        try:
-            bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
-        except (TypeError, ValueError) as e:
-            raise self.fail(node, f"function {getattr(fn, '__name__', fn)}: {e}") from e
-        bound.apply_defaults()
-        a = bound.arguments
-        name = node.name
-        b = self.b
-        for arg in node.all_input_nodes:
-            self.float_input(node, arg)
-        binary = {F.add: "Add", F.sub: "Sub", F.mul: "Mul", F.div: "Div", F.matmul: "MatMul"}
-        if fn in binary:
-            return b.node(binary[fn], [self.value(a["a"], name), self.value(a["b"], name)], name)
-        unary = {F.relu: "Relu", F.sigmoid: "Sigmoid", F.tanh: "Tanh", F.neg: "Neg", F.exp: "Exp", F.log: "Log",
-                 F.sqrt: "Sqrt"}
-        if fn in unary:
-            return b.node(unary[fn], [self.value(a["x"], name)], name)
-        if fn is F.relu6:
-            return self.clip(name, self.value(a["x"], name), 0.0, 6.0)
-        if fn is F.clamp:
-            return self.clip(name, self.value(a["x"], name), a["min"], a["max"])
-        if fn is F.leaky_relu:
-            return b.node("LeakyRelu", [self.value(a["x"], name)], name, alpha=float(a["negative_slope"]))
-        if fn in (F.softmax, F.log_softmax):
-            op = "Softmax" if fn is F.softmax else "LogSoftmax"
-            return b.node(op, [self.value(a["x"], name)], name, axis=int(a["dim"]))
-        if fn is F.cat:
-            return b.node("Concat", [self.value(t, name) for t in a["tensors"]], name, axis=int(a["dim"]))
-        if fn is F.flatten:
-            shape = self.shape(a["x"])
-            return self.flatten(name, self.value(a["x"], name), len(shape), shape, a["start_dim"], a["end_dim"])
-        if fn is F.reshape or fn is onnx_reshape:  # onnx_reshape: an imported Reshape (0 copies a dimension)
-            target = np.array([int(d) for d in a["shape"]], np.int64)
-            return b.node("Reshape", [self.value(a["x"], name), b.constant(f"{name}.shape", target)], name)
-        if fn in (F.transpose, F.permute):
-            rank = len(self.shape(a["x"]))
-            if fn is F.permute:
-                perm = [int(d) % rank for d in a["dims"]]
-            else:
-                perm = list(range(rank))
-                i, j = int(a["dim0"]) % rank, int(a["dim1"]) % rank
-                perm[i], perm[j] = perm[j], perm[i]
-            return b.node("Transpose", [self.value(a["x"], name)], name, perm=perm)
-        if fn is F.linear:
-            weight = a["weight"]
-            return self.linear(name, self.value(a["x"], name), self.shape(a["x"]), _data(weight), _data(a["bias"]),
-                               self.names[weight] if isinstance(weight, Node) else None,
-                               self.names[a["bias"]] if isinstance(a["bias"], Node) else None)
-        if fn is F.conv2d:
-            weight, bias = a["weight"], a["bias"]
-            kernel = (self.shape(weight) if isinstance(weight, Node) else np.shape(_data(weight)))[2:]
-            return self.conv(name, self.value(a["x"], name), self.value(weight, f"{name}.weight"),
-                             None if bias is None else self.value(bias, f"{name}.bias"), kernel,
-                             (a["stride"], a["padding"], a["dilation"], a["groups"]))
-        if fn is F.max_pool2d:
-            return self.max_pool(name, self.value(a["x"], name), a["kernel_size"], a["stride"], a["padding"],
-                                 a["dilation"])
-        if fn is F.avg_pool2d:
-            return self.avg_pool(node, name, self.value(a["x"], name), a["kernel_size"], a["stride"], a["padding"],
-                                 a["count_include_pad"])
-        if fn is F.adaptive_avg_pool2d:
-            return self.global_pool(node, name, self.value(a["x"], name), a["output_size"])
-        raise self.fail(node, f"function {getattr(fn, '__name__', fn)}")
 
     # ---- QAT ----------------------------------------------------------------------------------
     def qdq(self, x: str, quantizer: FakeQuantize, name: str, on_grid: bool = False) -> str:
@@ -460,162 +366,11 @@ class _Exporter:
                             f"{name}/Clip")
         return self.b.node("DequantizeLinear", [q, s, z], f"{name}/DequantizeLinear", axis=axis)
 
-    def fake_quantize(self, node: Node, module: FakeQuantize, name: str) -> str:
-        return self.qdq(self.float_input(node, node.args[0]), module, name)
-
-    def qat_layer(self, node: Node, layer, name: str) -> str:
-        arg = node.args[0]
-        x = self.float_input(node, arg)
-        b = self.b
-        is_linear = isinstance(layer, QATLinear)
-        if not layer.enabled:
-            bias = None if layer.bias is None else layer.bias.data
-            if is_linear:
-                y = self.linear(name, x, self.shape(arg), layer.weight.data, bias)
-            else:
-                y = self.conv(name, x, *self.constants(name, layer.weight.data, bias), layer.weight.shape[2:],
-                              _geometry(layer))
-                if isinstance(layer, QATConvBn2d):
-                    y = self.batch_norm(layer.bn_name, y, layer.bn)
-            return b.node("Relu", [y], f"{name}/Relu") if layer.relu else y
-        weight = layer.weight.data
-        bias = None if layer.bias is None else layer.bias.data
-        dead = None
-        if isinstance(layer, QATConvBn2d):
-            weight, bias, dead = layer.folded_parameters()
-        weight_quantizer = layer.weight_fake_quant
-        if isinstance(weight_quantizer, FakeQuantize) and bool(weight_quantizer.fake_quant_enabled.data):
-            qparams = weight_quantizer.calculate_qparams()
-            weight = qparams.dequantize(qparams.quantize(weight))  # the grid values the layer computes with
-            if dead is not None and np.any(dead):
-                weight[dead] = 0
-            w_name = self.qdq(b.constant(f"{name}.weight", weight), weight_quantizer, f"{name}.weight", on_grid=True)
-        else:
-            w_name = b.constant(f"{name}.weight", weight)
-        if bias is not None:
-            bias = np.asarray(layer._eval_bias(bias), dtype=np.float32)  # what the QAT eval path adds
-        if is_linear:
-            y = self.linear(name, x, self.shape(arg), weight, bias, weight_name=w_name)
-        else:
-            y = self.conv(name, x, w_name, None if bias is None else b.constant(f"{name}.bias", bias),
-                          weight.shape[2:], _geometry(layer))
-        if layer.relu:
-            y = b.node("Relu", [y], f"{name}/Relu")
-        if isinstance(layer.output_fake_quant, FakeQuantize):
-            y = self.qdq(y, layer.output_fake_quant, f"{name}.output")
-        return y
-
     # ---- int8 ---------------------------------------------------------------------------------
-    def out_grid(self, module: _Int8Module) -> Grid:
+    def out_grid(self, module: Int8Module) -> Grid:
         qmin, qmax = (int(v) for v in module.output_range.data)
         return Grid(float(module.output_scale.data), int(module.output_zero_point.data), qmin, qmax,
                     module.out_dtype)
-
-    def int8_module(self, node: Node, module: _Int8Module, name: str, args: list[Node]) -> tuple[str, Grid | None]:
-        b = self.b
-        if isinstance(module, Quantize):
-            grid = self.out_grid(module)
-            return self.quantize(self.float_input(node, args[0]), grid, name), grid
-        if isinstance(module, Dequantize):
-            return self.dequantize(args[0], name), None
-        if isinstance(module, (Int8MaxPool2d, Int8Flatten, Int8Cat)):
-            grids = [self.grids.get(a) for a in args]
-            if any(g is None for g in grids) or len({(g.scale, g.zero_point) for g in grids}) != 1:
-                raise InteropError(f"ONNX export: int8 node {name!r} needs integer inputs on one grid")
-            x = self.names[args[0]]
-            if isinstance(module, Int8MaxPool2d):
-                return self.max_pool(name, x, module.kernel_size, module.stride, module.padding,
-                                     module.dilation), grids[0]
-            if isinstance(module, Int8Flatten):
-                shape = self.shape(args[0])
-                return self.flatten(name, x, len(shape), shape, module.start_dim, module.end_dim), grids[0]
-            return b.node("Concat", [self.names[a] for a in args], name, axis=int(module.dim)), grids[0]
-        grid = self.out_grid(module)
-        clamps_at_zero = isinstance(module, (QuantizedConv2d, QuantizedLinear, QuantizedAdd, Requantize)) and \
-            int(module.clamp_min.data) == grid.zero_point
-        # a Relu where the clamp starts at the zero point (a Requantize keeps it even where the
-        # range starts there too: see quantize(separate=True))
-        relu = clamps_at_zero and (grid.zero_point > grid.lo or isinstance(module, Requantize))
-        if isinstance(module, (QuantizedConv2d, QuantizedLinear)):
-            return self.weighted(node, module, name, args[0], grid, relu), grid
-        if isinstance(module, Requantize):
-            return self.quantize(self.dequantize(args[0], name), grid, name, relu, separate=True), grid
-        if isinstance(module, QuantizedAdd):
-            y = b.node("Add", [self.dequantize(args[0], f"{name}.a"), self.dequantize(args[1], f"{name}.b")],
-                       f"{name}/Add")
-            return self.quantize(y, grid, name, relu), grid
-        if isinstance(module, Int8AvgPool2d):
-            x = self.dequantize(args[0], name)
-            y = (b.node("GlobalAveragePool", [x], f"{name}/GlobalAveragePool") if module.kernel_size is None
-                 else self.avg_pool(node, f"{name}/AveragePool", x, module.kernel_size, module.stride, 0))
-            return self.quantize(y, grid, name), grid
-        raise self.fail(node, f"int8 module {type(module).__name__}")
-
-    def weighted(self, node: Node, module, name: str, arg: Node, out: Grid, relu: bool) -> str:
-        b = self.b
-        x_grid = self.grids.get(arg)
-        if x_grid is None or x_grid.zero_point != int(module.input_zero_point.data):
-            raise InteropError(f"ONNX export: int8 layer {name!r} expects the integer input of its conversion")
-        weight_q = module.weight_q.data
-        s_w = weight_scales(module, x_grid.scale)
-        channels = weight_q.shape[0]
-        is_linear = isinstance(module, QuantizedLinear)
-        w_q = b.constant(f"{name}.weight_quantized", weight_q)
-        w_s = b.constant(f"{name}.weight_scale", s_w)
-        w_z = b.constant(f"{name}.weight_zero_point", np.zeros(channels, np.int8))
-        bias_q = b.constant(f"{name}.bias_quantized", module.bias_q.data.astype(np.int32))
-        if self.form == "qoperator":
-            return self.qlinear(node, module, name, arg, x_grid, out, relu, (w_q, w_s, w_z, bias_q))
-        x = self.dequantize(arg, name)
-        w = b.node("DequantizeLinear", [w_q, w_s, w_z], f"{name}.weight/DequantizeLinear", axis=0)
-        bias_scale = (np.float64(x_grid.scale) * s_w.astype(np.float64)).astype(np.float32)
-        bias = b.node("DequantizeLinear", [bias_q, b.constant(f"{name}.bias_scale", bias_scale),
-                                           b.constant(f"{name}.bias_zero_point", np.zeros(channels, np.int32))],
-                      f"{name}.bias/DequantizeLinear", axis=0)
-        if is_linear:
-            y = self.linear(f"{name}/Gemm", x, self.shape(arg), None, None, weight_name=w, bias_name=bias)
-        else:
-            y = self.conv(f"{name}/Conv", x, w, bias, weight_q.shape[2:], _geometry(module))
-        return self.quantize(y, out, name, relu)
-
-    def qlinear(self, node: Node, module, name: str, arg: Node, x_grid: Grid, out: Grid, relu: bool,
-                weights: tuple[str, str, str, str]) -> str:
-        """QLinearConv for convolutions; QLinearMatMul for linear layers without a bias, a 1x1
-        QLinearConv (which takes the int32 bias) for those with one; the fused ReLU and narrow
-        ranges as an integer Clip after it."""
-        b = self.b
-        w_q, w_s, w_z, bias_q = weights
-        x_s, x_z = self.grid_constants(x_grid, f"{name}.input")
-        y_s, y_z = self.grid_constants(out, f"{name}.output")
-        x = self.names[arg]
-        if isinstance(module, QuantizedLinear) and not np.any(module.bias_q.data):
-            # no bias: QLinearMatMul on x @ W^T, per-column weight scales
-            w_t = b.constant(f"{name}.weight_quantized_t", np.ascontiguousarray(module.weight_q.data.T))
-            q = b.node("QLinearMatMul", [x, x_s, x_z, w_t, w_s, w_z, y_s, y_z], name)
-        elif isinstance(module, QuantizedLinear):
-            # QLinearMatMul has no bias input: a 1x1 QLinearConv on (N, K, 1, 1) takes the int32 bias
-            shape = self.shape(arg)
-            if len(shape) != 2:
-                raise InteropError(f"ONNX export: int8 linear {name!r} with a bias takes a rank-{len(shape)} "
-                                   f"input; the qoperator form handles matrices there (use format='qdq')")
-            w4 = b.node("Unsqueeze", [w_q, b.constant(f"{name}.axes", np.array([2, 3], np.int64))],
-                        f"{name}.weight/Unsqueeze")
-            x4 = b.node("Unsqueeze", [x, b.constant(f"{name}.input_axes", np.array([2, 3], np.int64))],
-                        f"{name}/Unsqueeze")
-            y4 = b.node("QLinearConv", [x4, x_s, x_z, w4, w_s, w_z, y_s, y_z, bias_q], f"{name}/QLinearConv",
-                        kernel_shape=[1, 1])
-            q = b.node("Flatten", [y4], name, axis=1)
-        else:
-            q = b.node("QLinearConv", [x, x_s, x_z, w_q, w_s, w_z, y_s, y_z, bias_q], name,
-                       kernel_shape=list(module.weight_q.data.shape[2:]), strides=_pair(module.stride),
-                       pads=_pads(module.padding), dilations=_pair(module.dilation), group=int(module.groups))
-        # no Relu before these operators: the fused ReLU is the clip's lower bound
-        return self.clip_integers(q, replace(out, lo=out.zero_point) if relu else out, name)
-
-
-def _geometry(layer) -> tuple:
-    """(stride, padding, dilation, groups) of a conv layer (float, QAT or int8)."""
-    return layer.stride, layer.padding, layer.dilation, layer.groups
 
 
 def _walk_outputs(value, on_node, on_constant) -> None:
@@ -630,27 +385,6 @@ def _walk_outputs(value, on_node, on_constant) -> None:
             _walk_outputs(item, on_node, on_constant)
     else:
         on_constant(value)
-
-
-def _data(value):
-    if value is None or isinstance(value, Node):
-        return None
-    return value.data if isinstance(value, Tensor) else np.asarray(value)
-
-
-def weight_scales(module, input_scale: float) -> np.ndarray:
-    """The float32 weight scales s_w of an int8 layer, per output channel.
-
-    The int8 layer keeps M = s_x * s_w / s_y as the fixed-point pair (M0, n), M = M0 * 2^-(31+n),
-    which the converter computed in float64 from the float32 scales. M * s_y / s_x recovers s_w
-    within 2^-30 relative, far inside half a float32 ulp (2^-24), so rounding it to float32
-    gives back the converter's s_w exactly.
-    """
-    multiplier = module.multiplier.data.astype(np.float64)
-    real = multiplier * np.exp2(-(31.0 + module.shift.data.astype(np.float64)))
-    s_w = (real * np.float64(module.output_scale.data) / np.float64(input_scale)).astype(np.float32)
-    channels = module.weight_q.data.shape[0]
-    return np.broadcast_to(s_w, (channels,)).copy() if s_w.size == 1 else s_w
 
 
 def build_onnx_model(gm: GraphModule, kind: str, form: str) -> onnx.ModelProto:

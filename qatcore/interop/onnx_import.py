@@ -51,17 +51,12 @@ from qatcore.errors import InteropError, QATCoreError
 from qatcore.graph import Graph, GraphModule
 from qatcore.graph.graph_module import Submodules
 from qatcore.graph.node import Node
-from qatcore.nn import functional as F
-from qatcore.nn.activation import ReLU, ReLU6
-from qatcore.nn.batchnorm import BatchNorm1d, BatchNorm2d
-from qatcore.nn.conv import Conv2d
-from qatcore.nn.flatten import Flatten
 from qatcore.nn.linear import Linear
 from qatcore.nn.module import Module
-from qatcore.nn.parameter import Parameter
-from qatcore.nn.pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
+from qatcore.quantization.qat.operators import onnx_import_handler, onnx_import_ops
+from qatcore.quantization.qat.operators.shape import onnx_reshape
 
-__all__ = ["import_model", "onnx_reshape", "SUPPORTED_OPS"]
+__all__ = ["import_model", "onnx_reshape", "supported_ops"]
 
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")
 # names a layer must not take: registering it would shadow a method or attribute ("forward", "graph")
@@ -130,6 +125,40 @@ class _Importer:
     def call(self, node: onnx.NodeProto, fn: Callable, args: tuple, kwargs: dict | None = None) -> Node:
         base = re.sub(r"\W+", "_", node.name or "").strip("_") or fn.__name__
         return self.graph.create_node("call_function", fn, args, kwargs or {}, name=base)
+
+    # ---- attributes -----------------------------------------------------------------------------
+    def attributes(self, node: onnx.NodeProto, known: set[str]) -> dict[str, Any]:
+        """The node's attributes by name; any attribute not in ``known`` is refused."""
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        unknown = set(attrs) - known
+        if unknown:
+            raise self.fail(node, f"attribute(s) {sorted(unknown)} are not supported")
+        return attrs
+
+    def window(self, node: onnx.NodeProto, attrs: dict, kernel: list[int]) -> dict:
+        """stride, padding, dilation of a 2-D window op; symmetric pads only, no auto_pad/ceil_mode."""
+        if len(kernel) != 2:
+            raise self.fail(node, f"only 2-D windows are supported, got kernel_shape {kernel}")
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        pads = list(attrs.get("pads", [0, 0, 0, 0]))
+        if auto_pad == "VALID":
+            pads = [0, 0, 0, 0]
+        elif auto_pad != "NOTSET":
+            raise self.fail(node, f"auto_pad={auto_pad!r} is not supported (export with explicit pads)")
+        if len(pads) != 4 or pads[0] != pads[2] or pads[1] != pads[3]:
+            raise self.fail(node, f"pads {pads} are not symmetric (begin == end per axis)")
+        if int(attrs.get("ceil_mode", 0)):
+            raise self.fail(node, "ceil_mode=1 is not supported")
+        strides, dilations = list(attrs.get("strides", [1, 1])), list(attrs.get("dilations", [1, 1]))
+        if len(strides) != 2 or len(dilations) != 2 or min(strides + dilations) < 1 or min(pads) < 0:
+            raise self.fail(node, f"strides {strides} and dilations {dilations} must be two positive values, "
+                                  f"pads {pads} non-negative")
+        return {"stride": tuple(strides), "padding": (pads[0], pads[1]), "dilation": tuple(dilations)}
+
+    @staticmethod
+    def tensor_array(tensor: onnx.TensorProto, what: str) -> np.ndarray:
+        return _array(tensor, what)
 
     # ---- values -------------------------------------------------------------------------------
     def runtime(self, node: onnx.NodeProto, index: int = 0) -> Node:
@@ -200,11 +229,11 @@ class _Importer:
         for node in _needed_nodes(graph):
             if node.domain not in ("", "ai.onnx"):
                 raise InteropError(f"import_onnx: operator {node.domain}.{node.op_type} at node {node.name!r} is "
-                                   f"not supported (custom domain); supported: {', '.join(SUPPORTED_OPS)}")
-            handler = _HANDLERS.get(node.op_type)
+                                   f"not supported (custom domain); supported: {', '.join(supported_ops())}")
+            handler = onnx_import_handler(node.op_type)
             if handler is None:
                 raise InteropError(f"import_onnx: operator {node.op_type!r} at node {node.name or '<unnamed>'!r} "
-                                   f"is not supported; supported: {', '.join(SUPPORTED_OPS)}")
+                                   f"is not supported; supported: {', '.join(supported_ops())}")
             try:
                 result = handler(self, node)
             except InteropError:
@@ -305,285 +334,9 @@ def _identifier(name: str) -> str:
     return f"v_{base}" if base[0].isdigit() or keyword.iskeyword(base) else base
 
 
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _check_attrs(imp: _Importer, node: onnx.NodeProto, attrs: dict, known: set[str]) -> None:
-    unknown = set(attrs) - known
-    if unknown:
-        raise imp.fail(node, f"attribute(s) {sorted(unknown)} are not supported")
-
-
-def _window(imp: _Importer, node: onnx.NodeProto, attrs: dict, kernel: list[int]) -> dict:
-    """stride, padding, dilation of a 2-D window op; symmetric pads only, no auto_pad/ceil_mode."""
-    if len(kernel) != 2:
-        raise imp.fail(node, f"only 2-D windows are supported, got kernel_shape {kernel}")
-    auto_pad = attrs.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    pads = list(attrs.get("pads", [0, 0, 0, 0]))
-    if auto_pad == "VALID":
-        pads = [0, 0, 0, 0]
-    elif auto_pad != "NOTSET":
-        raise imp.fail(node, f"auto_pad={auto_pad!r} is not supported (export with explicit pads)")
-    if len(pads) != 4 or pads[0] != pads[2] or pads[1] != pads[3]:
-        raise imp.fail(node, f"pads {pads} are not symmetric (begin == end per axis)")
-    if int(attrs.get("ceil_mode", 0)):
-        raise imp.fail(node, "ceil_mode=1 is not supported")
-    strides, dilations = list(attrs.get("strides", [1, 1])), list(attrs.get("dilations", [1, 1]))
-    if len(strides) != 2 or len(dilations) != 2 or min(strides + dilations) < 1 or min(pads) < 0:
-        raise imp.fail(node, f"strides {strides} and dilations {dilations} must be two positive values, "
-                             f"pads {pads} non-negative")
-    return {"stride": tuple(strides), "padding": (pads[0], pads[1]), "dilation": tuple(dilations)}
-
-
-def _conv(imp: _Importer, node: onnx.NodeProto):
-    attrs = _attrs(node)
-    _check_attrs(imp, node, attrs, {"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"})
-    weight = imp.weight(node, 1)
-    if weight.ndim != 4:
-        raise imp.fail(node, f"only 2-D convolutions are supported, got a weight of shape {weight.shape}")
-    bias = imp.weight(node, 2, rank=1, optional=True)
-    if bias is not None and bias.shape[0] != weight.shape[0]:
-        raise imp.fail(node, f"B has {bias.shape[0]} values for {weight.shape[0]} output channels")
-    kernel = list(attrs.get("kernel_shape", weight.shape[2:]))
-    if kernel != list(weight.shape[2:]):
-        raise imp.fail(node, f"kernel_shape {kernel} does not match the weight's {list(weight.shape[2:])}")
-    window = _window(imp, node, attrs, kernel)
-    groups = int(attrs.get("group", 1))
-    out_channels, in_per_group = weight.shape[:2]
-    conv = Conv2d(in_per_group * groups, out_channels, tuple(weight.shape[2:]), groups=groups, bias=bias is not None,
-                  rng=np.random.default_rng(0), **window)
-    conv.weight.data = np.ascontiguousarray(weight)
-    if bias is not None:
-        conv.bias.data = bias.copy()
-    return imp.add_layer(node, conv, (imp.runtime(node, 0),))
-
-
-def _linear_layer(weight: np.ndarray, bias: np.ndarray | None) -> Linear:
-    linear = Linear(weight.shape[1], weight.shape[0], bias=bias is not None, rng=np.random.default_rng(0))
-    linear.weight.data = np.ascontiguousarray(weight, dtype=np.float32)
-    if bias is not None:
-        linear.bias.data = bias.astype(np.float32)
-    return linear
-
-
-def _gemm(imp: _Importer, node: onnx.NodeProto):
-    attrs = _attrs(node)
-    _check_attrs(imp, node, attrs, {"alpha", "beta", "transA", "transB"})
-    if int(attrs.get("transA", 0)):
-        raise imp.fail(node, "transA=1 is not supported")
-    b = imp.weight(node, 1, rank=2)
-    weight = (b if int(attrs.get("transB", 0)) else b.T) * np.float32(attrs.get("alpha", 1.0))
-    c = imp.weight(node, 2, optional=True)
-    bias = None
-    if c is not None:
-        try:
-            bias = np.broadcast_to(c * np.float32(attrs.get("beta", 1.0)), (1, weight.shape[0]))[0].copy()
-        except ValueError as e:
-            raise imp.fail(node, f"C of shape {c.shape} does not broadcast to one value per output") from e
-    return imp.add_layer(node, _linear_layer(weight, bias), (imp.runtime(node, 0),))
-
-
-def _matmul(imp: _Importer, node: onnx.NodeProto):
-    b = imp.env.get(node.input[1]) if len(node.input) > 1 else None
-    if isinstance(b, np.ndarray) and b.ndim != 2:
-        raise imp.fail(node, f"a constant B of shape {b.shape} is not supported (only a matrix)")
-    if isinstance(b, np.ndarray):
-        linear = _linear_layer(imp.weight(node, 1, rank=2).T, None)
-        result = imp.add_layer(node, linear, (imp.runtime(node, 0),))
-        imp.linear_of[result] = linear
-        return result
-    return imp.call(node, F.matmul, (imp.operand(node, 0), imp.operand(node, 1)))
-
-
-def _binary(fn: Callable) -> Callable:
-    def handler(imp: _Importer, node: onnx.NodeProto):
-        if fn is F.add:
-            folded = _bias_after_matmul(imp, node)
-            if folded is not None:
-                return folded
-        return imp.call(node, fn, (imp.operand(node, 0), imp.operand(node, 1)))
-
-    return handler
-
-
-def _bias_after_matmul(imp: _Importer, node: onnx.NodeProto) -> Node | None:
-    """Add(MatMul-made Linear, constant vector) with the Linear used only here: its bias."""
-    for index in (0, 1):
-        x = imp.env.get(node.input[index])
-        c = imp.env.get(node.input[1 - index])
-        linear = imp.linear_of.get(x) if isinstance(x, Node) else None
-        if linear is None or not isinstance(c, np.ndarray) or imp.uses.get(node.input[index]) != 1:
-            continue
-        rank = imp.ranks.get(node.input[index], 2)  # the bias must not add axes to the MatMul's result
-        if c.dtype.kind == "f" and c.size == linear.out_features and 1 <= c.ndim <= rank and c.shape[-1] == c.size:
-            linear.register_parameter("bias", Parameter(c.reshape(-1).astype(np.float32)))
-            return x
-    return None
-
-
-def _relu(imp: _Importer, node: onnx.NodeProto):
-    return imp.add_layer(node, ReLU(), (imp.runtime(node, 0),))
-
-
-def _clip(imp: _Importer, node: onnx.NodeProto):
-    attrs = _attrs(node)
-    _check_attrs(imp, node, attrs, {"min", "max"})
-    low, high = attrs.get("min"), attrs.get("max")
-    for index, key in ((1, "low"), (2, "high")):
-        value = imp.constant(node, index, optional=True) if len(node.input) > index else None
-        if value is not None:
-            if value.size != 1:
-                raise imp.fail(node, f"{key} bound must be a scalar")
-            if key == "low":
-                low = float(value.reshape(()))
-            else:
-                high = float(value.reshape(()))
-    x = imp.runtime(node, 0)
-    if low == 0 and high is None:
-        return imp.add_layer(node, ReLU(), (x,))
-    if low == 0 and high == 6:
-        return imp.add_layer(node, ReLU6(), (x,))
-    return imp.call(node, F.clamp, (x,), {"min": low, "max": high})
-
-
-def _batch_norm(imp: _Importer, node: onnx.NodeProto):
-    attrs = _attrs(node)
-    _check_attrs(imp, node, attrs, {"epsilon", "momentum", "training_mode", "spatial"})
-    if int(attrs.get("training_mode", 0)) or len([o for o in node.output if o]) != 1:
-        raise imp.fail(node, "training_mode BatchNormalization is not supported (export the model in eval mode)")
-    gamma, beta, mean, var = (imp.weight(node, i, rank=1) for i in range(1, 5))
-    channels = gamma.shape[0]
-    if not all(v.shape == (channels,) for v in (beta, mean, var)):
-        raise imp.fail(node, "scale, B, mean and var must have one value per channel")
-    rank = imp.ranks.get(node.input[0], 4)
-    if rank not in (2, 3, 4):
-        raise imp.fail(node, f"a rank-{rank} input is not supported ((N, C), (N, C, L) or (N, C, H, W))")
-    cls = BatchNorm2d if rank == 4 else BatchNorm1d
-    bn = cls(channels, eps=float(attrs.get("epsilon", 1e-5)), momentum=1.0 - float(attrs.get("momentum", 0.9)))
-    bn.weight.data, bn.bias.data = gamma.copy(), beta.copy()
-    bn.running_mean.data[...] = mean
-    bn.running_var.data[...] = var
-    return imp.add_layer(node, bn, (imp.runtime(node, 0),))
-
-
-def _max_pool(imp: _Importer, node: onnx.NodeProto):
-    attrs = _attrs(node)
-    _check_attrs(imp, node, attrs, {"auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "storage_order",
-                                    "strides"})
-    if len([o for o in node.output if o]) != 1:
-        raise imp.fail(node, "the Indices output is not supported")
-    kernel = list(attrs.get("kernel_shape", []))
-    window = _window(imp, node, attrs, kernel)
-    return imp.add_layer(node, MaxPool2d(tuple(kernel), **window), (imp.runtime(node, 0),))
-
-
-def _average_pool(imp: _Importer, node: onnx.NodeProto):
-    attrs = _attrs(node)
-    _check_attrs(imp, node, attrs, {"auto_pad", "ceil_mode", "count_include_pad", "dilations", "kernel_shape",
-                                    "pads", "strides"})
-    kernel = list(attrs.get("kernel_shape", []))
-    window = _window(imp, node, attrs, kernel)
-    if window.pop("dilation") != (1, 1):
-        raise imp.fail(node, "dilated average pooling is not supported")
-    pool = AvgPool2d(tuple(kernel), count_include_pad=bool(attrs.get("count_include_pad", 0)), **window)
-    return imp.add_layer(node, pool, (imp.runtime(node, 0),))
-
-
-def _global_average_pool(imp: _Importer, node: onnx.NodeProto):
-    rank = imp.ranks.get(node.input[0], 4)
-    if rank != 4:
-        raise imp.fail(node, f"only (N, C, H, W) inputs are supported, got rank {rank}")
-    return imp.add_layer(node, AdaptiveAvgPool2d(1), (imp.runtime(node, 0),))
-
-
-def _flatten(imp: _Importer, node: onnx.NodeProto):
-    attrs = _attrs(node)
-    _check_attrs(imp, node, attrs, {"axis"})
-    if int(attrs.get("axis", 1)) != 1:
-        raise imp.fail(node, f"axis={attrs['axis']} is not supported (only 1: keep the batch axis)")
-    return imp.add_layer(node, Flatten(), (imp.runtime(node, 0),))
-
-
-def _reshape(imp: _Importer, node: onnx.NodeProto):
-    attrs = _attrs(node)
-    _check_attrs(imp, node, attrs, {"allowzero"})
-    if int(attrs.get("allowzero", 0)):
-        raise imp.fail(node, "allowzero=1 is not supported")
-    shape = imp.constant(node, 1)
-    if shape.dtype.kind not in "iu" or shape.ndim != 1:
-        raise imp.fail(node, f"the shape must be a constant 1-D integer tensor, got {shape.dtype} {shape.shape}")
-    target = tuple(int(d) for d in shape)
-    if any(d < -1 for d in target) or target.count(-1) > 1:
-        raise imp.fail(node, f"shape {list(target)} is not a valid ONNX shape")
-    x = imp.runtime(node, 0)
-    leading = next((i for i, d in enumerate(target) if d != 0), len(target))
-    if leading >= 1 and target[leading:] == (-1,):
-        # [0, ..., 0, -1]: keep the first axes, merge the rest (a layer the QAT tools know)
-        return imp.add_layer(node, Flatten(start_dim=leading), (x,))
-    if 0 not in target:
-        return imp.call(node, F.reshape, (x, target))
-    return imp.call(node, onnx_reshape, (x, target))
-
-
-def onnx_reshape(x, shape):
-    """ONNX Reshape (allowzero=0): a 0 in ``shape`` copies the input's dimension at that
-    position, then ``F.reshape``. Imported Reshape nodes with 0 entries call this.
-
-    >>> import numpy as np
-    >>> onnx_reshape(np.zeros((5, 2, 3), np.float32), (0, -1, 2)).shape
-    (5, 3, 2)
-    """
-    dims = np.shape(x.data if hasattr(x, "data") else x)
-    resolved = []
-    for i, d in enumerate(shape):
-        if d == 0:
-            if i >= len(dims):
-                raise InteropError(f"ONNX Reshape: shape entry {i} copies a dimension of a rank-{len(dims)} input")
-            d = dims[i]
-        resolved.append(int(d))
-    return F.reshape(x, tuple(resolved))
-
-
-def _concat(imp: _Importer, node: onnx.NodeProto):
-    attrs = _attrs(node)
-    _check_attrs(imp, node, attrs, {"axis"})
-    if "axis" not in attrs:
-        raise imp.fail(node, "the axis attribute is required")
-    parts = [imp.runtime(node, i) for i in range(len(node.input))]
-    return imp.call(node, F.cat, (parts,), {"dim": int(attrs["axis"])})
-
-
-def _identity(imp: _Importer, node: onnx.NodeProto):
-    attrs = _attrs(node)
-    _check_attrs(imp, node, attrs, {"seed", "ratio"} if node.op_type == "Dropout" else set())
-    if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
-        mode = imp.constant(node, 2)
-        if bool(mode.reshape(())):
-            raise imp.fail(node, "training_mode=True dropout is not supported")
-    value = imp.env.get(node.input[0]) if node.input else None
-    if value is None:
-        raise imp.fail(node, "input 0 is missing")
-    return value  # a computed value, or a constant (shared weights pass through Identity)
-
-
-def _constant(imp: _Importer, node: onnx.NodeProto):
-    attrs = node.attribute
-    if len(attrs) != 1 or attrs[0].name != "value":
-        raise imp.fail(node, "only the 'value' attribute (a tensor) is supported")
-    return _array(attrs[0].t, f"Constant {node.name!r}")
-
-
-_HANDLERS: dict[str, Callable[[_Importer, onnx.NodeProto], Any]] = {
-    "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul,
-    "Add": _binary(F.add), "Sub": _binary(F.sub), "Mul": _binary(F.mul), "Div": _binary(F.div),
-    "Relu": _relu, "Clip": _clip, "BatchNormalization": _batch_norm,
-    "MaxPool": _max_pool, "AveragePool": _average_pool, "GlobalAveragePool": _global_average_pool,
-    "Flatten": _flatten, "Reshape": _reshape, "Concat": _concat,
-    "Identity": _identity, "Dropout": _identity, "Constant": _constant,
-}
-SUPPORTED_OPS = tuple(sorted(_HANDLERS))
+def supported_ops() -> tuple[str, ...]:
+    """The ONNX operator types import understands (each registered by its operator family)."""
+    return onnx_import_ops()
 
 
 def import_model(path) -> GraphModule:

@@ -128,6 +128,27 @@ class Module:
             f"not {type(value).__name__}"
         )
 
+    def copy_structure(self) -> Module:
+        """A copy of this module that shares its Parameters, buffers and children but has
+        registration tables of its own, so replacing a child in the copy leaves this module
+        as it was (eager-mode QAT preparation swaps layers in such a copy)."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        for key in ("_parameters", "_buffers", "_modules", "_forward_pre_hooks", "_forward_hooks"):
+            object.__setattr__(clone, key, dict(self.__dict__[key]))
+        object.__setattr__(clone, "_non_persistent", set(self._non_persistent))
+        object.__setattr__(clone, "_resizable", set(self._resizable))
+        return clone
+
+    def set_reference(self, name: str, value: Any) -> None:
+        """Point attribute ``name`` at ``value`` without owning it: a Module assigned this way
+        is not a submodule (its state is not in this module's state_dict, ``modules()`` does
+        not reach it through here). A QAT layer uses it for the BatchNorm it folds and the
+        quantizer that defines its input, both registered elsewhere in the model."""
+        if name in self._parameters or name in self._buffers or name in self._modules:
+            raise QATCoreError(f"{type(self).__name__}.{name} is registered state; a reference needs a free name")
+        object.__setattr__(self, name, value)
+
     def mark_resizable(self, name: str) -> None:
         """Let ``load_state_dict`` give parameter or buffer ``name`` the loaded value's shape
         (state whose size the data decides, e.g. an observer's per-channel ranges, which are

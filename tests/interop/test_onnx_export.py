@@ -79,8 +79,8 @@ def test_weight_scales_recovered_from_the_multiplier_are_the_trained_ones(digits
     _, _, qat, int8_model = digits_qat
     for name in ("conv1", "conv2", "fc"):
         trained = qat.get_submodule(name).weight_fake_quant.calculate_qparams().scale.astype(np.float32)
-        input_scale = float(int8_model.int8_sources[next(
-            n.args[0].name for n in int8_model.graph.nodes if n.op == "call_module" and n.target == name)]["scale"])
+        input_scale = float(int8_model.value_sources[next(
+            n.args[0].name for n in int8_model.graph.nodes if n.op == "call_module" and n.target == name)].scale)
         recovered = weight_scales(int8_model.get_submodule(name), input_scale)
         assert np.array_equal(recovered, np.broadcast_to(trained, recovered.shape)), name
 

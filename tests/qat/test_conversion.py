@@ -10,12 +10,10 @@ from qatcore.errors import ConfigError, ObserverError
 from qatcore.models import DigitsCNN, SmallResNet
 from qatcore.nn import functional as F
 from qatcore.quantization import QATPreparer, QuantizationConfig, QuantSpec
-from qatcore.quantization.int8_layers import INT8_MODULES, Dequantize, Quantize
+from qatcore.quantization.int8_layers import Dequantize, Int8Module
 from qatcore.quantization.qat import LayerOverride, LayerwiseConfig
 from qatcore.quantization.qat.parity import parity_report
 from qatcore.training import evaluate_accuracy
-
-INTEGER_MODULES = tuple(cls for name, cls in INT8_MODULES.items() if name not in ("Quantize", "Dequantize"))
 
 
 def test_every_node_between_quantize_and_dequantize_is_integer(digits_qat):
@@ -24,12 +22,12 @@ def test_every_node_between_quantize_and_dequantize_is_integer(digits_qat):
     for node in int8_model.graph.nodes:
         if node.op == "call_module":
             module = int8_model.get_submodule(node.target)
-            assert isinstance(module, (Quantize, Dequantize, *INTEGER_MODULES)), node.name
+            assert isinstance(module, Int8Module), node.name
             kinds.append(type(module).__name__)
         else:
             assert node.op in ("input", "output"), f"{node.name} is a {node.op}"
     assert kinds[0] == "Quantize" and kinds[-1] == "Dequantize" and kinds.count("Quantize") == 1
-    assert kinds.count("QuantizedConv2d") == 2 and kinds.count("QuantizedLinear") == 1
+    assert kinds.count("Int8Conv2d") == 2 and kinds.count("Int8Linear") == 1
     x = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
     seen = []
     int8_model.run((x,), {}, lambda node, value: seen.append((node.name, value)))
@@ -59,7 +57,7 @@ def test_resnet_parity_on_random_inputs(fine_tune):
     assert report.top1_agreement >= 0.999
     names = [type(int8_model.get_submodule(n.target)).__name__ for n in int8_model.graph.nodes
              if n.op == "call_module"]
-    assert names.count("QuantizedAdd") == 2 and "Int8AvgPool2d" in names
+    assert names.count("Int8Add") == 2 and "Int8AvgPool2d" in names
 
 
 class TwoBranch(nn.Module):
@@ -205,10 +203,10 @@ def test_int8_model_loading_rejects_bad_records(digits_qat):
     short[module_node][3] = [short[module_node][3][0], short[module_node][3][1], []]
     with pytest.raises(ConfigError, match="state values"):
         int8_model_from_dict(dict(record, nodes=short))
-    conv_node = next(i for i, n in enumerate(nodes) if len(n) == 4 and n[3][0] == "QuantizedConv2d")
+    conv_node = next(i for i, n in enumerate(nodes) if len(n) == 4 and n[3][0] == "Int8Conv2d")
     no_config = [list(n) for n in record["nodes"]]
     no_config[conv_node][3] = [no_config[conv_node][3][0], {}, no_config[conv_node][3][2]]
-    with pytest.raises(ConfigError, match=r"QuantizedConv2d config needs exactly the keys \['dilation'"):
+    with pytest.raises(ConfigError, match=r"Int8Conv2d config needs exactly the keys \['dilation'"):
         int8_model_from_dict(dict(record, nodes=no_config))
 
 
@@ -219,7 +217,7 @@ def test_int8_model_loading_rejects_bad_records(digits_qat):
     ((3, 3), (2, 2), (1, 1), (2, 3, 7, 7)),     # padded
 ])
 def test_int8_max_pool_paths_equal_numpy(kernel, stride, padding, shape):
-    from qatcore.quantization.int8_layers import Int8MaxPool2d
+    from qatcore.quantization.qat.operators.pooling import Int8MaxPool2d
 
     q = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
     out = Int8MaxPool2d(kernel, stride, padding, (1, 1))(q)
@@ -252,14 +250,18 @@ def test_relu6_becomes_an_integer_clamp_when_its_grid_ends_below_6(fine_tune):
     int8_model = QATPreparer().convert_to_quantized(qat)
     kinds = [type(int8_model.get_submodule(n.target)).__name__ for n in int8_model.graph.nodes
              if n.op == "call_module"]
-    assert kinds == ["Quantize", "QuantizedConv2d", "Requantize", "Int8Flatten", "QuantizedLinear", "Dequantize"]
+    assert kinds == ["Quantize", "Int8Conv2d", "Requantize", "Int8Flatten", "Int8Linear", "Dequantize"]
     x = np.random.default_rng(2).random((128, 1, 8, 8), dtype=np.float32) * 4
     report = parity_report(qat, int8_model, x)
     assert report.output.exact >= 0.999 and report.output.max_lsb <= 1, str(report)
-    # a quantizer whose grid reaches past 6 (fixed qparams up to 8) keeps the ReLU6 in float
+    # a quantizer whose grid reaches past 6 (fixed qparams up to 8): the ReLU6 is no clamp at
+    # qmax there, so it becomes a lookup table of the QAT computation (exact, no float left)
     quantizer = qat.get_submodule("activation_fake_quant.act")
     quantizer.disable_observer()
     quantizer.scale.data[...] = np.float32(8 / 255)
     quantizer.zero_point.data[...] = 0
-    kinds = [type(m).__name__ for m in QATPreparer().convert_to_quantized(qat).modules()]
-    assert "ReLU6" in kinds
+    int8_model = QATPreparer().convert_to_quantized(qat)
+    kinds = [type(m).__name__ for m in int8_model.modules()]
+    assert "Int8Lookup" in kinds and "ReLU6" not in kinds
+    report = parity_report(qat, int8_model, x)
+    assert report.output.exact >= 0.999 and report.output.max_lsb <= 1, str(report)

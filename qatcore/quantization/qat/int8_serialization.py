@@ -13,12 +13,16 @@ float, a few float layers). It is stored as compact plain data, no pickle, no co
   buffers in the order its class declares (``STATE``): a number for a scalar, a
   list for an array of up to 4 elements, an array otherwise (integer arrays whose
   values fit are stored as int8 and restored to their declared dtype); a float
-  layer's record is ``[type, config, state_dict]``.
+  layer's record is ``[type, config, state_dict]``;
+- ``sources`` is the model's ``value_sources`` (what ``parity_report`` compares).
 
 Names are not stored: an int8 model's nodes are named after their targets. The
 compactness matters for small models, whose int8 file would otherwise be mostly
 description rather than weights. :func:`int8_model_from_dict` accepts only the
-known module types (the int8 runtime's, and float Linear/Conv2d/BatchNorm).
+module types that have a record in the operator registry (the int8 runtime's, and the
+float layers an int8 model may keep: Linear, Conv2d, BatchNorm). Files of version 1
+(which named the runtime modules ``QuantizedLinear``, ``QuantizedConv2d``,
+``QuantizedAdd``) still load.
 
 >>> import numpy as np, tempfile, os, qatcore
 >>> from qatcore.models import DigitsCNN
@@ -42,20 +46,22 @@ from typing import Any
 import numpy as np
 
 from qatcore.errors import ConfigError
-from qatcore.graph import Graph, GraphModule
+from qatcore.graph import Graph
+from qatcore.graph.graph import resolve_attribute
 from qatcore.graph.node import Node
 from qatcore.nn import functional as F
-from qatcore.nn.batchnorm import BatchNorm1d, BatchNorm2d
-from qatcore.nn.conv import Conv2d
-from qatcore.nn.linear import Linear
 from qatcore.nn.module import Module
-from qatcore.quantization.int8_layers import INT8_MODULES
+from qatcore.quantization.int8_layers import Int8Module
+from qatcore.quantization.qat.int8_model import Int8Model, ValueSource
+from qatcore.quantization.qat.operators import rule_for_module, rule_for_record, rule_for_target
 
 __all__ = ["int8_model_to_dict", "int8_model_from_dict"]
 
-FORMAT, VERSION = "qatcore.int8_model", 1
-OPS = ("input", "call_module", "call_function", "output")
-_FLOAT_TYPES = {"Linear": Linear, "Conv2d": Conv2d, "BatchNorm1d": BatchNorm1d, "BatchNorm2d": BatchNorm2d}
+FORMAT, VERSION = "qatcore.int8_model", 2
+READABLE_VERSIONS = (1, 2)
+OPS = ("input", "call_module", "call_function", "output", "get_attr")
+# version 1 named three runtime modules differently
+_VERSION_1_NAMES = {"QuantizedLinear": "Int8Linear", "QuantizedConv2d": "Int8Conv2d", "QuantizedAdd": "Int8Add"}
 
 
 # ---- values ------------------------------------------------------------------------------------
@@ -82,59 +88,53 @@ def _unpack_value(value: Any, dtype: str, where: str) -> np.ndarray:
     raise ConfigError(f"int8 model: {where} has a value of type {type(value).__name__}")
 
 
-def _float_config(module: Module) -> dict:
-    if isinstance(module, Linear):
-        return {"in_features": module.in_features, "out_features": module.out_features,
-                "bias": module.bias is not None}
-    if isinstance(module, Conv2d):
-        return {"in_channels": module.in_channels, "out_channels": module.out_channels,
-                "kernel_size": list(module.kernel_size), "stride": list(module.stride),
-                "padding": list(module.padding), "dilation": list(module.dilation), "groups": module.groups,
-                "bias": module.bias is not None}
-    if isinstance(module, (BatchNorm1d, BatchNorm2d)):
-        return {"num_features": module.num_features, "eps": module.eps, "momentum": module.momentum,
-                "affine": module.affine}
-    raise ConfigError(f"cannot save an int8 model holding a float {type(module).__name__}; "
-                      f"supported float layers: Linear, Conv2d, BatchNorm1d, BatchNorm2d")
-
-
 def _module_record(module: Module) -> list:
     kind = type(module).__name__
-    if kind in INT8_MODULES:
+    rule = rule_for_target(type(module))
+    if rule is None or rule.record is None:
+        raise ConfigError(f"cannot save an int8 model holding a {kind} (node type with no int8 file record); "
+                          f"see docs/architecture.md, 'Adding an operator'")
+    config = rule.record.config(module)
+    if isinstance(module, Int8Module):
         state = module.state_dict()
         names = [name for name, _ in type(module).STATE]
         if list(state) != names:
             raise ConfigError(f"int8 model: {kind} holds buffers {list(state)}, its class declares {names}")
-        return [kind, module.config(), [_pack_value(state[name]) for name in names]]
-    return [kind, _float_config(module), module.state_dict()]
+        return [kind, config, [_pack_value(state[name]) for name in names]]
+    return [kind, config, module.state_dict()]
 
 
-def _build_module(record: Any, where: str) -> Module:
+def _build_module(record: Any, where: str, version: int) -> Module:
     if not (isinstance(record, list) and len(record) == 3 and isinstance(record[0], str)):
         raise ConfigError(f"int8 model: {where} has a malformed module record")
     kind, config, values = record
+    if version == 1:
+        kind = _VERSION_1_NAMES.get(kind, kind)
     if not isinstance(config, dict):
         raise ConfigError(f"int8 model: {where}: the module config must be a mapping")
-    if kind in INT8_MODULES:
-        cls = INT8_MODULES[kind]
+    try:
+        rule = rule_for_record(kind)
+    except ConfigError as e:
+        raise ConfigError(f"int8 model: {where}: {e}") from None
+    cls = rule.target
+    if issubclass(cls, Int8Module):
         if not isinstance(values, list) or len(values) != len(cls.STATE):
             raise ConfigError(f"int8 model: {where}: {kind} needs {len(cls.STATE)} state values")
         try:
-            module = cls.from_config(config)
+            module = rule.record.build(config)
         except ConfigError as e:
             raise ConfigError(f"int8 model: {where}: {e}") from None
         for (name, dtype), value in zip(cls.STATE, values):
             module.register_buffer(name, _unpack_value(value, dtype, f"{where}.{name}"))
         return module
-    if kind in _FLOAT_TYPES:
-        cls = _FLOAT_TYPES[kind]
-        extra = {"rng": np.random.default_rng(0)} if cls in (Linear, Conv2d) else {}
-        module = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}, **extra)
-        if not isinstance(values, dict):
-            raise ConfigError(f"int8 model: {where}: a float layer's state must be a mapping")
-        module.load_state_dict(values)
-        return module.eval()
-    raise ConfigError(f"int8 model: {where} has unknown module type {kind!r}")
+    if not isinstance(values, dict):
+        raise ConfigError(f"int8 model: {where}: a float layer's state must be a mapping")
+    try:
+        module = rule.record.build(config)
+    except TypeError as e:
+        raise ConfigError(f"int8 model: {where}: {kind} config {config!r} does not fit: {e}") from None
+    module.load_state_dict(values)
+    return module.eval()
 
 
 # ---- arguments ----------------------------------------------------------------------------------
@@ -159,9 +159,9 @@ def _unpack_args(value: Any, nodes: list[Node], where: str) -> Any:
 
 
 # ---- the model ------------------------------------------------------------------------------------
-def int8_model_to_dict(model: GraphModule) -> dict:
+def int8_model_to_dict(model: Int8Model) -> dict:
     """The model as plain data (see the module docstring); ConfigError for what cannot be stored."""
-    if not isinstance(model, GraphModule) or not isinstance(getattr(model, "int8_sources", None), dict):
+    if not isinstance(model, Int8Model):
         raise ConfigError("int8_model_to_dict needs a model returned by convert_to_quantized")
     index: dict[Node, int] = {}
     records = []
@@ -174,33 +174,40 @@ def int8_model_to_dict(model: GraphModule) -> dict:
             if getattr(F, getattr(target, "__name__", ""), None) is not target:
                 raise ConfigError(f"cannot save node {node.name!r}: its function is not in qatcore.nn.functional")
             target = target.__name__
-        elif node.op not in ("input", "call_module", "output"):
+        elif node.op not in ("input", "call_module", "output", "get_attr"):
             raise ConfigError(f"cannot save node {node.name!r} of kind {node.op}")
         record = [OPS.index(node.op), target, _pack_args(list(node.args), index)]
         if node.op == "call_module":
             if node.name != node.target:
                 raise ConfigError(f"cannot save node {node.name!r}: an int8 node is named after its target")
+            rule_for_module(model.get_submodule(node.target))  # an unregistered type: the registry's error
             record.append(_module_record(model.get_submodule(node.target)))
         elif node.op == "call_function":
             record.append(node.name)
+        elif node.op == "get_attr":
+            if node.name != node.target or "." in node.target:
+                raise ConfigError(f"cannot save node {node.name!r}: a constant is named after its buffer")
+            record.append(np.array(resolve_attribute(model, node.target, node).data))
         records.append(record)
     by_name = {n.name: i for n, i in index.items()}
-    sources = [[by_name[name], s["source"], float(s["scale"]), int(s["zero_point"])]
-               for name, s in model.int8_sources.items()]
+    sources = [[by_name[name], s.source, float(s.scale), int(s.zero_point)]
+               for name, s in model.value_sources.items()]
     return {"format": FORMAT, "version": VERSION, "class_name": model.class_name, "nodes": records,
             "sources": sources}
 
 
-def int8_model_from_dict(data: dict) -> GraphModule:
+def int8_model_from_dict(data: dict) -> Int8Model:
     """Rebuild a model stored by :func:`int8_model_to_dict`."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ConfigError(f"not a qatcore int8 model (format {FORMAT!r} expected)")
-    if data.get("version") != VERSION:
-        raise ConfigError(f"int8 model format version {data.get('version')!r}; this qatcore reads {VERSION}")
+    version = data.get("version")
+    if version not in READABLE_VERSIONS:
+        raise ConfigError(f"int8 model format version {version!r}; this qatcore reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}")
     records = data.get("nodes")
     if not isinstance(records, list):
         raise ConfigError("int8 model: 'nodes' must be a list")
-    root, graph, nodes = Module(), Graph(), []
+    root, graph, nodes, targets = Module(), Graph(), [], set()
     for position, record in enumerate(records):
         where = f"node {position}"
         if not (isinstance(record, list) and len(record) >= 3 and isinstance(record[0], int)
@@ -212,10 +219,17 @@ def int8_model_from_dict(data: dict) -> GraphModule:
             node = graph.input(target)
         elif op == "output":
             node = graph.output(args[0])
+        elif op == "get_attr":
+            if len(record) != 4 or not isinstance(record[3], np.ndarray) or target in targets:
+                raise ConfigError(f"int8 model: {where} needs one array and a unique name")
+            targets.add(target)
+            root.register_buffer(target, record[3])
+            node = graph.create_node("get_attr", target, name=target)
         elif op == "call_module":
-            if len(record) != 4 or target in root._modules:
+            if len(record) != 4 or target in targets:
                 raise ConfigError(f"int8 model: {where} needs one module record and a unique target")
-            root.add_module(target, _build_module(record[3], f"{where} ({target})"))
+            targets.add(target)
+            root.add_module(target, _build_module(record[3], f"{where} ({target})", version))
             node = graph.create_node("call_module", target, args, name=target)
         else:
             function = getattr(F, target, None)
@@ -223,13 +237,12 @@ def int8_model_from_dict(data: dict) -> GraphModule:
                 raise ConfigError(f"int8 model: {where} calls unknown function {target!r}")
             node = graph.create_node("call_function", function, args, name=record[3])
         nodes.append(node)
-    model = GraphModule(root, graph, class_name=data.get("class_name"))
-    model.lint()
     sources = {}
     for entry in data.get("sources", []):
         if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], int)
                 and 0 <= entry[0] < len(nodes)):
             raise ConfigError("int8 model: malformed 'sources' entry")
-        sources[nodes[entry[0]].name] = {"source": entry[1], "scale": entry[2], "zero_point": entry[3]}
-    object.__setattr__(model, "int8_sources", sources)
+        sources[nodes[entry[0]].name] = ValueSource(entry[1], float(entry[2]), int(entry[3]))
+    model = Int8Model(root, graph, data.get("class_name"), sources)
+    model.lint()
     return model.eval()

@@ -1,7 +1,7 @@
 """Parity between the QAT model (eval mode) and its int8 conversion, layer by layer.
 
 Every integer value of the int8 model reproduces the output of one FakeQuantize of
-the QAT model (``int8_model.int8_sources``). ``parity_report`` runs both on the
+the QAT model (``int8_model.value_sources``). ``parity_report`` runs both on the
 same inputs and compares each pair in units of that value's output step (LSB):
 for dequantized values a and b on the same grid, the distance is |a - b| / s.
 
@@ -29,6 +29,7 @@ import numpy as np
 from qatcore.autograd import no_grad
 from qatcore.errors import ConfigError
 from qatcore.graph import GraphModule
+from qatcore.quantization.qat.int8_model import Int8Model
 from qatcore.tensor import Tensor
 from qatcore.text_table import text_table
 
@@ -79,9 +80,9 @@ def _compare(name: str, reference: np.ndarray, candidate: np.ndarray, scale: flo
 def parity_report(qat_model: GraphModule, int8_model: GraphModule, inputs) -> ParityReport:
     """Compare ``int8_model`` (from ``convert_to_quantized``) with ``qat_model`` in eval mode
     on ``inputs`` (an array or Tensor, or a tuple of them for several inputs)."""
-    sources = getattr(int8_model, "int8_sources", None)
-    if not isinstance(sources, dict):
+    if not isinstance(int8_model, Int8Model):
         raise ConfigError("parity_report: the second model is not the result of convert_to_quantized")
+    sources = int8_model.value_sources
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     reference: dict[str, np.ndarray] = {}
     training = qat_model.training
@@ -97,14 +98,14 @@ def parity_report(qat_model: GraphModule, int8_model: GraphModule, inputs) -> Pa
     def observe(node, value) -> None:
         if node.name in sources and isinstance(value, np.ndarray):
             record = sources[node.name]
-            scale, zero = float(record["scale"]), int(record["zero_point"])
+            scale, zero = float(record.scale), int(record.zero_point)
             candidates[node.name] = ((value.astype(np.int64) - zero) * np.float64(scale), scale)
 
     with no_grad():
         int8_out = int8_model.run(args, {}, observe)
     layers = []
     for name, (values, scale) in candidates.items():
-        label = sources[name]["source"]
+        label = sources[name].source
         source = label.split(" ")[0]
         if source in reference:
             layers.append(_compare(label, np.asarray(reference[source], dtype=np.float64), values, scale))

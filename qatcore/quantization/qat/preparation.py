@@ -13,13 +13,15 @@
    :class:`QATConv2d`; each QAT layer fake-quantizes its weight (weights mode)
    and its output (activations mode);
 5. insert activation ``FakeQuantize`` nodes where the int8 runtime will
-   materialise a new tensor: after the model inputs, after activations, after
-   residual adds, multiplications and concatenations (after the ReLU instead
-   when one follows), and after average pooling (a mean of grid values is off
-   the grid). Ops whose outputs stay on their input's grid (max pooling,
-   flatten, reshape, dropout, identity) get none. Finally, any quantized layer
-   whose input would still arrive unquantized (after a float layer, say) gets a
-   quantizer on that input.
+   materialise a new tensor, as each node's operator rule says (its
+   :class:`~qatcore.quantization.qat.operators.QATRole`): after the model inputs,
+   after activations, after residual adds, multiplications and concatenations
+   (after the activation instead when one follows), and after average pooling (a
+   mean of grid values is off the grid). Ops whose outputs stay on their input's
+   grid (max pooling, flatten, reshape, dropout, identity) get none. Finally, any
+   quantized layer whose input would still arrive unquantized (after a float
+   layer, say) gets a quantizer on that input. An operator without a rule is
+   refused (:class:`~qatcore.quantization.qat.operators.UnregisteredOperatorError`).
 
 Disabled layers stay the float modules, untouched. The traced model is never
 changed: the QAT model's containers are its own, and it holds the float model's
@@ -39,31 +41,15 @@ from dataclasses import dataclass
 from qatcore.graph import GraphModule, find_chains, trace
 from qatcore.graph.graph_module import Submodules
 from qatcore.graph.node import Node
-from qatcore.nn import functional as F
-from qatcore.nn.activation import LeakyReLU, ReLU, ReLU6, Sigmoid, Tanh
-from qatcore.nn.batchnorm import BatchNorm2d
 from qatcore.nn.container import ModuleList, Sequential
-from qatcore.nn.conv import Conv2d
-from qatcore.nn.dropout import Dropout
-from qatcore.nn.flatten import Flatten, Identity
-from qatcore.nn.linear import Linear
 from qatcore.nn.module import Module
-from qatcore.nn.pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.quantization.qat.layerwise_config import LayerwiseConfig, ResolvedLayer
-from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES, QATConv2d, QATConvBn2d, QATLinear
+from qatcore.quantization.qat.operators import QATRole, rule_for_node, rule_for_target
+from qatcore.quantization.qat.operators.weighted import QAT_FUSIONS
+from qatcore.quantization.qat.qat_layers import QATLayer
 
-__all__ = ["LayerRecord", "prepare_graph_mode", "prepare_eager_mode", "quantizable_layers"]
-
-QUANTIZABLE = (Linear, Conv2d)
-ACTIVATION_MODULES = (ReLU, ReLU6, LeakyReLU, Sigmoid, Tanh)
-ACTIVATION_FUNCTIONS = (F.relu, F.relu6, F.leaky_relu, F.sigmoid, F.tanh)
-# ops whose output values lie on their input's grid: no new quantizer
-SCALE_PRESERVING_MODULES = (MaxPool2d, Flatten, Identity, Dropout)
-SCALE_PRESERVING_FUNCTIONS = (F.max_pool2d, F.flatten, F.reshape, F.transpose, F.permute, F.dropout)
-# ops that make values off the grid (a mean of grid values is not on it): quantized after
-NEW_VALUE_MODULES = (AvgPool2d, AdaptiveAvgPool2d)
-NEW_VALUE_FUNCTIONS = (F.add, F.sub, F.mul, F.cat, F.avg_pool2d, F.adaptive_avg_pool2d, F.mean)
+__all__ = ["LayerRecord", "prepare_graph_mode", "prepare_eager_mode", "quantizable_layers", "is_quantizable"]
 
 
 @dataclass(frozen=True)
@@ -77,8 +63,14 @@ class LayerRecord:
     fused: tuple[str, ...] = ()
 
 
+def is_quantizable(module: Module) -> bool:
+    """A layer with weights that the layer-wise config decides for (its rule is WEIGHTED)."""
+    rule = rule_for_target(type(module))
+    return rule is not None and rule.qat is QATRole.WEIGHTED
+
+
 def quantizable_layers(model: Module) -> list[tuple[str, Module]]:
-    return [(name, m) for name, m in model.named_modules() if name and isinstance(m, QUANTIZABLE)]
+    return [(name, m) for name, m in model.named_modules() if name and is_quantizable(m)]
 
 
 def _make_quantizers(resolved: ResolvedLayer, name: str) -> tuple[FakeQuantize | None, FakeQuantize | None]:
@@ -98,7 +90,7 @@ def prepare_graph_mode(model: Module, layerwise: LayerwiseConfig) -> tuple[Graph
     """Graph-mode preparation (module docstring); raises TraceError if untraceable."""
     gm = trace(model)
     called = {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-    layers = [(name, m) for name, m in called.items() if isinstance(m, QUANTIZABLE)]
+    layers = [(name, m) for name, m in called.items() if is_quantizable(m)]
     layerwise.check_matches(layers)
     resolved = {name: layerwise.resolve(name, m) for name, m in layers}
     records: list[LayerRecord] = []
@@ -107,31 +99,20 @@ def prepare_graph_mode(model: Module, layerwise: LayerwiseConfig) -> tuple[Graph
     def enabled(node: Node) -> bool:
         return node.target in resolved and resolved[node.target].enabled
 
-    patterns = [
-        ((Conv2d, BatchNorm2d, ReLU), True), ((Conv2d, BatchNorm2d), False),
-        ((Conv2d, ReLU), True), ((Linear, ReLU), True),
-    ]
-    for pattern, relu in patterns:
+    for pattern, fuse in QAT_FUSIONS:
         for chain in find_chains(gm, pattern):
             head = chain[0]
             if head.target in replaced or not enabled(head):
                 continue
-            layer = gm.get_submodule(head.target)
+            modules = [gm.get_submodule(n.target) for n in chain]
             info = resolved[head.target]
             weight_fq, output_fq = _make_quantizers(info, head.target)
-            if pattern[1] is BatchNorm2d:
-                bn_name = chain[1].target
-                bn = gm.get_submodule(bn_name)
-                if not bn.track_running_stats:
-                    continue  # nothing to fold with; the conv is quantized alone below
-                qat = QATConvBn2d(layer, bn, bn_name, weight_fq, output_fq, relu=relu)
-            elif isinstance(layer, Conv2d):
-                qat = QATConv2d(layer, weight_fq, output_fq, relu=relu)
-            else:
-                qat = QATLinear(layer, weight_fq, output_fq, relu=relu)
+            qat = fuse(modules, [n.target for n in chain], weight_fq, output_fq)
+            if qat is None:
+                continue
             _replace_chain(gm, chain, head.target, qat)
             replaced.add(head.target)
-            records.append(LayerRecord(head.target, type(layer).__name__, type(qat).__name__, info,
+            records.append(LayerRecord(head.target, type(modules[0]).__name__, type(qat).__name__, info,
                                        tuple(n.target for n in chain[1:])))
     for node in gm.graph.nodes:
         if node.op != "call_module" or node.target in replaced or node.target not in resolved:
@@ -142,7 +123,7 @@ def prepare_graph_mode(model: Module, layerwise: LayerwiseConfig) -> tuple[Graph
             records.append(LayerRecord(node.target, type(layer).__name__, type(layer).__name__, info))
             continue
         weight_fq, output_fq = _make_quantizers(info, node.target)
-        qat = (QATConv2d if isinstance(layer, Conv2d) else QATLinear)(layer, weight_fq, output_fq)
+        qat = rule_for_target(type(layer)).to_qat(layer, weight_fq, output_fq)
         _register(gm, node.target, qat)
         replaced.add(node.target)
         records.append(LayerRecord(node.target, type(layer).__name__, type(qat).__name__, info))
@@ -167,27 +148,27 @@ def _replace_chain(gm: GraphModule, chain: list[Node], name: str, module: Module
     graph.rename(new, chain[0].name)
 
 
+def _rule_of(gm: GraphModule, node: Node):
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    return rule_for_node(node, module), module
+
+
 def _produces_quantized_value(gm: GraphModule, node: Node) -> str:
-    """'layer' (a QAT layer quantizes its own output), 'new' (needs a quantizer after it),
-    'same' (keeps its input's scale) or 'float' (not quantized)."""
+    """'layer' (a quantizer, or a QAT layer that quantizes its own output), 'new' (needs a
+    quantizer after it), 'same' (keeps its input's grid) or 'float' (not quantized), from the
+    node's operator rule."""
     if node.op == "input":
         return "new"
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, QAT_LAYER_TYPES):
-            return "layer" if module.output_fake_quant is not None else "float"
-        if isinstance(module, FakeQuantize):
-            return "layer"
-        if isinstance(module, ACTIVATION_MODULES + NEW_VALUE_MODULES):
-            return "new"
-        if isinstance(module, SCALE_PRESERVING_MODULES):
-            return "same"
+    if node.op not in ("call_module", "call_function"):
         return "float"
-    if node.op == "call_function":
-        if node.target in ACTIVATION_FUNCTIONS or node.target in NEW_VALUE_FUNCTIONS:
-            return "new"
-        if node.target in SCALE_PRESERVING_FUNCTIONS:
-            return "same"
+    rule, module = _rule_of(gm, node)
+    role = rule.qat
+    if role is QATRole.QUANTIZER:
+        return "float" if isinstance(module, QATLayer) and module.output_fake_quant is None else "layer"
+    if role in (QATRole.ACTIVATION, QATRole.NEW_GRID):
+        return "new"
+    if role is QATRole.INPUT_GRID:
+        return "same"
     return "float"
 
 
@@ -195,9 +176,7 @@ def _followed_by_activation(gm: GraphModule, node: Node) -> bool:
     if len(node.users) != 1:
         return False
     (user,) = node.users
-    if user.op == "call_module":
-        return isinstance(gm.get_submodule(user.target), ACTIVATION_MODULES)
-    return user.op == "call_function" and user.target in ACTIVATION_FUNCTIONS
+    return user.op in ("call_module", "call_function") and _rule_of(gm, user)[0].qat is QATRole.ACTIVATION
 
 
 def _insert_quantizer_after(gm: GraphModule, holder: Submodules, node: Node, spec) -> Node:
@@ -221,7 +200,7 @@ def _insert_activation_quantizers(gm: GraphModule, layerwise: LayerwiseConfig) -
             kind = _produces_quantized_value(gm, node)
             if kind != "new" or not node.users or all(u.op == "output" for u in node.users):
                 continue
-            if (node.op == "call_function" and node.target in (F.add, F.sub, F.mul, F.cat)
+            if (node.op != "input" and _rule_of(gm, node)[0].quantize_after_activation
                     and _followed_by_activation(gm, node)):
                 continue  # quantized after the activation instead
             spec = config.activation
@@ -236,7 +215,7 @@ def _insert_activation_quantizers(gm: GraphModule, layerwise: LayerwiseConfig) -
         if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
-        if not isinstance(module, QAT_LAYER_TYPES) or not node.args or not isinstance(node.args[0], Node):
+        if not isinstance(module, QATLayer) or not node.args or not isinstance(node.args[0], Node):
             continue
         if module.output_fake_quant is None and module.weight_fake_quant is not None and not config.mode.activations:
             continue  # weights-only model: activations stay float by design
@@ -255,32 +234,28 @@ def _link_input_quantizers(gm: GraphModule) -> None:
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], Node):
             continue
         layer = gm.get_submodule(node.target)
-        if not isinstance(layer, QAT_LAYER_TYPES):
+        if not isinstance(layer, QATLayer):
             continue
         source = node.args[0]
         while _produces_quantized_value(gm, source) == "same" and source.args and isinstance(source.args[0], Node):
             source = source.args[0]
         if source.op == "call_module":
             producer = gm.get_submodule(source.target)
-            quantizer = producer if isinstance(producer, FakeQuantize) else getattr(producer, "output_fake_quant", None)
+            quantizer = producer.output_fake_quant if isinstance(producer, QATLayer) else producer
             if isinstance(quantizer, FakeQuantize):
-                object.__setattr__(layer, "input_quantizer", quantizer)
+                layer.set_reference("input_quantizer", quantizer)
 
 
 # ---- eager mode ------------------------------------------------------------------------------
 def _structural_copy(module: Module) -> Module:
     """A copy of the module tree sharing every Parameter, buffer and leaf module, so
     swapping layers in the copy leaves the original's structure untouched."""
-    if not module._modules or isinstance(module, QUANTIZABLE):
+    children = list(module.named_children())
+    if not children or is_quantizable(module):
         return module
-    clone = object.__new__(type(module))
-    clone.__dict__.update(module.__dict__)
-    for key in ("_parameters", "_buffers", "_modules", "_forward_pre_hooks", "_forward_hooks"):
-        object.__setattr__(clone, key, dict(module.__dict__[key]))
-    object.__setattr__(clone, "_non_persistent", set(module._non_persistent))
-    for name, child in module._modules.items():
-        if child is not None:
-            clone.add_module(name, _structural_copy(child))
+    clone = module.copy_structure()
+    for name, child in children:
+        clone.add_module(name, _structural_copy(child))
     return clone
 
 
@@ -296,7 +271,7 @@ def prepare_eager_mode(model: Module, layerwise: LayerwiseConfig, inplace: bool)
             records.append(LayerRecord(name, type(layer).__name__, type(layer).__name__, info))
             continue
         weight_fq, output_fq = _make_quantizers(info, name)
-        qat = (QATConv2d if isinstance(layer, Conv2d) else QATLinear)(layer, weight_fq, output_fq)
+        qat = rule_for_target(type(layer)).to_qat(layer, weight_fq, output_fq)
         parent, _, leaf = name.rpartition(".")
         holder = qat_model.get_submodule(parent)
         if isinstance(holder, (Sequential, ModuleList)):

@@ -35,11 +35,11 @@ from qatcore.nn.module import Module
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.tensor import Tensor
 
-__all__ = ["QATLinear", "QATConv2d", "QATConvBn2d", "QAT_LAYER_TYPES"]
+__all__ = ["QATLayer", "QATLinear", "QATConv2d", "QATConvBn2d", "QAT_LAYER_TYPES"]
 
 
-class _QATLayer(Module):
-    """Shared parts: the quantizers, the relu flag, the enable switch."""
+class QATLayer(Module):
+    """Base of the QAT layers: the quantizers, the relu flag, the enable switch."""
 
     def _init_quantizers(self, weight_fake_quant: FakeQuantize | None, output_fake_quant: FakeQuantize | None,
                          relu: bool) -> None:
@@ -49,16 +49,16 @@ class _QATLayer(Module):
             self.register_buffer("weight_fake_quant", None)
         if output_fake_quant is None:
             self.register_buffer("output_fake_quant", None)
-        object.__setattr__(self, "relu", bool(relu))
+        self.relu = bool(relu)
         # the FakeQuantize whose output this layer reads (set by preparation; its scale s_x
         # lets the eval path quantize the bias at s_x * s_w exactly as the int8 model does)
-        object.__setattr__(self, "input_quantizer", None)
+        self.set_reference("input_quantizer", None)
         self.register_buffer("quant_enabled", np.ones((), dtype=np.bool_))
 
     def _adopt_conv(self, conv: Conv2d) -> None:
         """Take the conv's geometry and its very weight and bias Parameters (shared, not copied)."""
         for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
-            object.__setattr__(self, name, getattr(conv, name))
+            setattr(self, name, getattr(conv, name))
         self.weight = conv.weight
         self.register_parameter("bias", conv.bias)
 
@@ -72,7 +72,7 @@ class _QATLayer(Module):
     def quantizers(self) -> list[FakeQuantize]:
         return [q for q in (self.weight_fake_quant, self.output_fake_quant) if isinstance(q, FakeQuantize)]
 
-    def _eval_bias(self, bias):
+    def eval_bias(self, bias):
         """In eval, the bias rounded to the int32 grid of s_x * s_w (NUMERICS.md: removes
         the simulation/int8 one-LSB differences an unquantized float bias causes)."""
         quantizer, weight_quantizer = self.input_quantizer, self.weight_fake_quant
@@ -112,7 +112,7 @@ class _QATLayer(Module):
         return y
 
 
-class QATLinear(_QATLayer):
+class QATLinear(QATLayer):
     """y = [relu](x @ fq_w(W)^T + b), then fq_out(y)."""
 
     def __init__(self, linear: Linear, weight_fake_quant: FakeQuantize | None,
@@ -124,14 +124,14 @@ class QATLinear(_QATLayer):
         self._init_quantizers(weight_fake_quant, output_fake_quant, relu)
 
     def forward(self, x):
-        bias = self._eval_bias(self.bias) if self.enabled else self.bias
+        bias = self.eval_bias(self.bias) if self.enabled else self.bias
         return self._finish(self._weight_op(F.linear, x, self._quantized_weight(self.weight), bias))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, relu={self.relu}"
 
 
-class QATConv2d(_QATLayer):
+class QATConv2d(QATLayer):
     """y = [relu](conv2d(x, fq_w(W)) + b), then fq_out(y)."""
 
     def __init__(self, conv: Conv2d, weight_fake_quant: FakeQuantize | None,
@@ -141,7 +141,7 @@ class QATConv2d(_QATLayer):
         self._init_quantizers(weight_fake_quant, output_fake_quant, relu)
 
     def forward(self, x):
-        bias = self._eval_bias(self.bias) if self.enabled else self.bias
+        bias = self.eval_bias(self.bias) if self.enabled else self.bias
         y = self._weight_op(F.conv2d, x, self._quantized_weight(self.weight), bias, self.stride, self.padding,
                             self.dilation, self.groups)
         return self._finish(y)
@@ -151,7 +151,7 @@ class QATConv2d(_QATLayer):
                 f"padding={self.padding}, groups={self.groups}, relu={self.relu}")
 
 
-class QATConvBn2d(_QATLayer):
+class QATConvBn2d(QATLayer):
     """Conv2d + BatchNorm2d (+ ReLU) trained with the BatchNorm folded into the
     fake-quantized weight (module docstring)."""
 
@@ -161,8 +161,8 @@ class QATConvBn2d(_QATLayer):
         self._adopt_conv(conv)
         # Referenced, not registered: the BatchNorm stays registered (and saved) under
         # its float name, bn_name, in the QAT model.
-        object.__setattr__(self, "bn", bn)
-        object.__setattr__(self, "bn_name", bn_name)
+        self.set_reference("bn", bn)
+        self.bn_name = bn_name
         self._init_quantizers(weight_fake_quant, output_fake_quant, relu)
         self.register_buffer("bn_frozen", np.zeros((), dtype=np.bool_))
 
@@ -232,7 +232,7 @@ class QATConvBn2d(_QATLayer):
         if np.any(dead):
             # channels with gamma == 0 output beta: zero their folded weights, as the converter does
             quantized = quantized * F.reshape((~dead).astype(np.float32), (-1, 1, 1, 1))
-        return self._weight_op(F.conv2d, x, quantized, self._eval_bias(folded_bias), self.stride, self.padding,
+        return self._weight_op(F.conv2d, x, quantized, self.eval_bias(folded_bias), self.stride, self.padding,
                                self.dilation, self.groups)
 
     def extra_repr(self) -> str:

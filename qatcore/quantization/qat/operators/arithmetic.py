@@ -1,0 +1,205 @@
+"""Arithmetic: add, sub, mul, div, matmul, neg, exp, log, sqrt, pow, clamp, sum, mean, max.
+
+QAT: an add, subtraction or multiplication gets a quantizer after it (after the
+activation that follows it, when one does); a mean too. The others stay float.
+
+Conversion: a residual add of two integer values, followed by its quantizer (and maybe
+a ReLU), is ``Int8Add`` (TFLite's int8 add):
+
+    y_q = clamp(z_y + requant(a + b; 2 m / (2^20 s_y)), clamp_min, qmax),
+    a = requant((x1 - z1) << 20; s1 / 2m),  b = requant((x2 - z2) << 20; s2 / 2m),  m = max(s1, s2)
+
+both inputs brought to a common scale keeping 20 fractional bits, summed, and rounded
+once. Every other op here is a float island between Dequantize and Quantize.
+
+ONNX: the operator of the same name (Add, Sub, Mul, Div, MatMul, Neg, Exp, Log, Sqrt,
+Pow, Clip, ReduceSum, ReduceMean, ReduceMax); an ``Int8Add`` is DequantizeLinear on
+both inputs, Add, QuantizeLinear.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qatcore.graph.node import Node
+from qatcore.nn import functional as F
+from qatcore.nn.container import Sequential
+from qatcore.nn.conv import Conv2d
+from qatcore.nn.linear import Linear
+from qatcore.quantization.int8_layers import ADD_LEFT_SHIFT, OUTPUT_STATE, Int8Module, int_input, requantize_array
+from qatcore.quantization.qat.operators.quantizer import int8_record
+from qatcore.quantization.qat.operators.registry import (
+    OperatorRule,
+    QATRole,
+    call_arguments,
+    register,
+    register_onnx_import,
+)
+from qatcore.quantization.qat.operators.weighted import bias_after_matmul
+
+__all__ = ["Int8Add"]
+
+
+class Int8Add(Int8Module):
+    """The int8 residual add (module docstring)."""
+
+    STATE = (("multiplier", "<i4"), ("shift", "<i4"), ("input_zero_points", "<i4"), *OUTPUT_STATE,
+             ("clamp_min", "<i4"))
+
+    def __init__(self, scales: tuple[float, float], zero_points: tuple[int, int], output_scale: float,
+                 output_zero_point: int, clamp_min: int, qmin: int, qmax: int) -> None:
+        super().__init__()
+        from qatcore.kernels.requantize import quantize_multiplier  # kernels load numba: imported on first use
+
+        twice_max = 2.0 * max(scales)
+        real = np.array([scales[0] / twice_max, scales[1] / twice_max,
+                         twice_max / (2.0**ADD_LEFT_SHIFT * output_scale)], dtype=np.float64)
+        multiplier, shift = quantize_multiplier(real)
+        self.register_buffer("multiplier", multiplier.astype(np.int32))
+        self.register_buffer("shift", shift.astype(np.int32))
+        self.register_buffer("input_zero_points", np.array(zero_points, dtype=np.int32))
+        self._set_output(output_scale, output_zero_point, qmin, qmax)
+        self.register_buffer("clamp_min", np.array(clamp_min, dtype=np.int32))
+
+    def forward(self, a, b):
+        total = np.int64(0)
+        for i, x in enumerate((a, b)):
+            shifted = (int_input(self, x).astype(np.int64) - int(self.input_zero_points.data[i])) << ADD_LEFT_SHIFT
+            total = total + requantize_array(shifted, self.multiplier.data[i:i + 1], self.shift.data[i:i + 1])
+        y = requantize_array(total, self.multiplier.data[2:3], self.shift.data[2:3]) + int(self.output_zero_point.data)
+        return np.clip(y, int(self.clamp_min.data), int(self.output_range.data[1])).astype(self.out_dtype)
+
+
+def _lower_add(ctx, node, module):
+    args = [a for a in node.args if isinstance(a, Node)]
+    if len(args) != 2 or node.kwargs:
+        return None
+    quantizer, chain, relu = ctx.following_quantizer(node)
+    inputs = [ctx.env[a] for a in args]
+    if quantizer is None or any(v is None for _, v in inputs):
+        return None
+    out = ctx.value_of(quantizer, chain[-1].name)
+    (a, va), (b, vb) = inputs
+    module = Int8Add((va.scale, vb.scale), (va.zero_point, vb.zero_point), out.scale, out.zero_point,
+                     out.zero_point if relu else out.qmin, out.qmin, out.qmax)
+    ctx.absorb(chain, node)
+    return ctx.add(chain[-1].name, module, (a, b), out)
+
+
+# ---- ONNX export ----------------------------------------------------------------------------------
+def _export_binary(op_type: str):
+    def export(ex, node, module):
+        a = call_arguments(node)
+        return ex.b.node(op_type, [ex.value(a["a"], node.name), ex.value(a["b"], node.name)], node.name), None
+    return export
+
+
+def _export_unary(op_type: str):
+    def export(ex, node, module):
+        a = call_arguments(node)
+        return ex.b.node(op_type, [ex.value(a["x"] if "x" in a else a["a"], node.name)], node.name), None
+    return export
+
+
+def _export_pow(ex, node, module):
+    a = call_arguments(node)
+    exponent = ex.b.constant(f"{node.name}.exponent", np.float32(a["exponent"]))
+    return ex.b.node("Pow", [ex.value(a["a"], node.name), exponent], node.name), None
+
+
+def _export_clamp(ex, node, module):
+    a = call_arguments(node)
+    return ex.clip(node.name, ex.value(a["x"], node.name), a["min"], a["max"]), None
+
+
+def _export_reduce(op_type: str):
+    def export(ex, node, module):
+        a = call_arguments(node)
+        x = a["x"]
+        rank = len(ex.shape(x))
+        dim = a["dim"]
+        axes = list(range(rank)) if dim is None else [int(d) % rank for d in (dim if isinstance(dim, (tuple, list))
+                                                                             else (dim,))]
+        axes_name = ex.b.constant(f"{node.name}.axes", np.array(axes, np.int64))
+        return ex.b.node(op_type, [ex.value(x, node.name), axes_name], node.name,
+                         keepdims=int(bool(a["keepdim"]))), None
+    return export
+
+
+def _export_int8_add(ex, node, module: Int8Add):
+    name, b = node.target, ex.b
+    grid = ex.out_grid(module)
+    relu = int(module.clamp_min.data) == grid.zero_point and grid.zero_point > grid.lo
+    y = b.node("Add", [ex.dequantize(node.args[0], f"{name}.a"), ex.dequantize(node.args[1], f"{name}.b")],
+               f"{name}/Add")
+    return ex.quantize(y, grid, name, relu), grid
+
+
+# ---- ONNX import ----------------------------------------------------------------------------------
+def _import_binary(fn):
+    def handler(imp, node):
+        if fn is F.add:
+            folded = bias_after_matmul(imp, node)
+            if folded is not None:
+                return folded
+        return imp.call(node, fn, (imp.operand(node, 0), imp.operand(node, 1)))
+    return handler
+
+
+# ---- examples -------------------------------------------------------------------------------------
+class _Residual(Sequential):
+    """Two convs on the same input, combined by ``combine``, then a linear layer."""
+
+    def __init__(self, combine, features: int = 48) -> None:
+        rng = np.random.default_rng(0)
+        super().__init__(Conv2d(2, 3, 3, padding=1, rng=rng), Conv2d(2, 3, 1, rng=rng), Linear(features, 4, rng=rng))
+        self.combine = combine
+
+    def forward(self, x):
+        return self[2](F.flatten(self.combine(self[0](x), self[1](x)), 1))
+
+
+class _Unary(Sequential):
+    """A conv, then ``fn``, then a linear layer."""
+
+    def __init__(self, fn, features: int = 48) -> None:
+        rng = np.random.default_rng(0)
+        super().__init__(Conv2d(2, 3, 3, padding=1, rng=rng), Linear(features, 4, rng=rng))
+        self.fn = fn
+
+    def forward(self, x):
+        return self[1](F.flatten(self.fn(self[0](x)), 1))
+
+
+def _example(combine, features: int = 48):
+    return lambda: (_Residual(combine, features), (2, 2, 4, 4))
+
+
+def _unary_example(fn, features: int = 48):
+    return lambda: (_Unary(fn, features), (2, 2, 4, 4))
+
+
+register(
+    OperatorRule(F.add, qat=QATRole.NEW_GRID, quantize_after_activation=True, lower=_lower_add,
+                 export=_export_binary("Add"), example=_example(lambda a, b: F.relu(F.add(a, b)))),
+    OperatorRule(F.sub, qat=QATRole.NEW_GRID, quantize_after_activation=True, export=_export_binary("Sub"),
+                 example=_example(F.sub)),
+    OperatorRule(F.mul, qat=QATRole.NEW_GRID, quantize_after_activation=True, export=_export_binary("Mul"),
+                 example=_example(F.mul)),
+    OperatorRule(F.mean, qat=QATRole.NEW_GRID, export=_export_reduce("ReduceMean"),
+                 example=_unary_example(lambda a: F.mean(a, (2, 3)), 3)),
+    OperatorRule(F.div, export=_export_binary("Div"), example=_example(lambda a, b: F.div(a, F.exp(b)))),
+    OperatorRule(F.matmul, export=_export_binary("MatMul"),
+                 example=_example(lambda a, b: F.matmul(a, F.transpose(b, 2, 3)))),
+    OperatorRule(F.neg, export=_export_unary("Neg"), example=_unary_example(F.neg)),
+    OperatorRule(F.exp, export=_export_unary("Exp"), example=_unary_example(F.exp)),
+    OperatorRule(F.log, export=_export_unary("Log"), example=_unary_example(lambda a: F.log(F.exp(a)))),
+    OperatorRule(F.sqrt, export=_export_unary("Sqrt"), example=_unary_example(lambda a: F.sqrt(F.exp(a)))),
+    OperatorRule(F.pow, export=_export_pow, example=_unary_example(lambda a: F.pow(a, 2.0))),
+    OperatorRule(F.clamp, export=_export_clamp, example=_unary_example(lambda a: F.clamp(a, -0.5, 0.5))),
+    OperatorRule(F.sum, export=_export_reduce("ReduceSum"), example=_unary_example(lambda a: F.sum(a, 1, True), 16)),
+    OperatorRule(F.max, export=_export_reduce("ReduceMax"), example=_unary_example(lambda a: F.max(a, 1, True), 16)),
+    OperatorRule(Int8Add, export=_export_int8_add, record=int8_record(Int8Add)),
+)
+for _op_type, _fn in (("Add", F.add), ("Sub", F.sub), ("Mul", F.mul), ("Div", F.div)):
+    register_onnx_import(_op_type, _import_binary(_fn))
