@@ -6,7 +6,7 @@ from __future__ import annotations
 from qatcore.nn import functional as F
 from qatcore.nn.module import Module
 
-__all__ = ["ReLU", "ReLU6", "LeakyReLU", "Sigmoid", "Tanh", "Softmax", "LogSoftmax"]
+__all__ = ["ReLU", "ReLU6", "LeakyReLU", "Sigmoid", "Tanh", "Hardswish", "Softmax", "LogSoftmax"]
 
 
 class ReLU(Module):
@@ -49,6 +49,13 @@ class Tanh(Module):
 
     def forward(self, x):
         return F.tanh(x)
+
+
+class Hardswish(Module):
+    """x * relu6(x + 3) / 6"""
+
+    def forward(self, x):
+        return F.hardswish(x)
 
 
 class Softmax(Module):

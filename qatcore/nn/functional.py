@@ -35,7 +35,7 @@ __all__ = [
     "add", "sub", "mul", "div", "neg", "pow", "matmul", "linear",
     "sum", "mean", "max", "var",
     "reshape", "flatten", "transpose", "permute", "getitem", "cat", "cast",
-    "exp", "log", "sqrt", "clamp", "relu", "relu6", "leaky_relu", "sigmoid", "tanh",
+    "exp", "log", "sqrt", "clamp", "relu", "relu6", "leaky_relu", "sigmoid", "tanh", "hardswish",
     "softmax", "log_softmax", "cross_entropy", "nll_loss", "mse_loss",
     "conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "batch_norm", "dropout",
 ]
@@ -338,6 +338,14 @@ def leaky_relu(x, negative_slope: float = 0.01) -> Tensor:
 def sigmoid(x) -> Tensor:
     """1 / (1 + e^-x)"""
     return ops.Sigmoid.apply(_tensor(x))
+
+
+@_traceable
+def hardswish(x) -> Tensor:
+    """x * relu6(x + 3) / 6 (Howard et al. 2019, MobileNetV3), in PyTorch's order of operations:
+    0 below -3, x above 3, a parabola between."""
+    x = _tensor(x)
+    return div(mul(x, relu6(add(x, 3.0))), 6.0)
 
 
 @_traceable

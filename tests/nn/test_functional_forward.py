@@ -117,6 +117,7 @@ def test_elementwise_values():
     big = F.sigmoid(qatcore.tensor([-1000.0, 1000.0])).numpy()
     np.testing.assert_array_equal(big, [0.0, 1.0])
     np.testing.assert_allclose(F.tanh(t).numpy(), np.tanh(x))
+    np.testing.assert_array_equal(F.hardswish(t).numpy(), x * np.clip(x + np.float32(3), 0, 6) / np.float32(6))
     np.testing.assert_array_equal(F.clamp(t, -1, 1).numpy(), np.clip(x, -1, 1))
 
 
@@ -171,3 +172,11 @@ def test_against_pytorch(case):
         ref = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(target),
                                                 label_smoothing=0.1).item()
         assert ours == pytest.approx(ref, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_hardswish_equals_pytorch(dtype):
+    torch = pytest.importorskip("torch")
+    x = np.concatenate([np.linspace(-5, 5, 1001), [-3.0, 3.0, 0.0]]).astype(dtype)
+    expected = torch.nn.functional.hardswish(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(F.hardswish(qatcore.tensor(x)).numpy(), expected)

@@ -1,4 +1,4 @@
-"""Elementwise activations: ReLU, ReLU6, LeakyReLU, Sigmoid, Tanh (and Softmax, LogSoftmax).
+"""Elementwise activations: ReLU, ReLU6, LeakyReLU, Sigmoid, Tanh, Hardswish (and Softmax, LogSoftmax).
 
 QAT: an activation gets a quantizer after it; an add, multiplication or concatenation
 right before it is quantized after the activation instead.
@@ -17,7 +17,7 @@ bit, with no arithmetic at run time. An 8-bit input has at most 256 entries.
 
 Softmax and LogSoftmax stay float (their output is not quantized).
 
-ONNX: Relu, Clip(0, 6), LeakyRelu, Sigmoid, Tanh, Softmax, LogSoftmax; an ``Int8Lookup``
+ONNX: Relu, Clip(0, 6), LeakyRelu, Sigmoid, Tanh, HardSwish, Softmax, LogSoftmax; an ``Int8Lookup``
 is ``Gather(table, Cast(x_q))`` on the integers.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 from qatcore.autograd import no_grad
 from qatcore.errors import ShapeError
 from qatcore.nn import functional as F
-from qatcore.nn.activation import LeakyReLU, LogSoftmax, ReLU, ReLU6, Sigmoid, Softmax, Tanh
+from qatcore.nn.activation import Hardswish, LeakyReLU, LogSoftmax, ReLU, ReLU6, Sigmoid, Softmax, Tanh
 from qatcore.nn.container import Sequential
 from qatcore.nn.linear import Linear
 from qatcore.quantization.int8_layers import OUTPUT_STATE, Int8Module, Quantize, Requantize, int_input
@@ -245,6 +245,10 @@ register(
                  example=example_between_linears(Tanh)),
     OperatorRule(F.tanh, qat=QATRole.ACTIVATION, lower=_lower_lookup, export=_export_unary("Tanh"),
                  example=example_functional(F.tanh)),
+    OperatorRule(Hardswish, qat=QATRole.ACTIVATION, lower=_lower_lookup, export=_export_unary("HardSwish"),
+                 record=module_record(Hardswish), example=example_between_linears(Hardswish)),
+    OperatorRule(F.hardswish, qat=QATRole.ACTIVATION, lower=_lower_lookup, export=_export_unary("HardSwish"),
+                 example=example_functional(F.hardswish)),
     OperatorRule(Softmax, export=_export_softmax("Softmax"), record=module_record(Softmax, "dim"),
                  example=example_between_linears(Softmax)),
     OperatorRule(F.softmax, export=_export_softmax("Softmax"), example=example_functional(F.softmax, -1)),
@@ -258,3 +262,4 @@ register_onnx_import("Clip", _import_clip)
 register_onnx_import("LeakyRelu", _import_module(LeakyReLU, negative_slope="alpha"))
 register_onnx_import("Sigmoid", _import_module(Sigmoid))
 register_onnx_import("Tanh", _import_module(Tanh))
+register_onnx_import("HardSwish", _import_module(Hardswish))
