@@ -6,7 +6,7 @@ from __future__ import annotations
 from qatcore.nn import functional as F
 from qatcore.nn.module import Module
 
-__all__ = ["ReLU", "ReLU6", "LeakyReLU", "Sigmoid", "Tanh", "Hardswish", "Softmax", "LogSoftmax"]
+__all__ = ["ReLU", "ReLU6", "LeakyReLU", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Softmax", "LogSoftmax"]
 
 
 class ReLU(Module):
@@ -56,6 +56,13 @@ class Hardswish(Module):
 
     def forward(self, x):
         return F.hardswish(x)
+
+
+class Hardsigmoid(Module):
+    """relu6(x + 3) / 6"""
+
+    def forward(self, x):
+        return F.hardsigmoid(x)
 
 
 class Softmax(Module):

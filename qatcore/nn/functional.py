@@ -35,7 +35,7 @@ __all__ = [
     "add", "sub", "mul", "div", "neg", "pow", "matmul", "linear",
     "sum", "mean", "max", "var",
     "reshape", "flatten", "transpose", "permute", "getitem", "cat", "cast",
-    "exp", "log", "sqrt", "clamp", "relu", "relu6", "leaky_relu", "sigmoid", "tanh", "hardswish",
+    "exp", "log", "sqrt", "clamp", "relu", "relu6", "leaky_relu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
     "softmax", "log_softmax", "cross_entropy", "nll_loss", "mse_loss",
     "conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "batch_norm", "dropout",
 ]
@@ -346,6 +346,12 @@ def hardswish(x) -> Tensor:
     0 below -3, x above 3, a parabola between."""
     x = _tensor(x)
     return div(mul(x, relu6(add(x, 3.0))), 6.0)
+
+
+@_traceable
+def hardsigmoid(x) -> Tensor:
+    """relu6(x + 3) / 6, in PyTorch's order of operations: 0 below -3, 1 above 3, linear between."""
+    return div(relu6(add(_tensor(x), 3.0)), 6.0)
 
 
 @_traceable

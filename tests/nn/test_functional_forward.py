@@ -118,6 +118,7 @@ def test_elementwise_values():
     np.testing.assert_array_equal(big, [0.0, 1.0])
     np.testing.assert_allclose(F.tanh(t).numpy(), np.tanh(x))
     np.testing.assert_array_equal(F.hardswish(t).numpy(), x * np.clip(x + np.float32(3), 0, 6) / np.float32(6))
+    np.testing.assert_array_equal(F.hardsigmoid(t).numpy(), np.clip(x + np.float32(3), 0, 6) / np.float32(6))
     np.testing.assert_array_equal(F.clamp(t, -1, 1).numpy(), np.clip(x, -1, 1))
 
 
@@ -175,8 +176,9 @@ def test_against_pytorch(case):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_hardswish_equals_pytorch(dtype):
+@pytest.mark.parametrize("name", ["hardswish", "hardsigmoid"])
+def test_hard_activations_equal_pytorch(name, dtype):
     torch = pytest.importorskip("torch")
     x = np.concatenate([np.linspace(-5, 5, 1001), [-3.0, 3.0, 0.0]]).astype(dtype)
-    expected = torch.nn.functional.hardswish(torch.from_numpy(x)).numpy()
-    np.testing.assert_array_equal(F.hardswish(qatcore.tensor(x)).numpy(), expected)
+    expected = getattr(torch.nn.functional, name)(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(getattr(F, name)(qatcore.tensor(x)).numpy(), expected)

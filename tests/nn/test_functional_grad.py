@@ -58,6 +58,7 @@ def test_unary_ops(name, fn, low, high):
     (F.relu6, [0.0, 6.0]),
     (lambda t: F.leaky_relu(t, 0.1), [0.0]),
     (F.hardswish, [-3.0, 3.0]),
+    (F.hardsigmoid, [-3.0, 3.0]),
     (lambda t: F.clamp(t, -1.0, 2.5), [-1.0, 2.5]),
     (lambda t: F.clamp(t, min=0.5), [0.5]),
     (lambda t: F.clamp(t, max=0.5), [0.5]),

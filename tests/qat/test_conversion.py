@@ -265,3 +265,42 @@ def test_relu6_becomes_an_integer_clamp_when_its_grid_ends_below_6(fine_tune):
     assert "Int8Lookup" in kinds and "ReLU6" not in kinds
     report = parity_report(qat, int8_model, x)
     assert report.output.exact >= 0.999 and report.output.max_lsb <= 1, str(report)
+
+
+class SmoothActivations(nn.Module):
+    """One of each activation that converts to an integer lookup table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        rng = np.random.default_rng(3)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, rng=rng)
+        self.sigmoid, self.tanh, self.leaky = nn.Sigmoid(), nn.Tanh(), nn.LeakyReLU(0.1)
+        self.hardswish, self.hardsigmoid = nn.Hardswish(), nn.Hardsigmoid()
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(4 * 4 * 4, 16, rng=rng)
+        self.fc2 = nn.Linear(16, 16, rng=rng)
+        self.fc3 = nn.Linear(16, 10, rng=rng)
+
+    def forward(self, x):
+        x = self.pool(self.leaky(self.conv(x)))
+        x = self.tanh(self.fc1(F.flatten(x, 1)))
+        x = self.hardsigmoid(self.hardswish(self.sigmoid(self.fc2(x))))
+        return self.fc3(x)
+
+
+def test_smooth_activations_convert_to_integer_lookup_tables(fine_tune, tmp_path):
+    _, qat = fine_tune(SmoothActivations(), epochs=1)
+    int8_model = QATPreparer().convert_to_quantized(qat)
+    for node in int8_model.graph.nodes:  # the graph walk: nothing float between Quantize and Dequantize
+        assert node.op in ("input", "output", "call_module"), node.name
+        if node.op == "call_module":
+            assert isinstance(int8_model.get_submodule(node.target), Int8Module), node.name
+    kinds = [type(m).__name__ for m in int8_model.modules()]
+    assert kinds.count("Int8Lookup") == 5
+    x = np.random.default_rng(4).random((64, 1, 8, 8), dtype=np.float32)
+    report = parity_report(qat, int8_model, x)
+    assert report.output.exact == 1.0 and all(layer.exact == 1.0 for layer in report.layers), str(report)
+    from qatcore.quantization.qat.checkpointing import load_int8_model, save_int8_model
+
+    save_int8_model(tmp_path / "smooth.int8", int8_model)
+    np.testing.assert_array_equal(load_int8_model(tmp_path / "smooth.int8")(x).numpy(), int8_model(x).numpy())

@@ -1,4 +1,5 @@
-"""Elementwise activations: ReLU, ReLU6, LeakyReLU, Sigmoid, Tanh, Hardswish (and Softmax, LogSoftmax).
+"""Elementwise activations: ReLU, ReLU6, LeakyReLU, Sigmoid, Tanh, Hardswish, Hardsigmoid
+(and Softmax, LogSoftmax).
 
 QAT: an activation gets a quantizer after it; an add, multiplication or concatenation
 right before it is quantized after the activation instead.
@@ -17,7 +18,8 @@ bit, with no arithmetic at run time. An 8-bit input has at most 256 entries.
 
 Softmax and LogSoftmax stay float (their output is not quantized).
 
-ONNX: Relu, Clip(0, 6), LeakyRelu, Sigmoid, Tanh, HardSwish, Softmax, LogSoftmax; an ``Int8Lookup``
+ONNX: Relu, Clip(0, 6), LeakyRelu, Sigmoid, Tanh, HardSwish, HardSigmoid(1/6, 1/2),
+Softmax, LogSoftmax; an ``Int8Lookup``
 is ``Gather(table, Cast(x_q))`` on the integers.
 """
 
@@ -28,7 +30,7 @@ import numpy as np
 from qatcore.autograd import no_grad
 from qatcore.errors import ShapeError
 from qatcore.nn import functional as F
-from qatcore.nn.activation import Hardswish, LeakyReLU, LogSoftmax, ReLU, ReLU6, Sigmoid, Softmax, Tanh
+from qatcore.nn.activation import Hardsigmoid, Hardswish, LeakyReLU, LogSoftmax, ReLU, ReLU6, Sigmoid, Softmax, Tanh
 from qatcore.nn.container import Sequential
 from qatcore.nn.linear import Linear
 from qatcore.quantization.int8_layers import OUTPUT_STATE, Int8Module, Quantize, Requantize, int_input
@@ -143,6 +145,10 @@ def _export_leaky(ex, node, module):
     return ex.b.node("LeakyRelu", [ex.unary_input(node)], ex.node_name(node), alpha=float(slope)), None
 
 
+def _export_hardsigmoid(ex, node, module):
+    return ex.b.node("HardSigmoid", [ex.unary_input(node)], ex.node_name(node), alpha=1 / 6, beta=0.5), None
+
+
 def _export_softmax(op_type: str):
     def export(ex, node, module):
         dim = module.dim if module is not None else ex.arguments(node)["dim"]
@@ -192,6 +198,14 @@ def _import_clip(imp, node):
     if low == 0 and high == 6:
         return imp.add_layer(node, ReLU6(), (x,))
     return imp.call(node, F.clamp, (x,), {"min": low, "max": high})
+
+
+def _import_hardsigmoid(imp, node):
+    attrs = imp.attributes(node, {"alpha", "beta"})
+    alpha, beta = float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5))
+    if not (np.isclose(alpha, 1 / 6, rtol=1e-6) and beta == 0.5):
+        raise imp.fail(node, f"alpha={alpha}, beta={beta}: only PyTorch's hardsigmoid (alpha 1/6, beta 0.5) imports")
+    return imp.add_layer(node, Hardsigmoid(), (imp.runtime(node, 0),))
 
 
 # ---- examples -------------------------------------------------------------------------------------
@@ -249,6 +263,10 @@ register(
                  record=module_record(Hardswish), example=example_between_linears(Hardswish)),
     OperatorRule(F.hardswish, qat=QATRole.ACTIVATION, lower=_lower_lookup, export=_export_unary("HardSwish"),
                  example=example_functional(F.hardswish)),
+    OperatorRule(Hardsigmoid, qat=QATRole.ACTIVATION, lower=_lower_lookup, export=_export_hardsigmoid,
+                 record=module_record(Hardsigmoid), example=example_between_linears(Hardsigmoid)),
+    OperatorRule(F.hardsigmoid, qat=QATRole.ACTIVATION, lower=_lower_lookup, export=_export_hardsigmoid,
+                 example=example_functional(F.hardsigmoid)),
     OperatorRule(Softmax, export=_export_softmax("Softmax"), record=module_record(Softmax, "dim"),
                  example=example_between_linears(Softmax)),
     OperatorRule(F.softmax, export=_export_softmax("Softmax"), example=example_functional(F.softmax, -1)),
@@ -263,3 +281,4 @@ register_onnx_import("LeakyRelu", _import_module(LeakyReLU, negative_slope="alph
 register_onnx_import("Sigmoid", _import_module(Sigmoid))
 register_onnx_import("Tanh", _import_module(Tanh))
 register_onnx_import("HardSwish", _import_module(Hardswish))
+register_onnx_import("HardSigmoid", _import_hardsigmoid)
