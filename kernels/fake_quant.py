@@ -1,7 +1,8 @@
 """Fake quantization, forward and backward (STE, LSQ, LSQ+), per tensor or per channel.
 
-The arithmetic is NUMERICS.md's, in float32, and the forward and the STE gradient are bit for
-bit what ``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine`` compute on CPU:
+The arithmetic is that of docs/numerics.md ("Fake quantization", "LSQ and LSQ+"), in float32,
+and the forward and the STE gradient are bit for bit what ``torch.fake_quantize_per_tensor_affine``
+/ ``..._per_channel_affine`` compute on CPU:
 
     inv  = float32(1) / s                          # multiply by the inverse, never divide
     q    = z + rne(x * inv)                        # z added AFTER rounding (half to even)

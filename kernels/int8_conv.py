@@ -1,11 +1,12 @@
-"""Integer-only int8 2-D convolution (Jacob et al. 2018; NUMERICS.md), groups and depthwise.
+"""Integer-only int8 2-D convolution (Jacob et al. 2018), groups and depthwise.
 
 For x_q (N, C, H, W), uint8 or int8 with zero point z_x, and int8 weights w_q (K, C/G, kh, kw)
 (symmetric per output channel), output channel k of group g = k // (K/G) is
 
     acc[n, k, oh, ow] = bias_q[k] + sum_{c, u, v} (x_q[n, g*C/G + c, oh*sh - ph + u*dh, ow*sw - pw + v*dw]
                                                    - z_x) * w_q[k, c, u, v]
-    y_q[n, k, oh, ow] = requantize(acc[n, k, oh, ow])       (kernels/requantize.py, per channel k)
+    y_q[n, k, oh, ow] = requantize(acc[n, k, oh, ow])       (kernels/requantize.py, per channel k;
+                                                             docs/numerics.md, "Integer-only requantization")
 
 where a position in the padding reads z_x, the integer that represents real 0 (so it adds
 nothing). OH = (H + 2*ph - dh*(kh - 1) - 1) // sh + 1, OW likewise. The accumulator is exact

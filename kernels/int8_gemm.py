@@ -1,4 +1,4 @@
-"""Integer-only int8 matrix multiplication and linear layer (Jacob et al. 2018; NUMERICS.md).
+"""Integer-only int8 matrix multiplication and linear layer (Jacob et al. 2018).
 
 Activations x_q (M, K) are uint8 or int8 with one zero point z_x; weights w_q (N, K) are int8,
 symmetric per output channel (zero point 0); the bias is int32 at scale s_x * s_w[j]. Then
@@ -8,7 +8,8 @@ symmetric per output channel (zero point 0); the bias is int32 at scale s_x * s_
                     saturating_rounding_doubling_high_mul(acc[i, j] << left_j, M0_j), right_j), lo, hi)
 
 with the fixed-point multiplier and shift of ``kernels/requantize.py`` (``shift`` > 0 shifts
-right; a negative shift is a left shift, for multipliers >= 1). ``lo = z_y`` gives a fused ReLU.
+right; a negative shift is a left shift, for multipliers >= 1; docs/numerics.md, "Integer-only
+requantization"). ``lo = z_y`` gives a fused ReLU.
 
 Exactness. The kernels compute ``sum_k x_q * w_q`` and subtract ``z_x * sum_k w_q[j, k]`` (the
 weight's row sum, precomputed by :func:`pack_weights`). Every partial sum of products is an

@@ -3,7 +3,7 @@
 Between a :class:`Quantize` at the inputs and a :class:`Dequantize` at the
 outputs, every value is an integer array (uint8 or int8) with a per-tensor scale
 and zero point known when the model was converted, and every operation is
-integer arithmetic (NUMERICS.md, Jacob et al. 2018):
+integer arithmetic (docs/numerics.md, Jacob et al. 2018):
 
     QuantizedLinear / QuantizedConv2d:
         acc   = sum (x_q - z_x) * w_q + bias_q                      (int32)

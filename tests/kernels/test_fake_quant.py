@@ -1,5 +1,6 @@
-"""qatcore.kernels.fake_quant against a NumPy oracle written from NUMERICS.md, against PyTorch
-when it is installed, and (LSQ gradients) against float64 finite differences."""
+"""qatcore.kernels.fake_quant against a NumPy oracle written from docs/numerics.md ("Fake
+quantization", "LSQ and LSQ+"), against PyTorch when it is installed, and (LSQ gradients)
+against float64 finite differences."""
 
 import math
 
@@ -13,7 +14,7 @@ from qatcore.kernels import fake_quant as kernels
 forward, backward = kernels.fake_quantize_forward, kernels.fake_quantize_backward
 
 # ----------------------------------------------------------------------------------------
-# The oracle: NUMERICS.md in NumPy (float32; the LSQ terms in float64), one formula a line.
+# The oracle: docs/numerics.md in NumPy (float32; the LSQ terms in float64), one formula a line.
 
 
 def broadcast_params(x, scale, zero_point, axis):
