@@ -346,9 +346,10 @@ ranges = st.builds(quant_range, st.integers(2, 16), st.sampled_from(["signed", "
 seeds = st.integers(0, 2**32 - 1)
 
 
+@pytest.mark.torch
 @given(torch_shapes, ranges, seeds)
 def test_matches_torch_fake_quantize(shape_axis, grid_range, seed):
-    torch = pytest.importorskip("torch")
+    import torch
     (shape, axis), (qmin, qmax) = shape_axis, grid_range
     rng = np.random.default_rng(seed)
     x, grad, scale, zero_point = make_case(rng, shape, axis, qmin, qmax,
@@ -365,10 +366,11 @@ def test_matches_torch_fake_quantize(shape_axis, grid_range, seed):
     assert_same_bits(dx, tx.grad.numpy())
 
 
+@pytest.mark.torch
 @settings(max_examples=50)
 @given(torch_shapes, ranges, seeds, st.floats(1e-3, 2.0))
 def test_lsq_matches_torch_learnable(shape_axis, grid_range, seed, grad_factor):
-    torch = pytest.importorskip("torch")
+    import torch
     (shape, axis), (qmin, qmax) = shape_axis, grid_range
     x, grad, scale, zero_point = torch_case(np.random.default_rng(seed), shape, axis, qmin, qmax)
     tx = torch.from_numpy(x.copy()).requires_grad_()

@@ -587,11 +587,12 @@ TORCH_CASES = [("quint8", "per_tensor_affine", UINT8), ("qint8", "per_tensor_aff
                ("qint8", "per_tensor_symmetric", INT8), ("quint8", "per_tensor_symmetric", UINT8)]
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("torch_dtype,torch_scheme,dtype", TORCH_CASES)
 @pytest.mark.parametrize("kind", ["minmax", "moving_average_minmax"])
 def test_matches_torch_observers(kind, torch_dtype, torch_scheme, dtype, seed):
-    torch = pytest.importorskip("torch")
+    import torch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's own deprecation notices
         from torch.ao.quantization import MinMaxObserver as TorchMinMax
