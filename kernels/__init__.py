@@ -12,9 +12,9 @@ Modules:
                 ``avg_pool2d_backward``, matching PyTorch's CPU kernels (ceil_mode=False).
     batch_norm -- ``batch_norm_train_forward`` / ``batch_norm_train_backward``: per-channel
                 statistics (float64), normalization and the backward reductions, fused.
-    fake_quant -- ``fake_quantize_forward`` / ``fake_quantize_backward``: NUMERICS.md fake
-                quantization per tensor or per channel, and its single-pass backward (STE,
-                LSQ, LSQ+, clipped counts).
+    fake_quant -- ``fake_quantize_forward`` / ``fake_quantize_backward``: fake quantization
+                per tensor or per channel (docs/numerics.md, "Fake quantization"), and its
+                single-pass backward (STE, LSQ, LSQ+, clipped counts).
     requantize -- the fixed-point requantization of the int8 runtime: ``quantize_multiplier``,
                 gemmlowp's helpers, and qatcore's headroom shift that avoids double rounding.
     int8_gemm  -- ``int8_gemm_int32`` / ``int8_linear``: blocked int8 GEMM (AVX-512 VNNI

@@ -20,8 +20,8 @@ Backward (the batch statistics depend on x):
 Both are pure functions returning new arrays; the jitted loops are compiled on
 first call (``cache=True``) and run as plain Python under ``NUMBA_DISABLE_JIT=1``.
 They are serial: right after a multithreaded GEMM, OpenBLAS's spinning threads make
-a numba parallel region several times slower (conv -> BN -> ReLU -> pool at N=32,
-C=32, 16x16 went from 2.8 ms to 8 ms with parallel loops here).
+a numba parallel region several times slower (measured on conv -> BN -> ReLU -> pool;
+docs/benchmarks.md, "Measurements behind the code").
 
 >>> import numpy as np
 >>> x = np.arange(8, dtype=np.float32).reshape(2, 2, 2)

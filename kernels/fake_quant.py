@@ -1,7 +1,8 @@
 """Fake quantization, forward and backward (STE, LSQ, LSQ+), per tensor or per channel.
 
-The arithmetic is NUMERICS.md's, in float32, and the forward and the STE gradient are bit for
-bit what ``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine`` compute on CPU:
+The arithmetic is that of docs/numerics.md ("Fake quantization", "LSQ and LSQ+"), in float32,
+and the forward and the STE gradient are bit for bit what ``torch.fake_quantize_per_tensor_affine``
+/ ``..._per_channel_affine`` compute on CPU:
 
     inv  = float32(1) / s                          # multiply by the inverse, never divide
     q    = z + rne(x * inv)                        # z added AFTER rounding (half to even)
@@ -73,12 +74,13 @@ _MIN_PERIOD = 1024
 _COLUMN_TILE = 1024
 # Enough tasks to balance the parallel driver; more only add partial sums.
 _TARGET_TASKS = 64
-# Below this many elements the serial driver runs. On an idle 2-core machine the parallel
-# driver is faster from ~128K elements (at 16M, forward + STE backward take 10-11 ms against
-# 14-16 ms serially), but right after a BLAS call OpenBLAS's threads still spin on both cores
-# and a parallel region waits a scheduler slice for its worker: +3-5 ms at any size, up to
-# 2x at 16M (benchmarks/bench_fake_quant.py). Training calls fake quant right after a GEMM,
-# so only arrays large enough that a stall costs about what parallelism saves go parallel.
+# Below this many elements the serial driver runs. On an idle machine the parallel driver
+# is faster from far smaller arrays, but right after a BLAS call OpenBLAS's threads still
+# spin on the cores and a parallel region waits a scheduler slice for its worker, a delay at
+# any size (benchmarks/bench_fake_quant.py measures both cases; figures in
+# docs/benchmarks.md, "Measurements behind the code"). Training calls fake quant right after
+# a GEMM, so only arrays large enough that a stall costs about what parallelism saves go
+# parallel.
 PARALLEL_MIN_ELEMENTS = 1 << 22
 
 

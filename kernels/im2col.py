@@ -46,10 +46,10 @@ Measuring also decided three details:
 * The loops are serial. A convolution calls BLAS right before and after them, and OpenBLAS's
   worker threads keep spinning for a while after each multithreaded GEMM; a numba
   ``parallel=True`` loop there competes with them for the cores, runs slower than the serial
-  loop, and its own threads, spinning in turn, slow the next GEMM. Measured on 2 cores with
-  parallel loops, conv2d forward+backward took 28 ms instead of 7.5 ms at N=32, C=K=32, 16x16,
-  and 168 ms instead of 156 ms at N=32, C=K=64, 56x56; only layers whose GEMMs all run on one
-  thread gained (about 7%, on the DigitsCNN's second convolution).
+  loop, and its own threads, spinning in turn, slow the next GEMM. With parallel loops conv2d
+  forward+backward was slower on both layers measured, several times slower on the small one;
+  only layers whose GEMMs all run on one thread gained, a little (figures in
+  docs/benchmarks.md, "Measurements behind the code").
 """
 
 import numpy as np

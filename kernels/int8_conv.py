@@ -1,11 +1,12 @@
-"""Integer-only int8 2-D convolution (Jacob et al. 2018; NUMERICS.md), groups and depthwise.
+"""Integer-only int8 2-D convolution (Jacob et al. 2018), groups and depthwise.
 
 For x_q (N, C, H, W), uint8 or int8 with zero point z_x, and int8 weights w_q (K, C/G, kh, kw)
 (symmetric per output channel), output channel k of group g = k // (K/G) is
 
     acc[n, k, oh, ow] = bias_q[k] + sum_{c, u, v} (x_q[n, g*C/G + c, oh*sh - ph + u*dh, ow*sw - pw + v*dw]
                                                    - z_x) * w_q[k, c, u, v]
-    y_q[n, k, oh, ow] = requantize(acc[n, k, oh, ow])       (kernels/requantize.py, per channel k)
+    y_q[n, k, oh, ow] = requantize(acc[n, k, oh, ow])       (kernels/requantize.py, per channel k;
+                                                             docs/numerics.md, "Integer-only requantization")
 
 where a position in the padding reads z_x, the integer that represents real 0 (so it adds
 nothing). OH = (H + 2*ph - dh*(kh - 1) - 1) // sh + 1, OW likewise. The accumulator is exact
@@ -23,11 +24,10 @@ padding reads the channels-last input directly, with no gather. A short depth (C
 most ``DIRECT_MAX_DEPTH``, a first layer on one input channel say) takes another path: the
 float conv's ``im2col`` (padding with z_x) lays each tap out along the pixels, and the sums run
 along the pixels (``_direct_block``), where the GEMM's tiles would spend most of their time
-setting up: DigitsCNN's first conv (depth 9) takes 0.6 instead of 1.8 ms on the 359 test
-images. Tasks run in parallel above
-int8_gemm's ``PARALLEL_MIN_MACS``. At N=32, C=K=64, 56x56, 3x3 (7.4 G integer operations) a
-call takes about 30 ms on one Zen 5 core and 16 ms on two, of which the transpose and the
-gather take 7 ms of one core and the requantization about 4.
+setting up (DigitsCNN's first conv, depth 9, is the case; docs/benchmarks.md, "int8 runtime").
+Tasks run in parallel above int8_gemm's ``PARALLEL_MIN_MACS``. Where a large convolution's
+time goes (transpose and gather, GEMM tiles, requantization) is in docs/benchmarks.md,
+"Measurements behind the code".
 
 >>> import numpy as np
 >>> x = np.full((1, 1, 3, 3), 12, np.uint8)                         # z_x = 10: x - z_x = 2
@@ -77,10 +77,11 @@ def _gather_rows(x, image, p0, p1, geometry, zero_point, cols):
     x is channels-last, flattened; cols is 2-d, one row per pixel. Offsets are unsigned
     (np.uintp) so that numba does not test them for negative wraparound, which would keep the
     copies from vectorising, and no row views are taken (see kernels/im2col.py). The taps are
-    the outer loops and the pixels the inner one: with the pixels outside, this function ran
-    at 5 ms for the benchmark's convolution when compiled on its own but at 27 ms as the copy
-    that numba links into (and optimises again with) its caller, which is the copy the
-    on-disk cache keeps; in this order both copies run at the same speed.
+    the outer loops and the pixels the inner one: with the pixels outside, the copy of this
+    function that numba links into (and optimises again with) its caller, which is the copy
+    the on-disk cache keeps, ran several times slower than the function compiled on its own
+    (docs/benchmarks.md, "Measurements behind the code"); in this order both copies run at
+    the same speed.
     """
     height, width, channels, kh, kw, sh, sw, ph, pw, dh, dw, out_width, groups = geometry
     group_channels = channels // groups

@@ -1,4 +1,4 @@
-"""Integer-only int8 matrix multiplication and linear layer (Jacob et al. 2018; NUMERICS.md).
+"""Integer-only int8 matrix multiplication and linear layer (Jacob et al. 2018).
 
 Activations x_q (M, K) are uint8 or int8 with one zero point z_x; weights w_q (N, K) are int8,
 symmetric per output channel (zero point 0); the bias is int32 at scale s_x * s_w[j]. Then
@@ -8,7 +8,8 @@ symmetric per output channel (zero point 0); the bias is int32 at scale s_x * s_
                     saturating_rounding_doubling_high_mul(acc[i, j] << left_j, M0_j), right_j), lo, hi)
 
 with the fixed-point multiplier and shift of ``kernels/requantize.py`` (``shift`` > 0 shifts
-right; a negative shift is a left shift, for multipliers >= 1). ``lo = z_y`` gives a fused ReLU.
+right; a negative shift is a left shift, for multipliers >= 1; docs/numerics.md, "Integer-only
+requantization"). ``lo = z_y`` gives a fused ReLU.
 
 Exactness. The kernels compute ``sum_k x_q * w_q`` and subtract ``z_x * sum_k w_q[j, k]`` (the
 weight's row sum, precomputed by :func:`pack_weights`). Every partial sum of products is an
@@ -38,9 +39,9 @@ VNNI word multiply-add acting on zero-extended lanes, 16 multiply-adds an instru
 does not form ``vpdpbusd``, the byte form with 64 multiply-adds an instruction, from this or
 any other loop we tried, so on CPUs with AVX-512 VNNI the tile calls it explicitly (a numba
 intrinsic, ``_dot_4x4_vnni``) for the part of K that is a multiple of 64 and lets the loop
-finish the rest: 3x the loop's speed (on 2 Zen 5 cores at 1024^3, about 1 TOPS against 0.37,
-and 0.23 TFLOP/s for NumPy's float32 matmul). Tasks run under ``prange`` from
-``PARALLEL_MIN_MACS`` multiply-adds on; below that the same tasks run serially.
+finish the rest, several times the loop's speed (docs/benchmarks.md, "int8 runtime" and
+"Measurements behind the code"). Tasks run under ``prange`` from ``PARALLEL_MIN_MACS``
+multiply-adds on; below that the same tasks run serially.
 
 >>> import numpy as np
 >>> from qatcore.kernels.requantize import quantize_multiplier
@@ -77,13 +78,13 @@ _L2_BLOCK_BYTES = 256 * 1024
 _MAX_ROW_BLOCK = 256
 # Weight rows per task: enough to amortise the task, few enough to give 2 threads work.
 _COL_BLOCK = 128
-# Below this many multiply-adds the tasks run serially (0.7 ms of work on one core). On an
-# idle 2-core machine the parallel driver already halves the time at 2^24, but a parallel
-# region started within ~0.1 s of a multithreaded BLAS call waits for OpenBLAS's spinning
-# threads to yield the cores: +3 to +5 ms at any size (2^28: 1.5 ms alone, 5.9 ms after a
-# matmul; kernels/fake_quant.py measured the same). An integer-only network calls no BLAS
-# between its layers, so the threshold is set for that case, with a margin; the benchmark
-# reports the int8 GEMM both alone and right after a float matmul.
+# Below this many multiply-adds the tasks run serially. On an idle machine the parallel
+# driver already pays off at 2^24, but a parallel region started shortly after a
+# multithreaded BLAS call waits for OpenBLAS's spinning threads to yield the cores, a delay
+# of the same size at any problem size (kernels/fake_quant.py measured the same). An
+# integer-only network calls no BLAS between its layers, so the threshold is set for that
+# case, with a margin; the benchmark reports the int8 GEMM both alone and right after a float
+# matmul (figures in docs/benchmarks.md, "Measurements behind the code").
 PARALLEL_MIN_MACS = 1 << 26
 
 
@@ -237,8 +238,9 @@ _dot_1x4_vnni = _vnni_tile(1)
 # int32; np.int32(c + x * w) makes both compute int32 sums, which never overflow (module
 # docstring), and is the form LLVM vectorises. The loops index the 2-d arrays directly with
 # unsigned offsets: a row view costs an atomic reference-count update in numba (a call, in
-# code loaded from the on-disk cache), which at 8 views a tile cost 40% of a convolution,
-# and a signed index would be tested for Python's negative wraparound.
+# code loaded from the on-disk cache), which at 8 views a tile cost a large share of a
+# convolution (docs/benchmarks.md, "Measurements behind the code"), and a signed index would
+# be tested for Python's negative wraparound.
 
 
 @njit(cache=True)
@@ -409,7 +411,8 @@ def _store_int32_block(acc, rows, cols, out, out_row, out_col, offset):
 # [cb * col_block, ...) with (rb, cb) = divmod(t, column blocks), and accumulates into its
 # thread's slice of ``scratch``, allocated once per call by NumPy: numba's own allocations of
 # ~100 KiB blocks per task come back as fresh pages from the system every time, and their
-# page faults cost ~15% of a convolution. The parallel and serial drivers are separate
+# page faults cost a noticeable share of a convolution (docs/benchmarks.md, "Measurements
+# behind the code"). The parallel and serial drivers are separate
 # functions so that their compilations are cached separately (prange hands out uint64 indices;
 # mixed with int64, numba would promote the arithmetic to float64).
 

@@ -17,8 +17,9 @@ disk, and run unchanged as plain Python under ``NUMBA_DISABLE_JIT=1``.
 
 The max-pooling loops are serial, index planes of the inputs viewed as (N*C, H*W) with
 unsigned indices and never slice views (the reasons, measured, are in ``im2col.py``: numba
-threads next to OpenBLAS's spinning threads ran a conv-ReLU-pool block at N=32, C=32, 16x16
-3x slower; a view or array-passing call per plane costs an atomic reference count update).
+threads next to OpenBLAS's spinning threads ran a conv-ReLU-pool block several times slower,
+see docs/benchmarks.md, "Measurements behind the code"; a view or array-passing call per
+plane costs an atomic reference count update).
 The average-pooling loops are serial too, for the same reason.
 """
 
@@ -97,9 +98,10 @@ def _max_pool2d_forward_fill(x2, out2, argmax2, offsets, geometry):
 
     Why it is written this way (each measured): one comparison and a select per element, with
     no branch on the data (mispredicted half the time), keep the dependency chain through a
-    window short, 2x faster on 3x3 windows than ``if value > best or isnan(value)``; and the
+    window short, faster on 3x3 windows than ``if value > best or isnan(value)``; and the
     four taps of a 2x2 window (``MaxPool2d(2)``, by far the most common pooling) are written
-    out, 1.7x faster than the loop over taps.
+    out, faster than the loop over taps (figures in docs/benchmarks.md, "Measurements behind
+    the code").
     """
     height, width, kh, kw, sh, sw, ph, pw, dh, dw, out_height, out_width = geometry
     infinity = x2.dtype.type(np.inf)

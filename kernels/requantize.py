@@ -1,8 +1,9 @@
 """Fixed-point requantization: an int32 accumulator to the output's int8 grid, integers only.
 
-Integer-only inference (Jacob et al. 2018; NUMERICS.md) rescales an accumulator that holds
-``acc * s_x * s_w`` in real units to the output scale s_y with the real multiplier
-``M = s_x * s_w / s_y``, written as an int32 fixed-point number and a power of two:
+Integer-only inference (Jacob et al. 2018; docs/numerics.md, "Integer-only requantization")
+rescales an accumulator that holds ``acc * s_x * s_w`` in real units to the output scale s_y
+with the real multiplier ``M = s_x * s_w / s_y``, written as an int32 fixed-point number and a
+power of two:
 
     M = M0 * 2^-31 * 2^-shift,     M0 (int32) in [2^30, 2^31)   (M0 * 2^-31 lies in [0.5, 1))
 

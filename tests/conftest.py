@@ -2,11 +2,55 @@
 kernel compiles it), a moderate number of examples so the suite stays fast, and
 derandomized: every run tries the same examples, so CI cannot turn red on a new
 random one (explore with a randomized profile locally:
-``pytest --hypothesis-profile explore``)."""
+``pytest --hypothesis-profile explore``).
+
+Tests that compare against PyTorch carry ``@pytest.mark.torch``. Without PyTorch
+they skip, saying why; ``pytest -m torch --require-torch`` runs only them and
+fails any that does not run (a skip, or a module skipped while collecting),
+which is how CI proves that none of them was skipped."""
+
+import importlib.util
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
+
+TORCH_MISSING = ("PyTorch is not installed; it is the optional reference these tests compare against "
+                 "(pip install torch==2.13.0, then pytest -m torch --require-torch)")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--require-torch", action="store_true",
+                     help="fail, instead of skipping, every test marked torch that does not run")
+
+
+def pytest_runtest_setup(item):
+    if (item.get_closest_marker("torch") is not None and not item.config.getoption("--require-torch")
+            and importlib.util.find_spec("torch") is None):
+        pytest.skip(TORCH_MISSING)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if (report.skipped and not hasattr(report, "wasxfail") and item.config.getoption("--require-torch")
+            and item.get_closest_marker("torch")):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"--require-torch: this PyTorch reference test was skipped: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    # a module skipped while collecting (say, without the onnx extra) would hide its torch tests
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and collector.config.getoption("--require-torch"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (f"--require-torch: {collector.nodeid} was skipped while collecting, so its "
+                           f"PyTorch reference tests could not run: {reason}")
 
 settings.register_profile(
     "qatcore", deadline=None, max_examples=25, derandomize=True, database=None,

@@ -1,4 +1,4 @@
-"""Every docstring example in the package and every Python block in the README runs."""
+"""Every docstring example in the package and every Python block in the README and docs/*.md runs."""
 
 import doctest
 import importlib
@@ -59,6 +59,8 @@ def test_markdown_python_blocks_run(path, tmp_path, monkeypatch):
     if path.name == "README.md":
         assert blocks, "the README must carry a runnable example"
         assert os.path.exists("digits_cnn.qat")
+    if path.name == "numerics.md":
+        assert len(blocks) >= 10, "docs/numerics.md checks its formulas with a program in each section"
 
 
 def test_readme_opens_with_the_two_commands():

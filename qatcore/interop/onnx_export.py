@@ -33,7 +33,7 @@ clamp at the zero point); an integer range narrower than its container (4-bit va
 in int8, say) is an integer ``Clip`` after it.
 
 What ONNX Runtime computes differs from the int8 runtime only in roundings: ONNX
-QuantizeLinear divides by the scale where NUMERICS.md multiplies by its inverse, and
+QuantizeLinear divides by the scale where qatcore multiplies by its inverse (docs/numerics.md), and
 ONNX Runtime requantizes in float32 where we use the fixed-point multiplier. A value
 changes only when it lies within about 1e-6 of a rounding boundary (see
 docs/interop.md for the measured agreement).

@@ -28,8 +28,8 @@ __all__ = ["Conv2d", "conv_output_size"]
 # dcols for a whole batch is as large as the saved cols (230 MB for N=32, C=64, 56x56, 3x3):
 # the GEMM writes it to memory, page-faulting it in, and col2im reads it back. A chunk of
 # samples this size or smaller is allocated once, reused, and stays in the cache between the
-# two. Measured on that layer (2 cores): dcols plus col2im took about 53 ms for the whole
-# batch at once and 44 ms one sample (7.2 MB) at a time.
+# two, which measured faster on that layer than the whole batch at once (one sample there is
+# 7.2 MB; figures in docs/benchmarks.md, "Measurements behind the code").
 _INPUT_GRAD_CHUNK_BYTES = 8 * 2**20
 
 

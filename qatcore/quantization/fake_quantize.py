@@ -1,5 +1,5 @@
-"""Fake quantization as a differentiable op (NUMERICS.md), on the numba kernels of
-``qatcore.kernels.fake_quant``.
+"""Fake quantization as a differentiable op (docs/numerics.md, "Fake quantization" and
+"LSQ and LSQ+"), on the numba kernels of ``qatcore.kernels.fake_quant``.
 
 Forward (float32; per tensor, or per channel along ``axis``):
 

@@ -8,11 +8,12 @@ with exact observed extremes [min, max], the observer tries
 
     [a_k * min, a_k * max],   a_k = k / K,   k = K, K - 1, ..., 1
 
-turns each into QParams by the NUMERICS.md rule, fake-quantizes the values with
-them (float32, ``y = (clamp(z + rne(x * inv), qmin, qmax) - z) * s``) and keeps the
-range with the smallest sum of squared errors. ``a = 1`` (plain min/max) is tried
-first and a later candidate must be strictly better, so on ties the wider range
-wins and the result is never worse than min/max on what the observer holds.
+turns each into QParams by the rule of :meth:`QParams.from_range`, fake-quantizes
+the values with them (float32, ``y = (clamp(z + rne(x * inv), qmin, qmax) - z) * s``)
+and keeps the range with the smallest sum of squared errors (docs/numerics.md,
+"Observers"). ``a = 1`` (plain min/max) is tried first and a later candidate
+must be strictly better, so on ties the wider range wins and the result is never
+worse than min/max on what the observer holds.
 
 It accumulates; it does not decide per batch. The values seen so far are held
 in a bounded histogram per channel (``observer_options["bins"]`` bins, grown and
@@ -61,7 +62,7 @@ _STATE = ("histogram", "histogram_sums", "histogram_start", "bin_width", "data_m
 
 def fake_quantize_values(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
                          dtype: QuantDType) -> np.ndarray:
-    """NUMERICS.md fake quantization of float32 ``x`` with one scale/zero point per value.
+    """Fake quantization (docs/numerics.md) of float32 ``x`` with one scale/zero point per value.
 
     Near the float32 limit (q - z) * s can overflow to +-inf, as the real fake quantizer
     would; that candidate's error is then inf and it is never chosen."""

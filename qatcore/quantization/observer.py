@@ -3,10 +3,12 @@
 An observer is fed float arrays (``observe(x)``, or calling it like a layer) and
 keeps a running summary of them in registered buffers, so the summary is part
 of ``state_dict()``. ``calculate_qparams()`` turns the range it holds in the
-``min_val`` / ``max_val`` buffers into :class:`QParams` by the NUMERICS.md rule
-(:meth:`QParams.from_range`). The observers differ only in how a batch updates
-that range; per channel, every rule below applies to each channel separately,
-with the batch reduced over all axes but ``spec.axis``:
+``min_val`` / ``max_val`` buffers into :class:`QParams` by the rule of
+:meth:`QParams.from_range` (docs/numerics.md, "Scale and zero point from an
+observed range"; the rules below are its section "Observers"). The observers
+differ only in how a batch updates that range; per channel, every rule below
+applies to each channel separately, with the batch reduced over all axes but
+``spec.axis``:
 
     MinMaxObserver, PerChannelMinMaxObserver
         min <- min(min, batch_min),  max <- max(max, batch_max)

@@ -1,5 +1,6 @@
 """``QParams``: the scale and zero point that map reals to integers, and how they
-are computed from an observed range (../shared/NUMERICS.md).
+are computed from an observed range (docs/numerics.md, "Scale and zero point from an
+observed range").
 
     quantize:    q = clamp(z + rne(x * float32(1/s)), qmin, qmax)
     dequantize:  x' = (q - z) * s
@@ -129,7 +130,7 @@ class QParams:
     @classmethod
     def from_range(cls, min_val, max_val, dtype: QuantDType, scheme: QScheme, axis: int | None = None,
                    eps: float = FLOAT32_EPS) -> QParams:
-        """QParams for an observed range by the NUMERICS.md formulas (module docstring)."""
+        """QParams for an observed range by the formulas in the module docstring."""
         if scheme.per_channel and axis is None:
             raise ConfigError(f"{scheme.value} needs an axis")
         scale, zero_point = scale_zero_point_from_range(min_val, max_val, dtype, scheme.symmetric, eps)

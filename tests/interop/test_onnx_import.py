@@ -201,8 +201,9 @@ def test_import_qat_convert_export_round_trip(digits_qat, fine_tune, tmp_path, r
     assert exact >= 0.999 and max_steps <= 1.0 + 1e-6 and top1 >= 0.999
 
 
+@pytest.mark.torch
 def test_pytorch_exported_model_imports_with_its_module_names(tmp_path, fine_tune, run_onnxruntime):
-    torch = pytest.importorskip("torch", reason="PyTorch is not installed (optional reference)")
+    import torch
     nn = torch.nn
 
     class Net(nn.Module):

@@ -1,5 +1,6 @@
-"""qatcore.kernels.fake_quant against a NumPy oracle written from NUMERICS.md, against PyTorch
-when it is installed, and (LSQ gradients) against float64 finite differences."""
+"""qatcore.kernels.fake_quant against a NumPy oracle written from docs/numerics.md ("Fake
+quantization", "LSQ and LSQ+"), against PyTorch when it is installed, and (LSQ gradients)
+against float64 finite differences."""
 
 import math
 
@@ -13,7 +14,7 @@ from qatcore.kernels import fake_quant as kernels
 forward, backward = kernels.fake_quantize_forward, kernels.fake_quantize_backward
 
 # ----------------------------------------------------------------------------------------
-# The oracle: NUMERICS.md in NumPy (float32; the LSQ terms in float64), one formula a line.
+# The oracle: docs/numerics.md in NumPy (float32; the LSQ terms in float64), one formula a line.
 
 
 def broadcast_params(x, scale, zero_point, axis):
@@ -345,9 +346,10 @@ ranges = st.builds(quant_range, st.integers(2, 16), st.sampled_from(["signed", "
 seeds = st.integers(0, 2**32 - 1)
 
 
+@pytest.mark.torch
 @given(torch_shapes, ranges, seeds)
 def test_matches_torch_fake_quantize(shape_axis, grid_range, seed):
-    torch = pytest.importorskip("torch")
+    import torch
     (shape, axis), (qmin, qmax) = shape_axis, grid_range
     rng = np.random.default_rng(seed)
     x, grad, scale, zero_point = make_case(rng, shape, axis, qmin, qmax,
@@ -364,10 +366,11 @@ def test_matches_torch_fake_quantize(shape_axis, grid_range, seed):
     assert_same_bits(dx, tx.grad.numpy())
 
 
+@pytest.mark.torch
 @settings(max_examples=50)
 @given(torch_shapes, ranges, seeds, st.floats(1e-3, 2.0))
 def test_lsq_matches_torch_learnable(shape_axis, grid_range, seed, grad_factor):
-    torch = pytest.importorskip("torch")
+    import torch
     (shape, axis), (qmin, qmax) = shape_axis, grid_range
     x, grad, scale, zero_point = torch_case(np.random.default_rng(seed), shape, axis, qmin, qmax)
     tx = torch.from_numpy(x.copy()).requires_grad_()

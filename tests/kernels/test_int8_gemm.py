@@ -1,5 +1,5 @@
-"""qatcore.kernels.requantize and int8_gemm against int64 NumPy oracles written from NUMERICS.md
-("Integer-only inference") and gemmlowp's fixedpoint.h, bit for bit, compiled and as plain Python."""
+"""qatcore.kernels.requantize and int8_gemm against int64 NumPy oracles written from docs/numerics.md
+("Integer-only requantization") and gemmlowp's fixedpoint.h, bit for bit, compiled and as plain Python."""
 
 
 import numba
@@ -47,9 +47,9 @@ def oracle_headroom(acc, shift):
 
 
 def oracle_requantize(acc, multiplier, shift, zero_point, lo, hi):
-    """NUMERICS.md (with qatcore's headroom shift): saturate acc to int32; for shift < 0 shift
-    left (saturating); else shift left by the headroom L and right by shift + L around
-    sat_rounding_doubling_high_mul(., M0); add z, clamp."""
+    """docs/numerics.md, "Integer-only requantization" (with the headroom shift): saturate acc
+    to int32; for shift < 0 shift left (saturating); else shift left by the headroom L and right
+    by shift + L around sat_rounding_doubling_high_mul(., M0); add z, clamp."""
     acc = np.clip(np.asarray(acc, np.int64), INT32_MIN, INT32_MAX)
     shift = np.asarray(shift, np.int64)
     headroom = oracle_headroom(acc, shift)

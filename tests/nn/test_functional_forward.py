@@ -137,9 +137,10 @@ def test_reshape_errors():
         F.reshape(t, (-1, -1))
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("case", ["conv", "pool", "bn", "ce"])
 def test_against_pytorch(case):
-    torch = pytest.importorskip("torch")
+    import torch
     rng = np.random.default_rng(2)
     x = rng.normal(size=(4, 6, 9, 9)).astype(np.float32)
     if case == "conv":

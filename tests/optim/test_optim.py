@@ -222,10 +222,11 @@ def run_torch(torch, make_optimizer, arrays, grads) -> list[np.ndarray]:
     return [p.detach().numpy() for p in params]
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("options", SGD_OPTIONS, ids=option_id)
 def test_sgd_matches_torch(options, dtype):
-    torch = pytest.importorskip("torch")
+    import torch
     arrays, grads = initial_arrays(2, dtype), grad_sequence(2, dtype=dtype)
     params = run_qatcore(lambda ps: SGD(ps, lr=0.05, **options), arrays, grads)
     expected = run_torch(
@@ -237,10 +238,11 @@ def test_sgd_matches_torch(options, dtype):
         np.testing.assert_allclose(p.data, e, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("options", ADAM_OPTIONS, ids=option_id)
 def test_adam_matches_torch(options, dtype):
-    torch = pytest.importorskip("torch")
+    import torch
     options = dict(options)
     cls = options.pop("cls")
     torch_cls = torch.optim.AdamW if cls is AdamW else torch.optim.Adam
@@ -254,8 +256,9 @@ def test_adam_matches_torch(options, dtype):
         np.testing.assert_allclose(p.data, e, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.torch
 def test_adamw_default_weight_decay_matches_torch():
-    torch = pytest.importorskip("torch")
+    import torch
     arrays, grads = initial_arrays(4), grad_sequence(4)
     params = run_qatcore(lambda ps: AdamW(ps), arrays, grads)
     expected = run_torch(torch, lambda ps: torch.optim.AdamW(ps, foreach=False), arrays, grads)
@@ -702,6 +705,7 @@ def test_cosine_annealing_follows_closed_form():
     assert history[10] == pytest.approx([0.1, 0.02], rel=1e-15)  # the cosine continues
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(
     ("ours", "theirs"),
     [
@@ -713,7 +717,7 @@ def test_cosine_annealing_follows_closed_form():
     ],
 )
 def test_schedulers_match_torch(ours, theirs):
-    torch = pytest.importorskip("torch")
+    import torch
     optimizer = two_group_sgd()
     scheduler = ours(optimizer)
     torch_optimizer = torch.optim.SGD(

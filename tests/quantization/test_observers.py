@@ -1,4 +1,4 @@
-"""Observers: qparams against the NUMERICS.md formulas (QParams.from_range on numpy
+"""Observers: qparams against the formulas of docs/numerics.md (QParams.from_range on numpy
 extremes, an independent moving-average recurrence), degenerate inputs, NaN/Inf,
 the histogram and MSE observers, state_dict round trips and, when PyTorch is
 installed, torch.ao.quantization's observers where the formulas coincide."""
@@ -125,7 +125,7 @@ def test_minmax_per_channel_matches_from_range(case, dtype, symmetric):
 
 
 def moving_average_reference(lows: list[np.ndarray], highs: list[np.ndarray], c: float):
-    """The first batch's extremes, then m <- m + c * (cur - m) in float32 (NUMERICS.md); a
+    """The first batch's extremes, then m <- m + c * (cur - m) in float32 (docs/numerics.md); a
     channel where float32 overflows or leaves min > max is redone in float64 and rounded."""
     low, high = lows[0].astype(np.float32), highs[0].astype(np.float32)
     for cur_low, cur_high in zip(lows[1:], highs[1:]):
@@ -581,16 +581,18 @@ def test_mse_equals_brute_force_on_a_small_case(seed, dtype, symmetric):
 # qatcore's symmetric rule divides by (qmax - qmin) / 2; with the *full* int8/uint8 ranges
 # that is 127.5, exactly PyTorch's rule, so those cases must agree bit for bit. The narrow
 # int8 range (qatcore's weight default) divides by 127 and differs from torch's default
-# full-range observer on purpose (NUMERICS.md), so it is not compared.
+# full-range observer on purpose (docs/numerics.md, "Scale and zero point from an observed range"),
+# so it is not compared.
 TORCH_CASES = [("quint8", "per_tensor_affine", UINT8), ("qint8", "per_tensor_affine", INT8),
                ("qint8", "per_tensor_symmetric", INT8), ("quint8", "per_tensor_symmetric", UINT8)]
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("torch_dtype,torch_scheme,dtype", TORCH_CASES)
 @pytest.mark.parametrize("kind", ["minmax", "moving_average_minmax"])
 def test_matches_torch_observers(kind, torch_dtype, torch_scheme, dtype, seed):
-    torch = pytest.importorskip("torch")
+    import torch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's own deprecation notices
         from torch.ao.quantization import MinMaxObserver as TorchMinMax

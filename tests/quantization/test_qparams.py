@@ -1,4 +1,4 @@
-"""Integer types, QParams from observed ranges (NUMERICS.md formulas), quantize/dequantize."""
+"""Integer types, QParams from observed ranges (the formulas of docs/numerics.md), quantize/dequantize."""
 
 import numpy as np
 import pytest
@@ -33,7 +33,7 @@ def test_dtype_validation_names_the_field(kwargs, field):
 
 
 def reference(mn, mx, dtype, symmetric):
-    """NUMERICS.md, written out with float32 scalars."""
+    """docs/numerics.md, "Scale and zero point from an observed range", with float32 scalars."""
     qmin, qmax = dtype.quant_min, dtype.quant_max
     mn, mx = np.float32(min(mn, 0.0)), np.float32(max(mx, 0.0))
     if symmetric:
@@ -85,7 +85,7 @@ def test_per_channel_and_round_trip():
 
 
 def test_inverse_multiply_tie_vector():
-    # NUMERICS.md: x * float32(1/s) = 127.5 rounds to 128; x / s would give 127
+    # docs/numerics.md, "Fake quantization": x * float32(1/s) = 127.5 rounds to 128; x / s would give 127
     p = QParams(np.float32(0.00214854861), 0, QuantDType(16, True))
     assert p.quantize(np.float32(0.273939937))[()] == 128
 

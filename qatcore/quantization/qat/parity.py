@@ -5,8 +5,8 @@ the QAT model (``int8_model.value_sources``). ``parity_report`` runs both on the
 same inputs and compares each pair in units of that value's output step (LSB):
 for dequantized values a and b on the same grid, the distance is |a - b| / s.
 
-NUMERICS.md promises that at least 99.9% of output elements agree exactly and
-none differs by more than one step.
+``ParityReport.passes`` checks that at least 99.9% of output elements agree exactly
+and none differs by more than one step (docs/numerics.md, "Parity").
 
 >>> import numpy as np
 >>> from qatcore.models import DigitsCNN
@@ -65,7 +65,7 @@ class ParityReport:
 
     @property
     def passes(self) -> bool:
-        """NUMERICS.md's promise: >= 99.9% of output elements exact, none beyond one step."""
+        """>= 99.9% of output elements exact, none beyond one step (docs/numerics.md, "Parity")."""
         return self.output.exact >= 0.999 and self.output.max_lsb <= 1.0
 
 

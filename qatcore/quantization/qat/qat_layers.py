@@ -8,7 +8,7 @@ it, and the QAT model's state_dict is the float model's keys plus the
 quantizers' (``<layer>.weight_fake_quant.*``, ``<layer>.output_fake_quant.*``).
 
 ``QATConvBn2d`` folds a BatchNorm into the conv for fake quantization while
-training (NUMERICS.md), with the running-variance correction:
+training (docs/numerics.md, "BatchNorm folding"), with the running-variance correction:
 
     sf  = gamma / sqrt(running_var + eps)        (channels with sf == 0 use 1: see below)
     y   = conv(x, fake_quant(W * sf)) / sf  (+ conv bias)
@@ -73,7 +73,7 @@ class QATLayer(Module):
         return [q for q in (self.weight_fake_quant, self.output_fake_quant) if isinstance(q, FakeQuantize)]
 
     def eval_bias(self, bias):
-        """In eval, the bias rounded to the int32 grid of s_x * s_w (NUMERICS.md: removes
+        """In eval, the bias rounded to the int32 grid of s_x * s_w (docs/numerics.md, "Bias": removes
         the simulation/int8 one-LSB differences an unquantized float bias causes)."""
         quantizer, weight_quantizer = self.input_quantizer, self.weight_fake_quant
         if (self.training or bias is None or not isinstance(quantizer, FakeQuantize)
