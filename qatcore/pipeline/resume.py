@@ -88,7 +88,10 @@ def restore_qat(training: FloatTraining, folder: Path) -> tuple[QATTraining, int
     qat_model, info = QATPreparer.from_checkpoint(folder / RESUME_FILE, training.model,
                                                   lambda parameters: make_qat_optimizer(parameters, settings),
                                                   generators={"data": training.rng})
+    # Building a schedule sets the learning rate of its epoch 0; put the restored one back.
+    optimizer_state = info.optimizer.state_dict()
     schedule = CosineAnnealingLR(info.optimizer, T_max=settings.qat_epochs)
+    info.optimizer.load_state_dict(optimizer_state)
     schedule.load_state_dict(info.extra["schedule"])
     training.loader.load_state_dict(info.extra["loader"])  # after the generator: it redraws the epoch's order
     return (QATTraining(training, qat_model, info.optimizer, schedule), int(info.extra["epoch"]),

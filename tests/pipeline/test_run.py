@@ -62,6 +62,8 @@ def test_run_leaves_the_sigint_handler_as_it_was(tmp_path):
 
 @pytest.mark.parametrize("stop_after_steps, stage", [
     (STEPS_PER_EPOCH + 5, "float"),           # in the second float epoch
+    (2 * STEPS_PER_EPOCH + 7, "qat"),         # in the first QAT epoch
+    (3 * STEPS_PER_EPOCH + 7, "qat"),         # in the second: the schedule has moved the learning rate
 ])
 def test_stop_and_resume_reach_the_uninterrupted_result(tmp_path, straight, stop_after_steps, stage):
     steps = []
