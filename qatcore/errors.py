@@ -25,6 +25,7 @@ __all__ = [
     "ObserverError",
     "CheckpointError",
     "InteropError",
+    "RunInterrupted",
 ]
 
 
@@ -86,3 +87,14 @@ class InteropError(QATCoreError, ValueError):
     """A model cannot be exported to, or an ONNX file imported from, another framework's
     format: an operator or setting that has no faithful counterpart (named, with the node),
     or a file that is malformed; also raised when the optional ``onnx`` extra is missing."""
+
+
+class RunInterrupted(QATCoreError):
+    """A pipeline run (``qatcore.pipeline``) stopped at a training-step boundary because a
+    stop was requested (Ctrl-C); its state is saved in ``folder``, and
+    ``resume_pipeline(folder)`` finishes it with the result the uninterrupted run gives."""
+
+    def __init__(self, folder) -> None:
+        super().__init__(f"the run was interrupted and saved in {folder}; resume_pipeline({str(folder)!r}) "
+                         f"(or qatcore run --resume {folder}) finishes it")
+        self.folder = folder

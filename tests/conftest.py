@@ -91,8 +91,8 @@ def fine_tune():
 def digits_qat():
     """(float accuracy, preparer, QAT model, int8 model) of the reference DigitsCNN run: 12 float
     epochs, 3 QAT epochs. Shared by the conversion and export tests; treat it as read-only."""
-    from qatcore.cli import run_float
+    from qatcore.pipeline import RunSettings, train_float
 
-    result = run_float("cnn", epochs=12, lr=0.05, batch_size=64, seed=0, return_model=True)
-    preparer, qat = _fine_tune(result["trained_model"], epochs=3)
-    return result["float_accuracy"], preparer, qat, preparer.convert_to_quantized(qat)
+    result = train_float(RunSettings(model="cnn", epochs=12, lr=0.05, batch_size=64, seed=0))
+    preparer, qat = _fine_tune(result.model, epochs=3)
+    return result.accuracy, preparer, qat, preparer.convert_to_quantized(qat)

@@ -9,10 +9,17 @@ import time
 import numpy as np
 import pytest
 
-from qatcore.cli import main
+from qatcore.cli import build_parser, main, run_settings
+from qatcore.pipeline import RunSettings
 from qatcore.quantization.qat.checkpointing import read_qat_checkpoint
 
 SMALL = ["--model", "mlp", "--epochs", "2", "--qat-epochs", "1"]
+
+
+def test_run_options_are_the_pipeline_settings():
+    assert run_settings(build_parser().parse_args(["run"])) == RunSettings()  # the same defaults
+    args = build_parser().parse_args(["run", "--model", "mlp", "--qat-epochs", "5", "--output", "x", "--json"])
+    assert run_settings(args) == RunSettings(model="mlp", qat_epochs=5, output="x")
 
 
 def test_run_json_and_files(tmp_path, capsys):

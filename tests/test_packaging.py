@@ -43,9 +43,9 @@ def test_wheel_contains_and_imports_kernels(tmp_path):
     )
     assert installed.returncode == 0, installed.stderr
     code = (
-        "import qatcore, qatcore.kernels.im2col, qatcore.data; "
+        "import qatcore, qatcore.kernels.im2col, qatcore.data, qatcore.pipeline; "
         "print(qatcore.__file__); print(qatcore.kernels.im2col.__file__); "
-        "print(len(qatcore.data.load_digits()[0]))"
+        "print(len(qatcore.data.load_digits()[0])); print(qatcore.pipeline.__file__)"
     )
     env = dict(os.environ, PYTHONPATH=str(site))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -53,3 +53,4 @@ def test_wheel_contains_and_imports_kernels(tmp_path):
     assert out[0].startswith(str(site)) and out[1].startswith(str(site))
     assert out[1].endswith(os.path.join("qatcore", "kernels", "im2col.py"))
     assert int(out[2]) > 1000
+    assert out[3].startswith(str(site))  # every subpackage is listed in pyproject.toml

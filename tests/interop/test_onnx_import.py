@@ -180,10 +180,10 @@ def test_imported_model_trains(tmp_path):
 def test_import_qat_convert_export_round_trip(digits_qat, fine_tune, tmp_path, run_onnxruntime, agree):
     """The issue's pipeline: a float ONNX file in, QAT here, an int8 ONNX file out that ONNX
     Runtime runs with qatcore's results, at the conversion issue's accuracy."""
-    from qatcore.cli import run_float
+    from qatcore.pipeline import RunSettings, train_float
 
-    result = run_float("cnn", epochs=12, lr=0.05, batch_size=64, seed=0, return_model=True)
-    float_model, float_accuracy = result["trained_model"].eval(), result["float_accuracy"]
+    result = train_float(RunSettings(model="cnn", epochs=12, lr=0.05, batch_size=64, seed=0))
+    float_model, float_accuracy = result.model.eval(), result.accuracy
     export_onnx(float_model, tmp_path / "float.onnx", np.zeros((1, 1, 8, 8), np.float32))
     imported = import_onnx(tmp_path / "float.onnx")
     _, _, x_test, y_test = load_digits()

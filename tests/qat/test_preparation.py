@@ -6,11 +6,11 @@ import pytest
 
 import qatcore.nn.functional as F
 from qatcore import nn
-from qatcore.cli import run_float
 from qatcore.data import DataLoader, load_digits
 from qatcore.errors import ConfigError, ObserverError
 from qatcore.models import MLP, DigitsCNN, SmallResNet
 from qatcore.optim import SGD, CosineAnnealingLR
+from qatcore.pipeline import RunSettings, train_float
 from qatcore.quantization import QuantizationConfig
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.quantization.qat import (
@@ -235,8 +235,8 @@ def _fine_tune(model, config, epochs=3):
 
 @pytest.fixture(scope="module")
 def trained_cnn():
-    result = run_float("cnn", epochs=12, lr=0.05, batch_size=64, seed=0, return_model=True)
-    return result["float_accuracy"], result["trained_model"].state_dict()
+    result = train_float(RunSettings(model="cnn", epochs=12, lr=0.05, batch_size=64, seed=0))
+    return result.accuracy, result.model.state_dict()
 
 
 def test_qat_8bit_within_half_a_point_of_float(trained_cnn):

@@ -1,0 +1,88 @@
+"""QAT preparation and fine-tuning, the second stage of a run.
+
+The trained float model is prepared with ``QATPreparer().prepare_for_qat`` and the
+run's layer-wise config, then fine-tuned for ``settings.qat_epochs`` epochs with a new
+SGD optimizer (the QAT model may have new Parameters, such as learned scales) at
+``settings.qat_lr``, a fifth of the float rate, under its own cosine schedule. The
+data loader and its generator are the float stage's, continued.
+
+>>> from qatcore.pipeline import RunSettings, load_layerwise_config, train_float
+>>> settings = RunSettings(model="mlp", epochs=2, qat_epochs=1)
+>>> result = fine_tune_qat(train_float(settings), load_layerwise_config(settings))
+>>> round(result.accuracy, 4), type(result.model.get_submodule("layers.1")).__name__
+(0.7939, 'QATLinear')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from qatcore.nn import Module
+from qatcore.optim import SGD, CosineAnnealingLR
+from qatcore.pipeline.float_training import FloatResult, FloatTraining
+from qatcore.pipeline.settings import RunSettings
+from qatcore.pipeline.training_loop import train_epochs
+from qatcore.quantization import QATPreparer
+from qatcore.quantization.qat import LayerwiseConfig
+from qatcore.training import evaluate_accuracy
+
+__all__ = ["QATTraining", "QATResult", "fine_tune_qat", "make_qat_optimizer"]
+
+
+def make_qat_optimizer(parameters, settings: RunSettings) -> SGD:
+    """The fine-tuning optimizer: SGD at ``settings.qat_lr``, momentum 0.9, weight decay 1e-4."""
+    return SGD(parameters, lr=settings.qat_lr, momentum=0.9, weight_decay=1e-4)
+
+
+@dataclass(frozen=True, eq=False)
+class QATTraining:
+    """Everything fine-tuning changes as it runs: the QAT ``model``, its optimizer and
+    schedule, and (in ``float_training``) the loader and generator it draws batches with."""
+
+    float_training: FloatTraining = field(repr=False)
+    model: Module = field(repr=False)
+    optimizer: SGD = field(repr=False)
+    schedule: CosineAnnealingLR = field(repr=False)
+
+    @classmethod
+    def start(cls, float_training: FloatTraining, layerwise: LayerwiseConfig) -> QATTraining:
+        """Prepare the trained float model for QAT with ``layerwise``; a fresh optimizer and schedule."""
+        qat_model = QATPreparer().prepare_for_qat(float_training.model, layerwise)
+        optimizer = make_qat_optimizer(qat_model.parameters(), float_training.settings)
+        return cls(float_training, qat_model, optimizer,
+                   CosineAnnealingLR(optimizer, T_max=float_training.settings.qat_epochs))
+
+    def train(self, first_epoch: int = 0, *, on_progress: Callable[[str], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> int | None:
+        """Fine-tune from ``first_epoch`` to ``settings.qat_epochs``; None when done, else the
+        epoch in which ``should_stop()`` stopped it (see ``train_epochs``)."""
+        return train_epochs(self.model, self.float_training.loader, self.optimizer, self.schedule,
+                            range(first_epoch, self.float_training.settings.qat_epochs), label="QAT",
+                            on_progress=on_progress, should_stop=should_stop)
+
+    def accuracy(self) -> float:
+        """The QAT model's accuracy on the test split."""
+        dataset = self.float_training.dataset
+        return evaluate_accuracy(self.model, dataset.x_test, dataset.y_test)
+
+
+@dataclass(frozen=True, eq=False)
+class QATResult:
+    """A finished fine-tuning: the QAT model's test ``accuracy`` and the training objects."""
+
+    accuracy: float
+    training: QATTraining = field(repr=False)
+
+    @property
+    def model(self) -> Module:
+        return self.training.model
+
+
+def fine_tune_qat(float_result: FloatResult, layerwise: LayerwiseConfig, *,
+                  on_progress: Callable[[str], None] | None = None) -> QATResult:
+    """Prepare ``float_result``'s model for QAT with ``layerwise`` and fine-tune it for
+    ``settings.qat_epochs`` epochs; writes no files. ``on_progress`` gets a line per step."""
+    training = QATTraining.start(float_result.training, layerwise)
+    training.train(on_progress=on_progress)
+    return QATResult(training.accuracy(), training)

@@ -1,0 +1,98 @@
+"""The result of a run and its two human-readable forms.
+
+:class:`RunResult` holds the numbers a run measured (``to_dict()`` is the record
+written to ``result.json`` and printed by ``qatcore run --json``) and the models and
+reports they came from. :func:`format_summary` is the table ``qatcore run`` prints;
+:func:`format_report` is ``report.md``: that table, the parity report value by value,
+and the statistics summary at the end of training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from qatcore.nn import Module
+from qatcore.quantization import ParityReport
+from qatcore.quantization.qat import QATStatistics
+
+__all__ = ["RunResult", "format_summary", "format_report"]
+
+
+def _attached():
+    """A RunResult field that is an object, not part of the record."""
+    return field(repr=False, metadata={"record": False})
+
+
+@dataclass(frozen=True, eq=False)
+class RunResult:
+    """What one run measured and made.
+
+    The record (in this order): the settings that shaped it (model, dataset, seed, epochs,
+    qat_epochs, bits), the split sizes, float / QAT / int8 test accuracy, the float and
+    int8 file sizes in bytes, the median inference time on the test set in ms, the
+    int8-vs-QAT parity of the output (fraction exact, largest difference in output steps,
+    top-1 agreement), the wall time, the run folder and whether ``statistics.png`` was
+    drawn. Attached: the float, QAT and int8 models, the ``ParityReport`` and the
+    ``QATStatistics``.
+    """
+
+    model: str
+    dataset: str
+    seed: int
+    epochs: int
+    qat_epochs: int
+    bits: int
+    train_samples: int
+    test_samples: int
+    float_accuracy: float
+    qat_accuracy: float
+    int8_accuracy: float
+    float_model_bytes: int
+    int8_model_bytes: int
+    float_inference_ms: float
+    int8_inference_ms: float
+    parity_exact: float
+    parity_max_lsb: float
+    top1_agreement: float | None
+    wall_time_s: float
+    output: str
+    plots: bool
+    float_model: Module = _attached()
+    qat_model: Module = _attached()
+    int8_model: Module = _attached()
+    parity: ParityReport = _attached()
+    statistics: QATStatistics = _attached()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain data, led by ``"command": "run"`` (``result.json``)."""
+        return {"command": "run", **{f.name: getattr(self, f.name) for f in fields(self)
+                                     if f.metadata.get("record", True)}}
+
+
+def format_summary(result: RunResult) -> str:
+    """The table ``qatcore run`` prints: accuracy, size, speed, parity and time."""
+    rows = [
+        ("accuracy (float / QAT / int8)", f"{100 * result.float_accuracy:.2f}% / "
+                                          f"{100 * result.qat_accuracy:.2f}% / "
+                                          f"{100 * result.int8_accuracy:.2f}%"),
+        ("model size (float / int8)", f"{result.float_model_bytes:,} / {result.int8_model_bytes:,} bytes "
+                                      f"({100 * result.int8_model_bytes / result.float_model_bytes:.1f}%)"),
+        ("inference on the test set (float / int8)", f"{result.float_inference_ms:.2f} / "
+                                                     f"{result.int8_inference_ms:.2f} ms"),
+        ("int8 vs QAT outputs", f"{100 * result.parity_exact:.3f}% exact, max {result.parity_max_lsb:g} LSB, "
+                                f"top-1 agreement {100 * (result.top1_agreement or 0):.2f}%"),
+        ("wall time", f"{result.wall_time_s:.1f} s"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    header = (f"qatcore run: {result.model} on {result.dataset} ({result.train_samples} train / "
+              f"{result.test_samples} test), {result.epochs} float + {result.qat_epochs} QAT epochs")
+    return "\n".join([header] + [f"  {name.ljust(width)}  {value}" for name, value in rows]
+                     + [f"  files in {result.output}/"])
+
+
+def format_report(result: RunResult) -> str:
+    """``report.md``: the summary, the parity report and the statistics summary."""
+    return (f"# qatcore run report\n\n```text\n{format_summary(result)}\n```\n\n## Parity, value by value\n\n"
+            f"```text\n{result.parity}\n```\n\n## Statistics at the end of training\n\n"
+            f"```text\n{result.statistics.summary()}\n```\n")

@@ -1,0 +1,163 @@
+"""The whole run: float training, QAT fine-tuning, int8 conversion, evaluation, and the
+run folder, resumable after an interruption.
+
+:func:`run_pipeline` writes, in ``settings.output``:
+
+    float.qat         the float model's state_dict          (qatcore.save)
+    qat.ckpt          the QAT checkpoint                     (save_qat_checkpoint)
+    model.int8        the int8 model                         (save_int8_model)
+    statistics.json   what quantization did while training   (and statistics.qat)
+    report.md         the summary; statistics.png with matplotlib installed
+    result.json       the record of the RunResult it returns
+
+A stop requested while training (by default Ctrl-C; see ``should_stop``) ends the
+current step, saves ``resume.ckpt`` in the folder and raises ``RunInterrupted``;
+:func:`resume_pipeline` then finishes the run with the result an uninterrupted run
+gives. Nothing is printed: ``on_progress`` receives a line per training step.
+
+>>> settings = RunSettings(model="mlp", epochs=2, qat_epochs=1, output="mlp-run")
+>>> result = run_pipeline(settings)
+>>> result.int8_accuracy > 0.5, result.parity_max_lsb <= 1
+(True, True)
+>>> sorted(path.name for path in settings.output.iterdir())[:3]
+['float.qat', 'model.int8', 'qat.ckpt']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import qatcore
+from qatcore.autograd import no_grad
+from qatcore.errors import QATCoreError, RunInterrupted
+from qatcore.nn import Module
+from qatcore.pipeline.float_training import FloatTraining
+from qatcore.pipeline.qat_training import QATTraining
+from qatcore.pipeline.report import RunResult, format_report
+from qatcore.pipeline.resume import (
+    RESUME_FILE,
+    ResumePoint,
+    read_resume_point,
+    restore_float,
+    restore_qat,
+    save_float_resume,
+    save_qat_resume,
+)
+from qatcore.pipeline.settings import RunSettings, load_dataset, load_layerwise_config
+from qatcore.pipeline.training_loop import stop_on_sigint
+from qatcore.quantization import QATPreparer, parity_report, save_int8_model, save_qat_checkpoint
+from qatcore.training import evaluate_accuracy
+
+__all__ = ["run_pipeline", "resume_pipeline", "inference_ms"]
+
+Progress = Callable[[str], None]
+
+
+def run_pipeline(settings: RunSettings, *, on_progress: Progress | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> RunResult:
+    """Run the whole job for ``settings`` into the folder ``settings.output`` (module docstring).
+
+    Args:
+        on_progress: called with a one-line status after every training step and before
+            conversion; None for silence.
+        should_stop: asked after every training step; True interrupts the run. None: Ctrl-C
+            (SIGINT, on the main thread) interrupts it while it trains.
+
+    Raises:
+        RunInterrupted: the run stopped and saved ``resume.ckpt`` (``resume_pipeline``).
+        ConfigError, DataError, ...: a setting, config file or data set that cannot be used.
+    """
+    return _run(settings, settings.output, None, time.perf_counter(), on_progress, should_stop)
+
+
+def resume_pipeline(folder: str | os.PathLike, *, on_progress: Progress | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> RunResult:
+    """Finish the interrupted run in ``folder`` with the settings it was started with; the
+    result is that of the uninterrupted run (timings aside). Arguments as ``run_pipeline``."""
+    start = time.perf_counter()
+    folder = Path(folder)
+    point = read_resume_point(folder)
+    return _run(point.settings, folder, point, start, on_progress, should_stop)
+
+
+def inference_ms(model: Module, x: np.ndarray, repeats: int = 5) -> float:
+    """The median time in ms of ``model(x)`` in eval mode over ``repeats`` calls, after a warm-up."""
+    model.eval()
+    times = []
+    with no_grad():
+        model(x[:64])
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def _run(settings: RunSettings, folder: Path, point: ResumePoint | None, start: float,
+         on_progress: Progress | None, should_stop: Callable[[], bool] | None) -> RunResult:
+    progress = on_progress if on_progress is not None else (lambda text: None)
+    layerwise = load_layerwise_config(settings)
+    dataset = load_dataset(settings)
+    folder.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be usable
+    float_training = FloatTraining.start(settings, dataset)
+    stop_checks = contextlib.nullcontext(should_stop) if should_stop is not None else stop_on_sigint()
+    with stop_checks as stop:
+        if point is None or point.stage == "float":
+            first_epoch = restore_float(float_training, point) if point is not None else 0
+            stopped = float_training.train(first_epoch, on_progress=progress, should_stop=stop)
+            if stopped is not None:
+                save_float_resume(folder, float_training, stopped)
+                raise RunInterrupted(folder)
+            float_accuracy = float_training.accuracy()
+            qatcore.save(float_training.model.state_dict(), folder / "float.qat")
+            qat_training, first_epoch = QATTraining.start(float_training, layerwise), 0
+        else:
+            qat_training, first_epoch, float_accuracy = restore_qat(float_training, folder)
+        stopped = qat_training.train(first_epoch, on_progress=progress, should_stop=stop)
+        if stopped is not None:
+            save_qat_resume(folder, qat_training, stopped, float_accuracy)
+            raise RunInterrupted(folder)
+    progress("converting and evaluating")
+    qat_model, x_test, y_test = qat_training.model, dataset.x_test, dataset.y_test
+    qat_accuracy = qat_training.accuracy()
+    save_qat_checkpoint(folder / "qat.ckpt", qat_model, qat_training.optimizer,
+                        extra={"run_args": settings.to_dict()})
+    int8_model = QATPreparer().convert_to_quantized(qat_model)
+    save_int8_model(folder / "model.int8", int8_model)
+    int8_accuracy = evaluate_accuracy(int8_model, x_test, y_test)
+    parity = parity_report(qat_model, int8_model, x_test)
+    statistics = QATPreparer.controller(qat_model).statistics
+    statistics.save(folder / "statistics.qat")
+    (folder / "statistics.json").write_text(statistics.to_json())
+    plots = False
+    try:
+        statistics.plot(folder / "statistics.png")
+        plots = True
+    except QATCoreError:
+        pass  # matplotlib not installed: the plot is optional
+    float_model = float_training.model
+    float_ms, int8_ms = inference_ms(float_model, x_test), inference_ms(int8_model, x_test)
+    (folder / RESUME_FILE).unlink(missing_ok=True)
+    result = RunResult(
+        model=settings.model, dataset=dataset.name, seed=settings.seed, epochs=settings.epochs,
+        qat_epochs=settings.qat_epochs, bits=settings.bits,
+        train_samples=int(len(dataset.x_train)), test_samples=int(len(x_test)),
+        float_accuracy=float_accuracy, qat_accuracy=qat_accuracy, int8_accuracy=int8_accuracy,
+        float_model_bytes=(folder / "float.qat").stat().st_size,
+        int8_model_bytes=(folder / "model.int8").stat().st_size,
+        float_inference_ms=float_ms, int8_inference_ms=int8_ms,
+        parity_exact=parity.output.exact, parity_max_lsb=parity.output.max_lsb,
+        top1_agreement=parity.top1_agreement, wall_time_s=time.perf_counter() - start,
+        output=str(folder), plots=plots,
+        float_model=float_model, qat_model=qat_model, int8_model=int8_model, parity=parity, statistics=statistics,
+    )
+    (folder / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    (folder / "report.md").write_text(format_report(result))
+    return result

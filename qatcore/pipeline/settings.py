@@ -1,0 +1,186 @@
+"""What a run is made of: its settings, the reference model by name, the layer-wise
+QAT config and the data set.
+
+:class:`RunSettings` has one field per ``qatcore run`` option (``--qat-epochs`` is
+``qat_epochs``), with the same defaults, and is checked when built; an error names
+the option and what it accepts, so the command line and Python give the same message.
+
+>>> settings = RunSettings(model="mlp", epochs=2, qat_epochs=1, output="runs/mlp")
+>>> settings.output.name, settings.batch_size, settings.to_dict()["output"]
+('mlp', 64, 'runs/mlp')
+>>> RunSettings(bits=12)
+Traceback (most recent call last):
+...
+qatcore.errors.ConfigError: --bits must be in [2, 8] (int8 runtime), got 12
+>>> model = make_model("cnn", np.random.default_rng(0), image_size=8)
+>>> type(model).__name__
+'DigitsCNN'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from qatcore import models
+from qatcore.data import load_digits, load_mnist_idx
+from qatcore.errors import ConfigError
+from qatcore.nn import Module
+from qatcore.quantization import QuantizationConfig
+from qatcore.quantization.qat import LayerwiseConfig
+
+__all__ = ["MODELS", "make_model", "RunSettings", "load_layerwise_config", "Dataset", "load_dataset"]
+
+# The reference models by name: (rng, image side) -> a fresh float model.
+MODELS: Mapping[str, Callable[[np.random.Generator, int], Module]] = MappingProxyType({
+    "mlp": lambda rng, image_size: models.MLP(in_features=image_size * image_size, rng=rng),
+    "cnn": lambda rng, image_size: models.DigitsCNN(rng=rng, image_size=image_size),
+    "resnet": lambda rng, image_size: models.SmallResNet(rng=rng),  # global pooling fits any side
+})
+
+
+def make_model(name: str, rng: np.random.Generator, image_size: int = 8) -> Module:
+    """The reference model ``name`` (a key of ``MODELS``) for ``image_size`` square inputs,
+    its weights drawn from ``rng``."""
+    if name not in MODELS:
+        raise ConfigError(f"model must be one of {list(MODELS)}, got {name!r}")
+    return MODELS[name](rng, image_size)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The settings of one run (each field is the ``qatcore run`` option of that name).
+
+    Fields:
+        model: a key of ``MODELS`` ("mlp", "cnn", "resnet").
+        config: a layer-wise QAT config file (JSON, or TOML on Python 3.11+), or None
+            for the default config with ``bits``-bit weights.
+        bits: weight bits of the default config, 2..8 (the int8 runtime's range).
+        epochs, qat_epochs: float training and QAT fine-tuning epochs (positive).
+        lr: the float SGD learning rate; fine-tuning uses ``qat_lr`` (a fifth of it).
+        batch_size: positive.  seed: the seed of every random choice (>= 0).
+        output: the run folder.  mnist: a folder of MNIST IDX files, or None for the
+            embedded 8x8 digits.
+
+    Paths may be given as strings. The fields are saved in checkpoints as
+    ``to_dict()`` and read back by ``from_dict``.
+    """
+
+    # The order is that of the options, and of the "run_args" record saved in checkpoints.
+    model: str = "cnn"
+    config: Path | None = None
+    bits: int = 8
+    epochs: int = 12
+    qat_epochs: int = 3
+    lr: float = 0.05
+    batch_size: int = 64
+    seed: int = 0
+    output: Path = Path("qatcore-run")
+    mnist: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ConfigError(f"--model must be one of {list(MODELS)}, got {self.model!r}")
+        if not (_is_int(self.bits) and 2 <= self.bits <= 8):
+            raise ConfigError(f"--bits must be in [2, 8] (int8 runtime), got {self.bits}")
+        for name in ("epochs", "qat_epochs", "batch_size"):
+            value = getattr(self, name)
+            if not (_is_int(value) and value >= 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not (_is_int(self.seed) and self.seed >= 0):
+            raise ConfigError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool)
+                and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr!r}")
+        object.__setattr__(self, "lr", float(self.lr))
+        for name in ("config", "output", "mnist"):
+            value = getattr(self, name)
+            if value is None and name != "output":
+                continue
+            if not isinstance(value, (str, os.PathLike)):
+                raise ConfigError(f"--{name} must be a path, got {value!r}")
+            object.__setattr__(self, name, Path(value))
+
+    @property
+    def qat_lr(self) -> float:
+        """The fine-tuning learning rate: a fifth of ``lr`` (the weights are already trained)."""
+        return self.lr * 0.2
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain data (paths as strings), in field order."""
+        return {f.name: (str(value) if isinstance(value, Path) else value)
+                for f in fields(self) for value in (getattr(self, f.name),)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunSettings:
+        """Settings from ``to_dict()``'s data (missing fields take their defaults)."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(data, Mapping) or set(data) - set(names):
+            raise ConfigError(f"run settings must be a mapping with keys among {names}, got {data!r}")
+        return cls(**dict(data))
+
+
+def load_layerwise_config(settings: RunSettings) -> LayerwiseConfig:
+    """The run's layer-wise QAT config: read from ``settings.config`` (JSON, or TOML with a
+    ``.toml`` suffix; the format of ``LayerwiseConfig.from_dict``), or, without a file, the
+    default ``QuantizationConfig`` with ``settings.bits``-bit LSQ weights when bits < 8."""
+    path = settings.config
+    if path is None:
+        config = QuantizationConfig()
+        if settings.bits != 8:
+            base = QuantizationConfig.lsq_4bit_weights()
+            config = base.replace(weight=base.weight.replace(bits=settings.bits))
+        return LayerwiseConfig(global_config=config)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    toml = path.suffix.lower() == ".toml"
+    if toml and sys.version_info < (3, 11):
+        raise ConfigError(f"config file {path}: TOML needs Python 3.11 or newer (tomllib); write the config as JSON")
+    try:
+        if toml:
+            import tomllib  # Python 3.11+, checked above
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from e
+    return LayerwiseConfig.from_dict(data)
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A run's data: ``name`` ("digits" or "mnist") and float32 images (N, 1, side, side)
+    with integer labels, split into train and test."""
+
+    name: str
+    x_train: np.ndarray = field(repr=False)
+    y_train: np.ndarray = field(repr=False)
+    x_test: np.ndarray = field(repr=False)
+    y_test: np.ndarray = field(repr=False)
+
+    @property
+    def image_size(self) -> int:
+        """The side of the (square) images: 8 for the digits, 28 for MNIST."""
+        return int(self.x_train.shape[-1])
+
+
+def load_dataset(settings: RunSettings) -> Dataset:
+    """The embedded 8x8 digits (split by ``settings.seed``), or the MNIST IDX files in
+    ``settings.mnist``."""
+    if settings.mnist is None:
+        return Dataset("digits", *load_digits(seed=settings.seed))
+    return Dataset("mnist", *load_mnist_idx(settings.mnist))

@@ -1,0 +1,90 @@
+"""The epoch loop of both training stages, which stops cleanly between two steps.
+
+A run is interrupted only at a step boundary, where the model, optimizer, schedule,
+data loader and generator are consistent with each other and can be saved; resuming
+from that state then reproduces the uninterrupted run exactly. The loop asks
+``should_stop()`` after every step; :func:`stop_on_sigint` turns Ctrl-C into such a
+request instead of a ``KeyboardInterrupt`` somewhere inside backward.
+
+>>> import numpy as np
+>>> from qatcore.data import DataLoader, load_digits
+>>> from qatcore.models import MLP
+>>> from qatcore.optim import SGD, CosineAnnealingLR
+>>> x_train, y_train, _, _ = load_digits()
+>>> model = MLP()
+>>> optimizer = SGD(model.parameters(), lr=0.05)
+>>> loader = DataLoader(x_train, y_train, 64, shuffle=True, rng=np.random.default_rng(0))
+>>> steps = []
+>>> train_epochs(model, loader, optimizer, CosineAnnealingLR(optimizer, T_max=2), range(2),
+...              label="float", on_progress=steps.append, should_stop=lambda: len(steps) == 30)
+1
+>>> steps[-1][:31]
+'float epoch 2/2  batch 7/23  lo'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Callable, Iterator
+
+from qatcore.data import DataLoader
+from qatcore.nn import Module
+from qatcore.training import train_one_epoch
+
+__all__ = ["train_epochs", "stop_on_sigint"]
+
+
+class _StopRequested(Exception):
+    """Raised from the step callback to leave train_one_epoch between two steps."""
+
+
+def train_epochs(model: Module, loader: DataLoader, optimizer, schedule, epochs: range, *, label: str,
+                 on_progress: Callable[[str], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> int | None:
+    """Train ``model`` for the ``epochs`` (a range of epoch indices, ``range(first, total)``),
+    stepping ``schedule`` after each whole epoch.
+
+    After every step, ``on_progress`` gets a line such as ``"QAT epoch 2/3  batch 5/23
+    loss 0.0412"`` and ``should_stop()`` is asked whether to stop.
+
+    Returns:
+        None when every epoch ran; otherwise the epoch index in which training stopped
+        (that epoch's schedule step not taken, the loader mid-epoch), the state to save.
+    """
+    for epoch in epochs:
+        def on_step(step: int, value: float, epoch: int = epoch) -> None:
+            if on_progress is not None:
+                on_progress(f"{label} epoch {epoch + 1}/{epochs.stop}  batch {step + 1}/{len(loader)}  "
+                            f"loss {value:.4f}")
+            if should_stop is not None and should_stop():
+                raise _StopRequested()
+
+        try:
+            train_one_epoch(model, loader, optimizer, on_step=on_step)
+        except _StopRequested:
+            return epoch
+        schedule.step()
+    return None
+
+
+@contextlib.contextmanager
+def stop_on_sigint() -> Iterator[Callable[[], bool]]:
+    """Inside the block, Ctrl-C (SIGINT) only records a stop request; yields the
+    ``should_stop`` check for :func:`train_epochs`. The previous handler is restored on
+    exit. Off the main thread, where Python cannot handle signals, nothing is installed
+    and the check stays False."""
+    requested = False
+
+    def handle(signum, frame) -> None:
+        nonlocal requested
+        requested = True
+
+    installed = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, handle) if installed else None
+    try:
+        yield lambda: requested
+    finally:
+        if installed:  # a handler set outside Python reads back as None
+            signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
