@@ -176,10 +176,12 @@ def test_against_pytorch(case):
         assert ours == pytest.approx(ref, rel=1e-6)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("name", ["hardswish", "hardsigmoid"])
 def test_hard_activations_equal_pytorch(name, dtype):
-    torch = pytest.importorskip("torch")
+    import torch
+
     x = np.concatenate([np.linspace(-5, 5, 1001), [-3.0, 3.0, 0.0]]).astype(dtype)
     expected = getattr(torch.nn.functional, name)(torch.from_numpy(x)).numpy()
     np.testing.assert_array_equal(getattr(F, name)(qatcore.tensor(x)).numpy(), expected)

@@ -66,11 +66,12 @@ class TwoBranch(nn.Module):
     def __init__(self, relu_after_cat: bool) -> None:
         super().__init__()
         self.relu_after_cat = relu_after_cat
-        self.a = nn.Conv2d(1, 4, 3, padding=1)
-        self.b = nn.Conv2d(1, 4, 3, padding=1)
+        rng = np.random.default_rng(12)  # seeded: an unseeded model made the parity bound flaky
+        self.a = nn.Conv2d(1, 4, 3, padding=1, rng=rng)
+        self.b = nn.Conv2d(1, 4, 3, padding=1, rng=rng)
         self.relu = nn.ReLU()
         self.flatten = nn.Flatten()
-        self.fc = nn.Linear(8 * 8 * 8, 10)
+        self.fc = nn.Linear(8 * 8 * 8, 10, rng=rng)
 
     def forward(self, x):
         y = F.cat([self.relu(self.a(x)), self.b(x)], dim=1)

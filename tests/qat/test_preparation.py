@@ -22,6 +22,7 @@ from qatcore.quantization.qat import (
     QATPreparer,
     QATSchedule,
 )
+from qatcore.quantization.qat.parity import parity_report
 from qatcore.training import evaluate_accuracy, train_one_epoch
 
 
@@ -198,6 +199,26 @@ def test_zero_gamma_does_not_divide_by_zero():
     out = qat(batch())
     out.sum().backward()
     assert np.all(np.isfinite(out.numpy())) and np.all(np.isfinite(model.conv1.weight.grad))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1e-45])
+def test_dead_channels_agree_between_training_eval_and_int8(gamma):
+    """gamma == 0, or a subnormal gamma whose float32 product with 1 / sqrt(var + eps)
+    underflows: training, eval and the int8 model treat the channel alike (it outputs beta)."""
+    model = DigitsCNN()
+    model.bn1.weight.data[0] = gamma
+    model.bn1.running_var.data[0] = 9.0
+    preparer = QATPreparer()
+    qat = preparer.prepare_for_qat(model)
+    qat(batch())
+    layer = qat.get_submodule("conv1")
+    _, _, dead = layer.folded_parameters()
+    assert dead[0] and not dead[1:].any()
+    qat.eval()
+    channel = layer(batch(2)).numpy()[:, 0]
+    assert np.all(channel == channel.flat[0])  # beta (through the ReLU and the output grid) everywhere
+    report = parity_report(qat, preparer.convert_to_quantized(qat), batch(1))
+    assert report.output.exact >= 0.999 and report.output.max_lsb <= 1, str(report)
 
 
 def test_frozen_layer_is_quantized_with_static_weight_qparams():

@@ -174,12 +174,16 @@ class QATConvBn2d(QATLayer):
         bn = self.bn
         return (1 / np.sqrt(bn.running_var.data + np.float32(bn.eps))).astype(self.weight.dtype)
 
+    def _raw_scale_factor(self) -> np.ndarray:
+        """gamma * (1 / sqrt(running_var + eps)) in float32, exactly as training multiplies."""
+        bn = self.bn
+        gamma = bn.weight.data if bn.weight is not None else np.ones(bn.num_features, self.weight.dtype)
+        return (gamma * self._inverse_std()).astype(self.weight.dtype)
+
     def _scale_factor(self) -> np.ndarray:
         """sf = gamma * (1 / sqrt(running_var + eps)) in float32, 1 where it is 0: the very
         values the training path multiplies the weight by, so eval and conversion fold alike."""
-        bn = self.bn
-        gamma = bn.weight.data if bn.weight is not None else np.ones(bn.num_features, self.weight.dtype)
-        sf = gamma * self._inverse_std()
+        sf = self._raw_scale_factor()
         return np.where(sf == 0, np.float32(1), sf).astype(self.weight.dtype)
 
     def forward(self, x):
@@ -222,7 +226,9 @@ class QATConvBn2d(QATLayer):
         bias = 0.0 if self.bias is None else self.bias.data.astype(np.float64)
         folded_bias = (beta + (bias - bn.running_mean.data.astype(np.float64)) * real_sf).astype(np.float32)
         folded_weight = self.weight.data * sf.reshape(-1, 1, 1, 1)
-        return folded_weight, folded_bias, real_sf == 0
+        # the channels training treats as gamma == 0: the float32 product is 0 (a subnormal gamma
+        # can underflow there while its float64 quotient is not 0), so all three paths agree
+        return folded_weight, folded_bias, self._raw_scale_factor() == 0
 
     def _folded_eval(self, x):
         """Eval with running statistics, in the folded form the int8 model computes:
