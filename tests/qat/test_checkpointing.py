@@ -15,7 +15,8 @@ import qatcore
 from qatcore.errors import CheckpointError
 from qatcore.models import MLP, DigitsCNN
 from qatcore.optim import SGD
-from qatcore.quantization import QATPreparer, QuantizationConfig, load_qat_checkpoint, save_qat_checkpoint
+from qatcore.quantization import QuantizationConfig
+from qatcore.quantization.qat import QATPreparer, load_qat_checkpoint, save_qat_checkpoint
 from qatcore.quantization.qat.checkpointing import load_int8_model, read_qat_checkpoint, save_int8_model
 
 RUN = textwrap.dedent('''
@@ -25,7 +26,7 @@ RUN = textwrap.dedent('''
     from qatcore.data import DataLoader, load_digits
     from qatcore.models import DigitsCNN
     from qatcore.optim import SGD
-    from qatcore.quantization import QATPreparer, save_qat_checkpoint
+    from qatcore.quantization.qat import QATPreparer, save_qat_checkpoint
     from qatcore.quantization.qat import StatisticsConfig
 
     mode, steps, source, target = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -96,7 +97,7 @@ def test_sigkill_while_writing_leaves_the_previous_checkpoint(tmp_path):
     writer = textwrap.dedent(f'''
         import numpy as np
         from qatcore.models import MLP
-        from qatcore.quantization import QATPreparer, save_qat_checkpoint
+        from qatcore.quantization.qat import QATPreparer, save_qat_checkpoint
         qat = QATPreparer().prepare_for_qat(MLP(hidden=(8,)))
         qat(np.zeros((2, 1, 8, 8), np.float32))
         save_qat_checkpoint({str(path)!r}, qat, extra={{"round": 0}})

@@ -22,7 +22,7 @@ A plain float ``state_dict`` file loads into a QAT model as a warm start
 
 >>> import numpy as np, os, tempfile
 >>> from qatcore.models import DigitsCNN
->>> from qatcore.quantization import QATPreparer
+>>> from qatcore.quantization.qat import QATPreparer
 >>> preparer = QATPreparer()
 >>> qat = preparer.prepare_for_qat(DigitsCNN())
 >>> _ = qat(np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32))

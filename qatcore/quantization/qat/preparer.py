@@ -2,7 +2,8 @@
 
 >>> import numpy as np
 >>> from qatcore.models import DigitsCNN
->>> from qatcore.quantization import QATPreparer, QuantizationConfig
+>>> from qatcore.quantization import QuantizationConfig
+>>> from qatcore.quantization.qat import QATPreparer
 >>> preparer = QATPreparer()
 >>> qat_model = preparer.prepare_for_qat(DigitsCNN(), QuantizationConfig())
 >>> out = qat_model(np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32))
