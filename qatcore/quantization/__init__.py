@@ -22,8 +22,8 @@ from qatcore.quantization.observer import (
     MovingAveragePerChannelMinMaxObserver,
     Observer,
     PerChannelMinMaxObserver,
-    make_observer,
 )
+from qatcore.quantization.observer_factory import make_observer
 from qatcore.quantization.qparams import QParams
 from qatcore.quantization.qscheme import QScheme
 
