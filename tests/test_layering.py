@@ -183,6 +183,7 @@ def test_import_qatcore_loads_the_core_only_and_reaches_every_subpackage():
 
 
 def test_lazy_names_of_a_package_are_the_defining_modules_objects():
+    import qatcore.interop as interop
     import qatcore.nn as nn
     import qatcore.quantization as quantization
     from qatcore.nn.linear import Linear
@@ -192,7 +193,7 @@ def test_lazy_names_of_a_package_are_the_defining_modules_objects():
     for name in ("QATPreparer", "save_qat_checkpoint", "convert_to_quantized", "parity_report"):
         assert getattr(quantization, name) is getattr(qat, name)
         assert name not in quantization.__all__  # the engine's names are qat's to list
-    for package in (qatcore, nn, quantization):
+    for package in (qatcore, nn, quantization, interop, qatcore.kernels):
         assert set(package.__all__) <= set(dir(package))
         with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
             package.no_such_name  # noqa: B018
