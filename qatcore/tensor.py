@@ -334,7 +334,6 @@ def tensor(data: Any, requires_grad: bool = False, dtype: Any = None) -> Tensor:
     return Tensor(data, requires_grad=requires_grad, dtype=dtype)
 
 
-
 # ---- the layers above, bound when they are imported --------------------------------
 class _FunctionalNotImported:
     """What ``F`` is until qatcore.nn.functional binds itself: every use is an error."""

@@ -8,7 +8,7 @@ Three checks hold that:
   from one that has loaded numpy and nothing of qatcore), and every qatcore module
   that got loaded must be from its layer or below. The child starts from a bare
   ``qatcore`` package (its ``__init__`` not run), because ``qatcore/__init__``
-  loads the core on purpose (see test_import_qatcore_loads_the_core_only);
+  loads the core on purpose (test_import_qatcore_loads_the_core_only_and_...);
 - statically: every import statement, including those inside functions, and every
   name a package re-exports lazily (``lazy_exports``) points to the same layer or
   below, with ALLOWED_UPWARD as the only, named, exception;
@@ -124,8 +124,10 @@ def loaded_by_import():
     if not hasattr(os, "fork"):
         pytest.skip("needs os.fork to give each import a clean interpreter quickly")
     targets = [name for name in MODULES if name != "qatcore.__main__"]  # __main__ runs the command line
+    # one BLAS thread, so the parent has no other thread when it forks
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-c", CHILD, json.dumps(targets)], capture_output=True, text=True,
-                         timeout=600)
+                         timeout=600, env=env)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout)
 
