@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from qatcore.errors import ConfigError
+from qatcore.errors import ConfigError, QATCoreError
 from qatcore.nn.module import Module
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES, QATConvBn2d
@@ -178,7 +178,10 @@ class QATController(Module):
 def controller_of(qat_model: Module) -> QATController:
     """The QATController that preparation registered in ``qat_model`` as ``qat_controller``
     (ConfigError if the model was not prepared)."""
-    controller = qat_model._modules.get("qat_controller") if isinstance(qat_model, Module) else None
+    try:
+        controller = qat_model.get_submodule("qat_controller") if isinstance(qat_model, Module) else None
+    except QATCoreError:  # no such submodule
+        controller = None
     if not isinstance(controller, QATController):
         raise ConfigError("this model was not prepared by QATPreparer.prepare_for_qat")
     return controller
