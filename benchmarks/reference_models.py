@@ -12,7 +12,7 @@ def digits_cnn_float_qat_int8():
     Speed does not depend on training, so nothing is trained."""
     from qatcore.data import load_digits
     from qatcore.models import DigitsCNN
-    from qatcore.quantization import QATPreparer
+    from qatcore.quantization.qat import QATPreparer
 
     x_train, _, x_test, _ = load_digits()
     model = DigitsCNN().eval()

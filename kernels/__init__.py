@@ -36,10 +36,18 @@ Conventions shared by every kernel:
     * Each kernel has a NumPy reference oracle in ``tests/kernels``.
 
 This package imports neither numba nor its submodules, so ``import qatcore`` stays fast and
-compiles nothing. An op imports the kernel module it needs inside the function that uses it:
+compiles nothing: the submodules are attributes imported on first use (PEP 562), so an op
+imports the package once, at the top of its module, and numba loads when a kernel first runs:
 
-    from qatcore.kernels import im2col as im2col_kernels
+    from qatcore import kernels
+    ...
+    cols = kernels.im2col.im2col(x, kh, kw, sh, sw, ph, pw, dh, dw)
 """
 
-# Submodules are imported on demand (see above), so nothing is re-exported here.
-__all__: list[str] = []
+from qatcore.lazy_exports import lazy_exports
+
+__all__ = ["im2col", "pooling", "batch_norm", "fake_quant", "requantize", "int8_gemm", "int8_conv"]
+
+__getattr__, __dir__ = lazy_exports(__name__, submodules=(
+    "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "int8_gemm", "int8_conv",
+))

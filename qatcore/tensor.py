@@ -13,6 +13,13 @@ Arithmetic follows numpy broadcasting; backward sums each gradient back to its
 input's shape. Python scalars take the tensor's dtype (``x * 0.5`` stays
 float32); two tensors of different float dtypes promote as numpy does.
 
+Tensor is the lowest layer that computes: it imports neither the backward
+engine nor the ops, which both build on it. Its computing methods call the
+functional API through ``F`` and ``backward`` calls the engine; those two layers
+bind themselves here when they are imported (:func:`bind_functional`, called by
+:mod:`qatcore.nn`, and :func:`bind_backward`, called by
+:mod:`qatcore.autograd.engine`), and ``import qatcore`` imports both.
+
 >>> import qatcore
 >>> x = qatcore.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
 >>> y = (x * x).sum()
@@ -24,15 +31,15 @@ array([[2., 4.],
 
 from __future__ import annotations
 
-from typing import Any
+from types import ModuleType
+from typing import Any, Callable
 
 import numpy as np
 
-from qatcore.autograd import engine
-from qatcore.errors import DTypeError, GradientError
+from qatcore.errors import DTypeError, GradientError, QATCoreError
 from qatcore.symbolic import SymbolicValue
 
-__all__ = ["Tensor", "tensor"]
+__all__ = ["Tensor", "tensor", "bind_functional", "bind_backward"]
 
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -172,7 +179,7 @@ class Tensor:
                 raise GradientError(
                     f"backward(grad): grad has shape {g.shape}, expected {self.shape}"
                 )
-        engine.backward(self, g)
+        _backward(self, g)
 
     def _accumulate_grad(self, g: np.ndarray) -> None:
         if self.grad is None:
@@ -245,7 +252,7 @@ class Tensor:
     def __getitem__(self, index):
         return F.getitem(self, index)
 
-    # ---- methods that delegate to qatcore.nn.functional --------------------------
+    # ---- methods that delegate to the functional API (F) ----------------------
     def sum(self, dim=None, keepdim: bool = False):
         return F.sum(self, dim, keepdim)
 
@@ -327,6 +334,32 @@ def tensor(data: Any, requires_grad: bool = False, dtype: Any = None) -> Tensor:
     return Tensor(data, requires_grad=requires_grad, dtype=dtype)
 
 
-# Tensor methods are thin wrappers over the public functional API, which is the one
-# place each op is defined. Imported last: functional needs Tensor to exist.
-from qatcore.nn import functional as F  # noqa: E402
+# ---- the layers above, bound when they are imported --------------------------------
+class _FunctionalNotImported:
+    """What ``F`` is until qatcore.nn.functional binds itself: every use is an error."""
+
+    def __getattr__(self, name: str):
+        raise QATCoreError(f"Tensor methods call qatcore.nn.functional.{name}, which is not imported yet: "
+                           "import qatcore")
+
+
+def _engine_not_imported(root: Tensor, grad: np.ndarray) -> None:
+    raise QATCoreError("Tensor.backward needs qatcore.autograd, which is not imported yet: import qatcore")
+
+
+# The functional API (qatcore.nn.functional), which every computing method calls.
+F: Any = _FunctionalNotImported()
+# The backward engine (qatcore.autograd.engine.backward).
+_backward: Callable[[Tensor, np.ndarray], None] = _engine_not_imported
+
+
+def bind_functional(functional: ModuleType) -> None:
+    """Make ``functional`` the module Tensor's operators and methods call (qatcore.nn does this)."""
+    global F
+    F = functional
+
+
+def bind_backward(backward: Callable[[Tensor, np.ndarray], None]) -> None:
+    """Make ``backward(root, grad)`` the engine behind ``Tensor.backward`` (the engine does this)."""
+    global _backward
+    _backward = backward

@@ -66,7 +66,7 @@ def _fine_tune(model, config=None, epochs=2, seed=1):
     """QAT fine-tuning on the digits: (preparer, qat_model) after ``epochs`` of SGD."""
     from qatcore.data import DataLoader, load_digits
     from qatcore.optim import SGD, CosineAnnealingLR
-    from qatcore.quantization import QATPreparer
+    from qatcore.quantization.qat import QATPreparer
     from qatcore.training import train_one_epoch
 
     x_train, y_train, _, _ = load_digits()

@@ -11,18 +11,17 @@ what earlier backward calls left there: gradients accumulate until zeroed).
 The topological order comes from an *iterative* depth-first search with an
 explicit stack, so a chain of any length (tested at 10,000 ops) never meets
 Python's recursion limit, unlike a recursive walk.
+
+This module sits above :mod:`qatcore.tensor` and binds :func:`backward` there
+when it is imported: that is what ``Tensor.backward`` runs.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from qatcore.errors import GradientError, ShapeError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from qatcore.tensor import Tensor
+from qatcore.tensor import Tensor, bind_backward
 
 __all__ = ["backward", "sum_to_shape", "topological_order"]
 
@@ -104,3 +103,6 @@ def backward(root: Tensor, grad: np.ndarray) -> None:
             key = id(parent)
             prev = grads.get(key)
             grads[key] = pg if prev is None else prev + pg
+
+
+bind_backward(backward)

@@ -34,14 +34,11 @@ array([6.], dtype=float32)
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from qatcore.autograd.grad_mode import is_grad_enabled
-
-if TYPE_CHECKING:  # pragma: no cover
-    from qatcore.tensor import Tensor
+from qatcore.tensor import Tensor
 
 __all__ = ["Function"]
 
@@ -64,8 +61,6 @@ class Function(abc.ABC):
 
     @classmethod
     def apply(cls, *inputs: Tensor | None, **params) -> Tensor:
-        from qatcore.tensor import Tensor
-
         fn = cls()
         record = is_grad_enabled()
         needs = tuple(t is not None and t.requires_grad and record for t in inputs)

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from qatcore.errors import GradientError
+from qatcore.tensor import Tensor
 
 __all__ = ["gradcheck"]
 
@@ -36,8 +37,6 @@ def gradcheck(
     ``inputs`` are arrays (or Tensors) made float64 and differentiated; ``fn``
     takes Tensors and returns one Tensor.
     """
-    from qatcore.tensor import Tensor
-
     arrays = [np.array(x.data if isinstance(x, Tensor) else x, dtype=np.float64) for x in inputs]
     tensors = [Tensor(a, requires_grad=True) for a in arrays]
     out = fn(*tensors)

@@ -34,6 +34,7 @@ from qatcore.errors import TraceError
 from qatcore.graph.graph import Graph
 from qatcore.graph.graph_module import GraphModule
 from qatcore.graph.node import Node, map_nodes
+from qatcore.graph.passes.shape_propagation import propagate_shapes
 from qatcore.nn import functional as F
 from qatcore.nn.container import ModuleList, Sequential
 from qatcore.nn.module import Module
@@ -319,8 +320,6 @@ def trace(module: Module, example_inputs: tuple | None = None, leaf_modules: Ite
         TraceError: the model branches on tensor values, calls an unregistered
             module, or takes ``*args``.
     """
-    from qatcore.graph.passes.shape_propagation import propagate_shapes
-
     if isinstance(module, GraphModule):
         # already a graph (an imported model, say): its trace is a copy of that graph
         graph = copy_graph(module.graph)

@@ -33,7 +33,9 @@ import os
 import numpy as np
 
 from qatcore.errors import InteropError, TraceError
+from qatcore.graph import GraphModule, propagate_shapes, trace
 from qatcore.nn.module import Module
+from qatcore.serialization import write_atomically
 from qatcore.tensor import Tensor
 
 __all__ = ["export_onnx", "import_onnx", "FORMATS"]
@@ -87,9 +89,7 @@ def export_onnx(model: Module, path, example_input, format: str = "qdq"):  # noq
         SerializationError: the file cannot be written (nothing is left behind).
     """
     onnx = _require_onnx()
-    from qatcore.graph import GraphModule, propagate_shapes, trace
-    from qatcore.interop.onnx_export import build_onnx_model, model_kind
-    from qatcore.serialization import write_atomically
+    from qatcore.interop.onnx_export import build_onnx_model, model_kind  # imports onnx, so only now
 
     if format not in FORMATS:
         raise InteropError(f"export_onnx: format must be one of {FORMATS}, got {format!r}")
@@ -138,6 +138,6 @@ def import_onnx(path):
             operator (named, with its node) is not supported.
     """
     _require_onnx()
-    from qatcore.interop.onnx_import import import_model
+    from qatcore.interop.onnx_import import import_model  # imports onnx, so only now
 
     return import_model(path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qatcore import kernels
 from qatcore.autograd.function import Function
 
 __all__ = ["Conv2d", "conv_output_size"]
@@ -42,15 +43,13 @@ class Conv2d(Function):
     """out = conv2d(x, weight) + bias (cross-correlation, as every framework)."""
 
     def forward(self, x, weight, bias, stride, padding, dilation, groups):
-        from qatcore.kernels import im2col as im2col_kernels
-
         n, c, h, w = x.shape
         k, cg, kh, kw = weight.shape
         (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
         oh = conv_output_size(h, kh, sh, ph, dh)
         ow = conv_output_size(w, kw, sw, pw, dw)
         x = np.ascontiguousarray(x)
-        cols = im2col_kernels.im2col(x, kh, kw, sh, sw, ph, pw, dh, dw)
+        cols = kernels.im2col.im2col(x, kh, kw, sh, sw, ph, pw, dh, dw)
         if groups == 1:
             out = np.matmul(weight.reshape(k, -1), cols)
         else:
@@ -88,8 +87,6 @@ class Conv2d(Function):
 
     def _input_gradient(self, g3):
         """dx = col2im(W^T @ g), computed ``_INPUT_GRAD_CHUNK_BYTES`` of dcols at a time."""
-        from qatcore.kernels import im2col as im2col_kernels
-
         x_shape, w_shape, stride, padding, dilation, groups, p = self.geometry
         n, c, h, w = x_shape
         k, cg, kh, kw = w_shape
@@ -106,7 +103,7 @@ class Conv2d(Function):
         samples_per_chunk = max(1, _INPUT_GRAD_CHUNK_BYTES // (c * kh * kw * p * dtype.itemsize))
         if samples_per_chunk >= n:
             dcols = np.matmul(w_t, g_blocks).reshape(n, c * kh * kw, p)
-            return im2col_kernels.col2im(dcols, c, h, w, *window)
+            return kernels.im2col.col2im(dcols, c, h, w, *window)
         # Each sample gets the same GEMM as in the one batched call above, so the result is
         # the same to the bit.
         dx = np.empty(x_shape, dtype=dtype)
@@ -115,5 +112,5 @@ class Conv2d(Function):
             stop = min(start + samples_per_chunk, n)
             part = dcols[: stop - start]
             np.matmul(w_t, g_blocks[start:stop], out=part.reshape(stop - start, *block_shape))
-            dx[start:stop] = im2col_kernels.col2im(part, c, h, w, *window)
+            dx[start:stop] = kernels.im2col.col2im(part, c, h, w, *window)
         return dx

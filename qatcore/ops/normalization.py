@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qatcore import kernels
 from qatcore.autograd.function import Function
 
 __all__ = ["BatchNorm"]
@@ -40,12 +41,11 @@ class BatchNorm(Function):
         self.in_shape, self.training = x.shape, training
         self.weight = weight
         if training:
-            from qatcore.kernels import batch_norm as kernels
-
             x3 = np.ascontiguousarray(x).reshape(n, c, -1)
             gamma = np.ones(c, dtype) if weight is None else weight.astype(dtype, copy=False)
             beta = np.zeros(c, dtype) if bias is None else bias.astype(dtype, copy=False)
-            out, self.xhat, mean, var, self.inv_std = kernels.batch_norm_train_forward(x3, gamma, beta, eps)
+            out, self.xhat, mean, var, self.inv_std = kernels.batch_norm.batch_norm_train_forward(
+                x3, gamma, beta, eps)
             m = x3.shape[0] * x3.shape[2]
             if running_mean is not None:
                 running_mean *= 1 - momentum
@@ -67,10 +67,8 @@ class BatchNorm(Function):
         n, c = self.in_shape[:2]
         dtype = g.dtype
         if self.training:
-            from qatcore.kernels import batch_norm as kernels
-
             gamma = np.ones(c, dtype) if self.weight is None else self.weight.astype(dtype, copy=False)
-            dx, dweight, dbias = kernels.batch_norm_train_backward(
+            dx, dweight, dbias = kernels.batch_norm.batch_norm_train_backward(
                 np.ascontiguousarray(g).reshape(n, c, -1), self.xhat, gamma, self.inv_std
             )
             return (

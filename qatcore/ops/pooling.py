@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qatcore import kernels
 from qatcore.autograd.function import Function
 
 __all__ = ["MaxPool2d", "AvgPool2d"]
@@ -14,20 +15,16 @@ class MaxPool2d(Function):
     dx = g routed to the element that was the maximum (first one on ties)."""
 
     def forward(self, x, kernel_size, stride, padding, dilation):
-        from qatcore.kernels import pooling
-
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-        out, self.argmax = pooling.max_pool2d_forward(
+        out, self.argmax = kernels.pooling.max_pool2d_forward(
             np.ascontiguousarray(x), kh, kw, sh, sw, ph, pw, dh, dw
         )
         self.in_hw = x.shape[2:]
         return out
 
     def backward(self, g):
-        from qatcore.kernels import pooling
-
         h, w = self.in_hw
-        return (pooling.max_pool2d_backward(np.ascontiguousarray(g), self.argmax, h, w),)
+        return (kernels.pooling.max_pool2d_backward(np.ascontiguousarray(g), self.argmax, h, w),)
 
 
 class AvgPool2d(Function):
@@ -36,15 +33,11 @@ class AvgPool2d(Function):
     dx = g / divisor spread over the window."""
 
     def forward(self, x, kernel_size, stride, padding, count_include_pad):
-        from qatcore.kernels import pooling
-
         (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
         self.params = (x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw, count_include_pad)
-        return pooling.avg_pool2d_forward(
+        return kernels.pooling.avg_pool2d_forward(
             np.ascontiguousarray(x), kh, kw, sh, sw, ph, pw, count_include_pad
         )
 
     def backward(self, g):
-        from qatcore.kernels import pooling
-
-        return (pooling.avg_pool2d_backward(np.ascontiguousarray(g), *self.params),)
+        return (kernels.pooling.avg_pool2d_backward(np.ascontiguousarray(g), *self.params),)

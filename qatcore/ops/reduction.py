@@ -6,14 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 from qatcore.autograd.function import Function
+from qatcore.errors import ShapeError
 
 __all__ = ["Sum", "Max", "normalize_dims"]
 
 
 def normalize_dims(dim, ndim: int) -> tuple[int, ...]:
     """``dim`` (None, an int or a sequence, negatives allowed) as sorted axes."""
-    from qatcore.errors import ShapeError
-
     if dim is None:
         return tuple(range(ndim))
     dims = (dim,) if isinstance(dim, (int, np.integer)) else tuple(dim)

@@ -29,6 +29,7 @@ array([ 0.9, -0.9], dtype=float32)
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Iterable
 from typing import Any, final
 
@@ -40,8 +41,85 @@ from qatcore.optim.optimizer import Optimizer, StateSlot, check_bool, check_real
 __all__ = ["Adam", "AdamW"]
 
 
+class _AdamBase(Optimizer):
+    """What Adam and AdamW share: hyper-parameters, their checks, the per-parameter
+    state and the update. Abstract: each final class below says where the weight
+    decay enters (``decoupled_weight_decay``) and gives the public signature."""
+
+    @property
+    @abstractmethod
+    def decoupled_weight_decay(self) -> bool:
+        """True: ``θ *= 1 - γ λ`` before the update (AdamW); False: ``λ θ`` added to the gradient (Adam)."""
+
+    def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float, amsgrad: bool, maximize: bool) -> None:
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad,
+                    "maximize": maximize}
+        super().__init__(params, defaults)
+
+    def _checked_hyperparameters(self, hyperparameters: dict[str, Any], where: str) -> dict:
+        betas = hyperparameters["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ConfigError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+        return {
+            "lr": check_real(where, "lr", hyperparameters["lr"], low=0.0),
+            "betas": tuple(
+                check_real(where, f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True)
+                for i, beta in enumerate(betas)
+            ),
+            "eps": check_real(where, "eps", hyperparameters["eps"], low=0.0),
+            "weight_decay": check_real(where, "weight_decay", hyperparameters["weight_decay"], low=0.0),
+            "amsgrad": check_bool(where, "amsgrad", hyperparameters["amsgrad"]),
+            "maximize": check_bool(where, "maximize", hyperparameters["maximize"]),
+        }
+
+    def _state_layout(self, group: dict[str, Any]) -> dict[str, StateSlot]:
+        return {
+            "step": StateSlot("count"),
+            "exp_avg": StateSlot("array"),
+            "exp_avg_sq": StateSlot("array"),
+            "max_exp_avg_sq": StateSlot("array", required=group["amsgrad"]),
+        }
+
+    def step(self) -> None:
+        """One update of every parameter that has a ``.grad`` (the module docstring's formula)."""
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            weight_decay = group["weight_decay"]
+            for param in self._params_with_grad(group):
+                # All scalars below are Python floats, so numpy computes in param's dtype.
+                grad = -param.grad if group["maximize"] else param.grad
+                if weight_decay != 0.0:
+                    if self.decoupled_weight_decay:
+                        param.data *= 1.0 - lr * weight_decay
+                    else:
+                        grad = grad + weight_decay * param.data
+                state = self.state.setdefault(param, {})
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = np.zeros_like(param.data)
+                    state["exp_avg_sq"] = np.zeros_like(param.data)
+                state["step"] += 1
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg *= beta1
+                exp_avg += (1.0 - beta1) * grad
+                exp_avg_sq *= beta2
+                exp_avg_sq += (1.0 - beta2) * grad * grad
+                if group["amsgrad"]:
+                    # Created here too when amsgrad is switched on mid-run (max(0, v) = v).
+                    max_exp_avg_sq = state.setdefault("max_exp_avg_sq", np.zeros_like(param.data))
+                    np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+                    second_moment = max_exp_avg_sq
+                else:
+                    second_moment = exp_avg_sq
+                bias_correction1 = 1.0 - beta1 ** state["step"]
+                bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** state["step"])
+                denom = np.sqrt(second_moment) / bias_correction2_sqrt + eps
+                param.data -= (lr / bias_correction1) * exp_avg / denom
+
+
 @final
-class Adam(Optimizer):
+class Adam(_AdamBase):
     """Adam, with the weight decay as an L2 term added to the gradient.
 
     Args:
@@ -68,39 +146,15 @@ class Adam(Optimizer):
     (array([-0.01,  0.  ], dtype=float32), 1)
     """
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        amsgrad: bool = False,
-        maximize: bool = False,
-    ) -> None:
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "amsgrad": amsgrad,
-            "maximize": maximize,
-        }
-        super().__init__(params, defaults)
+    decoupled_weight_decay = False
 
-    def _checked_hyperparameters(self, hyperparameters: dict[str, Any], where: str) -> dict:
-        return _checked_adam_hyperparameters(hyperparameters, where)
-
-    def _state_layout(self, group: dict[str, Any]) -> dict[str, StateSlot]:
-        return _adam_state_layout(group)
-
-    def step(self) -> None:
-        """One Adam update of every parameter that has a ``.grad`` (formula above)."""
-        _adam_step(self, decoupled_weight_decay=False)
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize)
 
 
 @final
-class AdamW(Optimizer):
+class AdamW(_AdamBase):
     """Adam with decoupled weight decay (Loshchilov & Hutter): ``θ *= 1 - γ λ``
     before the Adam update, instead of an L2 term in the gradient.
 
@@ -117,95 +171,8 @@ class AdamW(Optimizer):
     array([1.9], dtype=float32)
     """
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        maximize: bool = False,
-    ) -> None:
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "amsgrad": amsgrad,
-            "maximize": maximize,
-        }
-        super().__init__(params, defaults)
+    decoupled_weight_decay = True
 
-    def _checked_hyperparameters(self, hyperparameters: dict[str, Any], where: str) -> dict:
-        return _checked_adam_hyperparameters(hyperparameters, where)
-
-    def _state_layout(self, group: dict[str, Any]) -> dict[str, StateSlot]:
-        return _adam_state_layout(group)
-
-    def step(self) -> None:
-        """One AdamW update of every parameter that has a ``.grad`` (formula above)."""
-        _adam_step(self, decoupled_weight_decay=True)
-
-
-def _checked_adam_hyperparameters(hyperparameters: dict[str, Any], where: str) -> dict:
-    betas = hyperparameters["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ConfigError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
-    return {
-        "lr": check_real(where, "lr", hyperparameters["lr"], low=0.0),
-        "betas": tuple(
-            check_real(where, f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True)
-            for i, beta in enumerate(betas)
-        ),
-        "eps": check_real(where, "eps", hyperparameters["eps"], low=0.0),
-        "weight_decay": check_real(where, "weight_decay", hyperparameters["weight_decay"], low=0.0),
-        "amsgrad": check_bool(where, "amsgrad", hyperparameters["amsgrad"]),
-        "maximize": check_bool(where, "maximize", hyperparameters["maximize"]),
-    }
-
-
-def _adam_state_layout(group: dict[str, Any]) -> dict[str, StateSlot]:
-    return {
-        "step": StateSlot("count"),
-        "exp_avg": StateSlot("array"),
-        "exp_avg_sq": StateSlot("array"),
-        "max_exp_avg_sq": StateSlot("array", required=group["amsgrad"]),
-    }
-
-
-def _adam_step(optimizer: Adam | AdamW, decoupled_weight_decay: bool) -> None:
-    """The Adam update shared by both classes; see the module docstring."""
-    for group in optimizer.param_groups:
-        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-        weight_decay = group["weight_decay"]
-        for param in optimizer._params_with_grad(group):
-            # All scalars below are Python floats, so numpy computes in param's dtype.
-            grad = -param.grad if group["maximize"] else param.grad
-            if weight_decay != 0.0:
-                if decoupled_weight_decay:
-                    param.data *= 1.0 - lr * weight_decay
-                else:
-                    grad = grad + weight_decay * param.data
-            state = optimizer.state.setdefault(param, {})
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = np.zeros_like(param.data)
-                state["exp_avg_sq"] = np.zeros_like(param.data)
-            state["step"] += 1
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            exp_avg *= beta1
-            exp_avg += (1.0 - beta1) * grad
-            exp_avg_sq *= beta2
-            exp_avg_sq += (1.0 - beta2) * grad * grad
-            if group["amsgrad"]:
-                # Created here too when amsgrad is switched on mid-run (max(0, v) = v).
-                max_exp_avg_sq = state.setdefault("max_exp_avg_sq", np.zeros_like(param.data))
-                np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-                second_moment = max_exp_avg_sq
-            else:
-                second_moment = exp_avg_sq
-            bias_correction1 = 1.0 - beta1 ** state["step"]
-            bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** state["step"])
-            denom = np.sqrt(second_moment) / bias_correction2_sqrt + eps
-            param.data -= (lr / bias_correction1) * exp_avg / denom
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize)

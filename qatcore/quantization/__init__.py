@@ -1,8 +1,15 @@
 """Quantization: integer types, schemes, parameters, configuration, observers and
-fake quantization. The QAT engine lives in :mod:`qatcore.quantization.qat` and its
-main names are re-exported here."""
+fake quantization.
+
+The QAT engine (preparer, lifecycle, conversion, parity, checkpoints) builds on
+this package and lives in :mod:`qatcore.quantization.qat`; importing this package
+does not import it. The engine's names that used to be re-exported here
+(``qatcore.quantization.QATPreparer``, ...) still resolve, importing the engine on
+first use; new code imports them from :mod:`qatcore.quantization.qat`.
+"""
 
 from qatcore.errors import CheckpointError, ObserverError
+from qatcore.lazy_exports import lazy_exports
 from qatcore.quantization.config import QuantizationConfig, QuantMode, QuantSpec
 from qatcore.quantization.dtypes import INT4, INT4_NARROW, INT8, INT8_NARROW, UINT4, UINT8, QuantDType
 from qatcore.quantization.fake_quantize import fake_quantize, fake_quantize_learnable
@@ -15,24 +22,8 @@ from qatcore.quantization.observer import (
     MovingAveragePerChannelMinMaxObserver,
     Observer,
     PerChannelMinMaxObserver,
-    make_observer,
 )
-from qatcore.quantization.qat import (
-    IQATPreparer,
-    LayerOverride,
-    LayerwiseConfig,
-    QATPreparer,
-    QATSchedule,
-)
-from qatcore.quantization.qat.checkpointing import (
-    load_int8_model,
-    load_qat_checkpoint,
-    save_int8_model,
-    save_qat_checkpoint,
-)
-from qatcore.quantization.qat.conversion import convert_to_quantized
-from qatcore.quantization.qat.int8_serialization import int8_model_from_dict, int8_model_to_dict
-from qatcore.quantization.qat.parity import ParityReport, parity_report
+from qatcore.quantization.observer_factory import make_observer
 from qatcore.quantization.qparams import QParams
 from qatcore.quantization.qscheme import QScheme
 
@@ -41,7 +32,12 @@ __all__ = [
     "QuantSpec", "QuantizationConfig", "QuantMode", "fake_quantize", "fake_quantize_learnable", "FakeQuantize",
     "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "PerChannelMinMaxObserver",
     "MovingAveragePerChannelMinMaxObserver", "HistogramObserver", "MSEObserver", "make_observer",
-    "ObserverError", "IQATPreparer", "QATPreparer", "LayerwiseConfig", "LayerOverride", "QATSchedule",
-    "convert_to_quantized", "parity_report", "ParityReport", "int8_model_to_dict", "int8_model_from_dict",
-    "save_qat_checkpoint", "load_qat_checkpoint", "CheckpointError", "save_int8_model", "load_int8_model",
+    "ObserverError", "CheckpointError",
 ]
+
+# Compatibility: the QAT engine's names, imported from qatcore.quantization.qat on first use.
+__getattr__, __dir__ = lazy_exports(__name__, submodules=("qat",), names={"qatcore.quantization.qat": (
+    "IQATPreparer", "QATPreparer", "LayerwiseConfig", "LayerOverride", "QATSchedule", "convert_to_quantized",
+    "parity_report", "ParityReport", "int8_model_to_dict", "int8_model_from_dict", "save_qat_checkpoint",
+    "load_qat_checkpoint", "save_int8_model", "load_int8_model",
+)})

@@ -31,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 
+from qatcore import kernels
 from qatcore.autograd.function import Function
 from qatcore.errors import ConfigError, ShapeError
 from qatcore.tensor import Tensor
@@ -48,24 +49,21 @@ class FakeQuantizeFunction(Function):
     scale and zero_point get gradients only when they require them (LSQ, LSQ+)."""
 
     def forward(self, x, scale, zero_point, quant_min, quant_max, axis, grad_factor, on_backward):
-        from qatcore.kernels import fake_quant
-
         self.x = np.ascontiguousarray(x, dtype=np.float32)
         self.scale = np.ascontiguousarray(scale, dtype=np.float32).reshape(-1)
         # a learnable zero point is a float Parameter; the quantizer uses it rounded and clamped
         self.zero_point = np.clip(np.rint(zero_point), quant_min, quant_max).astype(np.float32).reshape(-1)
         self.params = (quant_min, quant_max, axis)
         self.grad_factor, self.on_backward = grad_factor, on_backward
-        return fake_quant.fake_quantize_forward(self.x, self.scale, self.zero_point, quant_min, quant_max, axis)
+        return kernels.fake_quant.fake_quantize_forward(self.x, self.scale, self.zero_point, quant_min, quant_max,
+                                                        axis)
 
     def backward(self, g):
-        from qatcore.kernels import fake_quant
-
         quant_min, quant_max, axis = self.params
         needs_scale, needs_zero_point = self.needs_input_grad[1], self.needs_input_grad[2]
         mode = "lsq+" if needs_zero_point else "lsq" if needs_scale else "ste"
         grad_y = np.ascontiguousarray(g, dtype=np.float32)
-        dx, dscale, dzero_point, clipped = fake_quant.fake_quantize_backward(
+        dx, dscale, dzero_point, clipped = kernels.fake_quant.fake_quantize_backward(
             grad_y, self.x, self.scale, self.zero_point, quant_min, quant_max, axis, mode, self.grad_factor
         )
         if self.on_backward is not None:
@@ -112,10 +110,8 @@ def fake_quantize(x, scale, zero_point, quant_min: int, quant_max: int, axis: in
                             dtype=np.float32).reshape(-1)
     axis = _check(array, scale_array, zero_array, quant_min, quant_max, axis)
     if not isinstance(x, Tensor):
-        from qatcore.kernels import fake_quant
-
         zero_array = np.clip(np.rint(zero_array), quant_min, quant_max).astype(np.float32)
-        return fake_quant.fake_quantize_forward(
+        return kernels.fake_quant.fake_quantize_forward(
             np.ascontiguousarray(array, dtype=np.float32), scale_array, zero_array, quant_min, quant_max, axis
         )
     constant = Tensor._from_array

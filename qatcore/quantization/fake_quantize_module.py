@@ -36,7 +36,7 @@ from qatcore.nn.module import Module
 from qatcore.nn.parameter import Parameter
 from qatcore.quantization.config import QuantSpec
 from qatcore.quantization.fake_quantize import default_grad_factor, fake_quantize, fake_quantize_learnable
-from qatcore.quantization.observer import make_observer
+from qatcore.quantization.observer_factory import make_observer
 from qatcore.quantization.qparams import FLOAT32_EPS, QParams
 from qatcore.tensor import Tensor
 

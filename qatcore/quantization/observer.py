@@ -30,11 +30,14 @@ What every observer shares (this file's :class:`Observer`):
 - ``forward(x)`` observes ``x`` (in training *and* eval mode: the FakeQuantize that
   owns the observer decides when to call it) and returns ``x`` unchanged.
 
-``make_observer(spec)`` picks the class from ``spec.observer`` and the scheme.
+Each rule is written once (``_MinMaxRule``, ``_MovingAverageRule``); its two final
+classes only say which schemes they take. ``make_observer(spec)``
+(:mod:`qatcore.quantization.observer_factory`) picks the class from
+``spec.observer`` and the scheme.
 
 >>> import numpy as np
 >>> from qatcore.quantization.config import QuantSpec
->>> observer = make_observer(QuantSpec(observer="minmax"), name="fc1.activation")
+>>> observer = MinMaxObserver(QuantSpec(observer="minmax"), name="fc1.activation")
 >>> observer.observe(np.array([-1.0, 0.5, 3.0], dtype=np.float32))
 >>> observer.min_val.data, observer.max_val.data
 (array([-1.], dtype=float32), array([3.], dtype=float32))
@@ -63,7 +66,7 @@ __all__ = [
     "MovingAverageMinMaxObserver",
     "PerChannelMinMaxObserver",
     "MovingAveragePerChannelMinMaxObserver",
-    "make_observer",
+    "empty_range",
 ]
 
 
@@ -79,7 +82,7 @@ class Observer(Module, abc.ABC):
     Args:
         spec: the QuantSpec of the tensor being observed (dtype, scheme, axis,
             ``observer`` kind, ``observer_options``, ``ignore_nan``). Its ``observer``
-            must be this class's kind; :func:`make_observer` picks the class for you.
+            must be this class's kind; ``make_observer`` picks the class for you.
         name: the layer/quantizer name used in error messages (may be set later).
 
     A concrete observer declares ``KIND`` (the ``spec.observer`` it implements),
@@ -247,8 +250,23 @@ class Observer(Module, abc.ABC):
         return rows, finite
 
 
+class _MinMaxRule(Observer):
+    """The running-extremes rule, for both schemes (abstract: the two final classes
+    below choose the scheme)."""
+
+    KIND = "minmax"
+
+    def _initial_state(self, channels: int) -> dict[str, np.ndarray]:
+        return empty_range(channels)
+
+    def _update(self, rows, finite, batch_min, batch_max, present) -> None:
+        # channels without finite values carry +inf/-inf here, which min/max leave unchanged
+        np.minimum(self.min_val.data, batch_min, out=self.min_val.data)
+        np.maximum(self.max_val.data, batch_max, out=self.max_val.data)
+
+
 @final
-class MinMaxObserver(Observer):
+class MinMaxObserver(_MinMaxRule):
     """Per tensor: the running extremes of everything observed.
 
         min <- min(min, min(x)),  max <- max(max, max(x))
@@ -263,18 +281,11 @@ class MinMaxObserver(Observer):
     QParams(int8, scale=0.02, zero_point=0)
     """
 
-    KIND = "minmax"
     PER_CHANNEL = (False,)
-
-    def _initial_state(self, channels: int) -> dict[str, np.ndarray]:
-        return empty_range(channels)
-
-    def _update(self, rows, finite, batch_min, batch_max, present) -> None:
-        _fold_extremes(self, batch_min, batch_max)
 
 
 @final
-class PerChannelMinMaxObserver(Observer):
+class PerChannelMinMaxObserver(_MinMaxRule):
     """Per channel along ``spec.axis``: the running extremes of each channel.
 
         min[c] <- min(min[c], min(x[..., c, ...])),  likewise max
@@ -291,18 +302,40 @@ class PerChannelMinMaxObserver(Observer):
     [0.009999999776482582, 0.019999999552965164]
     """
 
-    KIND = "minmax"
     PER_CHANNEL = (True,)
+
+
+class _MovingAverageRule(Observer):
+    """The moving-average rule, for both schemes (abstract: the two final classes
+    below choose the scheme)."""
+
+    KIND = "moving_average_minmax"
 
     def _initial_state(self, channels: int) -> dict[str, np.ndarray]:
         return empty_range(channels)
 
     def _update(self, rows, finite, batch_min, batch_max, present) -> None:
-        _fold_extremes(self, batch_min, batch_max)
+        c = np.float32(self.spec.observer_options["averaging_constant"])
+        low, high = self.min_val.data, self.max_val.data
+        first = present & ~np.isfinite(low)  # a channel's first finite values set it
+        later = present & ~first
+        with np.errstate(over="ignore", invalid="ignore"):
+            new_low = low + c * (batch_min - low)
+            new_high = high + c * (batch_max - high)
+            # In real arithmetic the recurrence keeps min <= max; float32 can overflow, or
+            # round min above max when one side cancels (m huge, batch value tiny).
+            redo = later & ~(np.isfinite(new_low) & np.isfinite(new_high) & (new_low <= new_high))
+            if redo.any():
+                wide_low, wide_high = low.astype(np.float64), high.astype(np.float64)
+                new_low[redo] = (wide_low + float(c) * (batch_min - wide_low))[redo]
+                new_high[redo] = (wide_high + float(c) * (batch_max - wide_high))[redo]
+                new_low[redo] = np.minimum(new_low[redo], new_high[redo])  # last guard, one float32 ulp at most
+        low[first], high[first] = batch_min[first], batch_max[first]
+        low[later], high[later] = new_low[later], new_high[later]
 
 
 @final
-class MovingAverageMinMaxObserver(Observer):
+class MovingAverageMinMaxObserver(_MovingAverageRule):
     """Per tensor: an exponential moving average of each batch's extremes.
 
         first batch: min <- min(x),  max <- max(x)
@@ -325,18 +358,11 @@ class MovingAverageMinMaxObserver(Observer):
     array([3.], dtype=float32)
     """
 
-    KIND = "moving_average_minmax"
     PER_CHANNEL = (False,)
-
-    def _initial_state(self, channels: int) -> dict[str, np.ndarray]:
-        return empty_range(channels)
-
-    def _update(self, rows, finite, batch_min, batch_max, present) -> None:
-        _fold_moving_average(self, batch_min, batch_max, present)
 
 
 @final
-class MovingAveragePerChannelMinMaxObserver(Observer):
+class MovingAveragePerChannelMinMaxObserver(_MovingAverageRule):
     """Per channel along ``spec.axis``: the moving-average rule of
     :class:`MovingAverageMinMaxObserver` applied to each channel's extremes (a
     channel's first finite values set it, then m <- m + c * (batch_m - m)).
@@ -352,79 +378,4 @@ class MovingAveragePerChannelMinMaxObserver(Observer):
     (array([ 2., -2.,  0.], dtype=float32), array([ 2., -2.,  0.], dtype=float32))
     """
 
-    KIND = "moving_average_minmax"
     PER_CHANNEL = (True,)
-
-    def _initial_state(self, channels: int) -> dict[str, np.ndarray]:
-        return empty_range(channels)
-
-    def _update(self, rows, finite, batch_min, batch_max, present) -> None:
-        _fold_moving_average(self, batch_min, batch_max, present)
-
-
-def _fold_extremes(observer: Observer, batch_min: np.ndarray, batch_max: np.ndarray) -> None:
-    # channels without finite values carry +inf/-inf here, which min/max leave unchanged
-    np.minimum(observer.min_val.data, batch_min, out=observer.min_val.data)
-    np.maximum(observer.max_val.data, batch_max, out=observer.max_val.data)
-
-
-def _fold_moving_average(observer: Observer, batch_min: np.ndarray, batch_max: np.ndarray,
-                         present: np.ndarray) -> None:
-    c = np.float32(observer.spec.observer_options["averaging_constant"])
-    low, high = observer.min_val.data, observer.max_val.data
-    first = present & ~np.isfinite(low)  # a channel's first finite values set it
-    later = present & ~first
-    with np.errstate(over="ignore", invalid="ignore"):
-        new_low = low + c * (batch_min - low)
-        new_high = high + c * (batch_max - high)
-        # In real arithmetic the recurrence keeps min <= max; float32 can overflow, or
-        # round min above max when one side cancels (m huge, batch value tiny).
-        redo = later & ~(np.isfinite(new_low) & np.isfinite(new_high) & (new_low <= new_high))
-        if redo.any():
-            wide_low, wide_high = low.astype(np.float64), high.astype(np.float64)
-            new_low[redo] = (wide_low + float(c) * (batch_min - wide_low))[redo]
-            new_high[redo] = (wide_high + float(c) * (batch_max - wide_high))[redo]
-            new_low[redo] = np.minimum(new_low[redo], new_high[redo])  # last guard, one float32 ulp at most
-    low[first], high[first] = batch_min[first], batch_max[first]
-    low[later], high[later] = new_low[later], new_high[later]
-
-
-def make_observer(spec: QuantSpec, name: str = "") -> Observer:
-    """The observer for ``spec``: chosen by ``spec.observer`` and ``spec.scheme.per_channel``.
-
-    ======================== =================================== ===========================================
-    spec.observer            per-tensor scheme                   per-channel scheme
-    ======================== =================================== ===========================================
-    "minmax"                 MinMaxObserver                      PerChannelMinMaxObserver
-    "moving_average_minmax"  MovingAverageMinMaxObserver         MovingAveragePerChannelMinMaxObserver
-    "histogram"              HistogramObserver                   (ConfigError: per tensor only)
-    "mse"                    MSEObserver                         MSEObserver
-    ======================== =================================== ===========================================
-
-    >>> from qatcore.quantization.config import QuantSpec
-    >>> spec = QuantSpec(signed=True, scheme="per_channel_symmetric", observer="minmax")
-    >>> make_observer(spec, "conv1.weight")
-    PerChannelMinMaxObserver(int8, per_channel_symmetric, axis=0, name='conv1.weight')
-    """
-    # imported here: both modules build on Observer, defined above
-    from qatcore.quantization.histogram_observer import HistogramObserver
-    from qatcore.quantization.mse_observer import MSEObserver
-
-    if not isinstance(spec, QuantSpec):
-        raise ConfigError(f"make_observer needs a QuantSpec, got {type(spec).__name__}")
-    classes: dict[str, tuple[type[Observer] | None, type[Observer] | None]] = {
-        "minmax": (MinMaxObserver, PerChannelMinMaxObserver),
-        "moving_average_minmax": (MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver),
-        "histogram": (HistogramObserver, None),
-        "mse": (MSEObserver, MSEObserver),
-    }
-    per_tensor_class, per_channel_class = classes[spec.observer]
-    cls = per_channel_class if spec.scheme.per_channel else per_tensor_class
-    if cls is None:
-        where = f" (for {name!r})" if name else ""
-        raise ConfigError(
-            f"observer {spec.observer!r} supports per-tensor schemes only (per_tensor_affine, "
-            f"per_tensor_symmetric), not {spec.scheme.value!r}{where}; for a per-channel scheme use "
-            "'minmax', 'moving_average_minmax' or 'mse'"
-        )
-    return cls(spec, name)

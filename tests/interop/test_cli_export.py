@@ -8,7 +8,7 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
 from qatcore.cli import main  # noqa: E402
 from qatcore.data import load_digits  # noqa: E402
-from qatcore.quantization import load_int8_model  # noqa: E402
+from qatcore.quantization.qat import load_int8_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

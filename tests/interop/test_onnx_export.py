@@ -18,8 +18,8 @@ from qatcore.interop.onnx import export_onnx  # noqa: E402
 from qatcore.interop.onnx_export import weight_scales  # noqa: E402
 from qatcore.models import DigitsCNN, SmallResNet  # noqa: E402
 from qatcore.nn import functional as F  # noqa: E402
-from qatcore.quantization import FakeQuantize, QATPreparer, QuantizationConfig, QuantSpec  # noqa: E402
-from qatcore.quantization.qat import LayerOverride, LayerwiseConfig  # noqa: E402
+from qatcore.quantization import FakeQuantize, QuantizationConfig, QuantSpec  # noqa: E402
+from qatcore.quantization.qat import LayerOverride, LayerwiseConfig, QATPreparer  # noqa: E402
 from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES  # noqa: E402
 
 

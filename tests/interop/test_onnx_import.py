@@ -20,7 +20,7 @@ from qatcore.interop.onnx_import import supported_ops  # noqa: E402
 from qatcore.models import MLP, DigitsCNN, SmallResNet  # noqa: E402
 from qatcore.nn import functional as F  # noqa: E402
 from qatcore.optim import SGD  # noqa: E402
-from qatcore.quantization import QATPreparer  # noqa: E402
+from qatcore.quantization.qat import QATPreparer  # noqa: E402
 from qatcore.training import evaluate_accuracy  # noqa: E402
 
 RNG = np.random.default_rng(0)

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 
 import qatcore
-from qatcore.errors import CheckpointError
+from qatcore.errors import CheckpointError, StateDictError
 from qatcore.models import MLP, DigitsCNN
 from qatcore.optim import SGD
-from qatcore.quantization import QATPreparer, QuantizationConfig, load_qat_checkpoint, save_qat_checkpoint
+from qatcore.quantization import QuantizationConfig
+from qatcore.quantization.qat import QATPreparer, load_qat_checkpoint, save_qat_checkpoint
 from qatcore.quantization.qat.checkpointing import load_int8_model, read_qat_checkpoint, save_int8_model
+from qatcore.quantization.qat.training_integration import QATController
 
 RUN = textwrap.dedent('''
     import sys
@@ -25,7 +27,7 @@ RUN = textwrap.dedent('''
     from qatcore.data import DataLoader, load_digits
     from qatcore.models import DigitsCNN
     from qatcore.optim import SGD
-    from qatcore.quantization import QATPreparer, save_qat_checkpoint
+    from qatcore.quantization.qat import QATPreparer, save_qat_checkpoint
     from qatcore.quantization.qat import StatisticsConfig
 
     mode, steps, source, target = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -96,7 +98,7 @@ def test_sigkill_while_writing_leaves_the_previous_checkpoint(tmp_path):
     writer = textwrap.dedent(f'''
         import numpy as np
         from qatcore.models import MLP
-        from qatcore.quantization import QATPreparer, save_qat_checkpoint
+        from qatcore.quantization.qat import QATPreparer, save_qat_checkpoint
         qat = QATPreparer().prepare_for_qat(MLP(hidden=(8,)))
         qat(np.zeros((2, 1, 8, 8), np.float32))
         save_qat_checkpoint({str(path)!r}, qat, extra={{"round": 0}})
@@ -248,6 +250,131 @@ def test_generator_of_another_kind_is_refused_before_anything_changes(tmp_path):
         load_qat_checkpoint(path, other, generators={"data": np.random.Generator(np.random.MT19937(0))})
     for key, value in other.state_dict().items():
         np.testing.assert_array_equal(value, before[key], err_msg=key)
+
+
+def _trained_mlp(seed):
+    """A QAT MLP after one SGD step on random data (so model and optimizer have state)."""
+    qat = QATPreparer().prepare_for_qat(MLP(hidden=(8,)))
+    optimizer = SGD(qat.parameters(), lr=0.1, momentum=0.9)
+    qat(np.random.default_rng(seed).random((4, 1, 8, 8), dtype=np.float32)).sum().backward()
+    optimizer.step()
+    return qat, optimizer
+
+
+def _assert_same(actual, expected, where="state"):
+    """Nested dicts/lists of arrays and numbers are equal (arrays compared exactly)."""
+    assert type(actual) is type(expected), where
+    if isinstance(expected, dict):
+        assert actual.keys() == expected.keys(), where
+        for key in expected:
+            _assert_same(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            _assert_same(a, e, f"{where}[{i}]")
+    elif isinstance(expected, np.ndarray):
+        np.testing.assert_array_equal(actual, expected, err_msg=where)
+    else:
+        assert actual == expected, where
+
+
+class _Everything:
+    """What load_qat_checkpoint may change, captured to compare after a failed load."""
+
+    def __init__(self, qat, optimizer, rng):
+        self.model, self.optimizer = qat.state_dict(), optimizer.state_dict()
+        self.rng_state = rng.bit_generator.state
+        self.statistics = QATPreparer.controller(qat).statistics
+
+    def assert_unchanged(self, qat, optimizer, rng):
+        _assert_same(qat.state_dict(), self.model, "model")
+        _assert_same(optimizer.state_dict(), self.optimizer, "optimizer")
+        assert rng.bit_generator.state == self.rng_state
+        assert QATPreparer.controller(qat).statistics is self.statistics
+
+
+def _saved_checkpoint(tmp_path):
+    qat, optimizer = _trained_mlp(seed=0)
+    path = tmp_path / "run.ckpt"
+    save_qat_checkpoint(path, qat, optimizer, generators={"data": np.random.default_rng(7)})
+    return path
+
+
+@pytest.mark.parametrize("error", [TypeError("a list, not a dict"), ValueError("bad lr"), KeyError("momentum"),
+                                   StateDictError("refused"), RuntimeError("disk on fire")],
+                         ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("changes_first", [False, True], ids=["fails-at-once", "fails-after-changing"])
+def test_a_failing_optimizer_load_changes_nothing(tmp_path, monkeypatch, error, changes_first):
+    path = _saved_checkpoint(tmp_path)
+    qat, optimizer = _trained_mlp(seed=1)
+    rng = np.random.default_rng(3)
+    before = _Everything(qat, optimizer, rng)
+    real_load, calls = optimizer.load_state_dict, []
+
+    def failing_load(state):
+        calls.append(state)
+        if len(calls) == 1:  # the checkpoint's state; the second call is the rollback
+            if changes_first:
+                real_load(state)
+            raise error
+        real_load(state)
+
+    monkeypatch.setattr(optimizer, "load_state_dict", failing_load)
+    message = rf"loading the optimizer state failed \(nothing was changed\): {type(error).__name__}"
+    with pytest.raises(CheckpointError, match=message):
+        load_qat_checkpoint(path, qat, optimizer, generators={"data": rng})
+    before.assert_unchanged(qat, optimizer, rng)
+
+
+def test_an_optimizer_that_refuses_its_own_state_is_reported_and_the_rest_put_back(tmp_path, monkeypatch):
+    path = _saved_checkpoint(tmp_path)
+    qat, optimizer = _trained_mlp(seed=1)
+    before = qat.state_dict()
+
+    def broken_load(state):
+        raise TypeError("always")
+
+    monkeypatch.setattr(optimizer, "load_state_dict", broken_load)
+    with pytest.raises(CheckpointError, match="could not put back the optimizer"):
+        load_qat_checkpoint(path, qat, optimizer, generators={"data": np.random.default_rng(3)})
+    _assert_same(qat.state_dict(), before, "model")
+
+
+def test_a_failing_schedule_puts_model_optimizer_generators_and_statistics_back(tmp_path, monkeypatch):
+    path = _saved_checkpoint(tmp_path)
+    qat, optimizer = _trained_mlp(seed=1)
+    rng = np.random.default_rng(3)
+    before = _Everything(qat, optimizer, rng)
+
+    def failing_schedule(controller):
+        raise ValueError("schedule exploded")
+
+    monkeypatch.setattr(QATController, "apply_schedule", failing_schedule)
+    with pytest.raises(CheckpointError, match=r"applying the QAT schedule failed \(nothing was changed\).*exploded"):
+        load_qat_checkpoint(path, qat, optimizer, generators={"data": rng})
+    monkeypatch.undo()
+    before.assert_unchanged(qat, optimizer, rng)
+    load_qat_checkpoint(path, qat, optimizer, generators={"data": rng})  # the same call works once it can
+    assert rng.bit_generator.state == np.random.default_rng(7).bit_generator.state
+
+
+def test_a_damaged_generator_state_puts_the_loaded_model_and_optimizer_back(tmp_path):
+    path = _saved_checkpoint(tmp_path)
+    payload = qatcore.load(path)
+    payload["generators"]["data"]["state"] = "not a state"  # right kind, unusable state
+    qatcore.save(payload, path)
+    qat, optimizer = _trained_mlp(seed=1)
+    rng = np.random.default_rng(3)
+    before = _Everything(qat, optimizer, rng)
+    with pytest.raises(CheckpointError, match=r"setting the generator states failed \(nothing was changed\)"):
+        load_qat_checkpoint(path, qat, optimizer, generators={"data": rng})
+    before.assert_unchanged(qat, optimizer, rng)
+
+
+def test_a_model_that_was_not_prepared_is_a_checkpoint_error(tmp_path):
+    path = _saved_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="finding the model's QATController failed.*not prepared"):
+        load_qat_checkpoint(path, MLP(hidden=(8,)))
 
 
 def test_int8_model_deployment_save_load(tmp_path):

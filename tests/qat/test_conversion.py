@@ -9,9 +9,9 @@ from qatcore.data import load_digits
 from qatcore.errors import ConfigError, ObserverError
 from qatcore.models import DigitsCNN, SmallResNet
 from qatcore.nn import functional as F
-from qatcore.quantization import QATPreparer, QuantizationConfig, QuantSpec
+from qatcore.quantization import QuantizationConfig, QuantSpec
 from qatcore.quantization.int8_layers import Dequantize, Int8Module
-from qatcore.quantization.qat import LayerOverride, LayerwiseConfig
+from qatcore.quantization.qat import LayerOverride, LayerwiseConfig, QATPreparer
 from qatcore.quantization.qat.parity import parity_report
 from qatcore.training import evaluate_accuracy
 

@@ -23,8 +23,8 @@ from qatcore.quantization.observer import (
     MovingAveragePerChannelMinMaxObserver,
     Observer,
     PerChannelMinMaxObserver,
-    make_observer,
 )
+from qatcore.quantization.observer_factory import OBSERVER_CLASSES, make_observer
 from qatcore.quantization.qparams import QParams
 from qatcore.quantization.qscheme import QScheme
 from qatcore.tensor import Tensor
@@ -322,6 +322,16 @@ def test_a_rejected_first_batch_does_not_fix_the_channel_count():
     observer.observe(np.ones((4, 2), np.float32))
     strict.observe(np.ones((4, 2), np.float32))
     assert observer.min_val.data.shape == strict.max_val.data.shape == (4,)
+
+
+def test_the_observer_table_matches_the_classes_and_the_config():
+    from qatcore.quantization.config import OBSERVER_OPTIONS
+
+    assert set(OBSERVER_CLASSES) == set(OBSERVER_OPTIONS)
+    for kind, classes in OBSERVER_CLASSES.items():
+        for per_channel, cls in zip((False, True), classes):
+            if cls is not None:
+                assert cls.KIND == kind and per_channel in cls.PER_CHANNEL, (kind, cls.__name__)
 
 
 def test_unsupported_combinations_are_config_errors():

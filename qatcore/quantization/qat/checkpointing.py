@@ -15,14 +15,18 @@ a crash mid-write leaves the previous checkpoint intact) holding:
      "generators": {name: bit_generator.state} of the generators handed in,
      "extra": anything else of plain data (epoch, data loader state, ...)}
 
-Loading checks the format, version and every part before changing anything;
-corrupted, truncated or hostile files raise :class:`~qatcore.errors.CheckpointError`.
-A plain float ``state_dict`` file loads into a QAT model as a warm start
-(quantization state stays fresh); one whose keys do not fit lists them.
+Loading checks the format, version and every part before changing anything,
+and is one transaction: if any part fails to restore (a damaged field, an
+optimizer or generator that refuses its state, the schedule), what was already
+restored is put back, so model, optimizer, generators and statistics are as they
+were, and :class:`~qatcore.errors.CheckpointError` names the part. Corrupted,
+truncated or hostile files raise it too. A plain float ``state_dict`` file loads
+into a QAT model as a warm start (quantization state stays fresh); one whose keys
+do not fit lists them.
 
 >>> import numpy as np, os, tempfile
 >>> from qatcore.models import DigitsCNN
->>> from qatcore.quantization import QATPreparer
+>>> from qatcore.quantization.qat import QATPreparer
 >>> preparer = QATPreparer()
 >>> qat = preparer.prepare_for_qat(DigitsCNN())
 >>> _ = qat(np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32))
@@ -37,13 +41,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import numpy as np
 
 from qatcore.errors import CheckpointError, QATCoreError
 from qatcore.nn.module import Module
 from qatcore.quantization.fake_quantize_module import FakeQuantize
+from qatcore.quantization.qat.int8_serialization import int8_model_from_dict, int8_model_to_dict
+from qatcore.quantization.qat.statistics import QATStatistics
+from qatcore.quantization.qat.training_integration import QATController, controller_of
 from qatcore.serialization import load, save
 
 __all__ = ["save_qat_checkpoint", "load_qat_checkpoint", "read_qat_checkpoint", "LoadedCheckpoint",
@@ -61,12 +69,6 @@ class LoadedCheckpoint:
     preparer: dict | None
     step: int | None
     optimizer: Any = None
-
-
-def _controller(qat_model: Module):
-    from qatcore.quantization.qat.preparer import QATPreparer
-
-    return QATPreparer.controller(qat_model)
 
 
 def _preparation_settings(controller) -> dict:
@@ -97,8 +99,6 @@ def _check_same_preparation(path, saved: dict, current: dict) -> None:
 def _float_keys(qat_model: Module) -> set[str]:
     """The state_dict keys a float checkpoint must hold: all but the quantization state
     that preparation added (quantizers, the controller, the per-layer switches)."""
-    from qatcore.quantization.qat.training_integration import QATController
-
     added = tuple(f"{name}." for name, module in qat_model.named_modules()
                   if name and isinstance(module, (FakeQuantize, QATController)))
     return {key for key in qat_model.state_dict()
@@ -108,7 +108,7 @@ def _float_keys(qat_model: Module) -> set[str]:
 def save_qat_checkpoint(path, qat_model: Module, optimizer=None, preparer=None, extra: Any = None,
                         generators: dict[str, np.random.Generator] | None = None) -> None:
     """Write a checkpoint of ``qat_model`` (and the optional parts) to ``path``, atomically."""
-    controller = _controller(qat_model)
+    controller = controller_of(qat_model)
     settings = {**_preparation_settings(controller), "statistics": controller.statistics.to_dict()["config"]}
     if preparer is not None and preparer.controller(qat_model) is not controller:
         raise CheckpointError("save_qat_checkpoint: the preparer did not prepare this model")
@@ -165,70 +165,96 @@ def load_qat_checkpoint(path, qat_model: Module, optimizer=None,
     """Restore ``qat_model`` (and optimizer, statistics, generators) from ``path``.
 
     A float checkpoint (a plain state_dict) warm-starts the QAT model: its weights
-    and BatchNorm statistics load, quantization state stays as it is. Nothing changes
-    unless every part fits; CheckpointError otherwise (naming the mismatched keys).
+    and BatchNorm statistics load, quantization state stays as it is. All or
+    nothing: on any failure everything already restored is put back and
+    CheckpointError names the part that failed (and the mismatched keys).
     """
-    from qatcore.quantization.qat.statistics import QATStatistics
-
-    payload = read_qat_checkpoint(path)
-    controller = _controller(qat_model)
-    if payload["format"] == "float":
-        state = payload["model"]
-        expected = set(qat_model.state_dict())
-        unknown = sorted(set(state) - expected)
-        if unknown or not state:
-            raise CheckpointError(f"{path}: this float checkpoint does not fit the model; keys the model does "
-                                  f"not have: {unknown[:20]}")
-        missing = sorted(_float_keys(qat_model) - set(state))
-        if missing:
-            raise CheckpointError(f"{path}: this float checkpoint lacks {len(missing)} of the model's float "
-                                  f"weights and statistics: {missing[:20]}")
-        try:
-            qat_model.load_state_dict(state, strict=False)
-        except QATCoreError as e:
-            raise CheckpointError(f"{path}: {e}") from e
-        return LoadedCheckpoint("float", None, None, None)
-    _check_same_preparation(path, payload["preparer"], _preparation_settings(controller))
+    undo: list[tuple[str, Callable[[], Any]]] = []  # (part, how to put it back), in the order changed
+    step = "reading the checkpoint"
     try:
+        payload = read_qat_checkpoint(path)
+        step = "finding the model's QATController"
+        controller = controller_of(qat_model)
+        undo.append(("the model", partial(qat_model.load_state_dict, qat_model.state_dict())))
+        if payload["format"] == "float":
+            step = "loading the float weights"
+            _load_float_state(path, payload["model"], qat_model)
+            return LoadedCheckpoint("float", None, None, None)
+        step = "checking the preparation settings"
+        _check_same_preparation(path, payload["preparer"], _preparation_settings(controller))
+        step = "reading the statistics"
         statistics = QATStatistics.from_dict(payload["statistics"])
-        states = dict(payload["generators"])
-        for name, state in states.items():
-            if generators is None or name not in generators:
-                raise CheckpointError(f"{path}: the checkpoint holds generator {name!r}; hand it in to restore it")
-            kind = type(generators[name].bit_generator).__name__
-            if not isinstance(state, dict) or state.get("bit_generator") != kind:
-                saved = state.get("bit_generator") if isinstance(state, dict) else state
-                raise CheckpointError(f"{path}: generator {name!r} was saved from a {saved!r} bit generator; "
-                                      f"the one handed in is a {kind}")
-        # validate everything before changing anything: the model on a scratch copy of its state
-        before = qat_model.state_dict()
+        step = "checking the generators"
+        states = _generator_states(path, payload["generators"], generators)
+        step = "loading the model state"
         qat_model.load_state_dict(payload["model"], strict=True)
         if optimizer is not None:
+            step = "loading the optimizer state"
             if payload.get("optimizer") is None:
-                qat_model.load_state_dict(before)
                 raise CheckpointError(f"{path}: the checkpoint holds no optimizer state")
-            try:
-                optimizer.load_state_dict(payload["optimizer"])
-            except QATCoreError:
-                qat_model.load_state_dict(before)
-                raise
+            undo.append(("the optimizer", partial(optimizer.load_state_dict, optimizer.state_dict())))
+            optimizer.load_state_dict(payload["optimizer"])
+        step = "setting the generator states"
         for name, state in states.items():
-            generators[name].bit_generator.state = state
-    except CheckpointError:
-        raise
-    except QATCoreError as e:
-        raise CheckpointError(f"{path}: {e}") from e
-    except (TypeError, ValueError, KeyError) as e:  # hostile or damaged fields
-        raise CheckpointError(f"{path}: malformed checkpoint ({type(e).__name__}: {e})") from e
-    controller.collector.statistics = statistics
-    controller.apply_schedule()
+            bit_generator = generators[name].bit_generator
+            undo.append((f"generator {name!r}", partial(setattr, bit_generator, "state", bit_generator.state)))
+            bit_generator.state = state
+        step = "applying the QAT schedule"
+        collector = controller.collector
+        undo.append(("the statistics", partial(setattr, collector, "statistics", collector.statistics)))
+        collector.statistics = statistics
+        controller.apply_schedule()  # its switches are buffers: the model's undo puts them back
+    except BaseException as error:
+        not_undone = _undo_all(undo)
+        if not isinstance(error, Exception):  # KeyboardInterrupt and the like: rolled back, not converted
+            raise
+        outcome = "nothing was changed" if not not_undone else f"could not put back {', '.join(not_undone)}"
+        if isinstance(error, CheckpointError):  # it names what failed already
+            raise CheckpointError(f"{error} ({outcome})") from error
+        raise CheckpointError(f"{path}: {step} failed ({outcome}): {type(error).__name__}: {error}") from error
     return LoadedCheckpoint("qat", payload.get("extra"), payload["preparer"], controller.current_step)
+
+
+def _load_float_state(path, state: dict, qat_model: Module) -> None:
+    """A float state_dict into a QAT model (warm start), after checking its keys fit."""
+    expected = set(qat_model.state_dict())
+    unknown = sorted(set(state) - expected)
+    if unknown or not state:
+        raise CheckpointError(f"{path}: this float checkpoint does not fit the model; keys the model does "
+                              f"not have: {unknown[:20]}")
+    missing = sorted(_float_keys(qat_model) - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: this float checkpoint lacks {len(missing)} of the model's float "
+                              f"weights and statistics: {missing[:20]}")
+    qat_model.load_state_dict(state, strict=False)
+
+
+def _generator_states(path, states: dict, generators: dict[str, np.random.Generator] | None) -> dict:
+    """The saved generator states, each checked against the generator handed in to receive it."""
+    for name, state in states.items():
+        if generators is None or name not in generators:
+            raise CheckpointError(f"{path}: the checkpoint holds generator {name!r}; hand it in to restore it")
+        kind = type(generators[name].bit_generator).__name__
+        if not isinstance(state, dict) or state.get("bit_generator") != kind:
+            saved = state.get("bit_generator") if isinstance(state, dict) else state
+            raise CheckpointError(f"{path}: generator {name!r} was saved from a {saved!r} bit generator; "
+                                  f"the one handed in is a {kind}")
+    return dict(states)
+
+
+def _undo_all(undo: list[tuple[str, Callable[[], Any]]]) -> list[str]:
+    """Run the undo steps, last change first; the parts that could not be put back (normally none)."""
+    not_undone = []
+    for part, put_back in reversed(undo):
+        try:
+            put_back()
+        except Exception:  # keep putting the other parts back; the caller reports this one
+            not_undone.append(part)
+    return not_undone
 
 
 def save_int8_model(path, int8_model: Module) -> None:
     """Save a converted int8 model for deployment (same container as checkpoints)."""
-    from qatcore.quantization.qat.int8_serialization import int8_model_to_dict
-
     try:
         save(int8_model_to_dict(int8_model), path)
     except QATCoreError as e:
@@ -237,8 +263,6 @@ def save_int8_model(path, int8_model: Module) -> None:
 
 def load_int8_model(path) -> Module:
     """Load an int8 model saved by :func:`save_int8_model`."""
-    from qatcore.quantization.qat.int8_serialization import int8_model_from_dict
-
     try:
         return int8_model_from_dict(load(path))
     except QATCoreError as e:

@@ -20,7 +20,7 @@ __all__ = ["IQATPreparer"]
 
 
 class IQATPreparer(abc.ABC):
-    """Abstract QAT engine; :class:`qatcore.quantization.QATPreparer` implements it."""
+    """Abstract QAT engine; :class:`qatcore.quantization.qat.QATPreparer` implements it."""
 
     @abc.abstractmethod
     def prepare_for_qat(self, model: Module, config: Any = None) -> Module:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
+from qatcore import nn
 from qatcore.errors import ConfigError
 from qatcore.nn.module import Module
 from qatcore.quantization.config import QuantizationConfig, QuantMode
@@ -195,8 +196,6 @@ class LayerwiseConfig:
 
     # ---- dicts (config files) -------------------------------------------------------------
     def to_dict(self) -> dict:
-        from qatcore import nn
-
         entries = []
         for key, value in self.overrides.items():
             override = _as_override(key, value)
@@ -213,8 +212,6 @@ class LayerwiseConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> LayerwiseConfig:
         """From ``{"global": {...}, "overrides": [{"match": "fc" | "type": "Linear",
         "config": {...}, "mode": "...", "enabled": bool}, ...]}``."""
-        from qatcore import nn
-
         if not isinstance(data, Mapping):
             raise ConfigError(f"layer-wise config must be a mapping, got {type(data).__name__}")
         unknown = sorted(set(data) - {"global", "overrides"})

@@ -10,7 +10,7 @@ and none differs by more than one step (docs/numerics.md, "Parity").
 
 >>> import numpy as np
 >>> from qatcore.models import DigitsCNN
->>> from qatcore.quantization import QATPreparer
+>>> from qatcore.quantization.qat import QATPreparer
 >>> preparer = QATPreparer()
 >>> qat = preparer.prepare_for_qat(DigitsCNN())
 >>> x = np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32)

@@ -2,7 +2,8 @@
 
 >>> import numpy as np
 >>> from qatcore.models import DigitsCNN
->>> from qatcore.quantization import QATPreparer, QuantizationConfig
+>>> from qatcore.quantization import QuantizationConfig
+>>> from qatcore.quantization.qat import QATPreparer
 >>> preparer = QATPreparer()
 >>> qat_model = preparer.prepare_for_qat(DigitsCNN(), QuantizationConfig())
 >>> out = qat_model(np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32))
@@ -16,17 +17,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from qatcore.errors import ConfigError, QATCoreError, TraceError
+from qatcore.errors import CheckpointError, ConfigError, QATCoreError, TraceError
 from qatcore.nn.module import Module
 from qatcore.quantization.config import QuantizationConfig
 from qatcore.quantization.fake_quantize_module import FakeQuantize
+from qatcore.quantization.qat.checkpointing import FORMAT, load_qat_checkpoint, read_qat_checkpoint
 from qatcore.quantization.qat.conversion import convert_to_quantized
 from qatcore.quantization.qat.interface import IQATPreparer
 from qatcore.quantization.qat.layerwise_config import LayerwiseConfig
 from qatcore.quantization.qat.preparation import LayerRecord, prepare_eager_mode, prepare_graph_mode
 from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES
 from qatcore.quantization.qat.statistics import QATStatistics, StatisticsConfig
-from qatcore.quantization.qat.training_integration import QATController, QATSchedule
+from qatcore.quantization.qat.training_integration import QATController, QATSchedule, controller_of
 from qatcore.text_table import text_table
 
 __all__ = ["QATPreparer"]
@@ -120,11 +122,8 @@ class QATPreparer(IQATPreparer):
         whose state the checkpoint restores. Returns (qat_model, LoadedCheckpoint), the
         optimizer in ``LoadedCheckpoint.optimizer``.
         """
-        from qatcore.errors import CheckpointError
-        from qatcore.quantization.qat.checkpointing import load_qat_checkpoint, read_qat_checkpoint
-
         payload = read_qat_checkpoint(path)
-        if payload["format"] != "qatcore.qat_checkpoint":
+        if payload["format"] != FORMAT:
             raise CheckpointError(f"{path} is a float checkpoint: prepare the model, then load_qat_checkpoint it")
         settings = payload["preparer"]
         try:
@@ -142,10 +141,7 @@ class QATPreparer(IQATPreparer):
     @staticmethod
     def controller(qat_model: Module) -> QATController:
         """The model's QATController (ConfigError if the model was not prepared)."""
-        controller = qat_model._modules.get("qat_controller") if isinstance(qat_model, Module) else None
-        if not isinstance(controller, QATController):
-            raise ConfigError("this model was not prepared by QATPreparer.prepare_for_qat")
-        return controller
+        return controller_of(qat_model)
 
     def step(self, qat_model: Module, count: int = 1) -> None:
         """Advance the lifecycle schedule explicitly (with auto_step=False)."""

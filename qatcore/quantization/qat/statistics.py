@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from qatcore import serialization
 from qatcore.errors import ConfigError, QATCoreError
 from qatcore.quantization.histogram_observer import histogram_percentile, histogram_state, update_histograms
 from qatcore.text_table import text_table
@@ -242,15 +243,11 @@ class QATStatistics:
 
     def save(self, path) -> None:
         """Write through qatcore.save (msgpack container, atomic)."""
-        from qatcore.serialization import save
-
-        save(self.to_dict(), path)
+        serialization.save(self.to_dict(), path)
 
     @classmethod
     def load(cls, path) -> QATStatistics:
-        from qatcore.serialization import load
-
-        return cls.from_dict(load(path))
+        return cls.from_dict(serialization.load(path))
 
     def to_json(self) -> str:
         """The series as JSON for harnesses: {"last_step", "quantizers": {name: {"kind",

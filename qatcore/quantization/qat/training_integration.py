@@ -29,13 +29,14 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from qatcore.errors import ConfigError
+from qatcore.errors import ConfigError, QATCoreError
 from qatcore.nn.module import Module
 from qatcore.quantization.fake_quantize_module import FakeQuantize
+from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES, QATConvBn2d
 from qatcore.quantization.qat.statistics import QATStatistics, StatisticsConfig
 from qatcore.quantization.qat.statistics_collector import StatisticsCollector
 
-__all__ = ["QATSchedule", "QATController"]
+__all__ = ["QATSchedule", "QATController", "controller_of"]
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,6 @@ class QATController(Module):
 
     def attach(self, model: Module) -> None:
         """Find the model's quantizers and folded conv-bn layers; count its training steps."""
-        from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES, QATConvBn2d
-
         quantizers = [m for m in model.modules() if isinstance(m, FakeQuantize)]
         self._quantizers[:] = [m for m in quantizers if m not in self._excluded]
         self._conv_bn_layers[:] = [m for m in model.modules() if isinstance(m, QATConvBn2d)]
@@ -174,3 +173,15 @@ class QATController(Module):
 
     def extra_repr(self) -> str:
         return f"step={self.current_step}, schedule={self.schedule}"
+
+
+def controller_of(qat_model: Module) -> QATController:
+    """The QATController that preparation registered in ``qat_model`` as ``qat_controller``
+    (ConfigError if the model was not prepared)."""
+    try:
+        controller = qat_model.get_submodule("qat_controller") if isinstance(qat_model, Module) else None
+    except QATCoreError:  # no such submodule
+        controller = None
+    if not isinstance(controller, QATController):
+        raise ConfigError("this model was not prepared by QATPreparer.prepare_for_qat")
+    return controller
