@@ -373,14 +373,14 @@ class _Plan:
         return by_channel[:, :, :self.channels].sum(axis=(0, 1))
 
 
-def fake_quantize_forward(x, scale, zero_point, quant_min, quant_max, axis):
+def fake_quantize_forward(x, scale, zero_point, qmin, qmax, axis):
     """y = (clamp(z + rne(x * inv), qmin, qmax) - z) * s, elementwise in float32.
 
     Args:
         x: C-contiguous float32 array of any shape (0-d and empty included).
         scale, zero_point: float32 arrays of shape (1,) for ``axis=None`` (per tensor), else
             (x.shape[axis],); zero_point holds integers (rounded by the caller); scale > 0.
-        quant_min, quant_max: the integer grid, quant_min < quant_max, at most 16 bits.
+        qmin, qmax: the integer grid, qmin < qmax, at most 16 bits.
         axis: None, or the channel axis in [0, x.ndim).
 
     Returns:
@@ -393,16 +393,16 @@ def fake_quantize_forward(x, scale, zero_point, quant_min, quant_max, axis):
     driver = _forward_parallel if plan.parallel else _forward_serial
     with np.errstate(all="ignore"):  # IEEE results as the jit gives them, also in plain Python
         driver(x.reshape(-1), y.reshape(-1), plan.scale, plan.inv_scale, plan.zero_point,
-               np.float32(quant_min), np.float32(quant_max), plan.tiling, plan.per_element, plan.n_tasks)
+               np.float32(qmin), np.float32(qmax), plan.tiling, plan.per_element, plan.n_tasks)
     return y
 
 
-def fake_quantize_backward(grad_y, x, scale, zero_point, quant_min, quant_max, axis, mode, grad_factor):
+def fake_quantize_backward(grad_y, x, scale, zero_point, qmin, qmax, axis, mode, grad_factor):
     """Gradients of :func:`fake_quantize_forward`, recomputing q from x in one pass.
 
     Args:
         grad_y: C-contiguous float32 array shaped like x, the gradient of y.
-        x, scale, zero_point, quant_min, quant_max, axis: as given to the forward.
+        x, scale, zero_point, qmin, qmax, axis: as given to the forward.
         mode: "ste" (gradient of x only), "lsq" (and of the scale) or "lsq+" (and of the
             zero point).
         grad_factor: g, the LSQ gradient scale (a float; ignored by "ste").
@@ -411,7 +411,7 @@ def fake_quantize_backward(grad_y, x, scale, zero_point, quant_min, quant_max, a
         (grad_x, grad_scale, grad_zero_point, clipped): grad_x = grad_y * mask like x;
         grad_scale (for "lsq", "lsq+") and grad_zero_point (for "lsq+") float32 arrays shaped
         like scale, summed in float64, else None; clipped, int64 shaped like scale, counts the
-        elements whose unclamped q lies outside [quant_min, quant_max] (NaN does not count).
+        elements whose unclamped q lies outside [qmin, qmax] (NaN does not count).
     """
     if mode not in MODES:
         raise ValueError(f"fake_quantize_backward: mode must be one of {MODES}, got {mode!r}")
@@ -429,7 +429,7 @@ def fake_quantize_backward(grad_y, x, scale, zero_point, quant_min, quant_max, a
     driver = _backward_parallel if plan.parallel else _backward_serial
     with np.errstate(all="ignore"):
         driver(grad_y.reshape(-1), x.reshape(-1), dx.reshape(-1), plan.scale, plan.inv_scale,
-               plan.zero_point, np.float32(quant_min), np.float32(quant_max), float(grad_factor),
+               plan.zero_point, np.float32(qmin), np.float32(qmax), float(grad_factor),
                learned, plan.tiling, plan.per_element, plan.n_tasks, clipped, dscale, dzero_point)
     clipped = plan.per_channel(clipped).reshape(scale.shape)
     if not learned:

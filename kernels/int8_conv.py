@@ -106,7 +106,7 @@ def _gather_rows(x, image, p0, p1, geometry, zero_point, cols):
 
 @njit(cache=True)
 def _conv_task(task, x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point, offset,
-               multiplier, shift, out_zero_point, out_min, out_max, flip, pointwise, rows, acc, out):
+               multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, pointwise, rows, acc, out):
     """Image task // blocks_per_image, output pixels [p0, p1) of it, every output channel.
     rows (pixel_block, C*kh*kw) and acc (K/groups, pixel_block) are this thread's work
     buffers; out is (N * K, OH * OW): row n*K + k is output plane (n, k)."""
@@ -127,25 +127,25 @@ def _conv_task(task, x, weights, geometry, out_height, pixel_block, blocks_per_i
         gemm_block(source, row0, row0 + p1 - p0, g * depth, weights, g * group_out, (g + 1) * group_out, depth,
                    acc, True)
         requantize_block(acc, p1 - p0, group_out, out, image * out_channels + g * group_out, p0, True, g * group_out,
-                         offset, multiplier, shift, out_zero_point, out_min, out_max, flip)
+                         offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip)
 
 
 @njit(cache=True, parallel=True)
 def _conv_parallel(x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point, offset, multiplier,
-                   shift, out_zero_point, out_min, out_max, flip, pointwise, n_tasks, rows, acc, out):
+                   shift, out_zero_point, clamp_min, clamp_max, flip, pointwise, n_tasks, rows, acc, out):
     for task in prange(n_tasks):
         thread = get_thread_id()
         _conv_task(np.int64(task), x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point,
-                   offset, multiplier, shift, out_zero_point, out_min, out_max, flip, pointwise, rows[thread],
+                   offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, pointwise, rows[thread],
                    acc[thread], out)
 
 
 @njit(cache=True)
 def _conv_serial(x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point, offset, multiplier,
-                 shift, out_zero_point, out_min, out_max, flip, pointwise, n_tasks, rows, acc, out):
+                 shift, out_zero_point, clamp_min, clamp_max, flip, pointwise, n_tasks, rows, acc, out):
     for task in range(n_tasks):
         _conv_task(task, x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point, offset,
-                   multiplier, shift, out_zero_point, out_min, out_max, flip, pointwise, rows[0], acc[0], out)
+                   multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, pointwise, rows[0], acc[0], out)
 
 
 @njit(cache=True)
@@ -166,7 +166,7 @@ def _direct_block(cols, col0, count, weights, channel0, channels, row0, depth, a
 
 @njit(cache=True)
 def _direct_task(task, cols, weights, groups, pixels, pixel_block, blocks_per_image, offset, multiplier, shift,
-                 out_zero_point, out_min, out_max, flip, acc, out):
+                 out_zero_point, clamp_min, clamp_max, flip, acc, out):
     """The short-depth path's task: image task // blocks_per_image, output pixels [p0, p1) of it.
     cols is im2col's (N*C*kh*kw, OH*OW), weights (K, C/G*kh*kw) in im2col's (c, kh, kw) order."""
     image, block = task // blocks_per_image, task % blocks_per_image
@@ -177,23 +177,23 @@ def _direct_task(task, cols, weights, groups, pixels, pixel_block, blocks_per_im
     for g in range(groups):
         _direct_block(cols, p0, p1 - p0, weights, g * group_out, group_out, (image * groups + g) * depth, depth, acc)
         requantize_block(acc, p1 - p0, group_out, out, image * out_channels + g * group_out, p0, True, g * group_out,
-                         offset, multiplier, shift, out_zero_point, out_min, out_max, flip)
+                         offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip)
 
 
 @njit(cache=True, parallel=True)
 def _direct_parallel(cols, weights, groups, pixels, pixel_block, blocks_per_image, offset, multiplier, shift,
-                     out_zero_point, out_min, out_max, flip, n_tasks, acc, out):
+                     out_zero_point, clamp_min, clamp_max, flip, n_tasks, acc, out):
     for task in prange(n_tasks):
         _direct_task(np.int64(task), cols, weights, groups, pixels, pixel_block, blocks_per_image, offset,
-                     multiplier, shift, out_zero_point, out_min, out_max, flip, acc[get_thread_id()], out)
+                     multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, acc[get_thread_id()], out)
 
 
 @njit(cache=True)
 def _direct_serial(cols, weights, groups, pixels, pixel_block, blocks_per_image, offset, multiplier, shift,
-                   out_zero_point, out_min, out_max, flip, n_tasks, acc, out):
+                   out_zero_point, clamp_min, clamp_max, flip, n_tasks, acc, out):
     for task in range(n_tasks):
         _direct_task(task, cols, weights, groups, pixels, pixel_block, blocks_per_image, offset, multiplier, shift,
-                     out_zero_point, out_min, out_max, flip, acc[0], out)
+                     out_zero_point, clamp_min, clamp_max, flip, acc[0], out)
 
 
 def _pair(value, what, minimum):
@@ -203,7 +203,7 @@ def _pair(value, what, minimum):
     return int(pair[0]), int(pair[1])
 
 
-def int8_conv2d(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_point, out_min, out_max, out_dtype,
+def int8_conv2d(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_point, clamp_min, clamp_max, out_dtype,
                 stride=1, padding=0, dilation=1, groups=1):
     """Integer-only 2-D convolution with requantized output (module docstring formula).
 
@@ -214,7 +214,7 @@ def int8_conv2d(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
         bias_q: (K,) int32 at scale s_x * s_w[k], or None.
         multiplier, shift: (K,) int32 (or (1,)) from ``requantize.quantize_multiplier`` of
             s_x * s_w[k] / s_y: M0 in [2^30, 2^31), shift in [-31, 31] (negative = left).
-        out_zero_point, out_min, out_max: z_y and the clamp (out_min = z_y fuses a ReLU).
+        out_zero_point, clamp_min, clamp_max: z_y and the clamp (clamp_min = z_y fuses a ReLU).
         out_dtype: np.uint8 or np.int8.
         stride, padding, dilation: an int or an (h, w) pair; >= 1, >= 0, >= 1.
         groups: a positive divisor of C and K; groups == C == K is depthwise.
@@ -247,7 +247,7 @@ def int8_conv2d(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
                          f"padded by {(ph, pw)}")
     check_depth(group_channels * kh * kw, name)
     offset, multiplier, shift = channel_parameters(packed, zero_point, bias_q, multiplier, shift, name)
-    out_zero_point, out_min, out_max, flip, out_dtype = output_parameters(out_zero_point, out_min, out_max,
+    out_zero_point, clamp_min, clamp_max, flip, out_dtype = output_parameters(out_zero_point, clamp_min, clamp_max,
                                                                            out_dtype, name)
     pixels = out_height * out_width
     out = np.empty((batch, out_channels, out_height, out_width), np.uint8)
@@ -264,7 +264,7 @@ def int8_conv2d(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
         driver = _direct_parallel if parallel else _direct_serial
         acc = scratch_for(parallel, (out_channels // groups, pixel_block), np.int32)
         driver(cols.reshape(-1, pixels), weights, int(groups), pixels, pixel_block, blocks_per_image, offset,
-               multiplier, shift, out_zero_point, out_min, out_max, flip, n_tasks, acc,
+               multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, n_tasks, acc,
                out.reshape(batch * out_channels, pixels))
         return out.view(out_dtype)
     x_nhwc = np.ascontiguousarray(x_u8.transpose(0, 2, 3, 1)).reshape(-1)
@@ -278,6 +278,6 @@ def int8_conv2d(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
     rows = scratch_for(parallel, (0 if pointwise else pixel_block, channels * kh * kw), np.uint8)
     acc = scratch_for(parallel, (out_channels // groups, pixel_block), np.int32)
     driver(x_nhwc, packed.matrix, geometry, out_height, pixel_block, blocks_per_image, np.uint8(zero_point), offset,
-           multiplier, shift, out_zero_point, out_min, out_max, flip, pointwise, n_tasks, rows, acc,
+           multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, pointwise, n_tasks, rows, acc,
            out.reshape(batch * out_channels, pixels))
     return out.view(out_dtype)

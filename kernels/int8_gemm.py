@@ -374,7 +374,7 @@ def gemm_block(a, a_lo, a_hi, a_col, b, b_lo, b_hi, depth, acc, transposed):
 
 @njit(cache=True)
 def requantize_block(acc, rows, cols, out, out_row, out_col, transposed, channel0, offset, multiplier,
-                     shift, out_zero_point, out_min, out_max, flip):
+                     shift, out_zero_point, clamp_min, clamp_max, flip):
     """out[out_row + r, out_col + c] = requantize_value(acc[r, c] + offset[channel0 + c], ...) ^ flip
     for r < rows, c < cols; if transposed, out[out_row + c, out_col + r] from acc[c, r]."""
     o_col, n_rows, n_cols = np.uintp(out_col), np.uintp(rows), np.uintp(cols)
@@ -383,7 +383,7 @@ def requantize_block(acc, rows, cols, out, out_row, out_col, transposed, channel
             j, o_row = np.uintp(channel0) + c, np.uintp(out_row) + c
             bias, m0, n = offset[j], multiplier[j], shift[j]
             for r in range(n_rows):
-                y = requantize_value(np.int64(acc[c, r]) + bias, m0, n, out_zero_point, out_min, out_max)
+                y = requantize_value(np.int64(acc[c, r]) + bias, m0, n, out_zero_point, clamp_min, clamp_max)
                 out[o_row, o_col + r] = y ^ flip
     else:
         channel = np.uintp(channel0)
@@ -392,7 +392,7 @@ def requantize_block(acc, rows, cols, out, out_row, out_col, transposed, channel
             for c in range(n_cols):
                 j = channel + c
                 y = requantize_value(np.int64(acc[r, c]) + offset[j], multiplier[j], shift[j], out_zero_point,
-                                     out_min, out_max)
+                                     clamp_min, clamp_max)
                 out[o_row, o_col + c] = y ^ flip
 
 
@@ -433,12 +433,12 @@ def _gemm_task(task, x, w, offset, row_block, col_block, acc, out):
 
 
 @njit(cache=True)
-def _linear_task(task, x, w, offset, multiplier, shift, out_zero_point, out_min, out_max, flip, row_block,
+def _linear_task(task, x, w, offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, row_block,
                  col_block, acc, out):
     r0, r1, c0, c1 = _task_bounds(task, x.shape[0], w.shape[0], row_block, col_block)
     gemm_block(x, r0, r1, 0, w, c0, c1, w.shape[1], acc, False)
     requantize_block(acc, r1 - r0, c1 - c0, out, r0, c0, False, c0, offset, multiplier, shift, out_zero_point,
-                     out_min, out_max, flip)
+                     clamp_min, clamp_max, flip)
 
 
 @njit(cache=True, parallel=True)
@@ -454,18 +454,18 @@ def _gemm_serial(x, w, offset, row_block, col_block, n_tasks, scratch, out):
 
 
 @njit(cache=True, parallel=True)
-def _linear_parallel(x, w, offset, multiplier, shift, out_zero_point, out_min, out_max, flip, row_block,
+def _linear_parallel(x, w, offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, row_block,
                      col_block, n_tasks, scratch, out):
     for task in prange(n_tasks):
-        _linear_task(np.int64(task), x, w, offset, multiplier, shift, out_zero_point, out_min, out_max, flip,
+        _linear_task(np.int64(task), x, w, offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip,
                      row_block, col_block, scratch[get_thread_id()], out)
 
 
 @njit(cache=True)
-def _linear_serial(x, w, offset, multiplier, shift, out_zero_point, out_min, out_max, flip, row_block,
+def _linear_serial(x, w, offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, row_block,
                    col_block, n_tasks, scratch, out):
     for task in range(n_tasks):
-        _linear_task(task, x, w, offset, multiplier, shift, out_zero_point, out_min, out_max, flip, row_block,
+        _linear_task(task, x, w, offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, row_block,
                      col_block, scratch[0], out)
 
 
@@ -533,20 +533,20 @@ def channel_parameters(packed, x_zero_point, bias_q, multiplier, shift, name):
     return bias - x_zero_point * packed.row_sums, multiplier, shift
 
 
-def output_parameters(out_zero_point, out_min, out_max, out_dtype, name):
+def output_parameters(out_zero_point, clamp_min, clamp_max, out_dtype, name):
     """(z_y, lo, hi, flip) on the uint8 grid the kernels store, and the output dtype."""
     out_dtype = np.dtype(out_dtype)
     if out_dtype not in (np.uint8, np.int8):
         raise DTypeError(f"{name}: out_dtype must be uint8 or int8, got {out_dtype}")
     info = np.iinfo(out_dtype)
-    for what, value in (("out_zero_point", out_zero_point), ("out_min", out_min), ("out_max", out_max)):
+    for what, value in (("out_zero_point", out_zero_point), ("clamp_min", clamp_min), ("clamp_max", clamp_max)):
         if not isinstance(value, (int, np.integer)) or not info.min <= value <= info.max:
             raise ConfigError(f"{name}: {what} must be an integer in [{info.min}, {info.max}] for {out_dtype} "
                               f"output, got {value!r}")
-    if out_min > out_max:
-        raise ConfigError(f"{name}: out_min {out_min} > out_max {out_max}")
+    if clamp_min > clamp_max:
+        raise ConfigError(f"{name}: clamp_min {clamp_min} > clamp_max {clamp_max}")
     move = 128 if out_dtype == np.int8 else 0
-    return int(out_zero_point) + move, int(out_min) + move, int(out_max) + move, move, out_dtype
+    return int(out_zero_point) + move, int(clamp_min) + move, int(clamp_max) + move, move, out_dtype
 
 
 def row_block_for(depth):
@@ -597,7 +597,7 @@ def int8_gemm_int32(x_q, x_zero_point, w_q):
     return out
 
 
-def int8_linear(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_point, out_min, out_max, out_dtype):
+def int8_linear(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_point, clamp_min, clamp_max, out_dtype):
     """Integer-only linear layer: y_q = requantize(int8_gemm_int32(x_q, z_x, w_q) + bias_q).
 
     Args:
@@ -606,8 +606,8 @@ def int8_linear(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
         bias_q: (N,) int32 at scale s_x * s_w[j], or None.
         multiplier, shift: (N,) int32 (or (1,)) from ``requantize.quantize_multiplier`` of
             s_x * s_w[j] / s_y: M0 in [2^30, 2^31), shift in [-31, 31] (negative = left).
-        out_zero_point, out_min, out_max: z_y and the clamp, in out_dtype's range
-            (out_min = z_y fuses a ReLU).
+        out_zero_point, clamp_min, clamp_max: z_y and the clamp, in out_dtype's range
+            (clamp_min = z_y fuses a ReLU).
         out_dtype: np.uint8 or np.int8.
 
     Returns:
@@ -622,7 +622,7 @@ def int8_linear(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
     x_u8, zero_point = activations_as_uint8(x_q, x_zero_point, name)
     _check_operands(x_u8, packed, name)
     offset, multiplier, shift = channel_parameters(packed, zero_point, bias_q, multiplier, shift, name)
-    out_zero_point, out_min, out_max, flip, out_dtype = output_parameters(out_zero_point, out_min, out_max,
+    out_zero_point, clamp_min, clamp_max, flip, out_dtype = output_parameters(out_zero_point, clamp_min, clamp_max,
                                                                            out_dtype, name)
     (rows, depth), cols = x_u8.shape, packed.matrix.shape[0]
     out = np.empty((rows, cols), np.uint8)
@@ -632,6 +632,6 @@ def int8_linear(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
         parallel = n_tasks > 1 and rows * cols * depth >= PARALLEL_MIN_MACS
         driver = _linear_parallel if parallel else _linear_serial
         scratch = scratch_for(parallel, (row_block, col_block), np.int32)
-        driver(x_u8, packed.matrix, offset, multiplier, shift, out_zero_point, out_min, out_max, flip, row_block,
+        driver(x_u8, packed.matrix, offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, row_block,
                col_block, n_tasks, scratch, out)
     return out.view(out_dtype)

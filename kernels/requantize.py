@@ -216,7 +216,7 @@ def scale_value(acc, multiplier, shift):
 
 
 @njit(cache=True)
-def requantize_value(acc, multiplier, shift, out_zero_point, out_min, out_max):
+def requantize_value(acc, multiplier, shift, out_zero_point, clamp_min, clamp_max):
     """One output value from an accumulator: the module docstring's formula.
 
     Args:
@@ -224,13 +224,13 @@ def requantize_value(acc, multiplier, shift, out_zero_point, out_min, out_max):
             accumulator, with the bias added in int64, saturates rather than wraps).
         multiplier, shift: M0 in [2^30, 2^31) and shift in [-31, 31] from
             :func:`quantize_multiplier`.
-        out_zero_point, out_min, out_max: z_y and the clamp [lo, hi].
+        out_zero_point, clamp_min, clamp_max: z_y and the clamp [lo, hi].
 
     Returns:
         The clamped value as an int64 (the caller stores it in the output's dtype).
     """
     y = np.int64(out_zero_point) + scale_value(acc, multiplier, shift)
-    return min(max(y, np.int64(out_min)), np.int64(out_max))
+    return min(max(y, np.int64(clamp_min)), np.int64(clamp_max))
 
 
 @njit(cache=True)

@@ -33,6 +33,7 @@ import numpy as np
 
 from qatcore.errors import GraphError
 from qatcore.graph.node import OPCODES, Node, iter_nodes, target_name
+from qatcore.nn.module import Module
 from qatcore.tensor import Tensor
 from qatcore.text_table import text_table
 
@@ -292,19 +293,15 @@ def resolve_attribute(module: Any, path: str, node: Node | None = None) -> Any:
     """The attribute at dotted ``path`` below ``module`` (GraphError if missing)."""
     current = module
     for part in path.split("."):
-        children = getattr(current, "_modules", {})
-        if part in children and children[part] is not None:
-            current = children[part]
-            continue
-        found = False
-        for kind in ("_parameters", "_buffers"):
-            table = getattr(current, kind, {})
-            if part in table and table[part] is not None:
-                current, found = table[part], True
-                break
-        if not found:
+        found = None
+        if isinstance(current, Module):
+            found = current.get_child(part)
+            if found is None:
+                found = current.get_state(part)
+        if found is None:
             where = f" (node {node.name})" if node is not None else ""
             raise GraphError(f"lint: {path!r}{where} does not exist in the owning module")
+        current = found
     return current
 
 

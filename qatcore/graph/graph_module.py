@@ -42,24 +42,24 @@ class Submodules(Module):
 
 def _adopt_state(target: Module, source: Module) -> None:
     """Register source's direct parameters and buffers on target: the same objects."""
-    for name, parameter in source._parameters.items():
+    for name, parameter in source.named_parameters(recurse=False):
         target.register_parameter(name, parameter)
-    for name, buffer in source._buffers.items():
-        target.register_buffer(name, buffer, persistent=name not in source._non_persistent)
+    for name, buffer in source.named_buffers(recurse=False):
+        target.register_buffer(name, buffer, persistent=source.is_persistent(name))
 
 
 def _own_hierarchy(target: Module, source: Module, prefix: str, called: set[str]) -> None:
     """Mirror source's children on target. Modules the graph calls, and modules without
     children, are shared; other containers become Submodules holders, so a pass can
     replace a layer in the GraphModule without touching the traced model."""
-    for name, child in source._modules.items():
+    for name, child in source.named_children():
         path = f"{prefix}{name}"
-        if child is None or path in called or not child._modules:
+        if path in called or next(child.named_children(), None) is None:
             target.add_module(name, child)
             continue
         holder = Submodules()
         _adopt_state(holder, child)
-        object.__setattr__(holder, "training", child.training)
+        holder.training = child.training
         _own_hierarchy(holder, child, path + ".", called)
         target.add_module(name, holder)
 
@@ -72,9 +72,9 @@ class GraphModule(Module):
         called = {n.target for n in graph.nodes if n.op == "call_module"}
         _own_hierarchy(self, root, "", called)
         _adopt_state(self, root)
-        object.__setattr__(self, "graph", graph)
-        object.__setattr__(self, "class_name", class_name or type(root).__name__)
-        object.__setattr__(self, "training", root.training)
+        self.graph = graph
+        self.class_name = class_name or type(root).__name__
+        self.training = root.training
 
     def lint(self) -> None:
         """Check the graph's invariants, including that targets exist in this module."""
@@ -89,7 +89,7 @@ class GraphModule(Module):
         env: dict[Node, Any] = {}
         positional = list(args)
         position = 0
-        for node in self.graph._nodes:
+        for node in self.graph.nodes:
             op = node.op
             if op == "input":
                 if position < len(positional):

@@ -215,10 +215,8 @@ class Tracer:
         self.tensor_names: dict[int, str] = {}
         for prefix, module in root.named_modules():
             dot = f"{prefix}." if prefix else ""
-            for kind in (module._parameters, module._buffers):
-                for name, value in kind.items():
-                    if value is not None:
-                        self.tensor_names.setdefault(id(value), dot + name)
+            for name, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                self.tensor_names.setdefault(id(value), dot + name)
         self.leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self.leaf_names = {t for t in leaf_modules if isinstance(t, str)}
         unknown = [t for t in leaf_modules if not isinstance(t, (type, str))]

@@ -121,7 +121,7 @@ def export_onnx(model: Module, path, example_input, format: str = "qdq"):  # noq
         proto = build_onnx_model(gm, kind, format)
     finally:
         for module, mode in modes.items():
-            object.__setattr__(module, "training", mode)
+            module.training = mode
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:  # onnx raises several checker and shape-inference types

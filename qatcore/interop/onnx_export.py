@@ -349,20 +349,20 @@ class _Exporter:
         if axis is None:
             scale, zero_point = scale.reshape(()), zero_point.reshape(())
         low, high = int(np.iinfo(container).min), int(np.iinfo(container).max)
-        narrow = not on_grid and (qparams.quant_min, qparams.quant_max) != (low, high)
+        narrow = not on_grid and (qparams.qmin, qparams.qmax) != (low, high)
         if narrow and container in (np.int16, np.uint16):
             if axis is not None:
                 raise InteropError(f"ONNX export: quantizer {quantizer.name or name!r} is per channel with "
                                    f"{dtype}; a narrowed 16-bit range is exported per tensor only")
-            lo = np.float32((qparams.quant_min - int(zero_point)) * scale)
-            hi = np.float32((qparams.quant_max - int(zero_point)) * scale)
+            lo = np.float32((qparams.qmin - int(zero_point)) * scale)
+            hi = np.float32((qparams.qmax - int(zero_point)) * scale)
             x = self.clip(f"{name}/Clip", x, float(lo), float(hi))
         s = self.b.constant(f"{name}.scale", scale)
         z = self.b.constant(f"{name}.zero_point", zero_point)
         q = self.b.node("QuantizeLinear", [x, s, z], f"{name}/QuantizeLinear", axis=axis)
         if narrow and container in (np.int8, np.uint8):
-            q = self.b.node("Clip", [q, self.b.constant(f"{name}.clip_min", np.array(qparams.quant_min, container)),
-                                     self.b.constant(f"{name}.clip_max", np.array(qparams.quant_max, container))],
+            q = self.b.node("Clip", [q, self.b.constant(f"{name}.clip_min", np.array(qparams.qmin, container)),
+                                     self.b.constant(f"{name}.clip_max", np.array(qparams.qmax, container))],
                             f"{name}/Clip")
         return self.b.node("DequantizeLinear", [q, s, z], f"{name}/DequantizeLinear", axis=axis)
 

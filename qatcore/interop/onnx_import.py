@@ -103,9 +103,9 @@ class _Importer:
             return False
         current = self.root
         for i, part in enumerate(parts):
-            child = current._modules.get(part)
+            child = current.get_child(part)
             if child is None:
-                return part not in current._parameters and part not in current._buffers
+                return current.get_state(part) is None
             if i == len(parts) - 1 or not isinstance(child, Submodules):
                 return False
             current = child
@@ -116,9 +116,9 @@ class _Importer:
         *parents, leaf = path.split(".")
         holder = self.root
         for part in parents:
-            if part not in holder._modules:
+            if holder.get_child(part) is None:
                 holder.add_module(part, Submodules())
-            holder = holder._modules[part]
+            holder = holder.get_child(part)
         holder.add_module(leaf, layer)
         return self.graph.create_node("call_module", path, args, name=path.replace(".", "_"))
 

@@ -212,6 +212,19 @@ class Module:
         for _, child in self.named_children():
             yield child
 
+    def get_child(self, name: str) -> Module | None:
+        """The child module registered under ``name`` (not a dotted path), or None."""
+        return self._modules.get(name)
+
+    def get_state(self, name: str) -> Tensor | None:
+        """The parameter or buffer registered on this module under ``name``, or None."""
+        value = self._parameters.get(name)
+        return value if value is not None else self._buffers.get(name)
+
+    def is_persistent(self, name: str) -> bool:
+        """Whether buffer ``name`` goes into ``state_dict`` (``register_buffer(persistent=...)``)."""
+        return name not in self._non_persistent
+
     def get_submodule(self, target: str) -> Module:
         """The submodule at a dotted path (``""`` is this module)."""
         module: Module = self

@@ -30,7 +30,8 @@ from qatcore.errors import ConfigError
 from qatcore.quantization.dtypes import QuantDType
 from qatcore.quantization.qscheme import QScheme
 
-__all__ = ["QuantMode", "QuantSpec", "QuantizationConfig", "OBSERVER_OPTIONS", "LEARNABLE_MODES"]
+__all__ = ["QuantMode", "ObserverKind", "Learnable", "QuantSpec", "QuantizationConfig", "OBSERVER_OPTIONS",
+           "LEARNABLE_MODES"]
 
 
 class QuantMode(enum.Enum):
@@ -49,19 +50,48 @@ class QuantMode(enum.Enum):
         return self is not QuantMode.WEIGHTS_ONLY
 
 
+class ObserverKind(str, enum.Enum):
+    """How an observer picks the range (a str enum: ``"minmax"`` compares equal to
+    ``ObserverKind.MINMAX``, so configs keep their strings)."""
+
+    MINMAX = "minmax"
+    MOVING_AVERAGE_MINMAX = "moving_average_minmax"
+    HISTOGRAM = "histogram"
+    MSE = "mse"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Learnable(str, enum.Enum):
+    """Whether scale and zero point are set by the observer or learned (a str enum, like
+    ``ObserverKind``): ``FIXED``, ``LSQ`` (learned scale, zero point 0) or ``LSQ_PLUS``
+    (learned scale and zero point)."""
+
+    FIXED = "fixed"
+    LSQ = "lsq"
+    LSQ_PLUS = "lsq+"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 # Observer kinds and the options each accepts (with their defaults).
-OBSERVER_OPTIONS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
-    "minmax": MappingProxyType({}),
-    "moving_average_minmax": MappingProxyType({"averaging_constant": 0.01}),
-    "histogram": MappingProxyType({"bins": 2048, "percentile": 99.99}),
-    "mse": MappingProxyType({"bins": 2048, "candidates": 100}),
+OBSERVER_OPTIONS: Mapping[ObserverKind, Mapping[str, Any]] = MappingProxyType({
+    ObserverKind.MINMAX: MappingProxyType({}),
+    ObserverKind.MOVING_AVERAGE_MINMAX: MappingProxyType({"averaging_constant": 0.01}),
+    ObserverKind.HISTOGRAM: MappingProxyType({"bins": 2048, "percentile": 99.99}),
+    ObserverKind.MSE: MappingProxyType({"bins": 2048, "candidates": 100}),
 })
-LEARNABLE_MODES = ("fixed", "lsq", "lsq+")
+LEARNABLE_MODES = tuple(mode.value for mode in Learnable)
 
 
-def _choice(owner: str, name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{owner}.{name} must be one of {list(allowed)}, got {value!r}")
+def _enum_field(owner: str, name: str, value: Any, kind: type[enum.Enum]) -> enum.Enum:
+    """``value`` as a member of ``kind`` (from the member or its string)."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"{owner}.{name} must be one of {[m.value for m in kind]}, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -73,11 +103,11 @@ class QuantSpec:
             range without its most negative value (symmetric around 0).
         scheme: a QScheme (or its string value).  axis: the channel axis of a
             per-channel scheme (default 0, the output channel of a weight).
-        observer: "minmax", "moving_average_minmax", "histogram" or "mse";
-            observer_options: that observer's options (see OBSERVER_OPTIONS).
-        learnable: "fixed" (the observer sets the scale), "lsq" (learned scale, zero
-            point 0; symmetric schemes only) or "lsq+" (learned scale and zero point;
-            affine schemes only).
+        observer: an ObserverKind (or its string): "minmax", "moving_average_minmax",
+            "histogram" or "mse"; observer_options: that observer's options (see OBSERVER_OPTIONS).
+        learnable: a Learnable (or its string): "fixed" (the observer sets the scale), "lsq"
+            (learned scale, zero point 0; symmetric schemes only) or "lsq+" (learned scale and
+            zero point; affine schemes only).
         grad_factor: the LSQ gradient scale; None means 1 / sqrt(numel * qmax).
         ignore_nan: drop NaN/Inf when observing instead of raising an error.
     """
@@ -87,9 +117,9 @@ class QuantSpec:
     narrow_range: bool = False
     scheme: QScheme = QScheme.PER_TENSOR_AFFINE
     axis: int | None = None
-    observer: str = "moving_average_minmax"
+    observer: ObserverKind = ObserverKind.MOVING_AVERAGE_MINMAX
     observer_options: Mapping[str, Any] = field(default_factory=dict)
-    learnable: str = "fixed"
+    learnable: Learnable = Learnable.FIXED
     grad_factor: float | None = None
     ignore_nan: bool = False
 
@@ -114,25 +144,25 @@ class QuantSpec:
             object.__setattr__(self, "axis", axis)
         elif self.axis is not None:
             raise ConfigError(f"{owner}.axis must be None for {self.scheme.value}, got {self.axis!r}")
-        _choice(owner, "observer", self.observer, tuple(OBSERVER_OPTIONS))
+        object.__setattr__(self, "observer", _enum_field(owner, "observer", self.observer, ObserverKind))
         if not isinstance(self.observer_options, Mapping):
             raise ConfigError(f"{owner}.observer_options must be a mapping, got {type(self.observer_options).__name__}")
         accepted = OBSERVER_OPTIONS[self.observer]
         unknown = sorted(set(self.observer_options) - set(accepted))
         if unknown:
             raise ConfigError(
-                f"{owner}.observer_options: {unknown} not accepted by observer {self.observer!r}; "
+                f"{owner}.observer_options: {unknown} not accepted by observer {self.observer.value!r}; "
                 f"it accepts {sorted(accepted) or 'no options'}"
             )
         options = {**accepted, **self.observer_options}
         _validate_observer_options(owner, self.observer, options)
         object.__setattr__(self, "observer_options", MappingProxyType(options))
-        _choice(owner, "learnable", self.learnable, LEARNABLE_MODES)
-        if self.learnable == "lsq" and not self.scheme.symmetric:
+        object.__setattr__(self, "learnable", _enum_field(owner, "learnable", self.learnable, Learnable))
+        if self.learnable is Learnable.LSQ and not self.scheme.symmetric:
             raise ConfigError(f"{owner}.learnable 'lsq' learns the scale with the zero point held at 0, which an "
                               f"affine scheme ({self.scheme.value}) would not give; use a symmetric scheme "
                               f"(unsigned for values >= 0, as after a ReLU) or learnable 'lsq+'")
-        if self.learnable == "lsq+" and self.scheme.symmetric:
+        if self.learnable is Learnable.LSQ_PLUS and self.scheme.symmetric:
             raise ConfigError(f"{owner}.learnable 'lsq+' learns a zero point; it needs an affine scheme, "
                               f"not {self.scheme.value}")
         if self.grad_factor is not None and not (
@@ -155,12 +185,12 @@ class QuantSpec:
             raise ConfigError(str(e).replace("QuantDType", "QuantSpec")) from None
 
     @property
-    def quant_min(self) -> int:
-        return self.dtype.quant_min
+    def qmin(self) -> int:
+        return self.dtype.qmin
 
     @property
-    def quant_max(self) -> int:
-        return self.dtype.quant_max
+    def qmax(self) -> int:
+        return self.dtype.qmax
 
     def replace(self, **changes) -> QuantSpec:
         """A copy with some fields changed (validated again)."""
@@ -172,6 +202,8 @@ class QuantSpec:
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["scheme"] = self.scheme.value
+        data["observer"] = self.observer.value
+        data["learnable"] = self.learnable.value
         data["observer_options"] = dict(self.observer_options)
         return data
 

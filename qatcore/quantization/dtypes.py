@@ -4,7 +4,7 @@
     narrow signed:  [-(2^(n-1) - 1), 2^(n-1) - 1]     (symmetric around 0; weights)
     unsigned n-bit: [0, 2^n - 1]
 
->>> INT8.quant_min, INT8.quant_max, INT8_NARROW.quant_min, UINT8.quant_max
+>>> INT8.qmin, INT8.qmax, INT8_NARROW.qmin, UINT8.qmax
 (-128, 127, -127, 255)
 >>> QuantDType(4, signed=False)
 QuantDType(uint4)
@@ -40,13 +40,13 @@ class QuantDType:
             raise ConfigError("QuantDType.narrow_range applies to signed types only (unsigned ranges start at 0)")
 
     @property
-    def quant_min(self) -> int:
+    def qmin(self) -> int:
         if not self.signed:
             return 0
         return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
 
     @property
-    def quant_max(self) -> int:
+    def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
     @property

@@ -39,32 +39,32 @@ from qatcore.tensor import Tensor
 __all__ = ["fake_quantize", "fake_quantize_learnable", "FakeQuantizeFunction", "default_grad_factor"]
 
 
-def default_grad_factor(numel: int, quant_max: int) -> float:
+def default_grad_factor(numel: int, qmax: int) -> float:
     """The LSQ gradient scale 1 / sqrt(numel * qmax) (Esser et al. 2020)."""
-    return 1.0 / math.sqrt(max(numel, 1) * max(quant_max, 1))
+    return 1.0 / math.sqrt(max(numel, 1) * max(qmax, 1))
 
 
 class FakeQuantizeFunction(Function):
     """y = fake_quant(x; s, z). Inputs: x, scale (C,), zero_point (C,) as Tensors;
     scale and zero_point get gradients only when they require them (LSQ, LSQ+)."""
 
-    def forward(self, x, scale, zero_point, quant_min, quant_max, axis, grad_factor, on_backward):
+    def forward(self, x, scale, zero_point, qmin, qmax, axis, grad_factor, on_backward):
         self.x = np.ascontiguousarray(x, dtype=np.float32)
         self.scale = np.ascontiguousarray(scale, dtype=np.float32).reshape(-1)
         # a learnable zero point is a float Parameter; the quantizer uses it rounded and clamped
-        self.zero_point = np.clip(np.rint(zero_point), quant_min, quant_max).astype(np.float32).reshape(-1)
-        self.params = (quant_min, quant_max, axis)
+        self.zero_point = np.clip(np.rint(zero_point), qmin, qmax).astype(np.float32).reshape(-1)
+        self.params = (qmin, qmax, axis)
         self.grad_factor, self.on_backward = grad_factor, on_backward
-        return kernels.fake_quant.fake_quantize_forward(self.x, self.scale, self.zero_point, quant_min, quant_max,
+        return kernels.fake_quant.fake_quantize_forward(self.x, self.scale, self.zero_point, qmin, qmax,
                                                         axis)
 
     def backward(self, g):
-        quant_min, quant_max, axis = self.params
+        qmin, qmax, axis = self.params
         needs_scale, needs_zero_point = self.needs_input_grad[1], self.needs_input_grad[2]
         mode = "lsq+" if needs_zero_point else "lsq" if needs_scale else "ste"
         grad_y = np.ascontiguousarray(g, dtype=np.float32)
         dx, dscale, dzero_point, clipped = kernels.fake_quant.fake_quantize_backward(
-            grad_y, self.x, self.scale, self.zero_point, quant_min, quant_max, axis, mode, self.grad_factor
+            grad_y, self.x, self.scale, self.zero_point, qmin, qmax, axis, mode, self.grad_factor
         )
         if self.on_backward is not None:
             self.on_backward(grad_y, dx, clipped, dscale)
@@ -75,12 +75,12 @@ class FakeQuantizeFunction(Function):
         )
 
 
-def _check(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, quant_min: int, quant_max: int,
+def _check(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int,
            axis: int | None) -> int | None:
-    if not (isinstance(quant_min, (int, np.integer)) and isinstance(quant_max, (int, np.integer))):
-        raise ConfigError(f"fake_quantize: quant_min and quant_max must be ints, got {quant_min!r}, {quant_max!r}")
-    if not quant_min < quant_max or quant_max - quant_min > 2**16 - 1:
-        raise ConfigError(f"fake_quantize: need quant_min < quant_max within 16 bits, got [{quant_min}, {quant_max}]")
+    if not (isinstance(qmin, (int, np.integer)) and isinstance(qmax, (int, np.integer))):
+        raise ConfigError(f"fake_quantize: qmin and qmax must be ints, got {qmin!r}, {qmax!r}")
+    if not qmin < qmax or qmax - qmin > 2**16 - 1:
+        raise ConfigError(f"fake_quantize: need qmin < qmax within 16 bits, got [{qmin}, {qmax}]")
     if axis is not None:
         if not -x.ndim <= axis < x.ndim:
             raise ShapeError(f"fake_quantize: axis {axis} does not exist in an array of shape {x.shape}")
@@ -97,7 +97,7 @@ def _check(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, quant_min: 
     return axis
 
 
-def fake_quantize(x, scale, zero_point, quant_min: int, quant_max: int, axis: int | None = None,
+def fake_quantize(x, scale, zero_point, qmin: int, qmax: int, axis: int | None = None,
                   on_backward: Callable | None = None):
     """Fake-quantize ``x`` (a numpy array -> array; a Tensor -> differentiable Tensor, STE).
 
@@ -108,32 +108,32 @@ def fake_quantize(x, scale, zero_point, quant_min: int, quant_max: int, axis: in
     scale_array = np.asarray(scale.data if isinstance(scale, Tensor) else scale, dtype=np.float32).reshape(-1)
     zero_array = np.asarray(zero_point.data if isinstance(zero_point, Tensor) else zero_point,
                             dtype=np.float32).reshape(-1)
-    axis = _check(array, scale_array, zero_array, quant_min, quant_max, axis)
+    axis = _check(array, scale_array, zero_array, qmin, qmax, axis)
     if not isinstance(x, Tensor):
-        zero_array = np.clip(np.rint(zero_array), quant_min, quant_max).astype(np.float32)
+        zero_array = np.clip(np.rint(zero_array), qmin, qmax).astype(np.float32)
         return kernels.fake_quant.fake_quantize_forward(
-            np.ascontiguousarray(array, dtype=np.float32), scale_array, zero_array, quant_min, quant_max, axis
+            np.ascontiguousarray(array, dtype=np.float32), scale_array, zero_array, qmin, qmax, axis
         )
     constant = Tensor._from_array
     return FakeQuantizeFunction.apply(
-        x, constant(scale_array, False), constant(zero_array, False), quant_min=int(quant_min),
-        quant_max=int(quant_max), axis=axis, grad_factor=1.0, on_backward=on_backward,
+        x, constant(scale_array, False), constant(zero_array, False), qmin=int(qmin),
+        qmax=int(qmax), axis=axis, grad_factor=1.0, on_backward=on_backward,
     )
 
 
-def fake_quantize_learnable(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int,
+def fake_quantize_learnable(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                             axis: int | None = None, grad_factor: float | None = None,
                             on_backward: Callable | None = None) -> Tensor:
     """Fake quantization with a learnable scale (LSQ) and, when ``zero_point``
     requires grad, a learnable zero point (LSQ+). ``grad_factor`` defaults to
-    1 / sqrt(x.numel() * quant_max)."""
+    1 / sqrt(x.numel() * qmax)."""
     for name, value in (("x", x), ("scale", scale), ("zero_point", zero_point)):
         if not isinstance(value, Tensor):
             raise ConfigError(f"fake_quantize_learnable: {name} must be a Tensor, got {type(value).__name__}")
-    axis = _check(x.data, scale.data.reshape(-1), zero_point.data.reshape(-1), quant_min, quant_max, axis)
+    axis = _check(x.data, scale.data.reshape(-1), zero_point.data.reshape(-1), qmin, qmax, axis)
     if grad_factor is None:
-        grad_factor = default_grad_factor(x.data.size, quant_max)
+        grad_factor = default_grad_factor(x.data.size, qmax)
     return FakeQuantizeFunction.apply(
-        x, scale, zero_point, quant_min=int(quant_min), quant_max=int(quant_max), axis=axis,
+        x, scale, zero_point, qmin=int(qmin), qmax=int(qmax), axis=axis,
         grad_factor=float(grad_factor), on_backward=on_backward,
     )

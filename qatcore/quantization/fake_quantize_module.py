@@ -34,7 +34,7 @@ import numpy as np
 from qatcore.errors import ConfigError, ObserverError
 from qatcore.nn.module import Module
 from qatcore.nn.parameter import Parameter
-from qatcore.quantization.config import QuantSpec
+from qatcore.quantization.config import Learnable, QuantSpec
 from qatcore.quantization.fake_quantize import default_grad_factor, fake_quantize, fake_quantize_learnable
 from qatcore.quantization.observer_factory import make_observer
 from qatcore.quantization.qparams import FLOAT32_EPS, QParams
@@ -50,22 +50,22 @@ class FakeQuantize(Module):
         super().__init__()
         if not isinstance(spec, QuantSpec):
             raise ConfigError(f"FakeQuantize needs a QuantSpec, got {type(spec).__name__}")
-        object.__setattr__(self, "spec", spec)
-        object.__setattr__(self, "name", name)
+        self.spec = spec
+        self.name = name
         # (collector, kind) while a QAT model collects statistics (set by its QATController)
-        object.__setattr__(self, "recorder", None)
+        self.recorder = None
         self.observer = make_observer(spec, name)
         self.register_buffer("fake_quant_enabled", np.ones((), dtype=np.bool_))
         self.register_buffer("observer_enabled", np.ones((), dtype=np.bool_))
         # set once qparams exist (observed, initialised, or given)
         self.register_buffer("qparams_ready", np.zeros((), dtype=np.bool_))
         self.register_buffer("qparams_fixed", np.zeros((), dtype=np.bool_))
-        if spec.learnable == "fixed":
+        if spec.learnable is Learnable.FIXED:
             self.register_buffer("scale", np.ones(1, dtype=np.float32))
             self.register_buffer("zero_point", np.zeros(1, dtype=np.int32))
         else:
             self.scale = Parameter(np.ones(1, dtype=np.float32))
-            if spec.learnable == "lsq+":
+            if spec.learnable is Learnable.LSQ_PLUS:
                 self.zero_point = Parameter(np.zeros(1, dtype=np.float32))
             else:  # LSQ learns the scale only; the zero point is a constant
                 self.register_buffer("zero_point", np.zeros(1, dtype=np.float32))
@@ -77,7 +77,7 @@ class FakeQuantize(Module):
     @classmethod
     def with_fixed_qparams(cls, spec: QuantSpec, scale, zero_point, name: str = "") -> FakeQuantize:
         """A quantizer with given, unchanging parameters (e.g. a sigmoid's known output range)."""
-        if spec.learnable != "fixed":
+        if spec.learnable is not Learnable.FIXED:
             raise ConfigError("with_fixed_qparams needs spec.learnable == 'fixed'")
         fq = cls(spec, name)
         qparams = QParams(scale, zero_point, spec.dtype, spec.axis if spec.scheme.per_channel else None)
@@ -104,8 +104,9 @@ class FakeQuantize(Module):
         return self.enable_observer(False)
 
     @property
-    def learnable(self) -> bool:
-        return self.spec.learnable != "fixed"
+    def learns_scale(self) -> bool:
+        """Whether the scale is a trained Parameter (``spec.learnable`` is LSQ or LSQ+)."""
+        return self.spec.learnable is not Learnable.FIXED
 
     @property
     def axis(self) -> int | None:
@@ -116,7 +117,7 @@ class FakeQuantize(Module):
         self._set_scale_zero_point(qparams.scale, qparams.zero_point)
 
     def _set_scale_zero_point(self, scale: np.ndarray, zero_point: np.ndarray) -> None:
-        if self.learnable:
+        if self.learns_scale:
             raise ConfigError("learnable quantizers keep their scale in Parameters")
         if self.scale.data.shape != scale.shape:
             self.scale = np.array(scale)
@@ -128,7 +129,7 @@ class FakeQuantize(Module):
 
     def _initialize_learnable(self, x: np.ndarray) -> None:
         """LSQ init s = 2 * mean(|x|) / sqrt(qmax) per channel; LSQ+ zero point from the observer."""
-        qmax = self.spec.quant_max
+        qmax = self.spec.qmax
         axis = self.axis
         if axis is None:
             mean_abs = np.array([np.mean(np.abs(x), dtype=np.float64)])
@@ -137,7 +138,7 @@ class FakeQuantize(Module):
             mean_abs = np.mean(np.abs(x), axis=others, dtype=np.float64).reshape(-1)
         scale = np.maximum(2 * mean_abs / np.sqrt(qmax), float(FLOAT32_EPS)).astype(np.float32)
         zero_point = np.zeros(scale.shape, np.float32)
-        if self.spec.learnable == "lsq+" and self.observer.has_observed:
+        if self.spec.learnable is Learnable.LSQ_PLUS and self.observer.has_observed:
             zero_point = self.observer.calculate_qparams().zero_point.astype(np.float32)
         # Parameters keep their identity (optimizers hold them): replace the arrays
         self.scale.data = scale
@@ -154,7 +155,7 @@ class FakeQuantize(Module):
                 f"run training-mode batches through the model first"
             )
         scale = np.maximum(self.scale.data, FLOAT32_EPS)
-        zero_point = np.clip(np.rint(self.zero_point.data), self.spec.quant_min, self.spec.quant_max)
+        zero_point = np.clip(np.rint(self.zero_point.data), self.spec.qmin, self.spec.qmax)
         return QParams(scale, zero_point.astype(np.int32), self.spec.dtype, self.axis)
 
     # ---- forward ----------------------------------------------------------------------------
@@ -162,7 +163,7 @@ class FakeQuantize(Module):
         array = x.data if isinstance(x, Tensor) else np.asarray(x, dtype=np.float32)
         if self.training and bool(self.observer_enabled.data):
             self.observer.observe(array)
-            if self.learnable:
+            if self.learns_scale:
                 if not bool(self.qparams_ready.data):
                     self._initialize_learnable(array)
             else:
@@ -177,11 +178,11 @@ class FakeQuantize(Module):
                 f"FakeQuantize {self.name!r}: fake quantization is on but nothing was observed yet "
                 f"(run a training-mode batch first, or disable fake quantization)"
             )
-        qmin, qmax = self.spec.quant_min, self.spec.quant_max
+        qmin, qmax = self.spec.qmin, self.spec.qmax
         recorder = self.recorder
         sampling = recorder is not None and self.training and recorder[0].sampling
         on_backward = recorder[0].backward_callback(self, recorder[1]) if sampling else None
-        if self.learnable:
+        if self.learns_scale:
             np.maximum(self.scale.data, FLOAT32_EPS, out=self.scale.data)  # a learned scale stays positive
             tensor = x if isinstance(x, Tensor) else Tensor._from_array(array, False)
             grad_factor = self.spec.grad_factor or default_grad_factor(array.size, qmax)

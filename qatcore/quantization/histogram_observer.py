@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qatcore.quantization.config import ObserverKind
 from qatcore.quantization.observer import Observer, empty_range
 
 __all__ = ["HistogramObserver", "histogram_state", "update_histograms", "histogram_percentile"]
@@ -176,7 +177,7 @@ class HistogramObserver(Observer):
     (array([0.], dtype=float32), array([3.], dtype=float32))
     """
 
-    KIND = "histogram"
+    KIND = ObserverKind.HISTOGRAM
     PER_CHANNEL = (False,)
 
     def _initial_state(self, channels: int) -> dict[str, np.ndarray]:

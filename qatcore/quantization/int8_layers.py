@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qatcore import kernels
 from qatcore.errors import ConfigError, DTypeError
 from qatcore.nn.module import Module
 from qatcore.tensor import Tensor
@@ -45,9 +46,7 @@ def out_dtype(qmin: int, qmax: int) -> np.dtype:
 
 def requantize_array(values: np.ndarray, multiplier: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """rounding_rshift(srdhm(values, M0), n) elementwise, int64 in and out (exact, gemmlowp)."""
-    from qatcore.kernels.requantize import multiply_by_quantized_multiplier
-
-    return multiply_by_quantized_multiplier(values, multiplier, shift)
+    return kernels.requantize.multiply_by_quantized_multiplier(values, multiplier, shift)
 
 
 OUTPUT_STATE = (("output_scale", "<f4"), ("output_zero_point", "<i4"), ("output_range", "<i4"))
@@ -136,17 +135,15 @@ class Requantize(Int8Module):
              ("clamp_min", "<i4"))
 
     def __init__(self, input_scale: float, input_zero_point: int, output_scale: float, output_zero_point: int,
-                 out_min: int, qmin: int, qmax: int) -> None:
+                 clamp_min: int, qmin: int, qmax: int) -> None:
         super().__init__()
-        from qatcore.kernels.requantize import quantize_multiplier
-
-        multiplier, shift = quantize_multiplier(np.array([input_scale / output_scale], dtype=np.float64)
-                                                * 2.0**-ADD_LEFT_SHIFT)
+        real = np.array([input_scale / output_scale], dtype=np.float64) * 2.0**-ADD_LEFT_SHIFT
+        multiplier, shift = kernels.requantize.quantize_multiplier(real)
         self.register_buffer("multiplier", multiplier.astype(np.int32))
         self.register_buffer("shift", shift.astype(np.int32))
         self.register_buffer("input_zero_point", np.array(input_zero_point, dtype=np.int32))
         self._set_output(output_scale, output_zero_point, qmin, qmax)
-        self.register_buffer("clamp_min", np.array(out_min, dtype=np.int32))
+        self.register_buffer("clamp_min", np.array(clamp_min, dtype=np.int32))
 
     def forward(self, x):
         q = int_input(self, x).astype(np.int64)

@@ -50,6 +50,7 @@ from typing import final
 
 import numpy as np
 
+from qatcore.quantization.config import ObserverKind
 from qatcore.quantization.dtypes import QuantDType
 from qatcore.quantization.histogram_observer import histogram_state, update_histograms
 from qatcore.quantization.observer import Observer, empty_range
@@ -69,7 +70,7 @@ def fake_quantize_values(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarra
     inverse = np.float32(1) / scale
     q = np.rint(x * inverse) + zero_point.astype(np.float32)
     with np.errstate(over="ignore"):
-        return (np.clip(q, dtype.quant_min, dtype.quant_max) - zero_point).astype(np.float32) * scale
+        return (np.clip(q, dtype.qmin, dtype.qmax) - zero_point).astype(np.float32) * scale
 
 
 def mse_clipping_range(counts: np.ndarray, sums: np.ndarray, data_min: np.ndarray, data_max: np.ndarray,
@@ -118,7 +119,7 @@ class MSEObserver(Observer):
     [0.699999988079071, 7.0]
     """
 
-    KIND = "mse"
+    KIND = ObserverKind.MSE
     PER_CHANNEL = (False, True)
 
     def _initial_state(self, channels: int) -> dict[str, np.ndarray]:

@@ -36,7 +36,7 @@ classes only say which schemes they take. ``make_observer(spec)``
 ``spec.observer`` and the scheme.
 
 >>> import numpy as np
->>> from qatcore.quantization.config import QuantSpec
+>>> from qatcore.quantization.config import ObserverKind, QuantSpec
 >>> observer = MinMaxObserver(QuantSpec(observer="minmax"), name="fc1.activation")
 >>> observer.observe(np.array([-1.0, 0.5, 3.0], dtype=np.float32))
 >>> observer.min_val.data, observer.max_val.data
@@ -54,7 +54,7 @@ import numpy as np
 
 from qatcore.errors import ConfigError, ObserverError
 from qatcore.nn.module import Module
-from qatcore.quantization.config import QuantSpec
+from qatcore.quantization.config import ObserverKind, QuantSpec
 from qatcore.quantization.dtypes import QuantDType
 from qatcore.quantization.qparams import QParams, scale_zero_point_from_range
 from qatcore.quantization.qscheme import QScheme
@@ -91,7 +91,7 @@ class Observer(Module, abc.ABC):
     and ``_update(...)`` (how one batch changes them).
     """
 
-    KIND: str
+    KIND: ObserverKind
     PER_CHANNEL: tuple[bool, ...]
 
     def __init__(self, spec: QuantSpec, name: str = "") -> None:
@@ -100,8 +100,8 @@ class Observer(Module, abc.ABC):
             raise ConfigError(f"{type(self).__name__} needs a QuantSpec, got {type(spec).__name__}")
         if spec.observer != self.KIND:
             raise ConfigError(
-                f"{type(self).__name__} implements observer {self.KIND!r} but the spec asks for "
-                f"{spec.observer!r}; use make_observer(spec) to get the matching class"
+                f"{type(self).__name__} implements observer {self.KIND.value!r} but the spec asks for "
+                f"{spec.observer.value!r}; use make_observer(spec) to get the matching class"
             )
         if spec.scheme.per_channel not in self.PER_CHANNEL:
             supported = [s.value for s in QScheme if s.per_channel in self.PER_CHANNEL]
@@ -254,7 +254,7 @@ class _MinMaxRule(Observer):
     """The running-extremes rule, for both schemes (abstract: the two final classes
     below choose the scheme)."""
 
-    KIND = "minmax"
+    KIND = ObserverKind.MINMAX
 
     def _initial_state(self, channels: int) -> dict[str, np.ndarray]:
         return empty_range(channels)
@@ -272,7 +272,7 @@ class MinMaxObserver(_MinMaxRule):
         min <- min(min, min(x)),  max <- max(max, max(x))
 
     >>> import numpy as np
-    >>> from qatcore.quantization.config import QuantSpec
+    >>> from qatcore.quantization.config import ObserverKind, QuantSpec
     >>> spec = QuantSpec(bits=8, signed=True, scheme="per_tensor_symmetric", observer="minmax")
     >>> observer = MinMaxObserver(spec)
     >>> observer.observe(np.array([-0.5, 2.55], dtype=np.float32))
@@ -291,7 +291,7 @@ class PerChannelMinMaxObserver(_MinMaxRule):
         min[c] <- min(min[c], min(x[..., c, ...])),  likewise max
 
     >>> import numpy as np
-    >>> from qatcore.quantization.config import QuantSpec
+    >>> from qatcore.quantization.config import ObserverKind, QuantSpec
     >>> spec = QuantSpec(bits=8, signed=True, narrow_range=True, scheme="per_channel_symmetric",
     ...                  axis=0, observer="minmax")
     >>> observer = PerChannelMinMaxObserver(spec)
@@ -309,7 +309,7 @@ class _MovingAverageRule(Observer):
     """The moving-average rule, for both schemes (abstract: the two final classes
     below choose the scheme)."""
 
-    KIND = "moving_average_minmax"
+    KIND = ObserverKind.MOVING_AVERAGE_MINMAX
 
     def _initial_state(self, channels: int) -> dict[str, np.ndarray]:
         return empty_range(channels)
@@ -349,7 +349,7 @@ class MovingAverageMinMaxObserver(_MovingAverageRule):
     rounded once, so the range stays finite and ordered.
 
     >>> import numpy as np
-    >>> from qatcore.quantization.config import QuantSpec
+    >>> from qatcore.quantization.config import ObserverKind, QuantSpec
     >>> spec = QuantSpec(observer="moving_average_minmax", observer_options={"averaging_constant": 0.5})
     >>> observer = MovingAverageMinMaxObserver(spec)
     >>> observer.observe(np.array([0.0, 2.0], dtype=np.float32))
@@ -368,7 +368,7 @@ class MovingAveragePerChannelMinMaxObserver(_MovingAverageRule):
     channel's first finite values set it, then m <- m + c * (batch_m - m)).
 
     >>> import numpy as np
-    >>> from qatcore.quantization.config import QuantSpec
+    >>> from qatcore.quantization.config import ObserverKind, QuantSpec
     >>> spec = QuantSpec(bits=8, signed=True, scheme="per_channel_affine", axis=1,
     ...                  observer="moving_average_minmax", observer_options={"averaging_constant": 0.5})
     >>> observer = MovingAveragePerChannelMinMaxObserver(spec)

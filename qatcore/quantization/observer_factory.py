@@ -14,7 +14,7 @@ spec.observer            per-tensor scheme                   per-channel scheme
 "mse"                    MSEObserver                         MSEObserver
 ======================== =================================== ===========================================
 
->>> from qatcore.quantization.config import QuantSpec
+>>> from qatcore.quantization.config import ObserverKind, QuantSpec
 >>> spec = QuantSpec(signed=True, scheme="per_channel_symmetric", observer="minmax")
 >>> make_observer(spec, "conv1.weight")
 PerChannelMinMaxObserver(int8, per_channel_symmetric, axis=0, name='conv1.weight')
@@ -23,7 +23,7 @@ PerChannelMinMaxObserver(int8, per_channel_symmetric, axis=0, name='conv1.weight
 from __future__ import annotations
 
 from qatcore.errors import ConfigError
-from qatcore.quantization.config import QuantSpec
+from qatcore.quantization.config import ObserverKind, QuantSpec
 from qatcore.quantization.histogram_observer import HistogramObserver
 from qatcore.quantization.mse_observer import MSEObserver
 from qatcore.quantization.observer import (
@@ -38,11 +38,11 @@ from qatcore.quantization.qscheme import QScheme
 __all__ = ["OBSERVER_CLASSES", "make_observer"]
 
 #: observer kind -> (per-tensor class, per-channel class)
-OBSERVER_CLASSES: dict[str, tuple[type[Observer] | None, type[Observer] | None]] = {
-    "minmax": (MinMaxObserver, PerChannelMinMaxObserver),
-    "moving_average_minmax": (MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver),
-    "histogram": (HistogramObserver, None),
-    "mse": (MSEObserver, MSEObserver),
+OBSERVER_CLASSES: dict[ObserverKind, tuple[type[Observer] | None, type[Observer] | None]] = {
+    ObserverKind.MINMAX: (MinMaxObserver, PerChannelMinMaxObserver),
+    ObserverKind.MOVING_AVERAGE_MINMAX: (MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver),
+    ObserverKind.HISTOGRAM: (HistogramObserver, None),
+    ObserverKind.MSE: (MSEObserver, MSEObserver),
 }
 
 
@@ -56,7 +56,7 @@ def make_observer(spec: QuantSpec, name: str = "") -> Observer:
         where = f" (for {name!r})" if name else ""
         asked, other = ("per-channel", "per-tensor") if per_channel else ("per-tensor", "per-channel")
         schemes = ", ".join(s.value for s in QScheme if s.per_channel != per_channel)
-        kinds = [repr(kind) for kind, classes in OBSERVER_CLASSES.items() if classes[per_channel] is not None]
+        kinds = [repr(kind.value) for kind, classes in OBSERVER_CLASSES.items() if classes[per_channel] is not None]
         choices = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
         raise ConfigError(
             f"observer {spec.observer!r} supports {other} schemes only ({schemes}), not "

@@ -55,7 +55,7 @@ def scale_zero_point_from_range(min_val, max_val, dtype: QuantDType, symmetric: 
         raise ConfigError("qparams: the observed range must be finite (was anything observed?)")
     if np.any(mn_in > mx_in):
         raise ConfigError("qparams: an observed minimum exceeds its maximum")
-    qmin, qmax = dtype.quant_min, dtype.quant_max
+    qmin, qmax = dtype.qmin, dtype.qmax
     eps32 = np.float32(eps)
     mn = np.minimum(mn_in, np.float32(0))
     mx = np.maximum(mx_in, np.float32(0))
@@ -111,7 +111,7 @@ class QParams:
         if zero_point.dtype.kind not in "iu" and not np.array_equal(zero_point, np.rint(zero_point)):
             raise ConfigError("QParams.zero_point must hold integers")
         zero_point = zero_point.astype(np.int32)
-        qmin, qmax = self.dtype.quant_min, self.dtype.quant_max
+        qmin, qmax = self.dtype.qmin, self.dtype.qmax
         if np.any(zero_point < qmin) or np.any(zero_point > qmax):
             raise ConfigError(f"QParams.zero_point must lie in [{qmin}, {qmax}] for {self.dtype.name}")
         scale.flags.writeable = False
@@ -120,12 +120,12 @@ class QParams:
         object.__setattr__(self, "zero_point", zero_point)
 
     @property
-    def quant_min(self) -> int:
-        return self.dtype.quant_min
+    def qmin(self) -> int:
+        return self.dtype.qmin
 
     @property
-    def quant_max(self) -> int:
-        return self.dtype.quant_max
+    def qmax(self) -> int:
+        return self.dtype.qmax
 
     @classmethod
     def from_range(cls, min_val, max_val, dtype: QuantDType, scheme: QScheme, axis: int | None = None,
@@ -152,7 +152,7 @@ class QParams:
         x = np.asarray(x, dtype=np.float32)
         inv = np.float32(1) / self._broadcast(self.scale, x)
         q = np.rint(x * inv) + self._broadcast(self.zero_point, x).astype(np.float32)
-        return np.clip(q, self.quant_min, self.quant_max).astype(np.int32)
+        return np.clip(q, self.qmin, self.qmax).astype(np.int32)
 
     def dequantize(self, q) -> np.ndarray:
         """Reals (float32) for integers ``q``: (q - z) * s."""

@@ -47,14 +47,14 @@ def oracle_conv_int32(x, x_zero_point, w, stride, padding, dilation, groups):
     return acc
 
 
-def oracle_conv(x, x_zero_point, w, bias, multiplier, shift, out_zero_point, out_min, out_max, out_dtype, stride,
+def oracle_conv(x, x_zero_point, w, bias, multiplier, shift, out_zero_point, clamp_min, clamp_max, out_dtype, stride,
                 padding, dilation, groups):
     acc = oracle_conv_int32(x, x_zero_point, w, stride, padding, dilation, groups)
     if bias is not None:
         acc += bias.astype(np.int64)[None, :, None, None]
     per_channel = (slice(None), None, None)
-    y = gemm_tests.oracle_requantize(acc, multiplier[per_channel], shift[per_channel], out_zero_point, out_min,
-                                     out_max)
+    y = gemm_tests.oracle_requantize(acc, multiplier[per_channel], shift[per_channel], out_zero_point, clamp_min,
+                                     clamp_max)
     return y.astype(out_dtype)
 
 
@@ -79,12 +79,12 @@ class Case:
             self.w = np.full((out_channels, channels, kh, kw), -128, np.int8)
         self.bias, self.multiplier, self.shift = gemm_tests.random_requantization(rng, out_channels,
                                                                                   multiplier_range)
-        self.out_zero_point, self.out_min, self.out_max = gemm_tests.output_range(rng, out_dtype, relu)
+        self.out_zero_point, self.clamp_min, self.clamp_max = gemm_tests.output_range(rng, out_dtype, relu)
         self.out_dtype = out_dtype
         self.geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
     def requantization(self):
-        return (self.bias, self.multiplier, self.shift, self.out_zero_point, self.out_min, self.out_max,
+        return (self.bias, self.multiplier, self.shift, self.out_zero_point, self.clamp_min, self.clamp_max,
                 self.out_dtype)
 
     def check(self, weights=None):
@@ -171,7 +171,7 @@ def test_parallel_and_serial_drivers_agree(monkeypatch):
 def test_invalid_arguments_are_refused(kwargs, error, match):
     args = dict(x_q=np.zeros((1, 3, 5, 5), np.uint8), x_zero_point=0, w_q=np.zeros((4, 3, 3, 3), np.int8),
                 bias_q=None, multiplier=np.full(4, 2**30, np.int32), shift=np.zeros(4, np.int32), out_zero_point=0,
-                out_min=0, out_max=255, out_dtype=np.uint8)
+                clamp_min=0, clamp_max=255, out_dtype=np.uint8)
     args.update(kwargs)
     with pytest.raises(error, match=match):
         conv.int8_conv2d(**args)

@@ -72,9 +72,9 @@ def oracle_gemm_int32(x, x_zero_point, w):
     return (x.astype(np.int64) - x_zero_point) @ w.astype(np.int64).T
 
 
-def oracle_linear(x, x_zero_point, w, bias, multiplier, shift, out_zero_point, out_min, out_max, out_dtype):
+def oracle_linear(x, x_zero_point, w, bias, multiplier, shift, out_zero_point, clamp_min, clamp_max, out_dtype):
     acc = oracle_gemm_int32(x, x_zero_point, w) + (0 if bias is None else bias.astype(np.int64))
-    return oracle_requantize(acc, multiplier, shift, out_zero_point, out_min, out_max).astype(out_dtype)
+    return oracle_requantize(acc, multiplier, shift, out_zero_point, clamp_min, clamp_max).astype(out_dtype)
 
 
 def assert_same(actual, expected, dtype):
@@ -222,8 +222,8 @@ def check_gemm_and_linear(rows, cols, depth, x_dtype, out_dtype, fill, multiplie
     assert np.all(np.abs(expected_acc) < 2**31)  # the documented bound holds in the oracle too
     assert_same(gemm.int8_gemm_int32(x, x_zero_point, w), expected_acc, np.int32)
     bias, multiplier, shift = random_requantization(rng, cols, multiplier_range)
-    out_zero_point, out_min, out_max = output_range(rng, out_dtype, relu)
-    args = (bias, multiplier, shift, out_zero_point, out_min, out_max, out_dtype)
+    out_zero_point, clamp_min, clamp_max = output_range(rng, out_dtype, relu)
+    args = (bias, multiplier, shift, out_zero_point, clamp_min, clamp_max, out_dtype)
     expected = oracle_linear(x, x_zero_point, w, *args)
     assert_same(gemm.int8_linear(x, x_zero_point, w, *args), expected, out_dtype)
     assert_same(gemm.int8_linear(x, x_zero_point, gemm.pack_weights(w), *args), expected, out_dtype)
@@ -359,7 +359,7 @@ def test_inputs_left_alone():
 def linear_call(**overrides):
     args = dict(x_q=np.zeros((2, 3), np.uint8), x_zero_point=0, w_q=np.zeros((4, 3), np.int8),
                 bias_q=np.zeros(4, np.int32), multiplier=np.full(4, 2**30, np.int32), shift=np.zeros(4, np.int32),
-                out_zero_point=0, out_min=0, out_max=255, out_dtype=np.uint8)
+                out_zero_point=0, clamp_min=0, clamp_max=255, out_dtype=np.uint8)
     args.update(overrides)
     return gemm.int8_linear(**args)
 
@@ -376,7 +376,7 @@ def linear_call(**overrides):
     (dict(shift=np.full(4, 32, np.int32)), ConfigError, "shift"),
     (dict(out_dtype=np.int16), DTypeError, "out_dtype"),
     (dict(out_zero_point=-1), ConfigError, "out_zero_point"),
-    (dict(out_min=10, out_max=9), ConfigError, "out_min"),
+    (dict(clamp_min=10, clamp_max=9), ConfigError, "clamp_min"),
     (dict(w_q=np.zeros((4, 3, 1, 1), np.int8)), ShapeError, "2 dimensions"),
 ])
 def test_invalid_arguments_are_refused(overrides, error, match):

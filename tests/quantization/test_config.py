@@ -11,15 +11,15 @@ from qatcore.quantization import QScheme, QuantizationConfig, QuantMode, QuantSp
 def test_default_config_matches_numerics():
     c = QuantizationConfig()
     w, a = c.weight, c.activation
-    assert (w.quant_min, w.quant_max, w.scheme, w.axis) == (-127, 127, QScheme.PER_CHANNEL_SYMMETRIC, 0)
-    assert (a.quant_min, a.quant_max, a.scheme, a.axis) == (0, 255, QScheme.PER_TENSOR_AFFINE, None)
+    assert (w.qmin, w.qmax, w.scheme, w.axis) == (-127, 127, QScheme.PER_CHANNEL_SYMMETRIC, 0)
+    assert (a.qmin, a.qmax, a.scheme, a.axis) == (0, 255, QScheme.PER_TENSOR_AFFINE, None)
     assert a.observer == "moving_average_minmax" and a.observer_options["averaging_constant"] == 0.01
     assert c.mode is QuantMode.WEIGHTS_AND_ACTIVATIONS
 
 
 def test_presets():
     lsq = QuantizationConfig.lsq_4bit_weights()
-    assert (lsq.weight.bits, lsq.weight.learnable, lsq.weight.quant_min) == (4, "lsq", -7)
+    assert (lsq.weight.bits, lsq.weight.learnable, lsq.weight.qmin) == (4, "lsq", -7)
     assert QuantizationConfig.weights_only().mode is QuantMode.WEIGHTS_ONLY
     assert not QuantMode.WEIGHTS_ONLY.activations and QuantMode.ACTIVATIONS_ONLY.activations
 
@@ -75,6 +75,6 @@ def test_dict_round_trip_and_hash(config):
 
 def test_replace_revalidates():
     spec = QuantSpec()
-    assert spec.replace(bits=4).quant_max == 15
+    assert spec.replace(bits=4).qmax == 15
     with pytest.raises(ConfigError):
         spec.replace(bits=40)

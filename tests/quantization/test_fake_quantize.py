@@ -112,11 +112,11 @@ def test_lsq_scale_gradient_matches_finite_differences_of_the_ste_surrogate():
 @pytest.mark.parametrize("kwargs, error", [
     (dict(scale=[0.1, 0.2], zero_point=[0, 0]), ShapeError),
     (dict(scale=0.0, zero_point=0), ConfigError),
-    (dict(scale=0.1, zero_point=0, quant_min=5, quant_max=5), ConfigError),
+    (dict(scale=0.1, zero_point=0, qmin=5, qmax=5), ConfigError),
     (dict(scale=0.1, zero_point=0, axis=3), ShapeError),
 ])
 def test_bad_arguments(kwargs, error):
-    args = dict(quant_min=-8, quant_max=7) | kwargs
+    args = dict(qmin=-8, qmax=7) | kwargs
     with pytest.raises(error):
         fake_quantize(np.zeros((2, 3), np.float32), **args)
 

@@ -200,7 +200,7 @@ def test_degenerate_inputs_give_finite_positive_scales(case, name):
             observer.observe(batch)
         qparams = observer.calculate_qparams()
         assert np.all(np.isfinite(qparams.scale)) and np.all(qparams.scale > 0), (name, qparams.scale)
-        assert np.all(qparams.zero_point >= dtype.quant_min) and np.all(qparams.zero_point <= dtype.quant_max)
+        assert np.all(qparams.zero_point >= dtype.qmin) and np.all(qparams.zero_point <= dtype.qmax)
         assert np.all(np.isfinite(observer.min_val.data)) and np.all(np.isfinite(observer.max_val.data))
         assert np.all(observer.min_val.data <= observer.max_val.data)
         values = np.concatenate([b.ravel() for b in DEGENERATE[name]])

@@ -16,11 +16,11 @@ dtypes = st.builds(
 
 
 def test_ranges():
-    assert (INT8.quant_min, INT8.quant_max) == (-128, 127)
-    assert (INT8_NARROW.quant_min, INT8_NARROW.quant_max) == (-127, 127)
-    assert (UINT8.quant_min, UINT8.quant_max) == (0, 255)
-    assert (INT4.quant_min, INT4.quant_max, UINT4.quant_max) == (-8, 7, 15)
-    assert (QuantDType(16, False).quant_max, QuantDType(2, True).quant_min) == (65535, -2)
+    assert (INT8.qmin, INT8.qmax) == (-128, 127)
+    assert (INT8_NARROW.qmin, INT8_NARROW.qmax) == (-127, 127)
+    assert (UINT8.qmin, UINT8.qmax) == (0, 255)
+    assert (INT4.qmin, INT4.qmax, UINT4.qmax) == (-8, 7, 15)
+    assert (QuantDType(16, False).qmax, QuantDType(2, True).qmin) == (65535, -2)
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -34,7 +34,7 @@ def test_dtype_validation_names_the_field(kwargs, field):
 
 def reference(mn, mx, dtype, symmetric):
     """docs/numerics.md, "Scale and zero point from an observed range", with float32 scalars."""
-    qmin, qmax = dtype.quant_min, dtype.quant_max
+    qmin, qmax = dtype.qmin, dtype.qmax
     mn, mx = np.float32(min(mn, 0.0)), np.float32(max(mx, 0.0))
     if symmetric:
         s = max(np.float32(max(-mn, mx)) / np.float32((qmax - qmin) / 2), FLOAT32_EPS)
@@ -65,7 +65,7 @@ def test_from_range_matches_formulas(a, b, dtype, symmetric):
 def test_degenerate_ranges_give_finite_positive_scales(mn, mx, dtype, scheme):
     p = QParams.from_range(mn, mx, dtype, scheme)
     assert np.isfinite(p.scale[0]) and p.scale[0] > 0
-    assert dtype.quant_min <= p.zero_point[0] <= dtype.quant_max
+    assert dtype.qmin <= p.zero_point[0] <= dtype.qmax
 
 
 def test_narrow_symmetric_keeps_largest_weight_unclipped():

@@ -44,7 +44,7 @@ def propagate_shapes(gm: GraphModule, *example_inputs) -> PassResult:
             result = gm.run(tuple(example_inputs), {}, observe)
     finally:
         for module, mode in modes.items():
-            object.__setattr__(module, "training", mode)
+            module.training = mode
     described = _describe(result)
     if described is not None:
         output = gm.graph.output_node

@@ -112,7 +112,7 @@ class ConversionContext:
         if qparams.dtype.bits > 8:
             raise ConfigError(f"int8 conversion: activation quantizer {quantizer.name!r} uses {qparams.dtype}; "
                               f"the int8 runtime needs activations of at most 8 bits (set activation.bits to 8)")
-        return Int8Value(float(qparams.scale[0]), int(qparams.zero_point[0]), qparams.quant_min, qparams.quant_max,
+        return Int8Value(float(qparams.scale[0]), int(qparams.zero_point[0]), qparams.qmin, qparams.qmax,
                          source)
 
     def following_quantizer(self, node: Node, fuse_relu: bool = True) -> tuple[FakeQuantize | None, list[Node], bool]:

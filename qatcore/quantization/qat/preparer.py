@@ -95,10 +95,10 @@ class QATPreparer(IQATPreparer):
                 used = "eager"
         controller = QATController(self.schedule, self.auto_step, self.statistics)
         qat_model.add_module("qat_controller", controller)
-        object.__setattr__(controller, "layers", tuple(records))
-        object.__setattr__(controller, "preparation_mode", used)
-        object.__setattr__(controller, "fallback_reason", fallback_reason)
-        object.__setattr__(controller, "layerwise_config", layerwise)
+        controller.layers = tuple(records)
+        controller.preparation_mode = used
+        controller.fallback_reason = fallback_reason
+        controller.layerwise_config = layerwise
         controller.attach(qat_model)
         return qat_model
 

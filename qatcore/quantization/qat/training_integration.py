@@ -99,12 +99,12 @@ class QATController(Module):
         super().__init__()
         if not isinstance(schedule, QATSchedule):
             raise ConfigError(f"QATController needs a QATSchedule, got {type(schedule).__name__}")
-        object.__setattr__(self, "schedule", schedule)
-        object.__setattr__(self, "collector", StatisticsCollector(statistics))
-        object.__setattr__(self, "auto_step", bool(auto_step))
-        object.__setattr__(self, "_quantizers", [])
-        object.__setattr__(self, "_conv_bn_layers", [])
-        object.__setattr__(self, "_excluded", [])
+        self.schedule = schedule
+        self.collector = StatisticsCollector(statistics)
+        self.auto_step = bool(auto_step)
+        self._quantizers = []
+        self._conv_bn_layers = []
+        self._excluded = []
         self.register_buffer("step_count", np.zeros((), dtype=np.int64))
 
     def attach(self, model: Module) -> None:
@@ -116,7 +116,7 @@ class QATController(Module):
                              if isinstance(layer, QAT_LAYER_TYPES) and layer.weight_fake_quant is not None}
         for quantizer in quantizers:
             kind = "weight" if id(quantizer) in weight_quantizers else "activation"
-            object.__setattr__(quantizer, "recorder", (self.collector, kind))
+            quantizer.recorder = (self.collector, kind)
         model.register_forward_pre_hook(self._before_forward)
         self.apply_schedule()
 

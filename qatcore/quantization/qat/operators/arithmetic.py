@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qatcore import kernels
 from qatcore.graph.node import Node
 from qatcore.nn import functional as F
 from qatcore.nn.container import Sequential
@@ -49,12 +50,10 @@ class Int8Add(Int8Module):
     def __init__(self, scales: tuple[float, float], zero_points: tuple[int, int], output_scale: float,
                  output_zero_point: int, clamp_min: int, qmin: int, qmax: int) -> None:
         super().__init__()
-        from qatcore.kernels.requantize import quantize_multiplier  # kernels load numba: imported on first use
-
         twice_max = 2.0 * max(scales)
         real = np.array([scales[0] / twice_max, scales[1] / twice_max,
                          twice_max / (2.0**ADD_LEFT_SHIFT * output_scale)], dtype=np.float64)
-        multiplier, shift = quantize_multiplier(real)
+        multiplier, shift = kernels.requantize.quantize_multiplier(real)
         self.register_buffer("multiplier", multiplier.astype(np.int32))
         self.register_buffer("shift", shift.astype(np.int32))
         self.register_buffer("input_zero_points", np.array(zero_points, dtype=np.int32))

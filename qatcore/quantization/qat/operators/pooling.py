@@ -17,6 +17,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from qatcore import kernels
 from qatcore.errors import ConfigError
 from qatcore.nn import functional as F
 from qatcore.nn.container import Sequential
@@ -55,8 +56,6 @@ class Int8MaxPool2d(Int8Module):
         return {k: list(getattr(self, k)) for k in ("kernel_size", "stride", "padding", "dilation")}
 
     def forward(self, x):
-        from qatcore.kernels import pooling  # kernels load numba: imported on first use
-
         q = int_input(self, x)
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         h, w = q.shape[2:]
@@ -70,7 +69,7 @@ class Int8MaxPool2d(Int8Module):
                         out = np.maximum(out, q[:, :, i::kh, j::kw])
             return np.ascontiguousarray(out)
         # integers up to 2^24 are exact in float32, so the float kernel's max is the integer max
-        out, _ = pooling.max_pool2d_forward(np.ascontiguousarray(q, dtype=np.float32), *self.kernel_size,
+        out, _ = kernels.pooling.max_pool2d_forward(np.ascontiguousarray(q, dtype=np.float32), *self.kernel_size,
                                             *self.stride, *self.padding, *self.dilation)
         return out.astype(q.dtype)
 
@@ -98,12 +97,10 @@ class Int8AvgPool2d(Int8Module):
                 "stride": None if self.stride is None else list(self.stride)}
 
     def _multiplier(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-        from qatcore.kernels.requantize import quantize_multiplier  # kernels load numba: imported on first use
-
         cache = self.__dict__.setdefault("_multipliers", {})
         if count not in cache:
             real = float(self.input_scale.data) / (count * float(self.output_scale.data))
-            cache[count] = quantize_multiplier(np.array([real]))
+            cache[count] = kernels.requantize.quantize_multiplier(np.array([real]))
         return cache[count]
 
     def forward(self, x):

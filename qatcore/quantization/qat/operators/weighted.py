@@ -24,6 +24,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from qatcore import kernels
 from qatcore.errors import ConfigError, DTypeError, InteropError
 from qatcore.graph.node import Node
 from qatcore.nn import functional as F
@@ -81,12 +82,11 @@ class Int8Linear(_Int8Weighted):
     """y_q = requant(x_q @ w_q^T - z_x * colsum(w_q) + bias_q) (module docstring)."""
 
     def forward(self, x):
-        from qatcore.kernels import int8_gemm  # kernels load numba: imported on first use
-
         q = int_input(self, x)
         lead = q.shape[:-1]
-        out = int8_gemm.int8_linear(np.ascontiguousarray(q.reshape(-1, q.shape[-1])), int(self.input_zero_point.data),
-                                    self.weight_q.data, *self._epilogue_args())
+        rows = np.ascontiguousarray(q.reshape(-1, q.shape[-1]))
+        out = kernels.int8_gemm.int8_linear(rows, int(self.input_zero_point.data), self.weight_q.data,
+                                            *self._epilogue_args())
         return out.reshape(lead + (out.shape[-1],))
 
 
@@ -104,11 +104,10 @@ class Int8Conv2d(_Int8Weighted):
                 "groups": self.groups}
 
     def forward(self, x):
-        from qatcore.kernels import int8_conv  # kernels load numba: imported on first use
-
         q = int_input(self, x)
-        return int8_conv.int8_conv2d(np.ascontiguousarray(q), int(self.input_zero_point.data), self.weight_q.data,
-                                     *self._epilogue_args(), self.stride, self.padding, self.dilation, self.groups)
+        return kernels.int8_conv.int8_conv2d(np.ascontiguousarray(q), int(self.input_zero_point.data),
+                                             self.weight_q.data, *self._epilogue_args(), self.stride, self.padding,
+                                             self.dilation, self.groups)
 
 
 # ---- QAT ------------------------------------------------------------------------------------------
@@ -153,7 +152,7 @@ def _check_weight_grid(node: Node, w_qparams) -> None:
     per tensor or per output channel (axis 0); any other trained grid is refused here rather
     than converted into a model that computes something else."""
     where = f"int8 conversion: layer {node.target!r} weight quantizer"
-    if w_qparams.dtype.quant_min < -128 or w_qparams.dtype.quant_max > 127 or not w_qparams.dtype.signed:
+    if w_qparams.dtype.qmin < -128 or w_qparams.dtype.qmax > 127 or not w_qparams.dtype.signed:
         raise ConfigError(f"{where} uses {w_qparams.dtype}; the int8 model needs signed weights of at most "
                           f"8 bits (set weight.signed to true and weight.bits to at most 8)")
     if np.any(w_qparams.zero_point != 0):
@@ -169,8 +168,6 @@ def _lower_qat_layer(ctx, node: Node, layer: QATLayer):
     a layer whose quantization is switched off stays float."""
     if not layer.enabled:
         return None
-    from qatcore.kernels.requantize import quantize_multiplier  # kernels load numba: imported on first use
-
     _check_quantizers(node, layer)
     x, x_value = ctx.as_int(node.args[0], f"layer {node.target!r}")
     weight = layer.weight.data
@@ -192,7 +189,7 @@ def _lower_qat_layer(ctx, node: Node, layer: QATLayer):
               else np.rint(bias.astype(np.float64) / bias_scale).astype(np.int64))
     if np.any(np.abs(bias_q) >= 2**31):
         raise ConfigError(f"int8 conversion: layer {node.target!r} has a bias that overflows int32 at s_x * s_w")
-    multiplier, shift = quantize_multiplier(bias_scale / out.scale)
+    multiplier, shift = kernels.requantize.quantize_multiplier(bias_scale / out.scale)
     clamp_min = out.zero_point if layer.relu else out.qmin
     args = (weight_q.astype(np.int8), bias_q.astype(np.int32), multiplier, shift, x_value.zero_point, out.scale,
             out.zero_point, clamp_min, out.qmin, out.qmax)
