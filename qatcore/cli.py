@@ -176,7 +176,7 @@ def _stats(args) -> int:
 
 
 def _convert(args) -> int:
-    from qatcore.quantization import QATPreparer, save_int8_model
+    from qatcore.quantization.qat import QATPreparer, save_int8_model
 
     if not args.checkpoint.is_file():
         raise ConfigError(f"{args.checkpoint} does not exist")
@@ -191,7 +191,7 @@ def _convert(args) -> int:
 def _export_source(args) -> tuple[Any, int]:
     """The model to export and its input side (--image-size, else the run's: 28 for MNIST runs)."""
     from qatcore.errors import CheckpointError
-    from qatcore.quantization import QATPreparer, load_int8_model
+    from qatcore.quantization.qat import QATPreparer, load_int8_model
     from qatcore.quantization.qat.checkpointing import read_qat_checkpoint
 
     source = args.source

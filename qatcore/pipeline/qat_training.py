@@ -23,8 +23,7 @@ from qatcore.optim import SGD, CosineAnnealingLR
 from qatcore.pipeline.float_training import FloatResult, FloatTraining
 from qatcore.pipeline.settings import RunSettings
 from qatcore.pipeline.training_loop import train_epochs
-from qatcore.quantization import QATPreparer
-from qatcore.quantization.qat import LayerwiseConfig
+from qatcore.quantization.qat import LayerwiseConfig, QATPreparer
 from qatcore.training import evaluate_accuracy
 
 __all__ = ["QATTraining", "QATResult", "fine_tune_qat", "make_qat_optimizer"]

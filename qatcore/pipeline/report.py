@@ -13,8 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from qatcore.nn import Module
-from qatcore.quantization import ParityReport
-from qatcore.quantization.qat import QATStatistics
+from qatcore.quantization.qat import ParityReport, QATStatistics
 
 __all__ = ["RunResult", "format_summary", "format_report"]
 

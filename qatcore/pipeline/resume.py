@@ -25,7 +25,7 @@ from qatcore.optim import CosineAnnealingLR
 from qatcore.pipeline.float_training import FloatTraining
 from qatcore.pipeline.qat_training import QATTraining, make_qat_optimizer
 from qatcore.pipeline.settings import RunSettings
-from qatcore.quantization import QATPreparer, save_qat_checkpoint
+from qatcore.quantization.qat import QATPreparer, save_qat_checkpoint
 
 __all__ = ["RESUME_FILE", "ResumePoint", "read_resume_point", "save_float_resume", "save_qat_resume",
            "restore_float", "restore_qat"]

@@ -52,7 +52,7 @@ from qatcore.pipeline.resume import (
 )
 from qatcore.pipeline.settings import RunSettings, load_dataset, load_layerwise_config
 from qatcore.pipeline.training_loop import stop_on_sigint
-from qatcore.quantization import QATPreparer, parity_report, save_int8_model, save_qat_checkpoint
+from qatcore.quantization.qat import QATPreparer, parity_report, save_int8_model, save_qat_checkpoint
 from qatcore.training import evaluate_accuracy
 
 __all__ = ["run_pipeline", "resume_pipeline", "inference_ms"]

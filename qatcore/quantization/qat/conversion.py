@@ -134,6 +134,20 @@ class ConversionContext:
             return None, [], False
         return None, [], False
 
+    def between_quantizers(self, node: Node) -> tuple[Node, Int8Value, Int8Value, str] | None:
+        """For a one-input op whose input is an integer value and whose only user is a
+        quantizer: (the input's int8 node, its grid, the output grid, the name for the int8
+        node), with the quantizer absorbed into the op. None otherwise (the op stays float)."""
+        new, value = self.env[node.args[0]]
+        if value is None:
+            return None
+        quantizer, chain, _ = self.following_quantizer(node, fuse_relu=False)
+        if quantizer is None:
+            return None
+        out = self.value_of(quantizer, chain[-1].name)
+        self.absorb(chain, node)
+        return new, value, out, chain[-1].name
+
     def float_op(self, node: Node) -> tuple[Node, None]:
         """``node`` as a float operation (a disabled layer, a float BatchNorm, any op without
         an integer form): its integer inputs dequantized, run as it ran in the QAT model."""

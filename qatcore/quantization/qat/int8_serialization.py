@@ -26,7 +26,7 @@ float layers an int8 model may keep: Linear, Conv2d, BatchNorm). Files of versio
 
 >>> import numpy as np, tempfile, os, qatcore
 >>> from qatcore.models import DigitsCNN
->>> from qatcore.quantization import QATPreparer
+>>> from qatcore.quantization.qat import QATPreparer
 >>> preparer = QATPreparer()
 >>> qat = preparer.prepare_for_qat(DigitsCNN())
 >>> _ = qat(np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32))

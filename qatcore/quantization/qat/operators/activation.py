@@ -82,33 +82,32 @@ def _activation_of(node, module):
     return lambda x: node.target(x, *rest, **kwargs)
 
 
+def _lookup(node, module, value, out) -> Int8Lookup:
+    table = lookup_table(_activation_of(node, module), value, out)
+    return Int8Lookup(table, value.qmin, out.scale, out.zero_point, out.qmin, out.qmax)
+
+
+def _relu_clamp(value, out) -> Requantize:
+    """The requantization to the output grid with the clamp starting at its zero point."""
+    return Requantize(value.scale, value.zero_point, out.scale, out.zero_point, out.zero_point, out.qmin, out.qmax)
+
+
 def _lower_lookup(ctx, node, module):
     """Between two quantizers: an Int8Lookup (module docstring). Otherwise float."""
-    new, value = ctx.env[node.args[0]]
-    if value is None:
+    between = ctx.between_quantizers(node)
+    if between is None:
         return None
-    quantizer, chain, _ = ctx.following_quantizer(node, fuse_relu=False)
-    if quantizer is None:
-        return None
-    out = ctx.value_of(quantizer, chain[-1].name)
-    table = lookup_table(_activation_of(node, module), value, out)
-    ctx.absorb(chain, node)
-    return ctx.add(chain[-1].name, Int8Lookup(table, value.qmin, out.scale, out.zero_point, out.qmin, out.qmax),
-                   (new,), out)
+    new, value, out, name = between
+    return ctx.add(name, _lookup(node, module, value, out), (new,), out)
 
 
 def _lower_relu(ctx, node, module):
     """ReLU then its quantizer: a Requantize whose clamp starts at the zero point."""
-    new, value = ctx.env[node.args[0]]
-    if value is None:
+    between = ctx.between_quantizers(node)
+    if between is None:
         return None
-    quantizer, chain, _ = ctx.following_quantizer(node, fuse_relu=False)
-    if quantizer is None:
-        return None
-    out = ctx.value_of(quantizer, chain[-1].name)
-    ctx.absorb(chain, node)
-    return ctx.add(chain[-1].name, Requantize(value.scale, value.zero_point, out.scale, out.zero_point,
-                                              out.zero_point, out.qmin, out.qmax), (new,), out)
+    new, value, out, name = between
+    return ctx.add(name, _relu_clamp(value, out), (new,), out)
 
 
 def _quantized_six(scale: float) -> int:
@@ -120,12 +119,13 @@ def _lower_relu6(ctx, node, module):
     """When the output grid ends at or below 6 (an observer after a ReLU6 never sees more),
     min(relu(x), 6) followed by the quantizer is the clamp to [z, qmax]: a ReLU's Requantize.
     Otherwise a lookup table."""
-    quantizer, chain, _ = ctx.following_quantizer(node, fuse_relu=False)
-    if quantizer is not None and ctx.env[node.args[0]][1] is not None:
-        out = ctx.value_of(quantizer, chain[-1].name)
-        if out.qmax - out.zero_point <= _quantized_six(out.scale):
-            return _lower_relu(ctx, node, module)
-    return _lower_lookup(ctx, node, module)
+    between = ctx.between_quantizers(node)
+    if between is None:
+        return None
+    new, value, out, name = between
+    if out.qmax - out.zero_point <= _quantized_six(out.scale):
+        return ctx.add(name, _relu_clamp(value, out), (new,), out)
+    return ctx.add(name, _lookup(node, module, value, out), (new,), out)
 
 
 # ---- ONNX export ----------------------------------------------------------------------------------
