@@ -12,6 +12,9 @@ Prints one JSON object with one entry per section (``SECTIONS``):
 - ``torch``: when torch is installed, ``torch.ao.nn.quantized.Linear`` / ``Conv2d`` (quint8
   activations, per-channel qint8 weights) on the same shapes with the x86 (fbgemm) engine;
 - ``digits_cnn_inference``: DigitsCNN on the digits test set, float vs converted int8 model;
+- ``lookup``: an ``Int8Lookup`` (a sigmoid as a 256-entry table) on 4M uint8 values, next to
+  ``np.copyto`` of the same uint8 array and to the float path it replaces (float32 sigmoid on
+  the dequantized values, then quantization);
 - ``machine`` (not a section; always present): CPU, cores, versions, numba's threads and
   threading layer, the load average (other processes on a shared machine show up there),
   and the vector instructions of the int8 tile's inner loop as LLVM compiles it here.
@@ -215,8 +218,40 @@ def digits_cnn_inference(args) -> dict:
             "int8_speedup_over_float": float_ms / int8_ms}
 
 
+def lookup_section(args) -> dict:
+    """A unary activation as an integer lookup table vs the float computation it replaces."""
+    from qatcore.autograd import no_grad
+    from qatcore.nn import functional as F
+    from qatcore.quantization.int8_layers import Quantize
+    from qatcore.quantization.qat.int8_model import Int8Value
+    from qatcore.quantization.qat.operators.activation import Int8Lookup, lookup_table
+
+    count = 1 << (18 if args.quick else 22)
+    q = np.random.default_rng(0).integers(0, 256, count, dtype=np.uint8)
+    x_grid = Int8Value(0.05, 128, 0, 255, "x")
+    y_grid = Int8Value(1 / 255, 0, 0, 255, "y")
+    lookup = Int8Lookup(lookup_table(F.sigmoid, x_grid, y_grid), 0, y_grid.scale, 0, 0, 255)
+    quantize = Quantize(y_grid.scale, 0, 0, 255)
+    target = np.empty_like(q)
+    repeats = max(5, args.repeats)
+
+    def float_path():
+        reals = (q.astype(np.float32) - np.float32(128)) * np.float32(0.05)
+        return quantize(F.sigmoid(reals))
+
+    with no_grad():
+        settle()
+        copy_ms = 1e3 * median_time_s(lambda: np.copyto(target, q), repeats)
+        lookup_ms = 1e3 * median_time_s(lambda: lookup(q), repeats)
+        float_ms = 1e3 * median_time_s(float_path, repeats)
+        equal = bool(np.array_equal(lookup(q), float_path()))
+    return {"elements": count, "int8_lookup_ms": lookup_ms, "copyto_uint8_ms": copy_ms,
+            "float_sigmoid_and_quantize_ms": float_ms, "lookup_over_copy": lookup_ms / copy_ms,
+            "float_over_lookup": float_ms / lookup_ms, "lookup_equals_float_path": equal}
+
+
 SECTIONS = {"gemm": gemm_section, "conv": conv_section, "torch": torch_section,
-            "digits_cnn_inference": digits_cnn_inference}
+            "digits_cnn_inference": digits_cnn_inference, "lookup": lookup_section}
 
 
 def hottest_loop(asm: str) -> dict:

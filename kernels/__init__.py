@@ -21,6 +21,8 @@ Modules:
                 ``vpdpbusd`` where available) with the fused requantization epilogue.
     int8_conv  -- ``int8_conv2d``: channels-last gather + int8 GEMM, zero padding at the input's
                 zero point, groups and depthwise.
+    lookup     -- ``lookup``: ``table[q - offset]``, the gather of the int8 runtime's lookup
+                tables (unary activations).
 
 Conventions shared by every kernel:
     * Pure functions over NumPy arrays: arguments are never modified, results are new arrays,
@@ -46,8 +48,8 @@ imports the package once, at the top of its module, and numba loads when a kerne
 
 from qatcore.lazy_exports import lazy_exports
 
-__all__ = ["im2col", "pooling", "batch_norm", "fake_quant", "requantize", "int8_gemm", "int8_conv"]
+__all__ = ["window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "int8_gemm", "int8_conv", "lookup"]
 
 __getattr__, __dir__ = lazy_exports(__name__, submodules=(
-    "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "int8_gemm", "int8_conv",
+    "window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "int8_gemm", "int8_conv", "lookup",
 ))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qatcore import kernels
 from qatcore.autograd import no_grad
 from qatcore.errors import ShapeError
 from qatcore.nn import functional as F
@@ -56,12 +57,14 @@ class Int8Lookup(Int8Module):
 
     def forward(self, x):
         q = int_input(self, x)
-        index = q.astype(np.intp) - int(self.input_qmin.data)
+        offset = int(self.input_qmin.data)
         size = self.table.data.shape[0]
-        if index.size and (int(index.min()) < 0 or int(index.max()) >= size):
-            raise ShapeError(f"Int8Lookup: input integers must lie in [{int(self.input_qmin.data)}, "
-                             f"{int(self.input_qmin.data) + size - 1}] (the input grid of the conversion)")
-        return self.table.data.astype(self.out_dtype)[index]
+        covered = np.iinfo(q.dtype)
+        if covered.min < offset or covered.max >= offset + size:  # the dtype alone does not bound q
+            if q.size and (int(q.min()) < offset or int(q.max()) >= offset + size):
+                raise ShapeError(f"Int8Lookup: input integers must lie in [{offset}, {offset + size - 1}] "
+                                 f"(the input grid of the conversion)")
+        return kernels.lookup.lookup(q, self.table.data.astype(self.out_dtype), offset)
 
 
 def lookup_table(activation, value, out) -> np.ndarray:
