@@ -73,6 +73,10 @@ class GraphModule(Module):
         _own_hierarchy(self, root, "", called)
         _adopt_state(self, root)
         self.graph = graph
+        # a callable (gm, args, kwargs, observe) that may compute the graph its own way,
+        # returning NotImplemented to leave it to the plain interpretation below (the QAT
+        # engine installs one that evaluates a QAT model in integer arithmetic)
+        self.interpreter = None
         self.class_name = class_name or type(root).__name__
         self.training = root.training
 
@@ -86,6 +90,10 @@ class GraphModule(Module):
     def run(self, args: tuple, kwargs: dict, observe: Callable[[Node, Any], None] | None = None):
         """Interpret the graph on ``args``; ``observe(node, value)`` sees every node's value
         (shape propagation and statistics use it)."""
+        if self.interpreter is not None:
+            result = self.interpreter(self, args, kwargs, observe)
+            if result is not NotImplemented:
+                return result
         env: dict[Node, Any] = {}
         positional = list(args)
         position = 0

@@ -40,7 +40,7 @@ from qatcore.quantization.qat.int8_model import Int8Model, Int8Value, ValueSourc
 from qatcore.quantization.qat.operators import rule_for_node
 from qatcore.tensor import Tensor
 
-__all__ = ["convert_to_quantized", "ConversionContext"]
+__all__ = ["convert_to_quantized", "ConversionContext", "lower_graph"]
 
 Lowered = tuple[Node, Int8Value | None]
 
@@ -58,6 +58,13 @@ class ConversionContext:
         self.sources: dict[str, ValueSource] = {}
         self.absorbed: dict[Node, Node] = {}  # QAT node -> the QAT node whose int8 result stands for it
         self._targets: set[str] = set()
+
+    def input(self, node: Node, value) -> Lowered:
+        """A model input (``value`` is what the caller passed; unused when building a graph)."""
+        return self.graph.input(node.target), None
+
+    def output(self, node: Node):
+        self.graph.output(map_nodes(node.args[0], self.as_float))
 
     def add(self, name: str, module: Module, args: tuple, value: Int8Value | None) -> Lowered:
         """Register ``module`` under a fresh name made from ``name`` and call it on ``args``."""
@@ -160,6 +167,31 @@ class ConversionContext:
         return self.graph.create_node(node.op, node.target, args, kwargs, name=node.name), None
 
 
+def lower_graph(ctx: ConversionContext, inputs: tuple = (), observe=None):
+    """Walk the QAT graph in order and lower every node by its rule into ``ctx`` (module
+    docstring): building the int8 graph (``ConversionContext``) or computing it on
+    ``inputs`` (``qatcore.quantization.qat.integer_eval``). ``observe(node, lowered)``
+    sees each QAT node's int8 result. Returns what ``ctx.output`` returns."""
+    positional = list(inputs)
+    for node in ctx.qat.graph.nodes:
+        if node in ctx.absorbed:
+            ctx.env[node] = ctx.env[ctx.absorbed[node]]
+        elif node.op == "input":
+            ctx.env[node] = ctx.input(node, positional.pop(0) if positional else None)
+        elif node.op == "output":
+            return ctx.output(node)
+        elif node.op == "get_attr":
+            ctx.env[node] = (ctx.constant(node), None)
+        else:
+            module = ctx.qat.get_submodule(node.target) if node.op == "call_module" else None
+            rule = rule_for_node(node, module)
+            lowered = rule.lower(ctx, node, module) if rule.lower is not None else None
+            ctx.env[node] = lowered if lowered is not None else ctx.float_op(node)
+        if observe is not None:
+            observe(node, ctx.env[node])
+    return None
+
+
 def convert_to_quantized(qat_model: Module) -> Int8Model:
     """The integer-only int8 model of a trained graph-mode QAT model (module docstring).
 
@@ -173,20 +205,7 @@ def convert_to_quantized(qat_model: Module) -> Int8Model:
             "branches on tensor values), so there is no graph to convert"
         )
     ctx = ConversionContext(qat_model)
-    for node in qat_model.graph.nodes:
-        if node in ctx.absorbed:
-            ctx.env[node] = ctx.env[ctx.absorbed[node]]
-        elif node.op == "input":
-            ctx.env[node] = (ctx.graph.input(node.target), None)
-        elif node.op == "output":
-            ctx.graph.output(map_nodes(node.args[0], ctx.as_float))
-        elif node.op == "get_attr":
-            ctx.env[node] = (ctx.constant(node), None)
-        else:
-            module = qat_model.get_submodule(node.target) if node.op == "call_module" else None
-            rule = rule_for_node(node, module)
-            lowered = rule.lower(ctx, node, module) if rule.lower is not None else None
-            ctx.env[node] = lowered if lowered is not None else ctx.float_op(node)
+    lower_graph(ctx)
     ctx.graph.lint()
     int8_model = Int8Model(ctx.root, ctx.graph, f"Int8{qat_model.class_name}", ctx.sources)
     int8_model.lint()

@@ -44,6 +44,7 @@ from qatcore.graph.node import Node
 from qatcore.nn.container import ModuleList, Sequential
 from qatcore.nn.module import Module
 from qatcore.quantization.fake_quantize_module import FakeQuantize
+from qatcore.quantization.qat.integer_eval import IntegerEval
 from qatcore.quantization.qat.layerwise_config import LayerwiseConfig, ResolvedLayer
 from qatcore.quantization.qat.operators import QATRole, rule_for_node, rule_for_target
 from qatcore.quantization.qat.operators.weighted import QAT_FUSIONS
@@ -130,6 +131,7 @@ def prepare_graph_mode(model: Module, layerwise: LayerwiseConfig) -> tuple[Graph
     _insert_activation_quantizers(gm, layerwise)
     _link_input_quantizers(gm)
     gm.lint()
+    gm.interpreter = IntegerEval()  # eval without gradients computes the int8 arithmetic
     records.sort(key=lambda r: list(called).index(r.name) if r.name in called else 0)
     return gm, records
 

@@ -38,6 +38,8 @@ def _plain(value):
 
 
 def _lower_fake_quantize(ctx, node, module: FakeQuantize):
+    if not bool(module.fake_quant_enabled.data):
+        return ctx.env[node.args[0]]  # switched off (preparer.disable): the value passes as it is
     value = ctx.value_of(module, node.name)
     new, current = ctx.env[node.args[0]]
     if current is None:

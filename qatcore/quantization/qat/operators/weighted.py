@@ -166,8 +166,8 @@ def _check_weight_grid(node: Node, w_qparams) -> None:
 def _lower_qat_layer(ctx, node: Node, layer: QATLayer):
     """QATLinear / QATConv2d / QATConvBn2d -> Int8Linear / Int8Conv2d (module docstring);
     a layer whose quantization is switched off stays float."""
-    if not layer.enabled:
-        return None
+    if not layer.enabled or any(not bool(q.fake_quant_enabled.data) for q in layer.quantizers()):
+        return None  # computes in float (a switched-off layer or quantizer): a float island
     _check_quantizers(node, layer)
     x, x_value = ctx.as_int(node.args[0], f"layer {node.target!r}")
     weight = layer.weight.data

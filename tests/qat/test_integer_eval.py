@@ -1,0 +1,83 @@
+"""The QAT model's eval forward (no gradients) is its int8 model's arithmetic."""
+
+import numpy as np
+import pytest
+
+from qatcore.autograd import no_grad
+from qatcore.errors import ObserverError
+from qatcore.models import DigitsCNN, SmallResNet
+from qatcore.nn import functional as F
+from qatcore.optim import SGD
+from qatcore.quantization import QuantizationConfig
+from qatcore.quantization.qat import QATPreparer, parity_report
+from qatcore.tensor import Tensor
+
+
+def _trained(model, config=None, steps=20):
+    rng = np.random.default_rng(0)
+    preparer = QATPreparer()
+    qat = preparer.prepare_for_qat(model, config)
+    optimizer = SGD(qat.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(steps):
+        x = rng.random((32, 1, 8, 8), dtype=np.float32)
+        loss = F.cross_entropy(qat(x), rng.integers(0, 10, 32))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return preparer, qat.eval()
+
+
+@pytest.mark.parametrize("make, config", [(SmallResNet, None), (DigitsCNN, QuantizationConfig.lsq_4bit_weights())])
+def test_eval_without_gradients_equals_the_int8_model_at_every_layer(make, config):
+    preparer, qat = _trained(make(), config)
+    int8_model = preparer.convert_to_quantized(qat)
+    x = np.random.default_rng(5).random((128, 1, 8, 8), dtype=np.float32)
+    report = parity_report(qat, int8_model, x)
+    assert report.passes and report.output.exact == 1.0 and report.output.max_lsb == 0, str(report)
+    assert len(report.layers) >= 5 and all(layer.exact == 1.0 for layer in report.layers)
+    with no_grad():
+        np.testing.assert_array_equal(qat(x).numpy(), int8_model(x).numpy())
+    assert qat.interpreter.fallback_reason is None
+
+
+def test_eval_with_gradients_is_the_differentiable_float_simulation():
+    _, qat = _trained(DigitsCNN(), steps=3)
+    x = Tensor(np.random.default_rng(1).random((4, 1, 8, 8), dtype=np.float32))
+    out = qat(x)
+    F.mean(F.mul(out, out)).backward()
+    assert qat.get_submodule("fc").weight.grad is not None
+    assert "gradients" in qat.interpreter.fallback_reason
+    with no_grad():
+        integer = qat(x).numpy()
+    assert qat.interpreter.fallback_reason is None
+    # the two forwards differ at most by one output step where they differ at all
+    step = float(qat.get_submodule("fc").output_fake_quant.calculate_qparams().scale[0])
+    assert np.max(np.abs(integer - out.numpy())) <= step * 1.0001
+
+
+def test_a_model_the_int8_runtime_cannot_hold_evaluates_in_float_and_says_why():
+    _, qat = _trained(DigitsCNN(), QuantizationConfig.weights_only(), steps=2)
+    with no_grad():
+        out = qat(np.zeros((2, 1, 8, 8), np.float32))
+    assert out.shape == (2, 10)
+    assert "quantizes only its weights" in qat.interpreter.fallback_reason
+
+
+def test_a_switched_off_quantizer_passes_its_value_in_eval_and_in_the_int8_model():
+    preparer, qat = _trained(DigitsCNN(), steps=3)
+    quantizer = qat.get_submodule("conv2").output_fake_quant
+    quantizer.disable_fake_quant()
+    x = np.random.default_rng(2).random((16, 1, 8, 8), dtype=np.float32)
+    with no_grad():
+        ours = qat(x).numpy()
+    assert qat.interpreter.fallback_reason is not None  # conv2's float output reaches fc unquantized
+    quantizer.enable_fake_quant()
+    with no_grad():
+        np.testing.assert_array_equal(qat(x).numpy(), preparer.convert_to_quantized(qat)(x).numpy())
+    assert ours.shape == (16, 10)
+
+
+def test_eval_before_any_observation_is_still_an_error():
+    qat = QATPreparer().prepare_for_qat(DigitsCNN()).eval()
+    with no_grad(), pytest.raises(ObserverError, match="nothing was observed"):
+        qat(np.zeros((1, 1, 8, 8), np.float32))
