@@ -81,3 +81,24 @@ def test_eval_before_any_observation_is_still_an_error():
     qat = QATPreparer().prepare_for_qat(DigitsCNN()).eval()
     with no_grad(), pytest.raises(ObserverError, match="nothing was observed"):
         qat(np.zeros((1, 1, 8, 8), np.float32))
+
+
+@pytest.mark.parametrize("name", ["conv2", "fc", "conv1"])
+def test_a_layer_disabled_at_run_time_is_a_float_island_that_converts_saves_and_matches(name, tmp_path):
+    from qatcore.quantization.qat import load_int8_model, save_int8_model
+
+    preparer, qat = _trained(DigitsCNN(), steps=5)
+    preparer.disable(qat, name)
+    int8_model = preparer.convert_to_quantized(qat)
+    kinds = [type(m).__name__ for m in int8_model.modules()]
+    assert ("Linear" if name == "fc" else "Conv2d") in kinds and not any(k.startswith("QAT") for k in kinds)
+    path = tmp_path / "island.int8"
+    save_int8_model(path, int8_model)
+    loaded = load_int8_model(path)
+    x = np.random.default_rng(3).random((64, 1, 8, 8), dtype=np.float32)
+    for candidate in (int8_model, loaded):
+        report = parity_report(qat, candidate, x)
+        assert report.passes, str(report)
+    assert qat.interpreter.fallback_reason is None
+    with no_grad():
+        np.testing.assert_array_equal(loaded(x).numpy(), int8_model(x).numpy())

@@ -37,7 +37,7 @@ from qatcore.nn.linear import Linear
 from qatcore.nn.module import Module
 from qatcore.nn.parameter import Parameter
 from qatcore.quantization.fake_quantize_module import FakeQuantize
-from qatcore.quantization.int8_layers import OUTPUT_STATE, Int8Module, int_input
+from qatcore.quantization.int8_layers import OUTPUT_STATE, Int8Module, Quantize, int_input
 from qatcore.quantization.qat.operators.quantizer import int8_record
 from qatcore.quantization.qat.operators.registry import (
     OperatorRule,
@@ -163,11 +163,51 @@ def _check_weight_grid(node: Node, w_qparams) -> None:
                           f"axis 0, the output channel (set weight.axis to 0)")
 
 
+def _float_layers(layer: QATLayer) -> list:
+    """The float layers a QAT layer computes when its quantization is off: copies (the int8
+    model must not change when training goes on) of its Linear or Conv2d, its BatchNorm (in
+    eval mode), and a ReLU."""
+    if isinstance(layer, QATLinear):
+        float_layer = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                             rng=np.random.default_rng(0))
+    else:
+        float_layer = Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                             layer.dilation, layer.groups, bias=layer.bias is not None, rng=np.random.default_rng(0))
+    float_layer.load_state_dict({name: value for name, value in layer.state_dict().items()
+                                 if name in ("weight", "bias")})
+    layers = [float_layer]
+    if isinstance(layer, QATConvBn2d):
+        bn = layer.bn
+        copy = BatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine)
+        copy.load_state_dict(bn.state_dict())
+        layers.append(copy.eval())
+    if layer.relu:
+        layers.append(ReLU())
+    return layers
+
+
+def _lower_float_island(ctx, node: Node, layer: QATLayer):
+    """A QAT layer switched off at run time (``preparer.disable``): its float layers between
+    Dequantize and Quantize. The output is quantized to the grid its output quantizer learned
+    (when it has one), so the integer layers after it still get integers."""
+    value = ctx.as_float(node.args[0])
+    for i, float_layer in enumerate(_float_layers(layer)):
+        value = ctx.add(f"{node.name}_float_{i}", float_layer, (value,), None)[0]
+    quantizer = layer.output_fake_quant
+    if not isinstance(quantizer, FakeQuantize) or not bool(quantizer.qparams_ready.data):
+        return value, None
+    out = ctx.value_of(quantizer, f"{node.name} (output)")
+    return ctx.add(f"{node.name}_quantize", Quantize(out.scale, out.zero_point, out.qmin, out.qmax), (value,), out)
+
+
 def _lower_qat_layer(ctx, node: Node, layer: QATLayer):
     """QATLinear / QATConv2d / QATConvBn2d -> Int8Linear / Int8Conv2d (module docstring);
-    a layer whose quantization is switched off stays float."""
-    if not layer.enabled or any(not bool(q.fake_quant_enabled.data) for q in layer.quantizers()):
-        return None  # computes in float (a switched-off layer or quantizer): a float island
+    a layer switched off at run time becomes a float island; one whose weight or output
+    quantizer alone is off stays the QAT layer, computing in float."""
+    if not layer.enabled:
+        return _lower_float_island(ctx, node, layer)
+    if any(not bool(q.fake_quant_enabled.data) for q in layer.quantizers()):
+        return None
     _check_quantizers(node, layer)
     x, x_value = ctx.as_int(node.args[0], f"layer {node.target!r}")
     weight = layer.weight.data
