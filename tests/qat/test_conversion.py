@@ -305,3 +305,43 @@ def test_smooth_activations_convert_to_integer_lookup_tables(fine_tune, tmp_path
 
     save_int8_model(tmp_path / "smooth.int8", int8_model)
     np.testing.assert_array_equal(load_int8_model(tmp_path / "smooth.int8")(x).numpy(), int8_model(x).numpy())
+
+
+class LinearBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        rng = np.random.default_rng(4)
+        self.fc1 = nn.Linear(64, 32, rng=rng)
+        self.bn1 = nn.BatchNorm1d(32)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(32, 10, rng=rng)
+        self.bn2 = nn.BatchNorm1d(10)
+
+    def forward(self, x):
+        return self.bn2(self.fc2(self.relu(self.bn1(self.fc1(F.flatten(x, 1))))))
+
+
+def test_linear_batch_norm_folds_like_conv_batch_norm(fine_tune, tmp_path):
+    from qatcore.quantization.qat import QATLinearBn1d, load_int8_model, save_int8_model
+
+    model = LinearBatchNorm()
+    preparer, qat = fine_tune(model, epochs=1)
+    assert isinstance(qat.get_submodule("fc1"), QATLinearBn1d) and isinstance(qat.get_submodule("fc2"), QATLinearBn1d)
+    assert "bn1, relu" in preparer.describe(qat)
+    # with its quantizers off the folded layer computes Linear then BatchNorm (training mode, batch statistics)
+    layer = qat.get_submodule("fc1")
+    x = np.random.default_rng(0).random((8, 64), dtype=np.float32)
+    for quantizer in layer.quantizers():
+        quantizer.disable_fake_quant()
+    reference = F.relu(model.bn1(model.fc1(x))).numpy()
+    np.testing.assert_allclose(layer(x).numpy(), reference, rtol=1e-5, atol=1e-5)
+    for quantizer in layer.quantizers():
+        quantizer.enable_fake_quant()
+    qat.eval()
+    int8_model = preparer.convert_to_quantized(qat)
+    kinds = [type(m).__name__ for m in int8_model.modules()]
+    assert kinds.count("Int8Linear") == 2 and "BatchNorm1d" not in kinds
+    images = load_digits()[2]
+    assert parity_report(qat, int8_model, images).passes
+    save_int8_model(tmp_path / "fold.int8", int8_model)
+    np.testing.assert_array_equal(load_int8_model(tmp_path / "fold.int8")(images).numpy(), int8_model(images).numpy())

@@ -25,17 +25,19 @@ A layer whose ``quant_enabled`` flag is off computes exactly the float layer.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from qatcore.nn import functional as F
-from qatcore.nn.batchnorm import BatchNorm2d
+from qatcore.nn.batchnorm import BatchNorm1d, BatchNorm2d
 from qatcore.nn.conv import Conv2d
 from qatcore.nn.linear import Linear
 from qatcore.nn.module import Module
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.tensor import Tensor
 
-__all__ = ["QATLayer", "QATLinear", "QATConv2d", "QATConvBn2d", "QAT_LAYER_TYPES"]
+__all__ = ["QATLayer", "QATLinear", "QATConv2d", "FoldedBatchNorm", "QATConvBn2d", "QATLinearBn1d", "QAT_LAYER_TYPES"]
 
 
 class QATLayer(Module):
@@ -151,20 +153,26 @@ class QATConv2d(QATLayer):
                 f"padding={self.padding}, groups={self.groups}, relu={self.relu}")
 
 
-class QATConvBn2d(QATLayer):
-    """Conv2d + BatchNorm2d (+ ReLU) trained with the BatchNorm folded into the
-    fake-quantized weight (module docstring)."""
+class FoldedBatchNorm(QATLayer):
+    """Base of a layer with weights followed by a BatchNorm, trained with the BatchNorm
+    folded into the fake-quantized weight (module docstring). A subclass says how the
+    layer computes (``_compute``) and how a per-channel vector lines up with its output
+    (``OUTPUT_SHAPE``)."""
 
-    def __init__(self, conv: Conv2d, bn: BatchNorm2d, bn_name: str, weight_fake_quant: FakeQuantize | None,
-                 output_fake_quant: FakeQuantize | None, relu: bool = False) -> None:
-        super().__init__()
-        self._adopt_conv(conv)
+    OUTPUT_SHAPE: tuple[int, ...]
+    _compute: Callable  # (x, weight, bias) -> the layer's output: conv2d or linear
+
+    def _init_folded(self, bn, bn_name: str, weight_fake_quant, output_fake_quant, relu: bool) -> None:
         # Referenced, not registered: the BatchNorm stays registered (and saved) under
         # its float name, bn_name, in the QAT model.
         self.set_reference("bn", bn)
         self.bn_name = bn_name
         self._init_quantizers(weight_fake_quant, output_fake_quant, relu)
         self.register_buffer("bn_frozen", np.zeros((), dtype=np.bool_))
+
+    def _weight_shape(self) -> tuple[int, ...]:
+        """A per-output-channel vector as it lines up with the weight: (-1, 1, ...)."""
+        return (-1,) + (1,) * (self.weight.ndim - 1)
 
     def freeze_bn_stats(self, frozen: bool = True) -> None:
         """Use (and stop updating) the running statistics from now on."""
@@ -189,9 +197,8 @@ class QATConvBn2d(QATLayer):
     def forward(self, x):
         bn = self.bn
         if not self.enabled:
-            # exactly the float layers: conv, then batch norm
-            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-            return self._finish(bn(y))
+            # exactly the float layers: the layer, then batch norm
+            return self._finish(bn(self._compute(x, self.weight, self.bias)))
         if not bn.training:
             return self._finish(self._folded_eval(x))
         if bn.weight is not None:
@@ -201,12 +208,11 @@ class QATConvBn2d(QATLayer):
             sf_tensor = sf_tensor + (sf_tensor.data == 0).astype(self.weight.dtype)
         else:
             sf_tensor = self._scale_factor()
-        folded = self.weight * F.reshape(sf_tensor, (-1, 1, 1, 1))
-        y = F.conv2d(x, self._quantized_weight(folded), None, self.stride, self.padding, self.dilation,
-                     self.groups)
-        y = y / F.reshape(sf_tensor, (1, -1, 1, 1))
+        folded = self.weight * F.reshape(sf_tensor, self._weight_shape())
+        y = self._compute(x, self._quantized_weight(folded), None)
+        y = y / F.reshape(sf_tensor, self.OUTPUT_SHAPE)
         if self.bias is not None:
-            y = y + F.reshape(self.bias, (1, -1, 1, 1))
+            y = y + F.reshape(self.bias, self.OUTPUT_SHAPE)
         use_batch_stats = bn.training and not bool(self.bn_frozen.data)
         if use_batch_stats and bn.track_running_stats:
             bn.num_batches_tracked.data += 1
@@ -225,25 +231,62 @@ class QATConvBn2d(QATLayer):
         beta = np.zeros(bn.num_features) if bn.bias is None else bn.bias.data.astype(np.float64)
         bias = 0.0 if self.bias is None else self.bias.data.astype(np.float64)
         folded_bias = (beta + (bias - bn.running_mean.data.astype(np.float64)) * real_sf).astype(np.float32)
-        folded_weight = self.weight.data * sf.reshape(-1, 1, 1, 1)
+        folded_weight = self.weight.data * sf.reshape(self._weight_shape())
         # the channels training treats as gamma == 0: the float32 product is 0 (a subnormal gamma
         # can underflow there while its float64 quotient is not 0), so all three paths agree
         return folded_weight, folded_bias, self._raw_scale_factor() == 0
 
     def _folded_eval(self, x):
         """Eval with running statistics, in the folded form the int8 model computes:
-        conv(x, fake_quant(W * sf)) + beta + (b - mean) * sf   (= BN(conv(x, ...)), exactly, in reals)."""
+        layer(x, fake_quant(W * sf)) + beta + (b - mean) * sf   (= BN(layer(x, ...)), exactly, in reals)."""
         folded_weight, folded_bias, dead = self.folded_parameters()
         quantized = self._quantized_weight(Tensor._from_array(folded_weight, False))
         if np.any(dead):
             # channels with gamma == 0 output beta: zero their folded weights, as the converter does
-            quantized = quantized * F.reshape((~dead).astype(np.float32), (-1, 1, 1, 1))
-        return self._weight_op(F.conv2d, x, quantized, self.eval_bias(folded_bias), self.stride, self.padding,
-                               self.dilation, self.groups)
+            quantized = quantized * F.reshape((~dead).astype(np.float32), self._weight_shape())
+        return self._weight_op(self._compute, x, quantized, self.eval_bias(folded_bias))
+
+
+class QATConvBn2d(FoldedBatchNorm):
+    """Conv2d + BatchNorm2d (+ ReLU) trained with the BatchNorm folded into the
+    fake-quantized weight (module docstring)."""
+
+    OUTPUT_SHAPE = (1, -1, 1, 1)
+
+    def __init__(self, conv: Conv2d, bn: BatchNorm2d, bn_name: str, weight_fake_quant: FakeQuantize | None,
+                 output_fake_quant: FakeQuantize | None, relu: bool = False) -> None:
+        super().__init__()
+        self._adopt_conv(conv)
+        self._init_folded(bn, bn_name, weight_fake_quant, output_fake_quant, relu)
+
+    def _compute(self, x, weight, bias):
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, groups={self.groups}, bn={self.bn_name!r}, relu={self.relu}")
 
 
-QAT_LAYER_TYPES = (QATLinear, QATConv2d, QATConvBn2d)
+class QATLinearBn1d(FoldedBatchNorm):
+    """Linear + BatchNorm1d (+ ReLU) on (N, features) values, trained with the BatchNorm
+    folded into the fake-quantized weight, as QATConvBn2d does for a conv."""
+
+    OUTPUT_SHAPE = (1, -1)
+
+    def __init__(self, linear: Linear, bn: BatchNorm1d, bn_name: str, weight_fake_quant: FakeQuantize | None,
+                 output_fake_quant: FakeQuantize | None, relu: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+        self._init_folded(bn, bn_name, weight_fake_quant, output_fake_quant, relu)
+
+    def _compute(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bn={self.bn_name!r}, "
+                f"relu={self.relu}")
+
+
+QAT_LAYER_TYPES = (QATLinear, QATConv2d, QATConvBn2d, QATLinearBn1d)

@@ -32,7 +32,7 @@ import numpy as np
 from qatcore.errors import ConfigError, QATCoreError
 from qatcore.nn.module import Module
 from qatcore.quantization.fake_quantize_module import FakeQuantize
-from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES, QATConvBn2d
+from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES, FoldedBatchNorm
 from qatcore.quantization.qat.statistics import QATStatistics, StatisticsConfig
 from qatcore.quantization.qat.statistics_collector import StatisticsCollector
 
@@ -111,7 +111,7 @@ class QATController(Module):
         """Find the model's quantizers and folded conv-bn layers; count its training steps."""
         quantizers = [m for m in model.modules() if isinstance(m, FakeQuantize)]
         self._quantizers[:] = [m for m in quantizers if m not in self._excluded]
-        self._conv_bn_layers[:] = [m for m in model.modules() if isinstance(m, QATConvBn2d)]
+        self._conv_bn_layers[:] = [m for m in model.modules() if isinstance(m, FoldedBatchNorm)]
         weight_quantizers = {id(layer.weight_fake_quant) for layer in model.modules()
                              if isinstance(layer, QAT_LAYER_TYPES) and layer.weight_fake_quant is not None}
         for quantizer in quantizers:

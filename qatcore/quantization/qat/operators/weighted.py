@@ -3,7 +3,8 @@
 QAT: the layer-wise config decides per layer; an enabled layer becomes ``QATLinear`` /
 ``QATConv2d`` (fake-quantized weight and output), and the fusions below make one QAT
 layer of Conv2d -> BatchNorm2d (-> ReLU) (``QATConvBn2d``, the BatchNorm folded into
-the weight) and of Conv2d / Linear -> ReLU.
+the weight), of Linear -> BatchNorm1d (-> ReLU) (``QATLinearBn1d``, the same fold) and
+of Conv2d / Linear -> ReLU.
 
 Conversion (docs/numerics.md, "Integer-only inference"): BatchNorm folded with its
 running statistics, the weight quantized with the trained weight qparams, the bias to
@@ -29,7 +30,7 @@ from qatcore.errors import ConfigError, DTypeError, InteropError
 from qatcore.graph.node import Node
 from qatcore.nn import functional as F
 from qatcore.nn.activation import ReLU
-from qatcore.nn.batchnorm import BatchNorm2d
+from qatcore.nn.batchnorm import BatchNorm1d, BatchNorm2d
 from qatcore.nn.container import Sequential
 from qatcore.nn.conv import Conv2d
 from qatcore.nn.flatten import Flatten
@@ -46,7 +47,14 @@ from qatcore.quantization.qat.operators.registry import (
     register,
     register_onnx_import,
 )
-from qatcore.quantization.qat.qat_layers import QATConv2d, QATConvBn2d, QATLayer, QATLinear
+from qatcore.quantization.qat.qat_layers import (
+    FoldedBatchNorm,
+    QATConv2d,
+    QATConvBn2d,
+    QATLayer,
+    QATLinear,
+    QATLinearBn1d,
+)
 
 __all__ = ["Int8Linear", "Int8Conv2d", "QAT_FUSIONS", "weight_scales"]
 
@@ -116,11 +124,12 @@ def _to_qat(layer, weight_fq: FakeQuantize | None, output_fq: FakeQuantize | Non
     return cls(layer, weight_fq, output_fq, relu=relu)
 
 
-def _fuse_conv_bn(modules, names, weight_fq, output_fq):
-    conv, bn = modules[0], modules[1]
+def _fuse_bn(modules, names, weight_fq, output_fq):
+    layer, bn = modules[0], modules[1]
     if not bn.track_running_stats:
-        return None  # nothing to fold with; the conv is quantized alone
-    return QATConvBn2d(conv, bn, names[1], weight_fq, output_fq, relu=len(modules) == 3)
+        return None  # nothing to fold with; the layer is quantized alone
+    cls = QATConvBn2d if isinstance(layer, Conv2d) else QATLinearBn1d
+    return cls(layer, bn, names[1], weight_fq, output_fq, relu=len(modules) == 3)
 
 
 def _fuse_relu(modules, names, weight_fq, output_fq):
@@ -130,8 +139,10 @@ def _fuse_relu(modules, names, weight_fq, output_fq):
 # Chains of modules that become one QAT layer, tried in this order (longest first); each
 # builder returns the QAT layer, or None to leave the chain alone.
 QAT_FUSIONS = (
-    ((Conv2d, BatchNorm2d, ReLU), _fuse_conv_bn),
-    ((Conv2d, BatchNorm2d), _fuse_conv_bn),
+    ((Conv2d, BatchNorm2d, ReLU), _fuse_bn),
+    ((Conv2d, BatchNorm2d), _fuse_bn),
+    ((Linear, BatchNorm1d, ReLU), _fuse_bn),
+    ((Linear, BatchNorm1d), _fuse_bn),
     ((Conv2d, ReLU), _fuse_relu),
     ((Linear, ReLU), _fuse_relu),
 )
@@ -167,7 +178,7 @@ def _float_layers(layer: QATLayer) -> list:
     """The float layers a QAT layer computes when its quantization is off: copies (the int8
     model must not change when training goes on) of its Linear or Conv2d, its BatchNorm (in
     eval mode), and a ReLU."""
-    if isinstance(layer, QATLinear):
+    if isinstance(layer, (QATLinear, QATLinearBn1d)):
         float_layer = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                              rng=np.random.default_rng(0))
     else:
@@ -176,9 +187,9 @@ def _float_layers(layer: QATLayer) -> list:
     float_layer.load_state_dict({name: value for name, value in layer.state_dict().items()
                                  if name in ("weight", "bias")})
     layers = [float_layer]
-    if isinstance(layer, QATConvBn2d):
+    if isinstance(layer, FoldedBatchNorm):
         bn = layer.bn
-        copy = BatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine)
+        copy = type(bn)(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine)
         copy.load_state_dict(bn.state_dict())
         layers.append(copy.eval())
     if layer.relu:
@@ -213,7 +224,7 @@ def _lower_qat_layer(ctx, node: Node, layer: QATLayer):
     weight = layer.weight.data
     bias = None if layer.bias is None else layer.bias.data
     dead = None
-    if isinstance(layer, QATConvBn2d):
+    if isinstance(layer, FoldedBatchNorm):
         weight, bias, dead = layer.folded_parameters()  # exactly what training quantized
     w_qparams = layer.weight_fake_quant.calculate_qparams()
     _check_weight_grid(node, w_qparams)
@@ -233,7 +244,7 @@ def _lower_qat_layer(ctx, node: Node, layer: QATLayer):
     clamp_min = out.zero_point if layer.relu else out.qmin
     args = (weight_q.astype(np.int8), bias_q.astype(np.int32), multiplier, shift, x_value.zero_point, out.scale,
             out.zero_point, clamp_min, out.qmin, out.qmax)
-    if isinstance(layer, QATLinear):
+    if isinstance(layer, (QATLinear, QATLinearBn1d)):
         module = Int8Linear(*args)
     else:
         module = Int8Conv2d(*args, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
@@ -271,18 +282,18 @@ def _export_qat_layer(ex, node, layer: QATLayer):
     arg = node.args[0]
     x = ex.float_input(node, arg)
     b = ex.b
-    is_linear = isinstance(layer, QATLinear)
+    is_linear = isinstance(layer, (QATLinear, QATLinearBn1d))
     if not layer.enabled:
         if is_linear:
             y = ex.linear(name, x, ex.shape(arg), layer.weight.data, _bias_of(layer))
         else:
             y = ex.conv(name, x, *ex.constants(name, layer.weight.data, _bias_of(layer)), layer.weight.shape[2:],
                         geometry(layer))
-            if isinstance(layer, QATConvBn2d):
-                y = ex.batch_norm(layer.bn_name, y, layer.bn)
+        if isinstance(layer, FoldedBatchNorm):
+            y = ex.batch_norm(layer.bn_name, y, layer.bn)
         return (b.node("Relu", [y], f"{name}/Relu") if layer.relu else y), None
     weight, bias, dead = layer.weight.data, _bias_of(layer), None
-    if isinstance(layer, QATConvBn2d):
+    if isinstance(layer, FoldedBatchNorm):
         weight, bias, dead = layer.folded_parameters()
     weight_quantizer = layer.weight_fake_quant
     if isinstance(weight_quantizer, FakeQuantize) and bool(weight_quantizer.fake_quant_enabled.data):
@@ -541,6 +552,7 @@ register(
     OperatorRule(QATLinear, qat=QATRole.QUANTIZER, lower=_lower_qat_layer, export=_export_qat_layer),
     OperatorRule(QATConv2d, qat=QATRole.QUANTIZER, lower=_lower_qat_layer, export=_export_qat_layer),
     OperatorRule(QATConvBn2d, qat=QATRole.QUANTIZER, lower=_lower_qat_layer, export=_export_qat_layer),
+    OperatorRule(QATLinearBn1d, qat=QATRole.QUANTIZER, lower=_lower_qat_layer, export=_export_qat_layer),
     OperatorRule(Int8Linear, export=_export_int8_weighted, record=int8_record(Int8Linear)),
     OperatorRule(Int8Conv2d, export=_export_int8_weighted, record=int8_record(Int8Conv2d)),
     OperatorRule(F.linear, export=_export_f_linear, example=lambda: (_FunctionalLinear(), (3, 12))),
