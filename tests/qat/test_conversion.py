@@ -345,3 +345,30 @@ def test_linear_batch_norm_folds_like_conv_batch_norm(fine_tune, tmp_path):
     assert parity_report(qat, int8_model, images).passes
     save_int8_model(tmp_path / "fold.int8", int8_model)
     np.testing.assert_array_equal(load_int8_model(tmp_path / "fold.int8")(images).numpy(), int8_model(images).numpy())
+
+
+class PoolThenBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        rng = np.random.default_rng(6)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, rng=rng)
+        self.pool = nn.MaxPool2d(2)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(4 * 4 * 4, 10, rng=rng)
+
+    def forward(self, x):
+        return self.fc(F.flatten(self.relu(self.bn(self.pool(self.conv(x)))), 1))
+
+
+def test_a_standalone_batch_norm_is_an_integer_per_channel_affine_map(fine_tune):
+    preparer, qat = fine_tune(PoolThenBatchNorm(), epochs=1)
+    bn = qat.get_submodule("bn")
+    bn.weight.data[0] = -0.5  # a negative scale: w_q = -127
+    int8_model = preparer.convert_to_quantized(qat.eval())
+    layers = [m for m in int8_model.modules() if type(m).__name__ == "Int8Conv2d"]
+    assert "BatchNorm2d" not in [type(m).__name__ for m in int8_model.modules()]
+    depthwise = [m for m in layers if m.groups == 4]
+    assert len(depthwise) == 1 and set(np.unique(depthwise[0].weight_q.data)) <= {-127, 127}
+    assert int(depthwise[0].clamp_min.data) == int(depthwise[0].output_zero_point.data)  # the ReLU is the clamp
+    assert parity_report(qat, int8_model, load_digits()[2]).passes

@@ -1,8 +1,17 @@
 """Normalization: BatchNorm1d and BatchNorm2d on their own.
 
-A BatchNorm right after a Conv2d is folded into the conv's QAT layer (``weighted.py``);
-on its own it stays a float layer: no quantizer after it, and in the int8 model a float
-island between Dequantize and Quantize (saved with its running statistics).
+A BatchNorm right after a Conv2d or a Linear is folded into that layer's QAT layer
+(``weighted.py``). On its own it gets a quantizer after it (after the activation that
+follows it, when one does), and in eval it is a per-channel affine map,
+
+    y = a_c * x + b_c,    a = gamma / sqrt(running_var + eps),    b = beta - running_mean * a
+
+which a BatchNorm2d between two quantizers converts to as a depthwise 1x1 ``Int8Conv2d``:
+one int8 weight per channel, w_q = 127 * sign(a_c) with the scale s_w = |a_c| / 127 (so
+w_q * s_w = a_c: a single weight per channel quantizes without error), the bias
+b_c on the int32 grid of s_x * s_w, the usual fixed-point requantization (and a ReLU
+after it as the clamp). A BatchNorm1d on its own (its input's rank is not known at
+conversion) stays a float island between Dequantize and Quantize.
 
 ONNX: BatchNormalization with the running statistics, both ways.
 """
@@ -11,19 +20,57 @@ from __future__ import annotations
 
 import numpy as np
 
+from qatcore import kernels
+from qatcore.errors import ConfigError
+from qatcore.nn.activation import ReLU
 from qatcore.nn.batchnorm import BatchNorm1d, BatchNorm2d
 from qatcore.nn.container import Sequential
 from qatcore.nn.conv import Conv2d
 from qatcore.nn.flatten import Flatten
 from qatcore.nn.linear import Linear
 from qatcore.nn.pooling import MaxPool2d
-from qatcore.quantization.qat.operators.registry import OperatorRule, RecordRule, register, register_onnx_import
+from qatcore.quantization.qat.operators.registry import (
+    OperatorRule,
+    QATRole,
+    RecordRule,
+    register,
+    register_onnx_import,
+)
+from qatcore.quantization.qat.operators.weighted import Int8Conv2d
 
 __all__: list[str] = []
 
 
 def _export_batch_norm(ex, node, bn):
     return ex.batch_norm(node.target, ex.single_float_input(node), bn), None
+
+
+def _lower_batch_norm_2d(ctx, node, bn: BatchNorm2d):
+    """Between two quantizers: a depthwise 1x1 Int8Conv2d (module docstring). Otherwise float."""
+    source, x_value = ctx.env[node.args[0]]
+    if x_value is None or not bn.track_running_stats:
+        return None
+    quantizer, chain, relu = ctx.following_quantizer(node)
+    if quantizer is None:
+        return None
+    out = ctx.value_of(quantizer, chain[-1].name)
+    channels = bn.num_features
+    gamma = np.ones(channels) if bn.weight is None else bn.weight.data.astype(np.float64)
+    beta = np.zeros(channels) if bn.bias is None else bn.bias.data.astype(np.float64)
+    a = gamma / np.sqrt(bn.running_var.data.astype(np.float64) + bn.eps)
+    b = beta - bn.running_mean.data.astype(np.float64) * a
+    weight_q = (127 * np.sign(a)).astype(np.int8).reshape(channels, 1, 1, 1)
+    s_w = np.where(a != 0, np.abs(a) / 127, 1.0)
+    bias_scale = x_value.scale * s_w
+    bias_q = np.rint(b / bias_scale)
+    if np.any(np.abs(bias_q) >= 2**31):
+        raise ConfigError(f"int8 conversion: BatchNorm {node.target!r} has a shift that overflows int32 at s_x * s_w")
+    multiplier, shift = kernels.requantize.quantize_multiplier(bias_scale / out.scale)
+    clamp_min = out.zero_point if relu else out.qmin
+    conv = Int8Conv2d(weight_q, bias_q.astype(np.int32), multiplier, shift, x_value.zero_point, out.scale,
+                      out.zero_point, clamp_min, out.qmin, out.qmax, groups=channels)
+    ctx.absorb(chain, node)
+    return ctx.add(chain[-1].name, conv, (source,), out)
 
 
 def _config(bn) -> dict:
@@ -58,13 +105,15 @@ def _example_2d():
 
 def _example_1d():
     rng = np.random.default_rng(0)
-    return Sequential(Linear(12, 6, rng=rng), BatchNorm1d(6), Linear(6, 4, rng=rng)), (3, 12)
+    # after a ReLU, not right after the Linear: it is not folded
+    return Sequential(Linear(12, 6, rng=rng), ReLU(), BatchNorm1d(6), Linear(6, 4, rng=rng)), (3, 12)
 
 
 register(
-    OperatorRule(BatchNorm2d, export=_export_batch_norm, record=RecordRule(_config, lambda c: BatchNorm2d(**c)),
+    OperatorRule(BatchNorm2d, qat=QATRole.NEW_GRID, quantize_after_activation=True, lower=_lower_batch_norm_2d,
+                 export=_export_batch_norm, record=RecordRule(_config, lambda c: BatchNorm2d(**c)),
                  example=_example_2d),
-    OperatorRule(BatchNorm1d, export=_export_batch_norm, record=RecordRule(_config, lambda c: BatchNorm1d(**c)),
-                 example=_example_1d),
+    OperatorRule(BatchNorm1d, qat=QATRole.NEW_GRID, quantize_after_activation=True, export=_export_batch_norm,
+                 record=RecordRule(_config, lambda c: BatchNorm1d(**c)), example=_example_1d),
 )
 register_onnx_import("BatchNormalization", _import_batch_norm)
