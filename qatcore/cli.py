@@ -1,12 +1,13 @@
 """The ``qatcore`` command line: it parses options, calls the library and prints.
 
 ``qatcore run`` is the main job, ``qatcore.pipeline.run_pipeline``: train a reference
-model in float on the embedded 8x8 digits (or MNIST IDX files you have), prepare it
-for QAT, fine-tune, convert to an integer-only int8 model, evaluate all three, and
-write a run folder (float.qat, qat.ckpt, model.int8, statistics.json and .qat,
-report.md, result.json; see ``qatcore.pipeline.run``). It prints the summary table,
-the result record as one JSON line (``--json``) or the int8 accuracy (``--quiet``);
-progress goes to stderr when that is a terminal (or with ``--progress``).
+model in float on the embedded digits (8x8; 32x32x3 for resnet20 and mobilenetv2) or
+MNIST IDX files you have, prepare it for QAT, fine-tune, convert to an integer-only
+int8 model, evaluate all three, and write a run folder (float.qat, qat.ckpt,
+model.int8, statistics.json and .qat, report.md, result.json; see
+``qatcore.pipeline.run``). It prints the summary table, the result record as one
+JSON line (``--json``) or the int8 accuracy (``--quiet``); progress goes to stderr
+when that is a terminal (or with ``--progress``).
 
 Ctrl-C stops at the end of the current training step and saves ``resume.ckpt`` in
 the run folder; ``qatcore run --resume FOLDER`` continues to the same result an
@@ -36,7 +37,15 @@ from typing import Any, Sequence, TextIO
 import numpy as np
 
 from qatcore.errors import ConfigError, QATCoreError, RunInterrupted
-from qatcore.pipeline import MODELS, RunSettings, format_summary, make_model, resume_pipeline, run_pipeline
+from qatcore.pipeline import (
+    MODELS,
+    RunSettings,
+    format_summary,
+    make_model,
+    model_input,
+    resume_pipeline,
+    run_pipeline,
+)
 
 __all__ = ["main", "build_parser", "run_settings"]
 
@@ -95,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="convert a QAT checkpoint to an int8 model file")
     convert.add_argument("checkpoint", type=Path)
     convert.add_argument("--model", choices=tuple(MODELS), default="cnn", help="the float model the checkpoint is of")
-    convert.add_argument("--image-size", type=int, default=8, help="input side, for the cnn and mlp (default: 8)")
+    convert.add_argument("--image-size", type=_positive_int,
+                         help="input side, for the cnn and mlp (default: the run's: 28 for MNIST runs, else the "
+                              "model's digits side)")
     convert.add_argument("--output", type=Path, default=Path("model.int8"))
     export = sub.add_parser("export", help="export a run, an int8 model or a QAT checkpoint to ONNX "
                                            "(needs the onnx extra)")
@@ -110,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", choices=tuple(MODELS),
                         help="the float model a QAT checkpoint is of (default: the run's, else cnn)")
     export.add_argument("--image-size", type=_positive_int,
-                        help="input side (default: the run's, 28 for MNIST runs, else 8)")
+                        help="input side (default: the run's: 28 for MNIST runs, else the model's digits side, "
+                             "8 or 32)")
     bench = sub.add_parser("bench", help="run the benchmark suite and write one JSON file")
     bench.add_argument("--output", type=Path, default=Path("benchmarks.json"))
     bench.add_argument("--quick", action="store_true", help="a smoke run with few repetitions")
@@ -180,7 +192,8 @@ def _convert(args) -> int:
 
     if not args.checkpoint.is_file():
         raise ConfigError(f"{args.checkpoint} does not exist")
-    float_model = make_model(args.model, np.random.default_rng(0), args.image_size)
+    channels, image_size = model_input(args.model, mnist=bool(_run_args(args.checkpoint).get("mnist")))
+    float_model = make_model(args.model, np.random.default_rng(0), args.image_size or image_size, channels)
     qat_model, _ = QATPreparer.from_checkpoint(args.checkpoint, float_model)
     int8_model = QATPreparer().convert_to_quantized(qat_model)
     save_int8_model(args.output, int8_model)
@@ -188,8 +201,20 @@ def _convert(args) -> int:
     return 0
 
 
-def _export_source(args) -> tuple[Any, int]:
-    """The model to export and its input side (--image-size, else the run's: 28 for MNIST runs)."""
+def _run_args(checkpoint: Path) -> dict:
+    """The ``qatcore run`` settings saved in a QAT checkpoint, or {} (another file, or none saved)."""
+    from qatcore.quantization.qat.checkpointing import read_qat_checkpoint
+
+    if not checkpoint.is_file():
+        return {}
+    with contextlib.suppress(QATCoreError, KeyError, TypeError):
+        return dict(read_qat_checkpoint(checkpoint)["extra"]["run_args"])
+    return {}
+
+
+def _export_source(args) -> tuple[Any, tuple[int, int]]:
+    """The model to export and its input (channels, side): the run's (1 x 28 for MNIST runs, else
+    the model's digits shape), --image-size replacing the side."""
     from qatcore.errors import CheckpointError
     from qatcore.quantization.qat import QATPreparer, load_int8_model
     from qatcore.quantization.qat.checkpointing import read_qat_checkpoint
@@ -199,21 +224,19 @@ def _export_source(args) -> tuple[Any, int]:
         source = source / ("qat.ckpt" if args.qat or not (source / "model.int8").is_file() else "model.int8")
     if not source.is_file():
         raise ConfigError(f"{source} does not exist")
-    checkpoint = source if source.name != "model.int8" else source.with_name("qat.ckpt")
-    settings: dict = {}
-    if checkpoint.is_file():
-        with contextlib.suppress(QATCoreError, KeyError, TypeError):
-            settings = dict(read_qat_checkpoint(checkpoint)["extra"]["run_args"])
-    image_size = args.image_size or (28 if settings.get("mnist") else 8)
+    settings = _run_args(source if source.name != "model.int8" else source.with_name("qat.ckpt"))
+    model_name = args.model or settings.get("model", "cnn")
+    channels, image_size = model_input(model_name, mnist=bool(settings.get("mnist")))
+    shape = (channels, args.image_size or image_size)
     if not args.qat:
         with contextlib.suppress(CheckpointError):
-            return load_int8_model(source), image_size
+            return load_int8_model(source), shape
     payload = read_qat_checkpoint(source)
     if payload["format"] == "float":
         raise ConfigError(f"{source} is a float checkpoint; export takes a QAT checkpoint or an int8 model")
-    float_model = make_model(args.model or settings.get("model", "cnn"), np.random.default_rng(0), image_size)
+    float_model = make_model(model_name, np.random.default_rng(0), shape[1], channels)
     qat_model, _ = QATPreparer.from_checkpoint(source, float_model)
-    return (qat_model if args.qat else QATPreparer().convert_to_quantized(qat_model)), image_size
+    return (qat_model if args.qat else QATPreparer().convert_to_quantized(qat_model)), shape
 
 
 def _export(args) -> int:
@@ -221,11 +244,12 @@ def _export(args) -> int:
 
     if args.qat and args.format != "qdq":
         raise ConfigError("--qat exports the QAT model in QDQ form; --format qoperator is for int8 models")
-    model, image_size = _export_source(args)
-    example = np.zeros((1, 1, image_size, image_size), dtype=np.float32)
+    model, (channels, image_size) = _export_source(args)
+    example = np.zeros((1, channels, image_size, image_size), dtype=np.float32)
     export_onnx(model.eval(), args.output, example, format=args.format)
     kind = "QAT" if args.qat else "int8"
-    print(f"{kind} model exported to {args.output} (ONNX, {args.format}, input (batch, 1, {image_size}, {image_size}))")
+    print(f"{kind} model exported to {args.output} (ONNX, {args.format}, "
+          f"input (batch, {channels}, {image_size}, {image_size}))")
     return 0
 
 

@@ -52,6 +52,20 @@ def test_stats_and_convert_commands(tmp_path, capsys):
     assert (tmp_path / "m.int8").is_file()
 
 
+def test_convert_builds_a_cifar_model_for_its_digits_shape(tmp_path, capsys):
+    from qatcore.data import load_digits
+    from qatcore.models import resnet20
+    from qatcore.quantization.qat import QATPreparer, load_int8_model, save_qat_checkpoint
+
+    qat_model = QATPreparer().prepare_for_qat(resnet20())
+    x = load_digits(image_size=32, channels=3)[2][:2]
+    qat_model(x)  # the quantizers observe one batch
+    save_qat_checkpoint(tmp_path / "qat.ckpt", qat_model, extra={"run_args": RunSettings(model="resnet20").to_dict()})
+    output = tmp_path / "m.int8"
+    assert main(["convert", str(tmp_path / "qat.ckpt"), "--model", "resnet20", "--output", str(output)]) == 0
+    assert load_int8_model(output)(x).shape == (2, 10)  # 3 x 32 x 32 inputs
+
+
 @pytest.mark.parametrize("argv, reason", [
     (["run", "--model", "vgg"], "invalid choice"),
     (["run", "--config", "/nonexistent/config.json"], "does not exist"),

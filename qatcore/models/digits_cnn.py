@@ -11,9 +11,9 @@ __all__ = ["DigitsCNN"]
 
 
 class DigitsCNN(Module):
-    """conv3x3(1->c1)-bn-relu, maxpool 2, conv3x3(c1->c2)-bn-relu, maxpool 2, linear.
+    """conv3x3(in_channels->c1)-bn-relu, maxpool 2, conv3x3(c1->c2)-bn-relu, maxpool 2, linear.
 
-    Input (N, 1, 8, 8) -> (N, c1, 4, 4) -> (N, c2, 2, 2) -> logits (N, num_classes);
+    Input (N, in_channels, 8, 8) -> (N, c1, 4, 4) -> (N, c2, 2, 2) -> logits (N, num_classes);
     ``image_size=28`` fits MNIST (the linear layer then takes c2 * 7 * 7 features).
     Weights are drawn from ``rng`` (default: seed 0, so the model is reproducible).
 
@@ -23,11 +23,11 @@ class DigitsCNN(Module):
     """
 
     def __init__(self, channels: tuple[int, int] = (16, 32), num_classes: int = 10,
-                 rng: np.random.Generator | None = None, image_size: int = 8) -> None:
+                 rng: np.random.Generator | None = None, image_size: int = 8, in_channels: int = 1) -> None:
         super().__init__()
         rng = np.random.default_rng(0) if rng is None else rng
         c1, c2 = channels
-        self.conv1 = Conv2d(1, c1, 3, padding=1, bias=False, rng=rng)
+        self.conv1 = Conv2d(in_channels, c1, 3, padding=1, bias=False, rng=rng)
         self.bn1 = BatchNorm2d(c1)
         self.relu1 = ReLU()
         self.pool1 = MaxPool2d(2)

@@ -28,10 +28,20 @@ from qatcore.pipeline.float_training import FloatResult, FloatTraining, train_fl
 from qatcore.pipeline.qat_training import QATResult, QATTraining, fine_tune_qat
 from qatcore.pipeline.report import RunResult, format_report, format_summary
 from qatcore.pipeline.run import inference_ms, resume_pipeline, run_pipeline
-from qatcore.pipeline.settings import MODELS, Dataset, RunSettings, load_dataset, load_layerwise_config, make_model
+from qatcore.pipeline.settings import (
+    MODELS,
+    Dataset,
+    ReferenceModel,
+    RunSettings,
+    load_dataset,
+    load_layerwise_config,
+    make_model,
+    model_input,
+)
 
 __all__ = [
-    "RunSettings", "MODELS", "make_model", "load_layerwise_config", "Dataset", "load_dataset",
+    "RunSettings", "MODELS", "ReferenceModel", "make_model", "model_input", "load_layerwise_config", "Dataset",
+    "load_dataset",
     "FloatTraining", "FloatResult", "train_float", "QATTraining", "QATResult", "fine_tune_qat",
     "run_pipeline", "resume_pipeline", "inference_ms", "RunResult", "format_summary", "format_report",
 ]

@@ -46,7 +46,7 @@ class FloatTraining:
         """A fresh model, loader, optimizer and schedule, from the generator seeded with
         ``settings.seed``."""
         rng = np.random.default_rng(settings.seed)
-        model = make_model(settings.model, rng, dataset.image_size)
+        model = make_model(settings.model, rng, dataset.image_size, dataset.channels)
         loader = DataLoader(dataset.x_train, dataset.y_train, settings.batch_size, shuffle=True, rng=rng)
         optimizer = SGD(model.parameters(), lr=settings.lr, momentum=0.9, weight_decay=1e-4)
         schedule = CosineAnnealingLR(optimizer, T_max=settings.epochs)

@@ -37,22 +37,56 @@ from qatcore.nn import Module
 from qatcore.quantization import QuantizationConfig
 from qatcore.quantization.qat import LayerwiseConfig
 
-__all__ = ["MODELS", "make_model", "RunSettings", "load_layerwise_config", "Dataset", "load_dataset"]
+__all__ = ["MODELS", "ReferenceModel", "make_model", "model_input", "RunSettings", "load_layerwise_config", "Dataset",
+           "load_dataset"]
 
-# The reference models by name: (rng, image side) -> a fresh float model.
-MODELS: Mapping[str, Callable[[np.random.Generator, int], Module]] = MappingProxyType({
-    "mlp": lambda rng, image_size: models.MLP(in_features=image_size * image_size, rng=rng),
-    "cnn": lambda rng, image_size: models.DigitsCNN(rng=rng, image_size=image_size),
-    "resnet": lambda rng, image_size: models.SmallResNet(rng=rng),  # global pooling fits any side
+@dataclass(frozen=True)
+class ReferenceModel:
+    """A reference model of ``qatcore run``: ``build(rng, image_size, channels)`` makes a
+    fresh float model for (N, channels, image_size, image_size) inputs, and the embedded
+    digits are loaded at ``digits_image_size`` x ``digits_channels`` for it (MNIST is
+    1 x 28 x 28 for every model)."""
+
+    build: Callable[[np.random.Generator, int, int], Module]
+    digits_image_size: int = 8
+    digits_channels: int = 1
+
+
+# The reference models by name. The CIFAR-sized networks take the digits upsampled to
+# 32x32x3 (load_digits(image_size=32, channels=3)); global pooling fits any side.
+MODELS: Mapping[str, ReferenceModel] = MappingProxyType({
+    "mlp": ReferenceModel(lambda rng, side, channels: models.MLP(in_features=channels * side * side, rng=rng)),
+    "cnn": ReferenceModel(lambda rng, side, channels: models.DigitsCNN(rng=rng, image_size=side,
+                                                                       in_channels=channels)),
+    "resnet": ReferenceModel(lambda rng, side, channels: models.SmallResNet(in_channels=channels, rng=rng)),
+    "resnet20": ReferenceModel(lambda rng, side, channels: models.resnet20(in_channels=channels, rng=rng),
+                               digits_image_size=32, digits_channels=3),
+    "mobilenetv2": ReferenceModel(lambda rng, side, channels: models.MobileNetV2(in_channels=channels, rng=rng),
+                                  digits_image_size=32, digits_channels=3),
 })
 
 
-def make_model(name: str, rng: np.random.Generator, image_size: int = 8) -> Module:
-    """The reference model ``name`` (a key of ``MODELS``) for ``image_size`` square inputs,
-    its weights drawn from ``rng``."""
+def _reference_model(name: str) -> ReferenceModel:
     if name not in MODELS:
         raise ConfigError(f"model must be one of {list(MODELS)}, got {name!r}")
-    return MODELS[name](rng, image_size)
+    return MODELS[name]
+
+
+def make_model(name: str, rng: np.random.Generator, image_size: int = 8, channels: int = 1) -> Module:
+    """The reference model ``name`` (a key of ``MODELS``) for square inputs of ``image_size``
+    and ``channels``, its weights drawn from ``rng``."""
+    return _reference_model(name).build(rng, image_size, channels)
+
+
+def model_input(name: str, mnist: bool = False) -> tuple[int, int]:
+    """``(channels, image_size)`` of the images a run of model ``name`` trains on: MNIST's
+    (1, 28), or the embedded digits at the model's shape (``MODELS[name]``).
+
+    >>> model_input("cnn"), model_input("resnet20"), model_input("resnet20", mnist=True)
+    ((1, 8), (3, 32), (1, 28))
+    """
+    entry = _reference_model(name)
+    return (1, 28) if mnist else (entry.digits_channels, entry.digits_image_size)
 
 
 def _is_int(value: Any) -> bool:
@@ -64,7 +98,7 @@ class RunSettings:
     """The settings of one run (each field is the ``qatcore run`` option of that name).
 
     Fields:
-        model: a key of ``MODELS`` ("mlp", "cnn", "resnet").
+        model: a key of ``MODELS`` ("mlp", "cnn", "resnet", "resnet20", "mobilenetv2").
         config: a layer-wise QAT config file (JSON, or TOML on Python 3.11+), or None
             for the default config with ``bits``-bit weights.
         bits: weight bits of the default config, 2..8 (the int8 runtime's range).
@@ -72,7 +106,7 @@ class RunSettings:
         lr: the float SGD learning rate; fine-tuning uses ``qat_lr`` (a fifth of it).
         batch_size: positive.  seed: the seed of every random choice (>= 0).
         output: the run folder.  mnist: a folder of MNIST IDX files, or None for the
-            embedded 8x8 digits.
+            embedded digits (8x8, or 32x32x3 for resnet20 and mobilenetv2).
 
     Paths may be given as strings. The fields are saved in checkpoints as
     ``to_dict()`` and read back by ``from_dict``.
@@ -163,7 +197,7 @@ def load_layerwise_config(settings: RunSettings) -> LayerwiseConfig:
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A run's data: ``name`` ("digits" or "mnist") and float32 images (N, 1, side, side)
+    """A run's data: ``name`` ("digits" or "mnist") and float32 images (N, channels, side, side)
     with integer labels, split into train and test."""
 
     name: str
@@ -174,13 +208,21 @@ class Dataset:
 
     @property
     def image_size(self) -> int:
-        """The side of the (square) images: 8 for the digits, 28 for MNIST."""
+        """The side of the (square) images: 8 for the digits (32 for the CIFAR-sized models),
+        28 for MNIST."""
         return int(self.x_train.shape[-1])
+
+    @property
+    def channels(self) -> int:
+        """Image channels: 1, or 3 for the digits of the CIFAR-sized models."""
+        return int(self.x_train.shape[1])
 
 
 def load_dataset(settings: RunSettings) -> Dataset:
-    """The embedded 8x8 digits (split by ``settings.seed``), or the MNIST IDX files in
-    ``settings.mnist``."""
+    """The embedded digits (split by ``settings.seed``) at the shape ``settings.model``
+    takes (``model_input``: 8x8x1, or 32x32x3 for the CIFAR-sized models), or the MNIST
+    IDX files in ``settings.mnist``."""
     if settings.mnist is None:
-        return Dataset("digits", *load_digits(seed=settings.seed))
+        channels, image_size = model_input(settings.model)
+        return Dataset("digits", *load_digits(seed=settings.seed, image_size=image_size, channels=channels))
     return Dataset("mnist", *load_mnist_idx(settings.mnist))

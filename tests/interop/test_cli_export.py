@@ -8,7 +8,8 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
 from qatcore.cli import main  # noqa: E402
 from qatcore.data import load_digits  # noqa: E402
-from qatcore.quantization.qat import load_int8_model  # noqa: E402
+from qatcore.pipeline import RunSettings  # noqa: E402
+from qatcore.quantization.qat import QATPreparer, load_int8_model, save_qat_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +56,17 @@ def test_export_bad_usage_exits_2_with_one_line(run_folder, argv, reason, tmp_pa
     err = capsys.readouterr().err.strip()
     assert reason in err and "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_a_cifar_model_with_its_3x32x32_input(tmp_path, capsys, run_onnxruntime):
+    from qatcore.models import resnet20
+
+    qat_model = QATPreparer().prepare_for_qat(resnet20())
+    x = load_digits(image_size=32, channels=3)[2][:4]
+    qat_model(x)  # the quantizers observe one batch
+    save_qat_checkpoint(tmp_path / "qat.ckpt", qat_model, extra={"run_args": RunSettings(model="resnet20").to_dict()})
+    path = tmp_path / "resnet20.onnx"
+    assert main(["export", str(tmp_path / "qat.ckpt"), "--output", str(path)]) == 0  # the model from run_args
+    assert "input (batch, 3, 32, 32)" in capsys.readouterr().out
+    int8_model = QATPreparer().convert_to_quantized(qat_model)
+    assert np.mean(run_onnxruntime(path, x) == int8_model(x).data) >= 0.999

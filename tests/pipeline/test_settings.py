@@ -6,13 +6,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qatcore.data import load_digits
 from qatcore.errors import ConfigError
-from qatcore.models import MLP, DigitsCNN, SmallResNet
-from qatcore.pipeline import MODELS, RunSettings, load_dataset, load_layerwise_config, make_model
+from qatcore.models import MLP, CifarResNet, DigitsCNN, MobileNetV2, SmallResNet
+from qatcore.pipeline import (
+    MODELS,
+    FloatTraining,
+    RunSettings,
+    load_dataset,
+    load_layerwise_config,
+    make_model,
+    model_input,
+)
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"model": "vgg"}, "--model must be one of ['mlp', 'cnn', 'resnet'], got 'vgg'"),
+    ({"model": "vgg"}, "--model must be one of ['mlp', 'cnn', 'resnet', 'resnet20', 'mobilenetv2'], got 'vgg'"),
     ({"bits": 12}, "--bits must be in [2, 8] (int8 runtime), got 12"),
     ({"bits": 1}, "--bits must be in [2, 8]"),
     ({"epochs": 0}, "--epochs must be a positive integer, got 0"),
@@ -50,10 +59,16 @@ def test_plain_data_round_trip_in_option_order():
 
 
 def test_models_by_name():
-    assert list(MODELS) == ["mlp", "cnn", "resnet"]
+    assert list(MODELS) == ["mlp", "cnn", "resnet", "resnet20", "mobilenetv2"]
     rng = np.random.default_rng(0)
     assert isinstance(make_model("mlp", rng, 28), MLP) and make_model("mlp", rng, 28).layers[1].in_features == 784
     assert isinstance(make_model("cnn", rng), DigitsCNN) and isinstance(make_model("resnet", rng), SmallResNet)
+    resnet20 = make_model("resnet20", rng, 32, 3)
+    assert isinstance(resnet20, CifarResNet) and resnet20.conv1.in_channels == 3
+    assert isinstance(make_model("mobilenetv2", rng, 32, 3), MobileNetV2)
+    # every model takes any channel count: MNIST is one channel for all of them
+    for name in MODELS:
+        assert make_model(name, rng, 28, 1)(np.zeros((2, 1, 28, 28), dtype=np.float32)).shape == (2, 10), name
     with pytest.raises(ConfigError, match="model must be one of"):
         make_model("vgg", rng)
 
@@ -91,3 +106,25 @@ def test_dataset():
     dataset = load_dataset(RunSettings(seed=0))
     assert dataset.name == "digits" and dataset.image_size == 8
     assert len(dataset.x_train) == 1438 and len(dataset.x_test) == 359
+
+
+def test_each_model_trains_on_the_digits_at_its_own_shape():
+    assert [model_input(name) for name in MODELS] == [(1, 8), (1, 8), (1, 8), (3, 32), (3, 32)]
+    assert all(model_input(name, mnist=True) == (1, 28) for name in MODELS)
+    with pytest.raises(ConfigError, match="model must be one of"):
+        model_input("vgg")
+    default = load_dataset(RunSettings(seed=0))
+    dataset = load_dataset(RunSettings(model="resnet20", seed=0))
+    assert dataset.name == "digits" and (dataset.channels, dataset.image_size) == (3, 32)
+    assert (default.channels, default.image_size) == (1, 8)
+    expected = load_digits(seed=0, image_size=32, channels=3)
+    for got, want in zip((dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test), expected):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(dataset.y_test, default.y_test)  # the same split
+
+
+def test_float_training_builds_the_cifar_models_for_their_digits():
+    dataset = load_dataset(RunSettings(model="mobilenetv2"))
+    for name in ("resnet20", "mobilenetv2"):
+        training = FloatTraining.start(RunSettings(model=name), dataset)
+        assert training.model(dataset.x_test[:2]).shape == (2, 10)
