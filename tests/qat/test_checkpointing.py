@@ -246,7 +246,8 @@ def test_other_models_checkpoint_is_refused_with_keys(tmp_path):
 def test_checkpoint_from_other_settings_is_refused_and_changes_nothing(tmp_path):
     x = np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32)
     four_bit = QATPreparer().prepare_for_qat(DigitsCNN(), QuantizationConfig.lsq_4bit_weights())
-    four_bit(x)
+    with qatcore.no_grad():  # a pass that sets the scales up, with no optimizer: not a training step
+        four_bit(x)
     path = tmp_path / "four_bit.ckpt"
     save_qat_checkpoint(path, four_bit)
     eight_bit = QATPreparer().prepare_for_qat(DigitsCNN())

@@ -121,6 +121,7 @@ def save_qat_checkpoint(path, qat_model: Module, optimizer=None, preparer=None, 
     settings = {**_preparation_settings(controller), "statistics": controller.statistics.to_dict()["config"]}
     if preparer is not None and preparer.controller(qat_model) is not controller:
         raise CheckpointError("save_qat_checkpoint: the preparer did not prepare this model")
+    settings["check_optimizers"] = controller.check_optimizers
     states = {}
     for name, generator in (generators or {}).items():
         if not isinstance(generator, np.random.Generator):
