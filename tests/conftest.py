@@ -62,17 +62,23 @@ settings.register_profile(
 settings.load_profile("qatcore")
 
 
-def _fine_tune(model, config=None, epochs=2, seed=1):
-    """QAT fine-tuning on the digits: (preparer, qat_model) after ``epochs`` of SGD."""
+def _fine_tune(model, config=None, epochs=2, seed=1, optimizer_built="after"):
+    """QAT fine-tuning on the digits: (preparer, qat_model) after ``epochs`` of SGD, with the
+    optimizer built "after" preparation (from the QAT model's parameters) or "before" it (from
+    the float model's; preparation adds the learned quantization parameters to it)."""
     from qatcore.data import DataLoader, load_digits
     from qatcore.optim import SGD, CosineAnnealingLR
     from qatcore.quantization.qat import QATPreparer
     from qatcore.training import train_one_epoch
 
+    assert optimizer_built in ("before", "after"), optimizer_built
     x_train, y_train, _, _ = load_digits()
     preparer = QATPreparer()
+    if optimizer_built == "before":
+        optimizer = SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     qat = preparer.prepare_for_qat(model, config)
-    optimizer = SGD(qat.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    if optimizer_built == "after":
+        optimizer = SGD(qat.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     schedule = CosineAnnealingLR(optimizer, T_max=epochs)
     loader = DataLoader(x_train, y_train, 64, shuffle=True, rng=np.random.default_rng(seed))
     for _ in range(epochs):
@@ -83,7 +89,8 @@ def _fine_tune(model, config=None, epochs=2, seed=1):
 
 @pytest.fixture(scope="session")
 def fine_tune():
-    """``fine_tune(model, config=None, epochs=2, seed=1) -> (preparer, qat_model)`` on the digits."""
+    """``fine_tune(model, config=None, epochs=2, seed=1, optimizer_built="after") -> (preparer, qat_model)``
+    on the digits."""
     return _fine_tune
 
 

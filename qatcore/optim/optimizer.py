@@ -17,6 +17,12 @@ made only of dicts, lists, Python numbers and numpy arrays (copies), so
 ``qatcore.save`` can store it. ``load_state_dict`` checks every group, count
 and shape before it changes anything.
 
+Parameters created after an optimizer was built (the learned scales QAT
+preparation gives a model) reach it through :func:`optimizers_holding` and
+:meth:`Optimizer.add_to_group_of`: every optimizer is known, weakly, to this
+module while it lives, so whoever creates a Parameter for a layer can ask which
+optimizers hold that layer's weight and add the new one beside it.
+
 >>> import numpy as np
 >>> from qatcore.nn.parameter import Parameter
 >>> from qatcore.optim import SGD
@@ -32,7 +38,9 @@ and shape before it changes anything.
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
@@ -44,7 +52,7 @@ from qatcore.errors import ConfigError, DTypeError, ShapeError, StateDictError
 from qatcore.nn.parameter import Parameter
 from qatcore.tensor import Tensor
 
-__all__ = ["Optimizer", "StateSlot", "check_bool", "check_real"]
+__all__ = ["Optimizer", "StateSlot", "check_bool", "check_real", "optimizers_holding"]
 
 
 # ---- hyper-parameter checks ---------------------------------------------------------
@@ -138,6 +146,29 @@ class _StateByParameter(MutableMapping):
         return id(param) in self._entries
 
 
+# ---- the live optimizers --------------------------------------------------------------
+
+# Every optimizer alive, by creation number, held weakly: an optimizer nobody references is
+# gone from here as soon as it is collected. It records only what exists; nothing computes
+# from it but optimizers_holding (see docs/architecture.md, "Decisions").
+_live_optimizers: weakref.WeakValueDictionary[int, Optimizer] = weakref.WeakValueDictionary()
+_creation_numbers = itertools.count()
+
+
+def optimizers_holding(param: Tensor) -> list[Optimizer]:
+    """Every live optimizer whose param groups hold ``param`` (the object itself), oldest first.
+
+    >>> import numpy as np
+    >>> from qatcore.nn.parameter import Parameter
+    >>> from qatcore.optim import SGD
+    >>> w = Parameter(np.ones(2, dtype=np.float32))
+    >>> opt = SGD([w], lr=0.1)
+    >>> optimizers_holding(w) == [opt], optimizers_holding(Parameter(np.ones(1)))
+    (True, [])
+    """
+    return [optimizer for optimizer in list(_live_optimizers.values()) if optimizer.holds(param)]
+
+
 # ---- the base class -------------------------------------------------------------------
 
 
@@ -183,6 +214,7 @@ class Optimizer(ABC):
             groups = [{"params": items}]
         for group in groups:
             self.add_param_group(group)
+        _live_optimizers[next(_creation_numbers)] = self
 
     # ---- what a subclass provides ---------------------------------------------------
     @abstractmethod
@@ -217,6 +249,52 @@ class Optimizer(ABC):
         params = [params] if isinstance(params, Tensor) else list(params)
         if not params:
             raise ConfigError(f"{where}: 'params' is empty")
+        self._check_new_params(params, where)
+        hyperparameters = {k: v for k, v in param_group.items() if k != "params"}
+        initial_lr = hyperparameters.pop("initial_lr", None)
+        group = self._checked_hyperparameters({**self.defaults, **hyperparameters}, where)
+        if initial_lr is not None:
+            group["initial_lr"] = check_real(where, "initial_lr", initial_lr, low=0.0)
+        group["params"] = params
+        self.param_groups.append(group)
+
+    def holds(self, param: Tensor) -> bool:
+        """Whether one of the param groups lists ``param`` (the object itself)."""
+        return any(held is param for group in self.param_groups for held in group["params"])
+
+    def add_to_group_of(self, anchor: Tensor, params: Iterable[Tensor]) -> list[Tensor]:
+        """Append ``params`` to the param group that holds ``anchor``, so that group's
+        hyper-parameters (lr, momentum, weight decay, ...) and any schedule over its lr
+        apply to them; their per-parameter state starts empty. Parameters this optimizer
+        already holds are skipped, so adding one twice never steps it twice.
+
+        Returns the parameters added. Raises ConfigError if no group holds ``anchor``, or
+        for a parameter ``add_param_group`` would refuse.
+
+        >>> import numpy as np
+        >>> from qatcore.nn.parameter import Parameter
+        >>> from qatcore.optim import SGD
+        >>> w, b, scale = (Parameter(np.ones(2, dtype=np.float32)) for _ in range(3))
+        >>> opt = SGD([{"params": [w]}, {"params": [b], "lr": 0.5}], lr=0.1)
+        >>> len(opt.add_to_group_of(b, [scale])), len(opt.add_to_group_of(b, [scale]))
+        (1, 0)
+        >>> [len(group["params"]) for group in opt.param_groups]
+        [1, 2]
+        """
+        name = type(self).__name__
+        for g, group in enumerate(self.param_groups):
+            if any(held is anchor for held in group["params"]):
+                new = []
+                for param in params:
+                    if not self.holds(param) and all(param is not other for other in new):
+                        new.append(param)
+                self._check_new_params(new, f"{name} param group {g}")
+                group["params"].extend(new)
+                return new
+        raise ConfigError(f"{name}.add_to_group_of: no param group holds the anchor parameter")
+
+    def _check_new_params(self, params: list[Any], where: str) -> None:
+        """ConfigError unless each item may join this optimizer (as add_param_group says)."""
         seen = {id(p) for group in self.param_groups for p in group["params"]}
         for position, param in enumerate(params):
             label = f"{where}: params[{position}]"
@@ -238,13 +316,6 @@ class Optimizer(ABC):
             if id(param) in seen:
                 raise ConfigError(f"{label} appears more than once in the optimizer's parameters")
             seen.add(id(param))
-        hyperparameters = {k: v for k, v in param_group.items() if k != "params"}
-        initial_lr = hyperparameters.pop("initial_lr", None)
-        group = self._checked_hyperparameters({**self.defaults, **hyperparameters}, where)
-        if initial_lr is not None:
-            group["initial_lr"] = check_real(where, "initial_lr", initial_lr, low=0.0)
-        group["params"] = params
-        self.param_groups.append(group)
 
     def _params_with_grad(self, group: dict[str, Any]) -> Iterator[Tensor]:
         """The group's parameters whose ``.grad`` is set, checked against ``.data``."""

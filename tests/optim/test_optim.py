@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import doctest
+import gc
 import itertools
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ import qatcore.optim.optimizer
 import qatcore.optim.sgd
 from qatcore.errors import ConfigError, DTypeError, ShapeError, StateDictError
 from qatcore.nn.parameter import Parameter
-from qatcore.optim import SGD, Adam, AdamW, CosineAnnealingLR, StepLR
+from qatcore.optim import SGD, Adam, AdamW, CosineAnnealingLR, StepLR, optimizers_holding
 from qatcore.tensor import Tensor
 
 SHAPES = [(3, 4), (5,)]
@@ -584,6 +586,99 @@ def test_state_dict_of_another_optimizer_is_refused():
     sgd = SGD([p], lr=0.1, momentum=0.9)
     with pytest.raises(StateDictError, match="was it saved by a different optimizer"):
         Adam([p]).load_state_dict(sgd.state_dict())
+
+
+# ---- parameters added after construction ----------------------------------------------
+
+
+def test_optimizers_holding_knows_live_optimizers_only_and_keeps_none_alive():
+    w = Parameter(np.ones(3))
+    first, second = SGD([w], lr=0.1), Adam([w])
+    other = SGD([Parameter(np.ones(1))], lr=0.1)
+    assert optimizers_holding(w) == [first, second]  # oldest first
+    assert optimizers_holding(Parameter(np.ones(3))) == [] and other.holds(w) is False
+    gone = weakref.ref(second)
+    del second
+    gc.collect()
+    assert gone() is None  # the registry holds optimizers weakly
+    assert optimizers_holding(w) == [first]
+
+
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_added_parameters_join_the_anchor_group_with_empty_state(name):
+    weight, bias = (Parameter(a) for a in initial_arrays(3))
+    optimizer = grouped(STATEFUL[name])([weight, bias])
+    for p, g in zip((weight, bias), grad_sequence(3, steps=1)[0]):
+        p.grad = g
+    optimizer.step()
+    scale = Parameter(np.full(5, 0.5))
+    assert optimizer.add_to_group_of(bias, [scale]) == [scale]
+    assert [len(group["params"]) for group in optimizer.param_groups] == [1, 2]
+    assert scale not in optimizer.state
+
+    # it is updated exactly as a parameter of that group built in from the start would be
+    reference_scale = Parameter(np.full(5, 0.5))
+    reference = STATEFUL[name]([{"params": [reference_scale], "lr": 0.003}])
+    for step in range(3):
+        grad = np.random.default_rng(step).standard_normal(5)
+        scale.grad, reference_scale.grad = grad.copy(), grad.copy()
+        weight.grad = bias.grad = None
+        optimizer.step()
+        reference.step()
+    np.testing.assert_array_equal(scale.data, reference_scale.data)
+
+
+def test_a_parameter_added_twice_is_held_and_stepped_once():
+    weight, scale = Parameter(np.zeros(2)), Parameter(np.ones(1))
+    optimizer = SGD([weight], lr=0.5)
+    assert optimizer.add_to_group_of(weight, [scale, scale]) == [scale]
+    assert optimizer.add_to_group_of(weight, [scale]) == []
+    assert optimizer.add_to_group_of(scale, [weight]) == []  # held already, in any group
+    assert len(optimizer.param_groups[0]["params"]) == 2
+    scale.grad = np.ones(1)
+    optimizer.step()
+    np.testing.assert_array_equal(scale.data, [0.5])  # one step of lr * grad, not two
+    with pytest.raises(ConfigError, match="appears more than once"):
+        optimizer.add_param_group({"params": [scale]})
+
+
+def test_add_to_group_of_refuses_what_add_param_group_refuses():
+    weight = Parameter(np.zeros(2))
+    optimizer = SGD([weight], lr=0.5)
+    with pytest.raises(ConfigError, match="no param group holds the anchor"):
+        optimizer.add_to_group_of(Parameter(np.zeros(2)), [Parameter(np.zeros(1))])
+    with pytest.raises(ConfigError, match="is a ndarray"):
+        optimizer.add_to_group_of(weight, [np.zeros(1)])
+    assert optimizer.param_groups[0]["params"] == [weight]
+
+
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_state_dict_round_trip_with_added_parameters(name):
+    def build(arrays):
+        params = [Parameter(a.copy()) for a in arrays]
+        optimizer = grouped(STATEFUL[name])(params[:2])
+        optimizer.add_to_group_of(params[0], [params[2]])
+        return params, optimizer
+
+    arrays = initial_arrays(4) + [np.full(3, 0.25)]
+    grads = [step + [np.random.default_rng(i).standard_normal(3)] for i, step in enumerate(grad_sequence(4, 6))]
+    params, optimizer = build(arrays)
+    for step_grads in grads[:3]:
+        for p, g in zip(params, step_grads):
+            p.grad = g.copy()
+        optimizer.step()
+    saved = optimizer.state_dict()
+    assert saved["param_groups"][0]["params"] == [0, 1] and saved["param_groups"][1]["params"] == [2]
+    fresh, restored = build([p.data for p in params])
+    restored.load_state_dict(saved)
+    assert_state_dicts_equal(restored.state_dict(), saved)
+    for step_grads in grads[3:]:
+        for p, q, g in zip(params, fresh, step_grads):
+            p.grad, q.grad = g.copy(), g.copy()
+        optimizer.step()
+        restored.step()
+    for p, q in zip(params, fresh):
+        np.testing.assert_array_equal(p.data, q.data)
 
 
 # ---- construction and hyper-parameter validation ---------------------------------------

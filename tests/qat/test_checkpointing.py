@@ -92,6 +92,27 @@ def test_per_channel_state_loads_into_a_freshly_prepared_model(tmp_path):
     np.testing.assert_array_equal(fresh.eval()(x).numpy(), trained.eval()(x).numpy())
 
 
+def test_optimizer_state_is_matched_to_parameters_by_name_whatever_their_order(tmp_path):
+    def step(qat, optimizer, seed):
+        optimizer.zero_grad()
+        qat(np.random.default_rng(seed).random((4, 1, 8, 8), dtype=np.float32)).sum().backward()
+        optimizer.step()
+
+    qat = QATPreparer().prepare_for_qat(MLP(hidden=(8,)))
+    optimizer = SGD(qat.parameters(), lr=0.1, momentum=0.9)
+    step(qat, optimizer, 0)
+    path = tmp_path / "run.ckpt"
+    save_qat_checkpoint(path, qat, optimizer)
+    assert read_qat_checkpoint(path)["optimizer_parameters"] == [[name for name, _ in qat.named_parameters()]]
+    step(qat, optimizer, 1)
+
+    resumed = QATPreparer().prepare_for_qat(MLP(hidden=(8,)))
+    reversed_optimizer = SGD(list(resumed.parameters())[::-1], lr=0.1, momentum=0.9)  # another order
+    load_qat_checkpoint(path, resumed, reversed_optimizer)
+    step(resumed, reversed_optimizer, 1)
+    _assert_same(resumed.state_dict(), qat.state_dict())
+
+
 def test_sigkill_while_writing_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "run.ckpt"
     ready = tmp_path / "ready"
@@ -225,7 +246,8 @@ def test_other_models_checkpoint_is_refused_with_keys(tmp_path):
 def test_checkpoint_from_other_settings_is_refused_and_changes_nothing(tmp_path):
     x = np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32)
     four_bit = QATPreparer().prepare_for_qat(DigitsCNN(), QuantizationConfig.lsq_4bit_weights())
-    four_bit(x)
+    with qatcore.no_grad():  # a pass that sets the scales up, with no optimizer: not a training step
+        four_bit(x)
     path = tmp_path / "four_bit.ckpt"
     save_qat_checkpoint(path, four_bit)
     eight_bit = QATPreparer().prepare_for_qat(DigitsCNN())

@@ -21,6 +21,7 @@ from qatcore.quantization.qat.layerwise_config import LayerOverride, LayerwiseCo
 from qatcore.quantization.qat.parity import ParityReport, parity_report
 from qatcore.quantization.qat.preparer import QATPreparer
 from qatcore.quantization.qat.qat_layers import QATConv2d, QATConvBn2d, QATLinear, QATLinearBn1d
+from qatcore.quantization.qat.quantizer_parameters import learnable_quantizer_parameters
 from qatcore.quantization.qat.statistics import QATStatistics, Series, StatisticsConfig
 from qatcore.quantization.qat.training_integration import QATController, QATSchedule
 
@@ -29,4 +30,4 @@ __all__ = ["IQATPreparer", "QATPreparer", "LayerwiseConfig", "LayerOverride", "R
            "StatisticsConfig", "Series",
            "convert_to_quantized", "parity_report", "ParityReport", "int8_model_to_dict", "int8_model_from_dict",
            "save_qat_checkpoint", "load_qat_checkpoint", "read_qat_checkpoint", "LoadedCheckpoint",
-           "save_int8_model", "load_int8_model", "Int8Model", "ValueSource"]
+           "save_int8_model", "load_int8_model", "Int8Model", "ValueSource", "learnable_quantizer_parameters"]

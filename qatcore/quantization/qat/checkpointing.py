@@ -12,6 +12,8 @@ a crash mid-write leaves the previous checkpoint intact) holding:
                  float model definition alone (``QATPreparer.from_checkpoint``),
      "statistics": the statistics collected so far,
      "optimizer": the optimizer's state_dict (or None),
+     "optimizer_parameters": the model's name of each parameter in each of the optimizer's
+              param groups, in the optimizer's order (None for one that is not the model's),
      "generators": {name: bit_generator.state} of the generators handed in,
      "extra": anything else of plain data (epoch, data loader state, ...)}
 
@@ -23,6 +25,13 @@ were, and :class:`~qatcore.errors.CheckpointError` names the part. Corrupted,
 truncated or hostile files raise it too. A plain float ``state_dict`` file loads
 into a QAT model as a warm start (quantization state stays fresh); one whose keys
 do not fit lists them.
+
+An optimizer state_dict numbers parameters by position, and the same parameters can
+be listed in another order by the optimizer that resumes: one built before preparation
+lists the float model's parameters and then the learned scales preparation added, one
+built after it (``QATPreparer.from_checkpoint``'s ``make_optimizer``) lists them in
+module order. Loading matches them by the names saved in ``optimizer_parameters``
+(each param group must hold the same parameters), so either resumes exactly.
 
 >>> import numpy as np, os, tempfile
 >>> from qatcore.models import DigitsCNN
@@ -112,6 +121,7 @@ def save_qat_checkpoint(path, qat_model: Module, optimizer=None, preparer=None, 
     settings = {**_preparation_settings(controller), "statistics": controller.statistics.to_dict()["config"]}
     if preparer is not None and preparer.controller(qat_model) is not controller:
         raise CheckpointError("save_qat_checkpoint: the preparer did not prepare this model")
+    settings["check_optimizers"] = controller.check_optimizers
     states = {}
     for name, generator in (generators or {}).items():
         if not isinstance(generator, np.random.Generator):
@@ -123,6 +133,7 @@ def save_qat_checkpoint(path, qat_model: Module, optimizer=None, preparer=None, 
         "preparer": settings,
         "statistics": controller.statistics.to_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "optimizer_parameters": None if optimizer is None else _parameter_names(qat_model, optimizer),
         "generators": states,
         "extra": extra,
     }
@@ -157,6 +168,10 @@ def read_qat_checkpoint(path) -> dict:
         raise CheckpointError(f"{path}: checkpoint field 'model' must map names to arrays")
     if payload.get("optimizer") is not None and not isinstance(payload["optimizer"], dict):
         raise CheckpointError(f"{path}: checkpoint field 'optimizer' must be a mapping or None")
+    names = payload.get("optimizer_parameters")
+    if names is not None and not (isinstance(names, list) and all(
+            isinstance(group, list) and all(n is None or isinstance(n, str) for n in group) for group in names)):
+        raise CheckpointError(f"{path}: checkpoint field 'optimizer_parameters' must be lists of names or None")
     return payload
 
 
@@ -192,8 +207,9 @@ def load_qat_checkpoint(path, qat_model: Module, optimizer=None,
             step = "loading the optimizer state"
             if payload.get("optimizer") is None:
                 raise CheckpointError(f"{path}: the checkpoint holds no optimizer state")
+            state = _in_optimizer_order(path, payload, qat_model, optimizer)
             undo.append(("the optimizer", partial(optimizer.load_state_dict, optimizer.state_dict())))
-            optimizer.load_state_dict(payload["optimizer"])
+            optimizer.load_state_dict(state)
         step = "setting the generator states"
         for name, state in states.items():
             bit_generator = generators[name].bit_generator
@@ -213,6 +229,45 @@ def load_qat_checkpoint(path, qat_model: Module, optimizer=None,
             raise CheckpointError(f"{error} ({outcome})") from error
         raise CheckpointError(f"{path}: {step} failed ({outcome}): {type(error).__name__}: {error}") from error
     return LoadedCheckpoint("qat", payload.get("extra"), payload["preparer"], controller.current_step)
+
+
+def _parameter_names(qat_model: Module, optimizer) -> list[list[str | None]]:
+    """The model's name of each parameter in each of the optimizer's param groups (None: not the model's)."""
+    name_of = {id(param): name for name, param in qat_model.named_parameters()}
+    return [[name_of.get(id(param)) for param in group["params"]] for group in optimizer.param_groups]
+
+
+def _in_optimizer_order(path, payload: dict, qat_model: Module, optimizer) -> dict:
+    """The saved optimizer state_dict renumbered for ``optimizer``'s order of the same parameters,
+    matched by their names in the model (a checkpoint saved without names loads as it is)."""
+    state, saved = payload["optimizer"], payload.get("optimizer_parameters")
+    current = _parameter_names(qat_model, optimizer)
+    if saved is None or saved == current:
+        return state
+    groups = state.get("param_groups")
+    if len(saved) != len(current) or not isinstance(groups, list) or len(groups) != len(saved):
+        raise CheckpointError(f"{path}: the checkpoint's optimizer had {len(saved)} param groups, this one has "
+                              f"{len(current)}; build the optimizer as the saved one was built")
+    for g, (saved_names, names, group) in enumerate(zip(saved, current, groups)):
+        if None in saved_names or None in names:
+            raise CheckpointError(f"{path}: param group {g} lists its parameters in another order than the saved "
+                                  f"optimizer, and some are not the model's, so they cannot be matched by name; "
+                                  f"build the optimizer as the saved one was built")
+        indices = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(indices, list) or len(indices) != len(saved_names) or sorted(saved_names) != sorted(names):
+            only_saved, only_now = sorted(set(saved_names) - set(names)), sorted(set(names) - set(saved_names))
+            raise CheckpointError(f"{path}: param group {g} of the optimizer holds other parameters than the saved "
+                                  f"one did (only saved: {only_saved[:10]}, only now: {only_now[:10]})")
+    saved_state = state.get("state") if isinstance(state.get("state"), dict) else {}
+    renumbered_groups, renumbered_state, position = [], {}, 0
+    for saved_names, names, group in zip(saved, current, groups):
+        saved_index = dict(zip(saved_names, group["params"]))
+        for name in names:
+            if saved_index[name] in saved_state:
+                renumbered_state[position] = saved_state[saved_index[name]]
+            position += 1
+        renumbered_groups.append({**group, "params": list(range(position - len(names), position))})
+    return {"state": renumbered_state, "param_groups": renumbered_groups}
 
 
 def _load_float_state(path, state: dict, qat_model: Module) -> None:

@@ -27,6 +27,7 @@ from qatcore.quantization.qat.interface import IQATPreparer
 from qatcore.quantization.qat.layerwise_config import LayerwiseConfig
 from qatcore.quantization.qat.preparation import LayerRecord, prepare_eager_mode, prepare_graph_mode
 from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES
+from qatcore.quantization.qat.quantizer_parameters import add_to_optimizers
 from qatcore.quantization.qat.statistics import QATStatistics, StatisticsConfig
 from qatcore.quantization.qat.training_integration import QATController, QATSchedule, controller_of
 from qatcore.text_table import text_table
@@ -46,13 +47,21 @@ class QATPreparer(IQATPreparer):
         schedule: the QATSchedule of observer warm-up, quant delay and freezing.
         auto_step: count training-mode forward passes as steps (else call ``step``).
         inplace: eager mode only: swap the given model's own layers instead of a copy.
+        check_optimizers: at the first training step, raise ConfigError if no optimizer holds
+            a learned scale or zero point (``quantizer_parameters``); False for a loop that
+            updates them with its own rule.
+
+    Preparation adds each new learned scale (LSQ) and zero point (LSQ+) to the optimizers
+    that already hold its layer's weight, in that weight's param group, so an optimizer
+    built before preparation trains them too (``quantizer_parameters``).
     """
 
     def __init__(self, mode: str = "auto", schedule: QATSchedule | None = None, auto_step: bool = True,
-                 inplace: bool = False, statistics: StatisticsConfig | None = None) -> None:
+                 inplace: bool = False, statistics: StatisticsConfig | None = None,
+                 check_optimizers: bool = True) -> None:
         if mode not in MODES:
             raise ConfigError(f"QATPreparer.mode must be one of {list(MODES)}, got {mode!r}")
-        for name, flag in (("inplace", inplace), ("auto_step", auto_step)):
+        for name, flag in (("inplace", inplace), ("auto_step", auto_step), ("check_optimizers", check_optimizers)):
             if type(flag) is not bool:
                 raise ConfigError(f"QATPreparer.{name} must be True or False, got {flag!r}")
         if schedule is not None and not isinstance(schedule, QATSchedule):
@@ -67,6 +76,7 @@ class QATPreparer(IQATPreparer):
         self.schedule = schedule if schedule is not None else QATSchedule()
         self.auto_step = auto_step
         self.inplace = inplace
+        self.check_optimizers = check_optimizers
         self.statistics = statistics if statistics is not None else StatisticsConfig()
         if not isinstance(self.statistics, StatisticsConfig):
             raise ConfigError(f"QATPreparer.statistics must be a StatisticsConfig, got {type(statistics).__name__}")
@@ -93,13 +103,14 @@ class QATPreparer(IQATPreparer):
                 fallback_reason = str(e)
                 qat_model, records = prepare_eager_mode(model, layerwise, False)
                 used = "eager"
-        controller = QATController(self.schedule, self.auto_step, self.statistics)
+        controller = QATController(self.schedule, self.auto_step, self.statistics, self.check_optimizers)
         qat_model.add_module("qat_controller", controller)
         controller.layers = tuple(records)
         controller.preparation_mode = used
         controller.fallback_reason = fallback_reason
         controller.layerwise_config = layerwise
         controller.attach(qat_model)
+        add_to_optimizers(qat_model)
         return qat_model
 
     def convert_to_quantized(self, qat_model: Module) -> Module:
@@ -128,7 +139,8 @@ class QATPreparer(IQATPreparer):
         settings = payload["preparer"]
         try:
             preparer = cls(mode=settings["mode"], schedule=QATSchedule.from_dict(settings["schedule"]),
-                           auto_step=settings["auto_step"], statistics=StatisticsConfig(**settings["statistics"]))
+                           auto_step=settings["auto_step"], statistics=StatisticsConfig(**settings["statistics"]),
+                           check_optimizers=settings.get("check_optimizers", True))
             layerwise = LayerwiseConfig.from_dict(settings["layerwise_config"])
         except (QATCoreError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: the checkpoint's preparation settings are unusable: {e}") from e

@@ -16,6 +16,11 @@ call :meth:`QATController.step` yourself once per optimizer step instead.
 ``eval()`` stops observers (a FakeQuantize observes only in training mode). The
 step count is a buffer, so it is saved in ``state_dict()`` and resumes exactly.
 
+At the first training step (a training-mode forward pass with gradients enabled)
+the controller also checks that an optimizer holds every learned scale and zero
+point (``quantizer_parameters.check_optimized``), unless ``check_optimizers`` is
+False.
+
 >>> schedule = QATSchedule(start_fake_quant_at=10, freeze_observers_at=100, freeze_bn_at=80)
 >>> schedule.state_at(5)
 {'observers': True, 'fake_quant': False, 'bn_frozen': False}
@@ -29,10 +34,12 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from qatcore.autograd.grad_mode import is_grad_enabled
 from qatcore.errors import ConfigError, QATCoreError
 from qatcore.nn.module import Module
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES, FoldedBatchNorm
+from qatcore.quantization.qat.quantizer_parameters import check_optimized
 from qatcore.quantization.qat.statistics import QATStatistics, StatisticsConfig
 from qatcore.quantization.qat.statistics_collector import StatisticsCollector
 
@@ -91,17 +98,23 @@ class QATController(Module):
     """Applies a QATSchedule to the quantizers and folded BatchNorms of one QAT model.
 
     It is registered in the QAT model as ``qat_controller`` (its step count is in
-    the state_dict) but takes no part in forward.
+    the state_dict) but takes no part in forward. With ``check_optimizers`` (the
+    default) its first training step raises ConfigError if no optimizer holds one
+    of the model's learned quantization parameters (module docstring).
     """
 
     def __init__(self, schedule: QATSchedule, auto_step: bool = True,
-                 statistics: StatisticsConfig | None = None) -> None:
+                 statistics: StatisticsConfig | None = None, check_optimizers: bool = True) -> None:
         super().__init__()
         if not isinstance(schedule, QATSchedule):
             raise ConfigError(f"QATController needs a QATSchedule, got {type(schedule).__name__}")
+        if type(check_optimizers) is not bool:
+            raise ConfigError(f"QATController.check_optimizers must be True or False, got {check_optimizers!r}")
         self.schedule = schedule
         self.collector = StatisticsCollector(statistics)
         self.auto_step = bool(auto_step)
+        self.check_optimizers = check_optimizers
+        self._optimizers_checked = False  # not saved: a resumed run checks its own optimizer again
         self._quantizers = []
         self._conv_bn_layers = []
         self._excluded = []
@@ -139,6 +152,9 @@ class QATController(Module):
     def _before_forward(self, model: Module, args: tuple) -> None:
         if not model.training:
             return
+        if self.check_optimizers and not self._optimizers_checked and is_grad_enabled():
+            check_optimized(model)  # before counting: a step refused is not a step taken
+            self._optimizers_checked = True
         self.collector.begin_step(self.current_step)
         if self.auto_step:
             self.apply_schedule()
