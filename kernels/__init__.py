@@ -17,6 +17,8 @@ Modules:
                 single-pass backward (STE, LSQ, LSQ+, clipped counts).
     requantize -- the fixed-point requantization of the int8 runtime: ``quantize_multiplier``,
                 gemmlowp's helpers, and qatcore's headroom shift that avoids double rounding.
+    requantize_float32 -- the float32 requantization (ONNX Runtime's: a float32 product,
+                round half to even), ``requantize_float32_value`` and its array form.
     int8_gemm  -- ``int8_gemm_int32`` / ``int8_linear``: blocked int8 GEMM (AVX-512 VNNI
                 ``vpdpbusd`` where available) with the fused requantization epilogue.
     int8_conv  -- ``int8_conv2d``: channels-last gather + int8 GEMM, zero padding at the input's
@@ -48,8 +50,10 @@ imports the package once, at the top of its module, and numba loads when a kerne
 
 from qatcore.lazy_exports import lazy_exports
 
-__all__ = ["window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "int8_gemm", "int8_conv", "lookup"]
+__all__ = ["window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "requantize_float32", "int8_gemm",
+           "int8_conv", "lookup"]
 
 __getattr__, __dir__ = lazy_exports(__name__, submodules=(
-    "window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "int8_gemm", "int8_conv", "lookup",
+    "window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "requantize_float32", "int8_gemm",
+    "int8_conv", "lookup",
 ))

@@ -106,7 +106,7 @@ def _gather_rows(x, image, p0, p1, geometry, zero_point, cols):
 
 @njit(cache=True)
 def _conv_task(task, x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point, offset,
-               multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, pointwise, rows, acc, out):
+               multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip, pointwise, rows, acc, out):
     """Image task // blocks_per_image, output pixels [p0, p1) of it, every output channel.
     rows (pixel_block, C*kh*kw) and acc (K/groups, pixel_block) are this thread's work
     buffers; out is (N * K, OH * OW): row n*K + k is output plane (n, k)."""
@@ -127,25 +127,26 @@ def _conv_task(task, x, weights, geometry, out_height, pixel_block, blocks_per_i
         gemm_block(source, row0, row0 + p1 - p0, g * depth, weights, g * group_out, (g + 1) * group_out, depth,
                    acc, True)
         requantize_block(acc, p1 - p0, group_out, out, image * out_channels + g * group_out, p0, True, g * group_out,
-                         offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip)
+                         offset, multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip)
 
 
 @njit(cache=True, parallel=True)
 def _conv_parallel(x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point, offset, multiplier,
-                   shift, out_zero_point, clamp_min, clamp_max, flip, pointwise, n_tasks, rows, acc, out):
+                   shift, scale, out_zero_point, clamp_min, clamp_max, flip, pointwise, n_tasks, rows, acc, out):
     for task in prange(n_tasks):
         thread = get_thread_id()
         _conv_task(np.int64(task), x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point,
-                   offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, pointwise, rows[thread],
-                   acc[thread], out)
+                   offset, multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip, pointwise,
+                   rows[thread], acc[thread], out)
 
 
 @njit(cache=True)
 def _conv_serial(x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point, offset, multiplier,
-                 shift, out_zero_point, clamp_min, clamp_max, flip, pointwise, n_tasks, rows, acc, out):
+                 shift, scale, out_zero_point, clamp_min, clamp_max, flip, pointwise, n_tasks, rows, acc, out):
     for task in range(n_tasks):
         _conv_task(task, x, weights, geometry, out_height, pixel_block, blocks_per_image, zero_point, offset,
-                   multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, pointwise, rows[0], acc[0], out)
+                   multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip, pointwise, rows[0], acc[0],
+                   out)
 
 
 @njit(cache=True)
@@ -166,7 +167,7 @@ def _direct_block(cols, col0, count, weights, channel0, channels, row0, depth, a
 
 @njit(cache=True)
 def _direct_task(task, cols, weights, groups, pixels, pixel_block, blocks_per_image, offset, multiplier, shift,
-                 out_zero_point, clamp_min, clamp_max, flip, acc, out):
+                 scale, out_zero_point, clamp_min, clamp_max, flip, acc, out):
     """The short-depth path's task: image task // blocks_per_image, output pixels [p0, p1) of it.
     cols is im2col's (N*C*kh*kw, OH*OW), weights (K, C/G*kh*kw) in im2col's (c, kh, kw) order."""
     image, block = task // blocks_per_image, task % blocks_per_image
@@ -177,23 +178,23 @@ def _direct_task(task, cols, weights, groups, pixels, pixel_block, blocks_per_im
     for g in range(groups):
         _direct_block(cols, p0, p1 - p0, weights, g * group_out, group_out, (image * groups + g) * depth, depth, acc)
         requantize_block(acc, p1 - p0, group_out, out, image * out_channels + g * group_out, p0, True, g * group_out,
-                         offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip)
+                         offset, multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip)
 
 
 @njit(cache=True, parallel=True)
 def _direct_parallel(cols, weights, groups, pixels, pixel_block, blocks_per_image, offset, multiplier, shift,
-                     out_zero_point, clamp_min, clamp_max, flip, n_tasks, acc, out):
+                     scale, out_zero_point, clamp_min, clamp_max, flip, n_tasks, acc, out):
     for task in prange(n_tasks):
         _direct_task(np.int64(task), cols, weights, groups, pixels, pixel_block, blocks_per_image, offset,
-                     multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, acc[get_thread_id()], out)
+                     multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip, acc[get_thread_id()], out)
 
 
 @njit(cache=True)
 def _direct_serial(cols, weights, groups, pixels, pixel_block, blocks_per_image, offset, multiplier, shift,
-                   out_zero_point, clamp_min, clamp_max, flip, n_tasks, acc, out):
+                   scale, out_zero_point, clamp_min, clamp_max, flip, n_tasks, acc, out):
     for task in range(n_tasks):
         _direct_task(task, cols, weights, groups, pixels, pixel_block, blocks_per_image, offset, multiplier, shift,
-                     out_zero_point, clamp_min, clamp_max, flip, acc[0], out)
+                     scale, out_zero_point, clamp_min, clamp_max, flip, acc[0], out)
 
 
 def _pair(value, what, minimum):
@@ -213,7 +214,9 @@ def int8_conv2d(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
             ``int8_gemm.pack_weights`` of them (pack once per layer).
         bias_q: (K,) int32 at scale s_x * s_w[k], or None.
         multiplier, shift: (K,) int32 (or (1,)) from ``requantize.quantize_multiplier`` of
-            s_x * s_w[k] / s_y: M0 in [2^30, 2^31), shift in [-31, 31] (negative = left).
+            s_x * s_w[k] / s_y: M0 in [2^30, 2^31), shift in [-31, 31] (negative = left);
+            or a float32 multiplier (K,) or (1,) and shift None: the float32 requantization
+            of ``requantize_float32``.
         out_zero_point, clamp_min, clamp_max: z_y and the clamp (clamp_min = z_y fuses a ReLU).
         out_dtype: np.uint8 or np.int8.
         stride, padding, dilation: an int or an (h, w) pair; >= 1, >= 0, >= 1.
@@ -246,7 +249,7 @@ def int8_conv2d(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
         raise ShapeError(f"{name}: kernel {(kh, kw)} with dilation {(dh, dw)} does not fit input {(height, width)} "
                          f"padded by {(ph, pw)}")
     check_depth(group_channels * kh * kw, name)
-    offset, multiplier, shift = channel_parameters(packed, zero_point, bias_q, multiplier, shift, name)
+    offset, multiplier, shift, scale = channel_parameters(packed, zero_point, bias_q, multiplier, shift, name)
     out_zero_point, clamp_min, clamp_max, flip, out_dtype = output_parameters(out_zero_point, clamp_min, clamp_max,
                                                                            out_dtype, name)
     pixels = out_height * out_width
@@ -264,7 +267,7 @@ def int8_conv2d(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
         driver = _direct_parallel if parallel else _direct_serial
         acc = scratch_for(parallel, (out_channels // groups, pixel_block), np.int32)
         driver(cols.reshape(-1, pixels), weights, int(groups), pixels, pixel_block, blocks_per_image, offset,
-               multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, n_tasks, acc,
+               multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip, n_tasks, acc,
                out.reshape(batch * out_channels, pixels))
         return out.view(out_dtype)
     x_nhwc = np.ascontiguousarray(x_u8.transpose(0, 2, 3, 1)).reshape(-1)
@@ -278,6 +281,6 @@ def int8_conv2d(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
     rows = scratch_for(parallel, (0 if pointwise else pixel_block, channels * kh * kw), np.uint8)
     acc = scratch_for(parallel, (out_channels // groups, pixel_block), np.int32)
     driver(x_nhwc, packed.matrix, geometry, out_height, pixel_block, blocks_per_image, np.uint8(zero_point), offset,
-           multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, pointwise, n_tasks, rows, acc,
+           multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip, pointwise, n_tasks, rows, acc,
            out.reshape(batch * out_channels, pixels))
     return out.view(out_dtype)

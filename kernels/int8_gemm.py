@@ -66,6 +66,7 @@ from numba.extending import intrinsic
 from qatcore.errors import ConfigError, DTypeError, ShapeError
 
 from .requantize import MAX_SHIFT, MIN_SHIFT, requantize_value
+from .requantize_float32 import requantize_float32_value
 
 __all__ = ["MAX_DEPTH", "PackedWeights", "pack_weights", "int8_gemm_int32", "int8_linear"]
 
@@ -374,26 +375,41 @@ def gemm_block(a, a_lo, a_hi, a_col, b, b_lo, b_hi, depth, acc, transposed):
 
 @njit(cache=True)
 def requantize_block(acc, rows, cols, out, out_row, out_col, transposed, channel0, offset, multiplier,
-                     shift, out_zero_point, clamp_min, clamp_max, flip):
+                     shift, scale, out_zero_point, clamp_min, clamp_max, flip):
     """out[out_row + r, out_col + c] = requantize_value(acc[r, c] + offset[channel0 + c], ...) ^ flip
-    for r < rows, c < cols; if transposed, out[out_row + c, out_col + r] from acc[c, r]."""
+    for r < rows, c < cols; if transposed, out[out_row + c, out_col + r] from acc[c, r].
+    A non-empty ``scale`` (float32, per channel) selects ``requantize_float32_value`` instead."""
     o_col, n_rows, n_cols = np.uintp(out_col), np.uintp(rows), np.uintp(cols)
+    use_float = scale.size > 0
     if transposed:
         for c in range(n_cols):
             j, o_row = np.uintp(channel0) + c, np.uintp(out_row) + c
             bias, m0, n = offset[j], multiplier[j], shift[j]
-            for r in range(n_rows):
-                y = requantize_value(np.int64(acc[c, r]) + bias, m0, n, out_zero_point, clamp_min, clamp_max)
-                out[o_row, o_col + r] = y ^ flip
+            if use_float:
+                m = scale[j]
+                for r in range(n_rows):
+                    y = requantize_float32_value(np.int64(acc[c, r]) + bias, m, out_zero_point, clamp_min, clamp_max)
+                    out[o_row, o_col + r] = y ^ flip
+            else:
+                for r in range(n_rows):
+                    y = requantize_value(np.int64(acc[c, r]) + bias, m0, n, out_zero_point, clamp_min, clamp_max)
+                    out[o_row, o_col + r] = y ^ flip
     else:
         channel = np.uintp(channel0)
         for r in range(n_rows):
             o_row = np.uintp(out_row) + r
-            for c in range(n_cols):
-                j = channel + c
-                y = requantize_value(np.int64(acc[r, c]) + offset[j], multiplier[j], shift[j], out_zero_point,
-                                     clamp_min, clamp_max)
-                out[o_row, o_col + c] = y ^ flip
+            if use_float:
+                for c in range(n_cols):
+                    j = channel + c
+                    y = requantize_float32_value(np.int64(acc[r, c]) + offset[j], scale[j], out_zero_point,
+                                                 clamp_min, clamp_max)
+                    out[o_row, o_col + c] = y ^ flip
+            else:
+                for c in range(n_cols):
+                    j = channel + c
+                    y = requantize_value(np.int64(acc[r, c]) + offset[j], multiplier[j], shift[j], out_zero_point,
+                                         clamp_min, clamp_max)
+                    out[o_row, o_col + c] = y ^ flip
 
 
 @njit(cache=True)
@@ -433,11 +449,11 @@ def _gemm_task(task, x, w, offset, row_block, col_block, acc, out):
 
 
 @njit(cache=True)
-def _linear_task(task, x, w, offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, row_block,
+def _linear_task(task, x, w, offset, multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip, row_block,
                  col_block, acc, out):
     r0, r1, c0, c1 = _task_bounds(task, x.shape[0], w.shape[0], row_block, col_block)
     gemm_block(x, r0, r1, 0, w, c0, c1, w.shape[1], acc, False)
-    requantize_block(acc, r1 - r0, c1 - c0, out, r0, c0, False, c0, offset, multiplier, shift, out_zero_point,
+    requantize_block(acc, r1 - r0, c1 - c0, out, r0, c0, False, c0, offset, multiplier, shift, scale, out_zero_point,
                      clamp_min, clamp_max, flip)
 
 
@@ -454,19 +470,19 @@ def _gemm_serial(x, w, offset, row_block, col_block, n_tasks, scratch, out):
 
 
 @njit(cache=True, parallel=True)
-def _linear_parallel(x, w, offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, row_block,
+def _linear_parallel(x, w, offset, multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip, row_block,
                      col_block, n_tasks, scratch, out):
     for task in prange(n_tasks):
-        _linear_task(np.int64(task), x, w, offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip,
+        _linear_task(np.int64(task), x, w, offset, multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip,
                      row_block, col_block, scratch[get_thread_id()], out)
 
 
 @njit(cache=True)
-def _linear_serial(x, w, offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, row_block,
+def _linear_serial(x, w, offset, multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip, row_block,
                    col_block, n_tasks, scratch, out):
     for task in range(n_tasks):
-        _linear_task(task, x, w, offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, row_block,
-                     col_block, scratch[0], out)
+        _linear_task(task, x, w, offset, multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip,
+                     row_block, col_block, scratch[0], out)
 
 
 def scratch_for(parallel, shape, dtype):
@@ -509,7 +525,9 @@ def as_packed(w_q, ndim, name):
 
 
 def channel_parameters(packed, x_zero_point, bias_q, multiplier, shift, name):
-    """(offset int64, multiplier int64, shift int64), one per output channel, validated."""
+    """(offset int64, multiplier int64, shift int64, scale float32), one per output channel,
+    validated. A float32 ``multiplier`` (with ``shift`` None) is the float32 requantization:
+    it comes back as ``scale`` (multiplier and shift zeros); otherwise ``scale`` is empty."""
     channels = packed.matrix.shape[0]
 
     def per_channel(values, what, dtype):
@@ -522,6 +540,21 @@ def channel_parameters(packed, x_zero_point, bias_q, multiplier, shift, name):
         return np.broadcast_to(values, (channels,)).astype(np.int64)
 
     bias = np.zeros(channels, np.int64) if bias_q is None else per_channel(bias_q, "bias_q", np.int32)
+    offset = bias - x_zero_point * packed.row_sums
+    if np.asarray(multiplier).dtype == np.float32:
+        if shift is not None:
+            raise ConfigError(f"{name}: a float32 multiplier (float32 requantization) takes shift=None, "
+                              f"got a shift")
+        scale = np.broadcast_to(np.asarray(multiplier), (channels,)) if np.asarray(multiplier).shape in (
+            (channels,), (1,)) else None
+        if scale is None:
+            raise ShapeError(f"{name}: multiplier must have shape ({channels},) (one per output channel) or (1,), "
+                             f"got {np.asarray(multiplier).shape}")
+        if not np.all(np.isfinite(scale) & (scale > 0)):
+            raise ConfigError(f"{name}: a float32 multiplier must be positive and finite, got "
+                              f"{scale[~(np.isfinite(scale) & (scale > 0))][:5].tolist()}")
+        zeros = np.zeros(channels, np.int64)
+        return offset, zeros, zeros, np.ascontiguousarray(scale, dtype=np.float32)
     multiplier = per_channel(multiplier, "multiplier", np.int32)
     shift = per_channel(shift, "shift", np.int32)
     if np.any(multiplier < 2**30):
@@ -530,7 +563,7 @@ def channel_parameters(packed, x_zero_point, bias_q, multiplier, shift, name):
     if np.any((shift < MIN_SHIFT) | (shift > MAX_SHIFT)):
         raise ConfigError(f"{name}: shift must lie in [{MIN_SHIFT}, {MAX_SHIFT}] (negative = left shift, "
                           f"for multipliers >= 1); got {shift[(shift < MIN_SHIFT) | (shift > MAX_SHIFT)][:5].tolist()}")
-    return bias - x_zero_point * packed.row_sums, multiplier, shift
+    return offset, multiplier, shift, np.empty(0, np.float32)
 
 
 def output_parameters(out_zero_point, clamp_min, clamp_max, out_dtype, name):
@@ -605,7 +638,9 @@ def int8_linear(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
         w_q: (N, K) int8 weights (symmetric, zero point 0), or :func:`pack_weights` of them.
         bias_q: (N,) int32 at scale s_x * s_w[j], or None.
         multiplier, shift: (N,) int32 (or (1,)) from ``requantize.quantize_multiplier`` of
-            s_x * s_w[j] / s_y: M0 in [2^30, 2^31), shift in [-31, 31] (negative = left).
+            s_x * s_w[j] / s_y: M0 in [2^30, 2^31), shift in [-31, 31] (negative = left);
+            or a float32 multiplier (N,) or (1,) and shift None: the float32 requantization
+            of ``requantize_float32``.
         out_zero_point, clamp_min, clamp_max: z_y and the clamp, in out_dtype's range
             (clamp_min = z_y fuses a ReLU).
         out_dtype: np.uint8 or np.int8.
@@ -621,7 +656,7 @@ def int8_linear(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
     packed = as_packed(w_q, 2, name)
     x_u8, zero_point = activations_as_uint8(x_q, x_zero_point, name)
     _check_operands(x_u8, packed, name)
-    offset, multiplier, shift = channel_parameters(packed, zero_point, bias_q, multiplier, shift, name)
+    offset, multiplier, shift, scale = channel_parameters(packed, zero_point, bias_q, multiplier, shift, name)
     out_zero_point, clamp_min, clamp_max, flip, out_dtype = output_parameters(out_zero_point, clamp_min, clamp_max,
                                                                            out_dtype, name)
     (rows, depth), cols = x_u8.shape, packed.matrix.shape[0]
@@ -632,6 +667,7 @@ def int8_linear(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
         parallel = n_tasks > 1 and rows * cols * depth >= PARALLEL_MIN_MACS
         driver = _linear_parallel if parallel else _linear_serial
         scratch = scratch_for(parallel, (row_block, col_block), np.int32)
-        driver(x_u8, packed.matrix, offset, multiplier, shift, out_zero_point, clamp_min, clamp_max, flip, row_block,
+        driver(x_u8, packed.matrix, offset, multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip,
+               row_block,
                col_block, n_tasks, scratch, out)
     return out.view(out_dtype)
