@@ -16,7 +16,8 @@ the operator (``qatcore.quantization.requantization``); here it is a given float
 
 :func:`requantize_float32_value` is the kernels' epilogue (one value);
 :func:`requantize_float32` is the NumPy form for arrays, also the oracle the tests compare
-the kernels with.
+the kernels with. :func:`fma_float32` is a correctly rounded float32 fused multiply-add
+(ONNX Runtime's residual add is written with FMA instructions).
 
 >>> import numpy as np
 >>> requantize_float32(np.array([5, 7, -5, 1000]), np.float32(0.5), 10, 0, 255)  # 2.5 -> 2, 3.5 -> 4
@@ -26,7 +27,7 @@ array([ 12,  14,   8, 255])
 import numpy as np
 from numba import njit
 
-__all__ = ["requantize_float32_value", "requantize_float32"]
+__all__ = ["requantize_float32_value", "requantize_float32", "fma_float32"]
 
 
 @njit(cache=True)
@@ -58,3 +59,25 @@ def requantize_float32(values, scale, out_zero_point, clamp_min, clamp_max):
     low = np.float32(int(clamp_min) - int(out_zero_point))
     high = np.float32(int(clamp_max) - int(out_zero_point))
     return np.rint(np.clip(products, low, high)).astype(np.int64) + int(out_zero_point)
+
+
+def fma_float32(a, b, c):
+    """float32(a * b + c) rounded once (a fused multiply-add) for float32 arrays, in NumPy.
+
+    The product of two float32 values is exact in float64 (24 + 24 significand bits). Its
+    float64 sum with c, s, is then off by an exactly known error e (Knuth's TwoSum). Rounding
+    s to float32 is the correct rounding of s + e, except when s lies exactly halfway between
+    two float32 values and e is not zero: then s + e lies on e's side of the half.
+    """
+    a, b, c = (np.asarray(v, dtype=np.float32).astype(np.float64) for v in (a, b, c))
+    product = a * b
+    total = product + c
+    virtual = total - c
+    error = (product - virtual) + (c - (total - virtual))
+    rounded = total.astype(np.float32)
+    up = np.nextafter(rounded, np.float32(np.inf))
+    down = np.nextafter(rounded, np.float32(-np.inf))
+    wide = rounded.astype(np.float64)
+    rounded = np.where((total == (wide + up.astype(np.float64)) / 2) & (error > 0), up, rounded)
+    rounded = np.where((total == (wide + down.astype(np.float64)) / 2) & (error < 0), down, rounded)
+    return np.asarray(rounded, dtype=np.float32)

@@ -30,8 +30,8 @@ from qatcore.errors import ConfigError
 from qatcore.quantization.dtypes import QuantDType
 from qatcore.quantization.qscheme import QScheme
 
-__all__ = ["QuantMode", "ObserverKind", "Learnable", "QuantSpec", "QuantizationConfig", "OBSERVER_OPTIONS",
-           "LEARNABLE_MODES"]
+__all__ = ["QuantMode", "ObserverKind", "Learnable", "Requantization", "QuantSpec", "QuantizationConfig",
+           "OBSERVER_OPTIONS", "LEARNABLE_MODES"]
 
 
 class QuantMode(enum.Enum):
@@ -71,6 +71,25 @@ class Learnable(str, enum.Enum):
     FIXED = "fixed"
     LSQ = "lsq"
     LSQ_PLUS = "lsq+"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Requantization(str, enum.Enum):
+    """The arithmetic that rescales an integer accumulator to an output grid, in the int8 model
+    and in the QAT model's eval forward alike (docs/numerics.md, "Two requantization
+    arithmetics"; a str enum like ``ObserverKind``):
+
+    * ``FIXED_POINT`` (the default): integers only, an int32 multiplier and a shift
+      (gemmlowp/TFLite style, with qatcore's headroom shift);
+    * ``FLOAT32``: ONNX Runtime's CPU arithmetic: a float32 multiplier computed from the
+      float32 scales as ONNX Runtime computes it, a float32 product, round half to even,
+      saturate. The int8 model then equals ONNX Runtime on the exported file bit for bit.
+    """
+
+    FIXED_POINT = "fixed_point"
+    FLOAT32 = "float32"
 
     def __str__(self) -> str:
         return self.value
@@ -243,15 +262,22 @@ def _default_activation() -> QuantSpec:
 
 @dataclass(frozen=True)
 class QuantizationConfig:
-    """A weight spec, an activation spec and a mode. No arguments: the default
-    8-bit config (int8 narrow per-channel symmetric weights, uint8 per-tensor
-    affine activations with a moving-average observer)."""
+    """A weight spec, an activation spec, a mode and the requantization arithmetic. No
+    arguments: the default 8-bit config (int8 narrow per-channel symmetric weights, uint8
+    per-tensor affine activations with a moving-average observer, fixed-point requantization).
+
+    ``requantization`` is one setting per model (a layer-wise override must keep the global
+    one): ``"fixed_point"`` or ``"float32"`` (:class:`Requantization`).
+    """
 
     weight: QuantSpec = field(default_factory=_default_weight)
     activation: QuantSpec = field(default_factory=_default_activation)
     mode: QuantMode = QuantMode.WEIGHTS_AND_ACTIVATIONS
+    requantization: Requantization = Requantization.FIXED_POINT
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "requantization",
+                           _enum_field("QuantizationConfig", "requantization", self.requantization, Requantization))
         if isinstance(self.mode, str):
             try:
                 object.__setattr__(self, "mode", QuantMode(self.mode))
@@ -289,19 +315,23 @@ class QuantizationConfig:
         return cls(mode=QuantMode.WEIGHTS_ONLY)
 
     def replace(self, **changes) -> QuantizationConfig:
-        unknown = sorted(set(changes) - {"weight", "activation", "mode"})
+        unknown = sorted(set(changes) - set(_CONFIG_FIELDS))
         if unknown:
-            raise ConfigError(f"QuantizationConfig has no fields {unknown}; fields are weight, activation, mode")
+            raise ConfigError(f"QuantizationConfig has no fields {unknown}; fields are {', '.join(_CONFIG_FIELDS)}")
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return {"weight": self.weight.to_dict(), "activation": self.activation.to_dict(), "mode": self.mode.value}
+        return {"weight": self.weight.to_dict(), "activation": self.activation.to_dict(), "mode": self.mode.value,
+                "requantization": self.requantization.value}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantizationConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"QuantizationConfig must be a mapping, got {type(data).__name__}")
-        unknown = sorted(set(data) - {"weight", "activation", "mode"})
+        unknown = sorted(set(data) - set(_CONFIG_FIELDS))
         if unknown:
-            raise ConfigError(f"QuantizationConfig: unknown fields {unknown}; fields are weight, activation, mode")
+            raise ConfigError(f"QuantizationConfig: unknown fields {unknown}; fields are {', '.join(_CONFIG_FIELDS)}")
         return cls(**dict(data))
+
+
+_CONFIG_FIELDS = ("weight", "activation", "mode", "requantization")

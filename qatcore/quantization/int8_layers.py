@@ -28,6 +28,7 @@ import numpy as np
 from qatcore import kernels
 from qatcore.errors import ConfigError, DTypeError
 from qatcore.nn.module import Module
+from qatcore.quantization.config import Requantization
 from qatcore.tensor import Tensor
 
 __all__ = ["Int8Module", "Quantize", "Dequantize", "Requantize", "requantize_array", "int_input", "out_dtype",
@@ -60,6 +61,23 @@ class Int8Module(Module):
     """
 
     STATE: tuple[tuple[str, str], ...] = ()
+    # the trailing STATE buffers that int8 files before version 3 lack; ``derive_state`` fills them
+    STATE_SINCE_3: tuple[str, ...] = ()
+    # a module that requantizes records its arithmetic (``Requantization``) in its config
+    REQUANTIZES = False
+    requantization = Requantization.FIXED_POINT
+
+    def derive_state(self) -> None:
+        """Fill the ``STATE_SINCE_3`` buffers from the others (a file written before version 3)."""
+        if self.STATE_SINCE_3:
+            raise NotImplementedError(f"{type(self).__name__} declares STATE_SINCE_3 without derive_state")
+
+    def set_requantization(self, requantization) -> None:
+        try:
+            self.requantization = Requantization(requantization)
+        except ValueError:
+            raise ConfigError(f"{type(self).__name__}: requantization must be one of "
+                              f"{[r.value for r in Requantization]}, got {requantization!r}") from None
 
     def _set_output(self, scale: float, zero_point: int, qmin: int, qmax: int) -> None:
         self.register_buffer("output_scale", np.array(scale, dtype=np.float32))
@@ -77,8 +95,20 @@ class Int8Module(Module):
     def config(self) -> dict:
         return {}
 
+    def record_config(self) -> dict:
+        """``config()`` and, for a module that requantizes, its ``requantization``: what the
+        int8 file stores."""
+        config = self.config()
+        if self.REQUANTIZES:
+            config["requantization"] = self.requantization.value
+        return config
+
     @classmethod
     def from_config(cls, config: dict) -> Int8Module:
+        """The module of ``record_config()`` (buffers still to be registered). A file written
+        before version 3 has no ``requantization``: fixed point, the only arithmetic then."""
+        config = dict(config)
+        requantization = config.pop("requantization", Requantization.FIXED_POINT.value) if cls.REQUANTIZES else None
         if set(config) != set(cls.CONFIG_KEYS):
             raise ConfigError(f"{cls.__name__} config needs exactly the keys {sorted(cls.CONFIG_KEYS)}, "
                               f"got {sorted(config)}")
@@ -86,6 +116,8 @@ class Int8Module(Module):
         Module.__init__(module)
         for key, value in config.items():
             setattr(module, key, tuple(value) if isinstance(value, list) else value)
+        if requantization is not None:
+            module.set_requantization(requantization)
         return module
 
 
@@ -97,18 +129,26 @@ def int_input(module: Module, x) -> np.ndarray:
 
 
 class Quantize(Int8Module):
-    """x (float) -> clamp(z + rne(x * float32(1/s)), qmin, qmax) as integers."""
+    """x (float) -> clamp(z + rne(x * float32(1/s)), qmin, qmax) as integers; with
+    ``requantization`` float32, ONNX QuantizeLinear's clamp(z + rne(float32(x / s)))."""
 
     STATE = OUTPUT_STATE
+    REQUANTIZES = True
 
-    def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int) -> None:
+    def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int,
+                 requantization: Requantization = Requantization.FIXED_POINT) -> None:
         super().__init__()
         self._set_output(scale, zero_point, qmin, qmax)
+        self.set_requantization(requantization)
 
     def forward(self, x):
         array = x.data if isinstance(x, Tensor) else np.asarray(x, dtype=np.float32)
-        inv = np.float32(1) / self.output_scale.data
-        q = np.rint(array.astype(np.float32, copy=False) * inv) + np.float32(self.output_zero_point.data)
+        array = array.astype(np.float32, copy=False)
+        if self.requantization is Requantization.FLOAT32:
+            q = np.rint(array / self.output_scale.data) + np.float32(self.output_zero_point.data)
+        else:
+            inv = np.float32(1) / self.output_scale.data
+            q = np.rint(array * inv) + np.float32(self.output_zero_point.data)
         qmin, qmax = self.output_range.data.tolist()
         return np.clip(q, qmin, qmax).astype(self.out_dtype)
 
@@ -129,14 +169,21 @@ class Dequantize(Int8Module):
 
 
 class Requantize(Int8Module):
-    """y_q = clamp(z_y + requant(x_q - z_x; s_x / s_y), lo, hi); lo = z_y fuses a ReLU."""
+    """y_q = clamp(z_y + requant(x_q - z_x; s_x / s_y), lo, hi); lo = z_y fuses a ReLU. With
+    ``requantization`` float32: DequantizeLinear then QuantizeLinear, as ONNX Runtime runs the
+    pair, clamp(z_y + rne(float32(float32(float32(x_q - z_x) * s_x) / s_y)), lo, hi), from the
+    float32 ``input_scale`` (empty in fixed point)."""
 
     STATE = (("multiplier", "<i4"), ("shift", "<i4"), ("input_zero_point", "<i4"), *OUTPUT_STATE,
-             ("clamp_min", "<i4"))
+             ("clamp_min", "<i4"), ("input_scale", "<f4"))
+    STATE_SINCE_3 = ("input_scale",)
+    REQUANTIZES = True
 
     def __init__(self, input_scale: float, input_zero_point: int, output_scale: float, output_zero_point: int,
-                 clamp_min: int, qmin: int, qmax: int) -> None:
+                 clamp_min: int, qmin: int, qmax: int,
+                 requantization: Requantization = Requantization.FIXED_POINT) -> None:
         super().__init__()
+        self.set_requantization(requantization)
         real = np.array([input_scale / output_scale], dtype=np.float64) * 2.0**-ADD_LEFT_SHIFT
         multiplier, shift = kernels.requantize.quantize_multiplier(real)
         self.register_buffer("multiplier", multiplier.astype(np.int32))
@@ -144,11 +191,23 @@ class Requantize(Int8Module):
         self.register_buffer("input_zero_point", np.array(input_zero_point, dtype=np.int32))
         self._set_output(output_scale, output_zero_point, qmin, qmax)
         self.register_buffer("clamp_min", np.array(clamp_min, dtype=np.int32))
+        self.register_buffer("input_scale", np.array([input_scale] if self.requantization is Requantization.FLOAT32
+                                                     else [], dtype=np.float32))
+
+    def derive_state(self) -> None:
+        """A file written before version 3 is fixed point: no float32 scale."""
+        self.register_buffer("input_scale", np.zeros(0, np.float32))
 
     def forward(self, x):
+        lo, hi = int(self.clamp_min.data), int(self.output_range.data[1])
+        if self.requantization is Requantization.FLOAT32:
+            real = (int_input(self, x).astype(np.int32) - self.input_zero_point.data).astype(np.float32)
+            real = (real * self.input_scale.data[0]).astype(np.float32)
+            y = np.rint(real / self.output_scale.data) + np.float32(self.output_zero_point.data)
+            return np.clip(y, lo, hi).astype(self.out_dtype)
         q = int_input(self, x).astype(np.int64)
         shifted = (q - int(self.input_zero_point.data)) << ADD_LEFT_SHIFT
         y = requantize_array(shifted, self.multiplier.data, self.shift.data) + int(self.output_zero_point.data)
-        return np.clip(y, int(self.clamp_min.data), int(self.output_range.data[1])).astype(self.out_dtype)
+        return np.clip(y, lo, hi).astype(self.out_dtype)
 
 

@@ -115,3 +115,35 @@ def test_runs_as_plain_python(run_without_jit):
         tests.test_int8_linear_with_a_float32_multiplier_matches_the_oracle(1)
         tests.test_int8_conv2d_with_a_float32_multiplier_matches_the_oracle(1, 4, 3, 1)
     """)
+
+
+def oracle_fma(a: float, b: float, c: float) -> np.float32:
+    """float32(a * b + c) rounded once, with exact rationals: the float32 neighbours of the exact
+    value, the nearer one (the even one at a tie)."""
+    from fractions import Fraction
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    guess = np.float32(float(exact))  # within one float32 step of the answer
+    candidates = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    distances = [abs(Fraction(float(v)) - exact) for v in candidates]
+    best = min(distances)
+    nearest = [v for v, d in zip(candidates, distances) if d == best]
+    if len(nearest) == 1:
+        return nearest[0]
+    return next(v for v in nearest if int(np.float32(v).view(np.uint32)) % 2 == 0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fma_float32_rounds_once(seed):
+    rng = np.random.default_rng(seed)
+    count = 3000
+    a = rng.integers(0, 256, count).astype(np.float32)
+    b = rng.uniform(0.01, 4, count).astype(np.float32)
+    # c placed so that a * b + c lands on or next to float32 midpoints
+    c = (-(a.astype(np.float64) * b) + rng.integers(0, 600, count) * 0.5
+         + rng.choice([0.0, 2.0**-30, -(2.0**-30)], count)).astype(np.float32)
+    c[::7] = rng.uniform(-1e6, 1e6, count)[::7].astype(np.float32)
+    got = rq32.fma_float32(a, b, c)
+    expected = np.array([oracle_fma(x, y, z) for x, y, z in zip(a, b, c)], np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+    plain = (a * b + c).astype(np.float32)  # two roundings: differs somewhere, or the test is weak
+    assert np.any(plain.view(np.uint32) != expected.view(np.uint32)) or seed > 0

@@ -34,15 +34,26 @@ from qatcore.graph.node import Node, map_nodes
 from qatcore.nn import functional as F
 from qatcore.nn.activation import ReLU
 from qatcore.nn.module import Module
+from qatcore.quantization.config import Requantization
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.quantization.int8_layers import Dequantize
 from qatcore.quantization.qat.int8_model import Int8Model, Int8Value, ValueSource
 from qatcore.quantization.qat.operators import rule_for_node
+from qatcore.quantization.qat.training_integration import QATController
 from qatcore.tensor import Tensor
 
 __all__ = ["convert_to_quantized", "ConversionContext", "lower_graph"]
 
 Lowered = tuple[Node, Int8Value | None]
+
+
+def requantization_of(qat_model: Module) -> Requantization:
+    """The requantization arithmetic the model was prepared with (its global config's; a
+    model without a QAT controller: fixed point)."""
+    for module in qat_model.modules():
+        if isinstance(module, QATController):
+            return module.layerwise_config.global_config.requantization
+    return Requantization.FIXED_POINT
 
 
 class ConversionContext:
@@ -52,6 +63,7 @@ class ConversionContext:
 
     def __init__(self, qat_model: GraphModule) -> None:
         self.qat = qat_model
+        self.requantization = requantization_of(qat_model)
         self.graph = Graph()
         self.root = Module()
         self.env: dict[Node, Lowered] = {}

@@ -3,7 +3,7 @@
 A converted model is a graph of int8 runtime modules (and, for layers left
 float, a few float layers). It is stored as compact plain data, no pickle, no code:
 
-    {"format": "qatcore.int8_model", "version": 1, "class_name": ...,
+    {"format": "qatcore.int8_model", "version": 3, "class_name": ...,
      "nodes":   [[op, target, args, (module record)], ...]
      "sources": [[node index, QAT node, scale, zero point], ...]}
 
@@ -22,7 +22,9 @@ description rather than weights. :func:`int8_model_from_dict` accepts only the
 module types that have a record in the operator registry (the int8 runtime's, and the
 float layers an int8 model may keep: Linear, Conv2d, BatchNorm). Files of version 1
 (which named the runtime modules ``QuantizedLinear``, ``QuantizedConv2d``,
-``QuantizedAdd``) still load.
+``QuantizedAdd``) and version 2 still load: version 3 added each requantizing module's
+``requantization`` to its config (absent: fixed point) and trailing buffers
+(``STATE_SINCE_3``, derived from the others on loading an older file).
 
 >>> import numpy as np, tempfile, os, qatcore
 >>> from qatcore.models import DigitsCNN
@@ -57,8 +59,8 @@ from qatcore.quantization.qat.operators import rule_for_module, rule_for_record,
 
 __all__ = ["int8_model_to_dict", "int8_model_from_dict"]
 
-FORMAT, VERSION = "qatcore.int8_model", 2
-READABLE_VERSIONS = (1, 2)
+FORMAT, VERSION = "qatcore.int8_model", 3
+READABLE_VERSIONS = (1, 2, 3)
 OPS = ("input", "call_module", "call_function", "output", "get_attr")
 # version 1 named three runtime modules differently
 _VERSION_1_NAMES = {"QuantizedLinear": "Int8Linear", "QuantizedConv2d": "Int8Conv2d", "QuantizedAdd": "Int8Add"}
@@ -118,14 +120,17 @@ def _build_module(record: Any, where: str, version: int) -> Module:
         raise ConfigError(f"int8 model: {where}: {e}") from None
     cls = rule.target
     if issubclass(cls, Int8Module):
-        if not isinstance(values, list) or len(values) != len(cls.STATE):
-            raise ConfigError(f"int8 model: {where}: {kind} needs {len(cls.STATE)} state values")
+        expected = len(cls.STATE) - (len(cls.STATE_SINCE_3) if version < 3 else 0)
+        if not isinstance(values, list) or len(values) != expected:
+            raise ConfigError(f"int8 model: {where}: {kind} needs {expected} state values")
         try:
             module = rule.record.build(config)
         except ConfigError as e:
             raise ConfigError(f"int8 model: {where}: {e}") from None
         for (name, dtype), value in zip(cls.STATE, values):
             module.register_buffer(name, _unpack_value(value, dtype, f"{where}.{name}"))
+        if expected < len(cls.STATE):
+            module.derive_state()
         return module
     if not isinstance(values, dict):
         raise ConfigError(f"int8 model: {where}: a float layer's state must be a mapping")

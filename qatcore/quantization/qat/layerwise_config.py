@@ -124,6 +124,12 @@ class LayerwiseConfig:
         by_name, by_glob, by_type = {}, [], []
         for key, value in self.overrides.items():
             override = _as_override(key, value)
+            if override.config is not None and override.config.requantization != self.global_config.requantization:
+                raise ConfigError(
+                    f"LayerwiseConfig.overrides[{key!r}]: requantization is one setting per model; the override "
+                    f"has {override.config.requantization.value!r}, the global config "
+                    f"{self.global_config.requantization.value!r}"
+                )
             if isinstance(key, type) and issubclass(key, Module):
                 by_type.append((key, override))
             elif isinstance(key, str) and key:
@@ -199,6 +205,12 @@ class LayerwiseConfig:
         entries = []
         for key, value in self.overrides.items():
             override = _as_override(key, value)
+            if override.config is not None and override.config.requantization != self.global_config.requantization:
+                raise ConfigError(
+                    f"LayerwiseConfig.overrides[{key!r}]: requantization is one setting per model; the override "
+                    f"has {override.config.requantization.value!r}, the global config "
+                    f"{self.global_config.requantization.value!r}"
+                )
             if isinstance(key, type):
                 if getattr(nn, key.__name__, None) is not key:
                     raise ConfigError(f"layer-wise config: the override for type {key.__qualname__} cannot be "

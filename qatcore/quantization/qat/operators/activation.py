@@ -90,9 +90,10 @@ def _lookup(node, module, value, out) -> Int8Lookup:
     return Int8Lookup(table, value.qmin, out.scale, out.zero_point, out.qmin, out.qmax)
 
 
-def _relu_clamp(value, out) -> Requantize:
+def _relu_clamp(value, out, requantization) -> Requantize:
     """The requantization to the output grid with the clamp starting at its zero point."""
-    return Requantize(value.scale, value.zero_point, out.scale, out.zero_point, out.zero_point, out.qmin, out.qmax)
+    return Requantize(value.scale, value.zero_point, out.scale, out.zero_point, out.zero_point, out.qmin, out.qmax,
+                      requantization)
 
 
 def _lower_lookup(ctx, node, module):
@@ -110,7 +111,7 @@ def _lower_relu(ctx, node, module):
     if between is None:
         return None
     new, value, out, name = between
-    return ctx.add(name, _relu_clamp(value, out), (new,), out)
+    return ctx.add(name, _relu_clamp(value, out, ctx.requantization), (new,), out)
 
 
 def _quantized_six(scale: float) -> int:
@@ -127,7 +128,7 @@ def _lower_relu6(ctx, node, module):
         return None
     new, value, out, name = between
     if out.qmax - out.zero_point <= _quantized_six(out.scale):
-        return ctx.add(name, _relu_clamp(value, out), (new,), out)
+        return ctx.add(name, _relu_clamp(value, out, ctx.requantization), (new,), out)
     return ctx.add(name, _lookup(node, module, value, out), (new,), out)
 
 

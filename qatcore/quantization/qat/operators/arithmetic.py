@@ -27,6 +27,7 @@ from qatcore.nn import functional as F
 from qatcore.nn.container import Sequential
 from qatcore.nn.conv import Conv2d
 from qatcore.nn.linear import Linear
+from qatcore.quantization.config import Requantization
 from qatcore.quantization.int8_layers import ADD_LEFT_SHIFT, OUTPUT_STATE, Int8Module, int_input, requantize_array
 from qatcore.quantization.qat.operators.quantizer import int8_record
 from qatcore.quantization.qat.operators.registry import (
@@ -37,18 +38,24 @@ from qatcore.quantization.qat.operators.registry import (
     register_onnx_import,
 )
 from qatcore.quantization.qat.operators.weighted import bias_after_matmul
+from qatcore.quantization.requantization import add_float32
 
 __all__ = ["Int8Add"]
 
 
 class Int8Add(Int8Module):
-    """The int8 residual add (module docstring)."""
+    """The int8 residual add (module docstring). With ``requantization`` float32 it computes
+    ONNX Runtime's QLinearAdd instead (``requantization.add_float32``, rounded half to even)
+    from the float32 ``input_scales`` (empty in fixed point)."""
 
     STATE = (("multiplier", "<i4"), ("shift", "<i4"), ("input_zero_points", "<i4"), *OUTPUT_STATE,
-             ("clamp_min", "<i4"))
+             ("clamp_min", "<i4"), ("input_scales", "<f4"))
+    STATE_SINCE_3 = ("input_scales",)
+    REQUANTIZES = True
 
     def __init__(self, scales: tuple[float, float], zero_points: tuple[int, int], output_scale: float,
-                 output_zero_point: int, clamp_min: int, qmin: int, qmax: int) -> None:
+                 output_zero_point: int, clamp_min: int, qmin: int, qmax: int,
+                 requantization: Requantization = Requantization.FIXED_POINT) -> None:
         super().__init__()
         twice_max = 2.0 * max(scales)
         real = np.array([scales[0] / twice_max, scales[1] / twice_max,
@@ -59,14 +66,27 @@ class Int8Add(Int8Module):
         self.register_buffer("input_zero_points", np.array(zero_points, dtype=np.int32))
         self._set_output(output_scale, output_zero_point, qmin, qmax)
         self.register_buffer("clamp_min", np.array(clamp_min, dtype=np.int32))
+        self.set_requantization(requantization)
+        self.register_buffer("input_scales", np.array(scales if self.requantization is Requantization.FLOAT32
+                                                      else [], dtype=np.float32))
+
+    def derive_state(self) -> None:
+        """A file written before version 3 is fixed point: no float32 scales."""
+        self.register_buffer("input_scales", np.zeros(0, np.float32))
 
     def forward(self, a, b):
+        lo, hi = int(self.clamp_min.data), int(self.output_range.data[1])
+        if self.requantization is Requantization.FLOAT32:
+            v = add_float32(int_input(self, a), int_input(self, b), self.input_scales.data,
+                            self.input_zero_points.data.tolist(), self.output_scale.data,
+                            int(self.output_zero_point.data))
+            return np.clip(np.rint(v), lo, hi).astype(self.out_dtype)
         total = np.int64(0)
         for i, x in enumerate((a, b)):
             shifted = (int_input(self, x).astype(np.int64) - int(self.input_zero_points.data[i])) << ADD_LEFT_SHIFT
             total = total + requantize_array(shifted, self.multiplier.data[i:i + 1], self.shift.data[i:i + 1])
         y = requantize_array(total, self.multiplier.data[2:3], self.shift.data[2:3]) + int(self.output_zero_point.data)
-        return np.clip(y, int(self.clamp_min.data), int(self.output_range.data[1])).astype(self.out_dtype)
+        return np.clip(y, lo, hi).astype(self.out_dtype)
 
 
 def _lower_add(ctx, node, module):
@@ -80,7 +100,7 @@ def _lower_add(ctx, node, module):
     out = ctx.value_of(quantizer, chain[-1].name)
     (a, va), (b, vb) = inputs
     module = Int8Add((va.scale, vb.scale), (va.zero_point, vb.zero_point), out.scale, out.zero_point,
-                     out.zero_point if relu else out.qmin, out.qmin, out.qmax)
+                     out.zero_point if relu else out.qmin, out.qmin, out.qmax, ctx.requantization)
     ctx.absorb(chain, node)
     return ctx.add(chain[-1].name, module, (a, b), out)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from qatcore import kernels
 from qatcore.errors import ConfigError
 from qatcore.nn.activation import ReLU
 from qatcore.nn.batchnorm import BatchNorm1d, BatchNorm2d
@@ -37,6 +36,7 @@ from qatcore.quantization.qat.operators.registry import (
     register_onnx_import,
 )
 from qatcore.quantization.qat.operators.weighted import Int8Conv2d
+from qatcore.quantization.requantization import weighted_multipliers
 
 __all__: list[str] = []
 
@@ -60,15 +60,16 @@ def _lower_batch_norm_2d(ctx, node, bn: BatchNorm2d):
     a = gamma / np.sqrt(bn.running_var.data.astype(np.float64) + bn.eps)
     b = beta - bn.running_mean.data.astype(np.float64) * a
     weight_q = (127 * np.sign(a)).astype(np.int8).reshape(channels, 1, 1, 1)
-    s_w = np.where(a != 0, np.abs(a) / 127, 1.0)
-    bias_scale = x_value.scale * s_w
+    s_w = np.where(a != 0, np.abs(a) / 127, 1.0).astype(np.float32)  # float32, as every scale of the model
+    bias_scale = x_value.scale * s_w.astype(np.float64)
     bias_q = np.rint(b / bias_scale)
     if np.any(np.abs(bias_q) >= 2**31):
         raise ConfigError(f"int8 conversion: BatchNorm {node.target!r} has a shift that overflows int32 at s_x * s_w")
-    multiplier, shift = kernels.requantize.quantize_multiplier(bias_scale / out.scale)
+    multiplier, shift, float_multiplier = weighted_multipliers(x_value.scale, s_w, out.scale, channels)
     clamp_min = out.zero_point if relu else out.qmin
     conv = Int8Conv2d(weight_q, bias_q.astype(np.int32), multiplier, shift, x_value.zero_point, out.scale,
-                      out.zero_point, clamp_min, out.qmin, out.qmax, groups=channels)
+                      out.zero_point, clamp_min, out.qmin, out.qmax, float_multiplier, ctx.requantization,
+                      groups=channels)
     ctx.absorb(chain, node)
     return ctx.add(chain[-1].name, conv, (source,), out)
 

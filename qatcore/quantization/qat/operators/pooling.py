@@ -24,6 +24,7 @@ from qatcore.nn.container import Sequential
 from qatcore.nn.conv import Conv2d
 from qatcore.nn.flatten import Flatten
 from qatcore.nn.pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
+from qatcore.quantization.config import Requantization
 from qatcore.quantization.int8_layers import OUTPUT_STATE, Int8Module, int_input, requantize_array
 from qatcore.quantization.qat.operators.quantizer import int8_record, module_record
 from qatcore.quantization.qat.operators.registry import (
@@ -33,6 +34,7 @@ from qatcore.quantization.qat.operators.registry import (
     register,
     register_onnx_import,
 )
+from qatcore.quantization.requantization import average_pool_float32, global_average_multiplier
 
 __all__ = ["Int8MaxPool2d", "Int8AvgPool2d", "pair"]
 
@@ -80,10 +82,13 @@ class Int8AvgPool2d(Int8Module):
     multiplier for a window size is computed once, the first time that size is seen."""
 
     STATE = (("input_scale", "<f8"), ("input_zero_point", "<i4"), *OUTPUT_STATE)
+    REQUANTIZES = True
 
     def __init__(self, kernel_size, stride, input_scale: float, input_zero_point: int, output_scale: float,
-                 output_zero_point: int, qmin: int, qmax: int) -> None:
+                 output_zero_point: int, qmin: int, qmax: int,
+                 requantization: Requantization = Requantization.FIXED_POINT) -> None:
         super().__init__()
+        self.set_requantization(requantization)
         self.kernel_size = None if kernel_size is None else tuple(kernel_size)
         self.stride = None if stride is None else tuple(stride)
         self.register_buffer("input_scale", np.array(input_scale, dtype=np.float64))
@@ -110,14 +115,22 @@ class Int8AvgPool2d(Int8Module):
         else:
             (kh, kw), (sh, sw) = self.kernel_size, self.stride
         n, c, h, w = q.shape
+        qmin, qmax = self.output_range.data.tolist()
+        if self.requantization is Requantization.FLOAT32 and (kh, kw) != (h, w):
+            v = average_pool_float32(int_input(self, x), self.input_scale.data, int(self.input_zero_point.data),
+                                     self.output_scale.data, int(self.output_zero_point.data), (kh, kw), (sh, sw))
+            return np.clip(np.rint(v), qmin, qmax).astype(self.out_dtype)
         oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
         total = np.zeros((n, c, oh, ow), dtype=np.int64)
         for i in range(kh):
             for j in range(kw):
                 total += q[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+        if self.requantization is Requantization.FLOAT32:  # a window over the whole plane: the global pool
+            m = global_average_multiplier(self.input_scale.data, self.output_scale.data, kh * kw)
+            y = kernels.requantize_float32.requantize_float32(total, m, int(self.output_zero_point.data), qmin, qmax)
+            return y.astype(self.out_dtype)
         multiplier, shift = self._multiplier(kh * kw)
         y = requantize_array(total, multiplier, shift) + int(self.output_zero_point.data)
-        qmin, qmax = self.output_range.data.tolist()
         return np.clip(y, qmin, qmax).astype(self.out_dtype)
 
 
@@ -170,7 +183,8 @@ def _lower_avg_pool(ctx, node, module):
     out = ctx.value_of(quantizer, chain[-1].name)
     ctx.absorb(chain, node)
     return ctx.add(chain[-1].name, Int8AvgPool2d(kernel, stride, value.scale, value.zero_point, out.scale,
-                                                 out.zero_point, out.qmin, out.qmax), (source,), out)
+                                                 out.zero_point, out.qmin, out.qmax, ctx.requantization),
+                   (source,), out)
 
 
 # ---- ONNX export ----------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ __all__ = ["int8_record", "module_record"]
 
 
 def int8_record(cls: type) -> RecordRule:
-    """The record of an int8 runtime module: its ``config()``, rebuilt by ``from_config``."""
-    return RecordRule(config=lambda module: module.config(), build=cls.from_config)
+    """The record of an int8 runtime module: its ``record_config()``, rebuilt by ``from_config``."""
+    return RecordRule(config=lambda module: module.record_config(), build=cls.from_config)
 
 
 def module_record(cls: type, *settings: str) -> RecordRule:
@@ -43,11 +43,12 @@ def _lower_fake_quantize(ctx, node, module: FakeQuantize):
     value = ctx.value_of(module, node.name)
     new, current = ctx.env[node.args[0]]
     if current is None:
-        return ctx.add(node.name, Quantize(value.scale, value.zero_point, value.qmin, value.qmax), (new,), value)
+        return ctx.add(node.name, Quantize(value.scale, value.zero_point, value.qmin, value.qmax, ctx.requantization),
+                       (new,), value)
     if (current.scale, current.zero_point) == (value.scale, value.zero_point):
         return new, value
     return ctx.add(node.name, Requantize(current.scale, current.zero_point, value.scale, value.zero_point,
-                                         value.qmin, value.qmin, value.qmax), (new,), value)
+                                         value.qmin, value.qmin, value.qmax, ctx.requantization), (new,), value)
 
 
 def _export_fake_quantize(ex, node, module: FakeQuantize):

@@ -192,7 +192,8 @@ def _lower_cat(ctx, node, module):
         if relu or (value.scale, value.zero_point) != (out.scale, out.zero_point):
             clamp_min = out.zero_point if relu else out.qmin
             new = ctx.add(f"{node.name}_requantize_{i}", Requantize(value.scale, value.zero_point, out.scale,
-                                                                    out.zero_point, clamp_min, out.qmin, out.qmax),
+                                                                    out.zero_point, clamp_min, out.qmin, out.qmax,
+                                                                    ctx.requantization),
                           (new,), None)[0]
         parts.append(new)
     ctx.absorb(chain, node)

@@ -37,6 +37,7 @@ from qatcore.nn.flatten import Flatten
 from qatcore.nn.linear import Linear
 from qatcore.nn.module import Module
 from qatcore.nn.parameter import Parameter
+from qatcore.quantization.config import Requantization
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.quantization.int8_layers import OUTPUT_STATE, Int8Module, Quantize, int_input
 from qatcore.quantization.qat.operators.quantizer import int8_record
@@ -55,20 +56,29 @@ from qatcore.quantization.qat.qat_layers import (
     QATLinear,
     QATLinearBn1d,
 )
+from qatcore.quantization.requantization import weighted_multipliers
 
 __all__ = ["Int8Linear", "Int8Conv2d", "QAT_FUSIONS", "weight_scales"]
 
 
 # ---- the int8 runtime ---------------------------------------------------------------------------
 class _Int8Weighted(Int8Module):
-    """Int8Linear / Int8Conv2d: int8 weights, int32 bias, per-channel requantization."""
+    """Int8Linear / Int8Conv2d: int8 weights, int32 bias, per-channel requantization.
+
+    ``multiplier`` and ``shift`` are the fixed-point form of M = s_x * s_w / s_y; with
+    ``requantization`` float32, ``float_multiplier`` is its float32 form as ONNX Runtime
+    computes it (``qatcore.quantization.requantization``), which the forward uses instead
+    (empty in fixed point: the file stays as small)."""
 
     STATE = (("weight_q", "|i1"), ("bias_q", "<i4"), ("multiplier", "<i4"), ("shift", "<i4"),
-             ("input_zero_point", "<i4"), *OUTPUT_STATE, ("clamp_min", "<i4"))
+             ("input_zero_point", "<i4"), *OUTPUT_STATE, ("clamp_min", "<i4"), ("float_multiplier", "<f4"))
+    STATE_SINCE_3 = ("float_multiplier",)
+    REQUANTIZES = True
 
     def __init__(self, weight_q: np.ndarray, bias_q: np.ndarray, multiplier: np.ndarray, shift: np.ndarray,
                  input_zero_point: int, output_scale: float, output_zero_point: int, clamp_min: int, qmin: int,
-                 qmax: int) -> None:
+                 qmax: int, float_multiplier: np.ndarray | None = None,
+                 requantization: Requantization = Requantization.FIXED_POINT) -> None:
         super().__init__()
         if weight_q.dtype != np.int8:
             raise DTypeError(f"{type(self).__name__}: weights must be int8, got {weight_q.dtype}")
@@ -79,11 +89,26 @@ class _Int8Weighted(Int8Module):
         self.register_buffer("input_zero_point", np.array(input_zero_point, dtype=np.int32))
         self._set_output(output_scale, output_zero_point, qmin, qmax)
         self.register_buffer("clamp_min", np.array(clamp_min, dtype=np.int32))
+        self.set_requantization(requantization)
+        if self.requantization is Requantization.FLOAT32:
+            if float_multiplier is None:
+                raise ConfigError(f"{type(self).__name__}: float32 requantization needs its float_multiplier")
+            self.register_buffer("float_multiplier", np.asarray(float_multiplier, dtype=np.float32))
+        else:
+            self.derive_state()
+
+    def derive_state(self) -> None:
+        """A file written before version 3 is fixed point: no float multiplier."""
+        self.register_buffer("float_multiplier", np.zeros(0, np.float32))
 
     def _epilogue_args(self) -> tuple:
         qmax = int(self.output_range.data[1])
-        return (self.bias_q.data, self.multiplier.data, self.shift.data, int(self.output_zero_point.data),
-                int(self.clamp_min.data), qmax, self.out_dtype)
+        if self.requantization is Requantization.FLOAT32:
+            multiplier, shift = self.float_multiplier.data, None
+        else:
+            multiplier, shift = self.multiplier.data, self.shift.data
+        return (self.bias_q.data, multiplier, shift, int(self.output_zero_point.data), int(self.clamp_min.data), qmax,
+                self.out_dtype)
 
 
 class Int8Linear(_Int8Weighted):
@@ -208,7 +233,8 @@ def _lower_float_island(ctx, node: Node, layer: QATLayer):
     if not isinstance(quantizer, FakeQuantize) or not bool(quantizer.qparams_ready.data):
         return value, None
     out = ctx.value_of(quantizer, f"{node.name} (output)")
-    return ctx.add(f"{node.name}_quantize", Quantize(out.scale, out.zero_point, out.qmin, out.qmax), (value,), out)
+    return ctx.add(f"{node.name}_quantize", Quantize(out.scale, out.zero_point, out.qmin, out.qmax, ctx.requantization),
+                   (value,), out)
 
 
 def _lower_qat_layer(ctx, node: Node, layer: QATLayer):
@@ -240,10 +266,11 @@ def _lower_qat_layer(ctx, node: Node, layer: QATLayer):
               else np.rint(bias.astype(np.float64) / bias_scale).astype(np.int64))
     if np.any(np.abs(bias_q) >= 2**31):
         raise ConfigError(f"int8 conversion: layer {node.target!r} has a bias that overflows int32 at s_x * s_w")
-    multiplier, shift = kernels.requantize.quantize_multiplier(bias_scale / out.scale)
+    multiplier, shift, float_multiplier = weighted_multipliers(x_value.scale, w_qparams.scale, out.scale,
+                                                               weight.shape[0])
     clamp_min = out.zero_point if layer.relu else out.qmin
     args = (weight_q.astype(np.int8), bias_q.astype(np.int32), multiplier, shift, x_value.zero_point, out.scale,
-            out.zero_point, clamp_min, out.qmin, out.qmax)
+            out.zero_point, clamp_min, out.qmin, out.qmax, float_multiplier, ctx.requantization)
     if isinstance(layer, (QATLinear, QATLinearBn1d)):
         module = Int8Linear(*args)
     else:
