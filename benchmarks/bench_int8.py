@@ -15,6 +15,14 @@ Prints one JSON object with one entry per section (``SECTIONS``):
 - ``lookup``: an ``Int8Lookup`` (a sigmoid as a 256-entry table) on 4M uint8 values, next to
   ``np.copyto`` of the same uint8 array and to the float path it replaces (float32 sigmoid on
   the dequantized values, then quantization);
+- ``parity``: the realistic networks (ResNet-20, ResNet-56, MobileNetV2 on the 32x32x3 digits)
+  at random init and after 3 QAT steps, with 8-bit weights and with 4-bit LSQ weights (8-bit
+  activations), in both requantization arithmetics: ``parity_report`` of the int8 model
+  against the QAT model's eval forward (the lowest exact fraction over the layers, the most
+  steps apart, ``passes``), and ONNX Runtime against the int8 model on the exported file in
+  both forms (``onnxruntime_agreement``: the lowest fraction of equal integers over the values,
+  the most steps apart); and, for each network (8-bit, fixed point, trained), int8 inference
+  at batch 64 next to our float path and ONNX Runtime on the exported QDQ file;
 - ``machine`` (not a section; always present): CPU, cores, versions, numba's threads and
   threading layer, the load average (other processes on a shared machine show up there),
   and the vector instructions of the int8 tile's inner loop as LLVM compiles it here.
@@ -24,7 +32,7 @@ that the int8 figures (but for ``after_blas``) are not measured against spinning
 
 A further section is a function ``name(args) -> dict`` added to ``SECTIONS``.
 
-Usage: ``python benchmarks/bench_int8.py [--repeats N] [--quick]``
+Usage: ``python benchmarks/bench_int8.py [--repeats N] [--quick] [--sections NAME ...]``
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import warnings
 
 import numba
 import numpy as np
-from reference_models import digits_cnn_float_qat_int8
+from reference_models import CIFAR_MODELS, cifar_qat_model, digits_cnn_float_qat_int8
 from timing import median_time_s, settle
 
 from qatcore.kernels import int8_conv, int8_gemm
@@ -250,8 +258,70 @@ def lookup_section(args) -> dict:
             "float_over_lookup": float_ms / lookup_ms, "lookup_equals_float_path": equal}
 
 
+def parity_section(args) -> dict:
+    """The realistic networks: exactness of the int8 model and of ONNX Runtime (module docstring)."""
+    from qatcore.autograd import no_grad
+    from qatcore.data import load_digits
+    from qatcore.quantization.config import QuantizationConfig
+    from qatcore.quantization.qat import parity_report
+
+    try:
+        import onnxruntime
+
+        from qatcore.interop.onnx import export_onnx
+        from qatcore.interop.onnxruntime_agreement import onnxruntime_agreement
+    except ImportError:
+        onnxruntime = None
+    _, _, x_test, _ = load_digits(image_size=32, channels=3)
+    x, many = x_test[:64], x_test[:256]  # ONNX Runtime compares 256 images: one-step differences are rare
+    configs = {"8bit": QuantizationConfig(), "4w8a_lsq": QuantizationConfig.lsq_4bit_weights()}
+    names = CIFAR_MODELS[:1] if args.quick else CIFAR_MODELS
+    result = {}
+    for name in names:
+        rows = []
+        for config_name, config in configs.items():
+            for requantization in ("fixed_point", "float32"):
+                for steps in (0, 3):
+                    preparer, qat, float_model = cifar_qat_model(name, config.replace(requantization=requantization),
+                                                                 steps)
+                    int8_model = preparer.convert_to_quantized(qat)
+                    report = parity_report(qat, int8_model, x)
+                    row = {"config": config_name, "requantization": requantization, "qat_steps": steps,
+                           "layers": len(report.layers), "passes": report.passes,
+                           "min_exact": min(v.exact for v in (*report.layers, report.output)),
+                           "max_steps": max(v.max_lsb for v in (*report.layers, report.output)),
+                           "top1_agreement": report.top1_agreement}
+                    if onnxruntime is not None:
+                        for form in ("qdq", "qoperator"):
+                            agreement = onnxruntime_agreement(int8_model, many, format=form)
+                            row[f"onnxruntime_{form}"] = {
+                                "exact": agreement.exact, "min_equal": min(v.equal for v in agreement.values),
+                                "max_steps": max(v.max_steps for v in agreement.values)}
+                    rows.append(row)
+                    if (config_name, requantization, steps) == ("8bit", "fixed_point", 3):
+                        timing = {}
+                        repeats = max(3, args.repeats // 4)
+                        with no_grad():
+                            settle()
+                            timing["float_ms"] = 1e3 * median_time_s(lambda: float_model(x), repeats)  # noqa: B023
+                            settle()
+                            timing["int8_ms"] = 1e3 * median_time_s(lambda: int8_model(x), repeats)  # noqa: B023
+                        if onnxruntime is not None:
+                            import tempfile
+                            with tempfile.TemporaryDirectory() as folder:
+                                path = os.path.join(folder, "model.onnx")
+                                export_onnx(int8_model, path, x[:1])
+                                session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+                                feed = {session.get_inputs()[0].name: x}
+                                timing["onnxruntime_int8_ms"] = 1e3 * median_time_s(
+                                    lambda: session.run(None, feed), repeats)  # noqa: B023
+                        result.setdefault(name, {})["inference_batch_64"] = timing
+        result.setdefault(name, {})["parity"] = rows
+    return result
+
+
 SECTIONS = {"gemm": gemm_section, "conv": conv_section, "torch": torch_section,
-            "digits_cnn_inference": digits_cnn_inference, "lookup": lookup_section}
+            "digits_cnn_inference": digits_cnn_inference, "lookup": lookup_section, "parity": parity_section}
 
 
 def hottest_loop(asm: str) -> dict:
@@ -315,6 +385,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed repetitions of each GEMM measurement")
     parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions (a smoke run)")
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
+                        help="the sections to run (default: all)")
     args = parser.parse_args()
     args.gemm_shapes = QUICK_GEMM_SHAPES if args.quick else GEMM_SHAPES
     args.conv_shape = QUICK_CONV_SHAPE if args.quick else CONV_SHAPE
@@ -322,8 +394,8 @@ def main() -> None:
         args.repeats = 3
     result = {"benchmark": "int8", "machine": machine_info(),
               "parallel_min_macs": int8_gemm.PARALLEL_MIN_MACS, "units": "GOPS = 2*M*N*K / s / 1e9"}
-    for name, section in SECTIONS.items():
-        figures = section(args)
+    for name in args.sections:
+        figures = SECTIONS[name](args)
         if figures is not None:
             result[name] = figures
     try:
