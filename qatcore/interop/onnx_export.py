@@ -32,11 +32,11 @@ A fused ReLU is ``Relu`` before the QuantizeLinear (relu then round is exactly t
 clamp at the zero point); an integer range narrower than its container (4-bit values
 in int8, say) is an integer ``Clip`` after it.
 
-What ONNX Runtime computes differs from the int8 runtime only in roundings: ONNX
-QuantizeLinear divides by the scale where qatcore multiplies by its inverse (docs/numerics.md), and
-ONNX Runtime requantizes in float32 where we use the fixed-point multiplier. A value
-changes only when it lies within about 1e-6 of a rounding boundary (see
-docs/interop.md for the measured agreement).
+What ONNX Runtime computes equals the int8 runtime at every value when the model uses
+the ``"float32"`` requantization arithmetic (its QuantizeLinear's division, its float32
+requantization; docs/numerics.md). With ``"fixed_point"`` (the default) a value differs
+by a step where it lies within float32 precision of a rounding boundary
+(``qatcore.interop.onnxruntime_agreement`` measures it; docs/interop.md).
 """
 
 from __future__ import annotations
