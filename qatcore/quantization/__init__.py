@@ -10,7 +10,14 @@ first use; new code imports them from :mod:`qatcore.quantization.qat`.
 
 from qatcore.errors import CheckpointError, ObserverError
 from qatcore.lazy_exports import lazy_exports
-from qatcore.quantization.config import Learnable, ObserverKind, QuantizationConfig, QuantMode, QuantSpec
+from qatcore.quantization.config import (
+    Learnable,
+    ObserverKind,
+    QuantizationConfig,
+    QuantMode,
+    QuantSpec,
+    Requantization,
+)
 from qatcore.quantization.dtypes import INT4, INT4_NARROW, INT8, INT8_NARROW, UINT4, UINT8, QuantDType
 from qatcore.quantization.fake_quantize import fake_quantize, fake_quantize_learnable
 from qatcore.quantization.fake_quantize_module import FakeQuantize
@@ -29,7 +36,7 @@ from qatcore.quantization.qscheme import QScheme
 
 __all__ = [
     "QuantDType", "INT8", "INT8_NARROW", "UINT8", "INT4", "INT4_NARROW", "UINT4", "QScheme", "QParams",
-    "QuantSpec", "QuantizationConfig", "QuantMode", "ObserverKind", "Learnable", "fake_quantize",
+    "QuantSpec", "QuantizationConfig", "QuantMode", "ObserverKind", "Learnable", "Requantization", "fake_quantize",
     "fake_quantize_learnable", "FakeQuantize",
     "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "PerChannelMinMaxObserver",
     "MovingAveragePerChannelMinMaxObserver", "HistogramObserver", "MSEObserver", "make_observer",
