@@ -70,11 +70,14 @@ def test_a_switched_off_quantizer_passes_its_value_in_eval_and_in_the_int8_model
     x = np.random.default_rng(2).random((16, 1, 8, 8), dtype=np.float32)
     with no_grad():
         ours = qat(x).numpy()
-    assert qat.interpreter.fallback_reason is not None  # conv2's float output reaches fc unquantized
+        # conv2 is an island of its simulation (its float output reaches fc, which is one too)
+        np.testing.assert_array_equal(ours, preparer.convert_to_quantized(qat)(x).numpy())
+    assert qat.interpreter.fallback_reason is None
     quantizer.enable_fake_quant()
     with no_grad():
-        np.testing.assert_array_equal(qat(x).numpy(), preparer.convert_to_quantized(qat)(x).numpy())
-    assert ours.shape == (16, 10)
+        again = qat(x).numpy()
+        np.testing.assert_array_equal(again, preparer.convert_to_quantized(qat)(x).numpy())
+    assert ours.shape == again.shape == (16, 10) and not np.array_equal(ours, again)
 
 
 def test_eval_before_any_observation_is_still_an_error():
@@ -102,3 +105,25 @@ def test_a_layer_disabled_at_run_time_is_a_float_island_that_converts_saves_and_
     assert qat.interpreter.fallback_reason is None
     with no_grad():
         np.testing.assert_array_equal(loaded(x).numpy(), int8_model(x).numpy())
+
+
+@pytest.mark.parametrize("quantizer", ["activation_fake_quant.x", "conv1.weight_fake_quant",
+                                       "conv1.output_fake_quant", "conv2.output_fake_quant", "fc.output_fake_quant"])
+def test_a_quantizer_switched_off_by_hand_still_converts_saves_and_matches(quantizer, tmp_path):
+    """The layer it belongs to (or, for an input quantizer, the layer it feeds) becomes a float
+    island of its simulation: its weight on the grid, its output quantized again where its
+    output quantizer is on."""
+    from qatcore.quantization.qat import load_int8_model, save_int8_model
+
+    preparer, qat = _trained(DigitsCNN(), steps=3)
+    qat.get_submodule(quantizer).fake_quant_enabled.data.fill(0)
+    int8_model = preparer.convert_to_quantized(qat)
+    kinds = [type(m).__name__ for m in int8_model.modules()]
+    assert not any(k.startswith("QAT") or k == "FakeQuantize" for k in kinds)
+    assert "Conv2d" in kinds or "Linear" in kinds  # the island's float layer
+    path = tmp_path / "switched_off.int8"
+    save_int8_model(path, int8_model)
+    x = np.random.default_rng(4).random((64, 1, 8, 8), dtype=np.float32)
+    report = parity_report(qat, load_int8_model(path), x)
+    assert report.passes, str(report)
+    assert qat.interpreter.fallback_reason is None

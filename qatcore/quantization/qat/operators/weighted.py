@@ -199,16 +199,19 @@ def _check_weight_grid(node: Node, w_qparams) -> None:
                           f"axis 0, the output channel (set weight.axis to 0)")
 
 
+def _float_layer(layer: QATLayer, bias: bool):
+    """A new float Linear / Conv2d of the QAT layer's shape (its values to be loaded)."""
+    if isinstance(layer, (QATLinear, QATLinearBn1d)):
+        return Linear(layer.in_features, layer.out_features, bias=bias, rng=np.random.default_rng(0))
+    return Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                  layer.dilation, layer.groups, bias=bias, rng=np.random.default_rng(0))
+
+
 def _float_layers(layer: QATLayer) -> list:
     """The float layers a QAT layer computes when its quantization is off: copies (the int8
     model must not change when training goes on) of its Linear or Conv2d, its BatchNorm (in
     eval mode), and a ReLU."""
-    if isinstance(layer, (QATLinear, QATLinearBn1d)):
-        float_layer = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                             rng=np.random.default_rng(0))
-    else:
-        float_layer = Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                             layer.dilation, layer.groups, bias=layer.bias is not None, rng=np.random.default_rng(0))
+    float_layer = _float_layer(layer, layer.bias is not None)
     float_layer.load_state_dict({name: value for name, value in layer.state_dict().items()
                                  if name in ("weight", "bias")})
     layers = [float_layer]
@@ -237,15 +240,54 @@ def _lower_float_island(ctx, node: Node, layer: QATLayer):
                    (value,), out)
 
 
+def _on_grid(quantizer, values: np.ndarray) -> np.ndarray:
+    """``values`` fake-quantized by ``quantizer`` when it is on and has qparams, else as they are."""
+    if (not isinstance(quantizer, FakeQuantize) or not bool(quantizer.fake_quant_enabled.data)
+            or not bool(quantizer.qparams_ready.data)):
+        return values
+    qparams = quantizer.calculate_qparams()
+    return qparams.dequantize(qparams.quantize(values)).astype(np.float32)
+
+
+def _lower_simulated_island(ctx, node: Node, layer: QATLayer):
+    """An enabled QAT layer that has no integer form here (its input arrives as floats, or one
+    of its quantizers is switched off): its float computation with the weight on its grid
+    (BatchNorm folded with the running statistics), between Dequantize and Quantize. The
+    output is quantized to its output quantizer's grid when that is on, so the integer
+    layers after it still get integers."""
+    value = ctx.as_float(node.args[0])
+    weight, bias, dead = layer.weight.data, _bias_of(layer), None
+    if isinstance(layer, FoldedBatchNorm):
+        weight, bias, dead = layer.folded_parameters()
+    weight = _on_grid(layer.weight_fake_quant, weight)
+    if dead is not None and np.any(dead):
+        weight = weight.copy()
+        weight[dead] = 0
+    float_layer = _float_layer(layer, bias is not None)
+    float_layer.load_state_dict({"weight": weight, **({} if bias is None else {"bias": bias})})
+    value = ctx.add(f"{node.name}_float", float_layer, (value,), None)[0]
+    if layer.relu:
+        value = ctx.add(f"{node.name}_relu", ReLU(), (value,), None)[0]
+    quantizer = layer.output_fake_quant
+    if (not isinstance(quantizer, FakeQuantize) or not bool(quantizer.fake_quant_enabled.data)
+            or not bool(quantizer.qparams_ready.data)):
+        return value, None
+    out = ctx.value_of(quantizer, f"{node.name} (output)")
+    return ctx.add(f"{node.name}_quantize", Quantize(out.scale, out.zero_point, out.qmin, out.qmax,
+                                                     ctx.requantization), (value,), out)
+
+
 def _lower_qat_layer(ctx, node: Node, layer: QATLayer):
     """QATLinear / QATConv2d / QATConvBn2d -> Int8Linear / Int8Conv2d (module docstring);
-    a layer switched off at run time becomes a float island; one whose weight or output
-    quantizer alone is off stays the QAT layer, computing in float."""
+    a layer switched off at run time becomes a float island of its float layers; one whose
+    input arrives as floats or one of whose quantizers is off, a float island of its
+    simulation (``_lower_simulated_island``)."""
     if not layer.enabled:
         return _lower_float_island(ctx, node, layer)
-    if any(not bool(q.fake_quant_enabled.data) for q in layer.quantizers()):
-        return None
-    _check_quantizers(node, layer)
+    _check_quantizers(node, layer)  # a layer configured without one has no integer form (a config choice)
+    if (ctx.env[node.args[0]][1] is None
+            or any(not bool(q.fake_quant_enabled.data) for q in layer.quantizers())):
+        return _lower_simulated_island(ctx, node, layer)
     x, x_value = ctx.as_int(node.args[0], f"layer {node.target!r}")
     weight = layer.weight.data
     bias = None if layer.bias is None else layer.bias.data
