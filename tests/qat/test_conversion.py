@@ -372,3 +372,43 @@ def test_a_standalone_batch_norm_is_an_integer_per_channel_affine_map(fine_tune)
     assert len(depthwise) == 1 and set(np.unique(depthwise[0].weight_q.data)) <= {-127, 127}
     assert int(depthwise[0].clamp_min.data) == int(depthwise[0].output_zero_point.data)  # the ReLU is the clamp
     assert parity_report(qat, int8_model, load_digits()[2]).passes
+
+
+class _BatchNorm1dModel(nn.Module):
+    """Linear -> ReLU -> BatchNorm1d on (N, C) and, after a reshape, on (N, C, L)."""
+
+    def __init__(self, rng):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 24, rng=rng)
+        self.relu = nn.ReLU()
+        self.bn_2d_input = nn.BatchNorm1d(24)
+        self.bn_3d_input = nn.BatchNorm1d(6)
+        self.fc2 = nn.Linear(24, 10, rng=rng)
+
+    def forward(self, x):
+        h = self.bn_2d_input(self.relu(self.fc1(x.reshape(-1, 64))))
+        h = self.bn_3d_input(h.reshape(-1, 6, 4))
+        return self.fc2(h.reshape(-1, 24))
+
+
+@pytest.mark.parametrize("requantization", ["fixed_point", "float32"])
+def test_a_standalone_batch_norm_1d_is_an_integer_per_channel_affine_map_at_any_rank(requantization, tmp_path):
+    from qatcore.quantization.qat import load_int8_model, save_int8_model
+
+    rng = np.random.default_rng(0)
+    model = _BatchNorm1dModel(rng)
+    x = load_digits()[0][:256]
+    model.train()
+    model(x)  # running statistics away from (0, 1)
+    model.bn_3d_input.weight.data[1] = -0.5
+    preparer = QATPreparer()
+    qat = preparer.prepare_for_qat(model, QuantizationConfig(requantization=requantization))
+    qat(x)
+    qat.eval()
+    int8_model = preparer.convert_to_quantized(qat)
+    kinds = [type(m).__name__ for m in int8_model.modules()]
+    assert kinds.count("Int8ChannelAffine") == 2 and "BatchNorm1d" not in kinds
+    path = tmp_path / "bn1d.int8"
+    save_int8_model(path, int8_model)
+    report = parity_report(qat, load_int8_model(path), load_digits()[2])
+    assert report.passes, str(report)

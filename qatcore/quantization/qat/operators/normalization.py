@@ -10,17 +10,19 @@ which a BatchNorm2d between two quantizers converts to as a depthwise 1x1 ``Int8
 one int8 weight per channel, w_q = 127 * sign(a_c) with the scale s_w = |a_c| / 127 (so
 w_q * s_w = a_c: a single weight per channel quantizes without error), the bias
 b_c on the int32 grid of s_x * s_w, the usual fixed-point requantization (and a ReLU
-after it as the clamp). A BatchNorm1d on its own (its input's rank is not known at
-conversion) stays a float island between Dequantize and Quantize.
+after it as the clamp). A BatchNorm1d converts to the same computation for inputs of
+any rank, ``Int8ChannelAffine`` (channels on axis 1; the depthwise 1x1 convolution on the
+input viewed as (N, C, L, 1)).
 
-ONNX: BatchNormalization with the running statistics, both ways.
+ONNX: BatchNormalization with the running statistics, both ways; an ``Int8ChannelAffine``
+is Reshape to (N, C, -1, 1), the depthwise convolution's export, Reshape back.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from qatcore.errors import ConfigError
+from qatcore.errors import ConfigError, ShapeError
 from qatcore.nn.activation import ReLU
 from qatcore.nn.batchnorm import BatchNorm1d, BatchNorm2d
 from qatcore.nn.container import Sequential
@@ -28,6 +30,8 @@ from qatcore.nn.conv import Conv2d
 from qatcore.nn.flatten import Flatten
 from qatcore.nn.linear import Linear
 from qatcore.nn.pooling import MaxPool2d
+from qatcore.quantization.int8_layers import int_input
+from qatcore.quantization.qat.operators.quantizer import int8_record
 from qatcore.quantization.qat.operators.registry import (
     OperatorRule,
     QATRole,
@@ -35,18 +39,42 @@ from qatcore.quantization.qat.operators.registry import (
     register,
     register_onnx_import,
 )
-from qatcore.quantization.qat.operators.weighted import Int8Conv2d
+from qatcore.quantization.qat.operators.weighted import Int8Conv2d, export_int8_weighted
 from qatcore.quantization.requantization import weighted_multipliers
 
-__all__: list[str] = []
+__all__ = ["Int8ChannelAffine"]
 
 
 def _export_batch_norm(ex, node, bn):
     return ex.batch_norm(node.target, ex.single_float_input(node), bn), None
 
 
-def _lower_batch_norm_2d(ctx, node, bn: BatchNorm2d):
-    """Between two quantizers: a depthwise 1x1 Int8Conv2d (module docstring). Otherwise float."""
+class Int8ChannelAffine(Int8Conv2d):
+    """A standalone BatchNorm1d: the depthwise 1x1 ``Int8Conv2d`` of the module docstring on
+    an input of any rank >= 2 with channels on axis 1, viewed as (N, C, L, 1)."""
+
+    def forward(self, x):
+        q = int_input(self, x)
+        channels = self.weight_q.data.shape[0]
+        if q.ndim < 2 or q.shape[1] != channels:
+            raise ShapeError(f"Int8ChannelAffine: expected an (N, {channels}, ...) input, got shape {q.shape}")
+        return super().forward(q.reshape(q.shape[0], channels, -1, 1)).reshape(q.shape)
+
+
+def _export_channel_affine(ex, node, module: Int8ChannelAffine):
+    name, arg = node.target, node.args[0]
+    shape = ex.shape(arg)
+    x4 = ex.b.node("Reshape", [ex.names[arg], ex.b.constant(f"{name}.shape_4d", np.array([0, shape[1], -1, 1],
+                                                                                          np.int64))],
+                   f"{name}/Reshape_4d")
+    y4, grid = export_int8_weighted(ex, node, module, x_name=x4)
+    back = ex.b.constant(f"{name}.shape", np.array([0, *shape[1:]], np.int64))
+    return ex.b.node("Reshape", [y4, back], name), grid
+
+
+def _lower_batch_norm_2d(ctx, node, bn: BatchNorm2d | BatchNorm1d):
+    """Between two quantizers: a depthwise 1x1 Int8Conv2d (module docstring), an
+    Int8ChannelAffine for a BatchNorm1d. Otherwise float."""
     source, x_value = ctx.env[node.args[0]]
     if x_value is None or not bn.track_running_stats:
         return None
@@ -67,9 +95,9 @@ def _lower_batch_norm_2d(ctx, node, bn: BatchNorm2d):
         raise ConfigError(f"int8 conversion: BatchNorm {node.target!r} has a shift that overflows int32 at s_x * s_w")
     multiplier, shift, float_multiplier = weighted_multipliers(x_value.scale, s_w, out.scale, channels)
     clamp_min = out.zero_point if relu else out.qmin
-    conv = Int8Conv2d(weight_q, bias_q.astype(np.int32), multiplier, shift, x_value.zero_point, out.scale,
-                      out.zero_point, clamp_min, out.qmin, out.qmax, float_multiplier, ctx.requantization,
-                      groups=channels)
+    cls = Int8ChannelAffine if isinstance(bn, BatchNorm1d) else Int8Conv2d
+    conv = cls(weight_q, bias_q.astype(np.int32), multiplier, shift, x_value.zero_point, out.scale,
+               out.zero_point, clamp_min, out.qmin, out.qmax, float_multiplier, ctx.requantization, groups=channels)
     ctx.absorb(chain, node)
     return ctx.add(chain[-1].name, conv, (source,), out)
 
@@ -114,7 +142,9 @@ register(
     OperatorRule(BatchNorm2d, qat=QATRole.NEW_GRID, quantize_after_activation=True, lower=_lower_batch_norm_2d,
                  export=_export_batch_norm, record=RecordRule(_config, lambda c: BatchNorm2d(**c)),
                  example=_example_2d),
-    OperatorRule(BatchNorm1d, qat=QATRole.NEW_GRID, quantize_after_activation=True, export=_export_batch_norm,
-                 record=RecordRule(_config, lambda c: BatchNorm1d(**c)), example=_example_1d),
+    OperatorRule(BatchNorm1d, qat=QATRole.NEW_GRID, quantize_after_activation=True, lower=_lower_batch_norm_2d,
+                 export=_export_batch_norm, record=RecordRule(_config, lambda c: BatchNorm1d(**c)),
+                 example=_example_1d),
+    OperatorRule(Int8ChannelAffine, export=_export_channel_affine, record=int8_record(Int8ChannelAffine)),
 )
 register_onnx_import("BatchNormalization", _import_batch_norm)

@@ -58,7 +58,7 @@ from qatcore.quantization.qat.qat_layers import (
 )
 from qatcore.quantization.requantization import weighted_multipliers
 
-__all__ = ["Int8Linear", "Int8Conv2d", "QAT_FUSIONS", "weight_scales"]
+__all__ = ["Int8Linear", "Int8Conv2d", "QAT_FUSIONS", "weight_scales", "export_int8_weighted"]
 
 
 # ---- the int8 runtime ---------------------------------------------------------------------------
@@ -403,6 +403,12 @@ def weight_scales(module: _Int8Weighted, input_scale: float) -> np.ndarray:
 
 
 def _export_int8_weighted(ex, node, module: _Int8Weighted):
+    return export_int8_weighted(ex, node, module)
+
+
+def export_int8_weighted(ex, node, module: _Int8Weighted, x_name: str | None = None):
+    """An int8 layer as ONNX (module docstring); ``x_name``: its integer input is that ONNX
+    value (a reshape of the node's input) instead of the node's input itself."""
     b = ex.b
     name = node.target
     arg = node.args[0]
@@ -419,8 +425,9 @@ def _export_int8_weighted(ex, node, module: _Int8Weighted):
     w_z = b.constant(f"{name}.weight_zero_point", np.zeros(channels, np.int8))
     bias_q = b.constant(f"{name}.bias_quantized", module.bias_q.data.astype(np.int32))
     if ex.form == "qoperator":
-        return _export_qlinear(ex, node, module, x_grid, out, relu, (w_q, w_s, w_z, bias_q)), out
-    x = ex.dequantize(arg, name)
+        return _export_qlinear(ex, node, module, x_grid, out, relu, (w_q, w_s, w_z, bias_q), x_name), out
+    x = (ex.dequantize(arg, name) if x_name is None else
+         b.node("DequantizeLinear", [x_name, *ex.grid_constants(x_grid, name)], f"{name}/DequantizeLinear"))
     w = b.node("DequantizeLinear", [w_q, w_s, w_z], f"{name}.weight/DequantizeLinear", axis=0)
     bias_scale = (np.float64(x_grid.scale) * s_w.astype(np.float64)).astype(np.float32)
     bias = b.node("DequantizeLinear", [bias_q, b.constant(f"{name}.bias_scale", bias_scale),
@@ -433,7 +440,8 @@ def _export_int8_weighted(ex, node, module: _Int8Weighted):
     return ex.quantize(y, out, name, relu), out
 
 
-def _export_qlinear(ex, node, module: _Int8Weighted, x_grid, out, relu: bool, weights: tuple) -> str:
+def _export_qlinear(ex, node, module: _Int8Weighted, x_grid, out, relu: bool, weights: tuple,
+                    x_name: str | None = None) -> str:
     """QLinearConv for convolutions; QLinearMatMul for linear layers without a bias, a 1x1
     QLinearConv (which takes the int32 bias) for those with one; the fused ReLU and narrow
     ranges as an integer Clip after it."""
@@ -442,7 +450,7 @@ def _export_qlinear(ex, node, module: _Int8Weighted, x_grid, out, relu: bool, we
     w_q, w_s, w_z, bias_q = weights
     x_s, x_z = ex.grid_constants(x_grid, f"{name}.input")
     y_s, y_z = ex.grid_constants(out, f"{name}.output")
-    x = ex.names[arg]
+    x = ex.names[arg] if x_name is None else x_name
     if isinstance(module, Int8Linear) and not np.any(module.bias_q.data):
         # no bias: QLinearMatMul on x @ W^T, per-column weight scales
         w_t = b.constant(f"{name}.weight_quantized_t", np.ascontiguousarray(module.weight_q.data.T))
