@@ -124,15 +124,7 @@ class ConversionContext:
 
     def value_of(self, quantizer: FakeQuantize, source: str) -> Int8Value:
         """The grid of an activation quantizer, checked to be one the int8 runtime can hold."""
-        qparams = quantizer.calculate_qparams()  # ObserverError names the quantizer if it never observed
-        if qparams.scale.size != 1:
-            raise ConfigError(f"int8 conversion: activation quantizer {quantizer.name!r} is per channel; "
-                              f"the int8 runtime needs per-tensor activations")
-        if qparams.dtype.bits > 8:
-            raise ConfigError(f"int8 conversion: activation quantizer {quantizer.name!r} uses {qparams.dtype}; "
-                              f"the int8 runtime needs activations of at most 8 bits (set activation.bits to 8)")
-        return Int8Value(float(qparams.scale[0]), int(qparams.zero_point[0]), qparams.qmin, qparams.qmax,
-                         source)
+        return Int8Value.of_quantizer(quantizer, source)
 
     def following_quantizer(self, node: Node, fuse_relu: bool = True) -> tuple[FakeQuantize | None, list[Node], bool]:
         """The activation quantizer right after ``node`` (possibly after one ReLU, when
