@@ -99,7 +99,6 @@ class Int8Island(Module):
         self.quantize = quantize
         self.layer = layer
         self.dequantize = dequantize
-        self.training = False
 
     def forward(self, x):
         return self.dequantize(self.layer(self.quantize(x)))
