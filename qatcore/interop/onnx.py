@@ -103,8 +103,9 @@ def export_onnx(model: Module, path, example_input, format: str = "qdq"):  # noq
     if isinstance(model, GraphModule):
         gm = model
     elif kind != "float":
-        raise InteropError("export_onnx: this QAT model was prepared in eager mode (its forward branches on "
-                           "tensor values), so it has no graph to export")
+        what = "QAT model was prepared" if kind == "qat" else "int8 model was converted from a QAT model prepared"
+        raise InteropError(f"export_onnx: this {what} in eager mode (its forward branches on tensor values), so it "
+                           f"has no graph to export")
     else:
         try:
             gm = trace(model)

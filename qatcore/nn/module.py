@@ -55,6 +55,11 @@ class RemovableHandle:
     def __init__(self, hooks: dict, key: int) -> None:
         self._hooks, self._key = hooks, key
 
+    @property
+    def key(self) -> int:
+        """The hook's key, the same in every ``copy_structure`` copy of the module (``Module.remove_hook``)."""
+        return self._key
+
     def remove(self) -> None:
         self._hooks.pop(self._key, None)
 
@@ -355,6 +360,13 @@ class Module:
         key = next(_handle_ids)
         self._forward_pre_hooks[key] = hook
         return RemovableHandle(self._forward_pre_hooks, key)
+
+    def remove_hook(self, handle: RemovableHandle) -> None:
+        """Unregister the hook of ``handle`` from this module: the module it was registered on,
+        or a ``copy_structure`` copy of it, which holds the same hooks under the same keys (the
+        int8 copy of an eager-mode QAT model drops the QAT controller's step counter this way)."""
+        self._forward_pre_hooks.pop(handle.key, None)
+        self._forward_hooks.pop(handle.key, None)
 
     def register_forward_hook(self, hook: Callable) -> RemovableHandle:
         """hook(module, args, output) runs after forward; it may return a new output."""

@@ -21,6 +21,7 @@ from qatcore.nn import functional as F  # noqa: E402
 from qatcore.quantization import FakeQuantize, QuantizationConfig, QuantSpec  # noqa: E402
 from qatcore.quantization.qat import LayerOverride, LayerwiseConfig, QATPreparer  # noqa: E402
 from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES  # noqa: E402
+from qatcore.tensor import Tensor  # noqa: E402
 
 
 def op_counts(path) -> collections.Counter:
@@ -274,10 +275,16 @@ class Branchy(nn.Module):
         return self.fc(-x)
 
 
-def test_eager_mode_qat_models_are_refused(tmp_path):
-    qat = QATPreparer().prepare_for_qat(Branchy())
-    with pytest.raises(InteropError, match="eager mode"):
-        export_onnx(qat, tmp_path / "e.onnx", np.ones((1, 4), np.float32))
+def test_eager_mode_qat_and_int8_models_are_refused(tmp_path):
+    preparer = QATPreparer()
+    qat = preparer.prepare_for_qat(Branchy())
+    x = np.ones((1, 4), np.float32)
+    with pytest.raises(InteropError, match="QAT model was prepared in eager mode"):
+        export_onnx(qat, tmp_path / "e.onnx", x)
+    qat(Tensor(x))  # observe
+    with pytest.raises(InteropError, match="int8 model was converted from a QAT model prepared in eager mode"):
+        export_onnx(preparer.convert_to_quantized(qat), tmp_path / "e.onnx", x)
+    assert not (tmp_path / "e.onnx").exists()
 
 
 def test_missing_onnx_extra_is_a_clear_error(monkeypatch, tmp_path):

@@ -14,6 +14,7 @@ from qatcore.quantization.qat.checkpointing import (
     save_qat_checkpoint,
 )
 from qatcore.quantization.qat.conversion import convert_to_quantized
+from qatcore.quantization.qat.eager_conversion import Int8Island
 from qatcore.quantization.qat.int8_model import Int8Model, ValueSource
 from qatcore.quantization.qat.int8_serialization import int8_model_from_dict, int8_model_to_dict
 from qatcore.quantization.qat.interface import IQATPreparer
@@ -30,4 +31,5 @@ __all__ = ["IQATPreparer", "QATPreparer", "LayerwiseConfig", "LayerOverride", "R
            "StatisticsConfig", "Series",
            "convert_to_quantized", "parity_report", "ParityReport", "int8_model_to_dict", "int8_model_from_dict",
            "save_qat_checkpoint", "load_qat_checkpoint", "read_qat_checkpoint", "LoadedCheckpoint",
-           "save_int8_model", "load_int8_model", "Int8Model", "ValueSource", "learnable_quantizer_parameters"]
+           "save_int8_model", "load_int8_model", "Int8Model", "ValueSource", "learnable_quantizer_parameters",
+           "Int8Island"]

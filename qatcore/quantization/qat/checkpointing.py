@@ -55,9 +55,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from qatcore.errors import CheckpointError, QATCoreError
+from qatcore.errors import CheckpointError, ConfigError, QATCoreError
 from qatcore.nn.module import Module
 from qatcore.quantization.fake_quantize_module import FakeQuantize
+from qatcore.quantization.qat.eager_conversion import EAGER_INT8_NOT_SAVABLE, holds_islands
 from qatcore.quantization.qat.int8_serialization import int8_model_from_dict, int8_model_to_dict
 from qatcore.quantization.qat.statistics import QATStatistics
 from qatcore.quantization.qat.training_integration import QATController, controller_of
@@ -309,7 +310,11 @@ def _undo_all(undo: list[tuple[str, Callable[[], Any]]]) -> list[str]:
 
 
 def save_int8_model(path, int8_model: Module) -> None:
-    """Save a converted int8 model for deployment (same container as checkpoints)."""
+    """Save a converted int8 model for deployment (same container as checkpoints). A model
+    converted from an eager-mode QAT model runs the user's own forward code and cannot be
+    saved as data: ConfigError, saying what to save instead."""
+    if isinstance(int8_model, Module) and holds_islands(int8_model):
+        raise ConfigError(f"save_int8_model: {EAGER_INT8_NOT_SAVABLE}")
     try:
         save(int8_model_to_dict(int8_model), path)
     except QATCoreError as e:

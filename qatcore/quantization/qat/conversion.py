@@ -1,4 +1,8 @@
-"""Conversion of a trained (graph-mode) QAT model to an integer-only int8 model.
+"""Conversion of a trained QAT model to an integer-only int8 model.
+
+An eager-mode QAT model (no graph: its forward branches on tensor values) converts by
+:mod:`qatcore.quantization.qat.eager_conversion`: a copy of its own module tree with each
+QAT layer an int8 island. The rest of this docstring is about graph-mode models.
 
 The QAT graph is walked in order. Every value gets the quantization parameters of
 the FakeQuantize that defined it in training, and every node is lowered by its
@@ -37,6 +41,7 @@ from qatcore.nn.module import Module
 from qatcore.quantization.config import Requantization
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.quantization.int8_layers import Dequantize
+from qatcore.quantization.qat.eager_conversion import convert_eager_model
 from qatcore.quantization.qat.int8_model import Int8Model, Int8Value, ValueSource
 from qatcore.quantization.qat.operators import rule_for_node
 from qatcore.quantization.qat.training_integration import QATController
@@ -124,15 +129,7 @@ class ConversionContext:
 
     def value_of(self, quantizer: FakeQuantize, source: str) -> Int8Value:
         """The grid of an activation quantizer, checked to be one the int8 runtime can hold."""
-        qparams = quantizer.calculate_qparams()  # ObserverError names the quantizer if it never observed
-        if qparams.scale.size != 1:
-            raise ConfigError(f"int8 conversion: activation quantizer {quantizer.name!r} is per channel; "
-                              f"the int8 runtime needs per-tensor activations")
-        if qparams.dtype.bits > 8:
-            raise ConfigError(f"int8 conversion: activation quantizer {quantizer.name!r} uses {qparams.dtype}; "
-                              f"the int8 runtime needs activations of at most 8 bits (set activation.bits to 8)")
-        return Int8Value(float(qparams.scale[0]), int(qparams.zero_point[0]), qparams.qmin, qparams.qmax,
-                         source)
+        return Int8Value.of_quantizer(quantizer, source)
 
     def following_quantizer(self, node: Node, fuse_relu: bool = True) -> tuple[FakeQuantize | None, list[Node], bool]:
         """The activation quantizer right after ``node`` (possibly after one ReLU, when
@@ -204,18 +201,18 @@ def lower_graph(ctx: ConversionContext, inputs: tuple = (), observe=None):
     return None
 
 
-def convert_to_quantized(qat_model: Module) -> Int8Model:
-    """The integer-only int8 model of a trained graph-mode QAT model (module docstring).
+def convert_to_quantized(qat_model: Module) -> Module:
+    """The integer-only int8 model of a trained QAT model (module docstring).
 
-    Calling the result on a float array or Tensor returns dequantized float outputs;
-    ``result.value_sources`` maps each integer-valued int8 node to the QAT node whose
-    value it reproduces (:class:`~qatcore.quantization.qat.int8_model.ValueSource`).
+    A graph-mode model gives an :class:`Int8Model`: calling it on a float array or Tensor
+    returns dequantized float outputs, and ``result.value_sources`` maps each integer-valued
+    int8 node to the QAT node whose value it reproduces
+    (:class:`~qatcore.quantization.qat.int8_model.ValueSource`). An eager-mode model gives a
+    copy of the model's own classes with each QAT layer an ``Int8Island`` (float in, float
+    out; :func:`~qatcore.quantization.qat.eager_conversion.convert_eager_model`).
     """
     if not isinstance(qat_model, GraphModule):
-        raise ConfigError(
-            "int8 conversion needs a graph-mode QAT model; this one was prepared in eager mode (its forward "
-            "branches on tensor values), so there is no graph to convert"
-        )
+        return convert_eager_model(qat_model, requantization_of(qat_model))
     ctx = ConversionContext(qat_model)
     lower_graph(ctx)
     ctx.graph.lint()

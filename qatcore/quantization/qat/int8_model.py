@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qatcore.errors import ConfigError
 from qatcore.graph import Graph, GraphModule
 from qatcore.nn.module import Module
+from qatcore.quantization.fake_quantize_module import FakeQuantize
 
 __all__ = ["Int8Model", "Int8Value", "ValueSource"]
 
@@ -30,6 +32,20 @@ class Int8Value:
     qmin: int
     qmax: int
     source: str
+
+    @classmethod
+    def of_quantizer(cls, quantizer: FakeQuantize, source: str) -> Int8Value:
+        """The grid of activation quantizer ``quantizer``, checked to be one the int8 runtime
+        can hold (per tensor, at most 8 bits; ConfigError naming the quantizer otherwise, and
+        ObserverError if it never observed anything)."""
+        qparams = quantizer.calculate_qparams()
+        if qparams.scale.size != 1:
+            raise ConfigError(f"int8 conversion: activation quantizer {quantizer.name!r} is per channel; "
+                              f"the int8 runtime needs per-tensor activations")
+        if qparams.dtype.bits > 8:
+            raise ConfigError(f"int8 conversion: activation quantizer {quantizer.name!r} uses {qparams.dtype}; "
+                              f"the int8 runtime needs activations of at most 8 bits (set activation.bits to 8)")
+        return cls(float(qparams.scale[0]), int(qparams.zero_point[0]), qparams.qmin, qparams.qmax, source)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ from qatcore.graph.node import Node
 from qatcore.nn import functional as F
 from qatcore.nn.module import Module
 from qatcore.quantization.int8_layers import Int8Module
+from qatcore.quantization.qat.eager_conversion import EAGER_INT8_NOT_SAVABLE, holds_islands
 from qatcore.quantization.qat.int8_model import Int8Model, ValueSource
 from qatcore.quantization.qat.operators import rule_for_module, rule_for_record, rule_for_target
 
@@ -167,6 +168,8 @@ def _unpack_args(value: Any, nodes: list[Node], where: str) -> Any:
 def int8_model_to_dict(model: Int8Model) -> dict:
     """The model as plain data (see the module docstring); ConfigError for what cannot be stored."""
     if not isinstance(model, Int8Model):
+        if isinstance(model, Module) and holds_islands(model):
+            raise ConfigError(f"int8_model_to_dict: {EAGER_INT8_NOT_SAVABLE}")
         raise ConfigError("int8_model_to_dict needs a model returned by convert_to_quantized")
     index: dict[Node, int] = {}
     records = []

@@ -31,7 +31,13 @@ preparation keeps training it.
 **Eager mode** (for models whose forward branches on tensor values, chosen
 automatically when tracing raises TraceError): a structural copy of the model
 sharing Parameters, with each enabled leaf Linear/Conv2d swapped for a QAT
-layer that quantizes its weight and its output.
+layer that quantizes its input, its weight and its output. The input quantizer
+(``<layer>.input_fake_quant``, the layer's activation spec) is there because the
+code between two layers is the user's float code: the layer's int8 form needs its
+input on a grid of its own. Each layer also gets an
+:class:`~qatcore.quantization.qat.eager_conversion.EagerIntegerEval` as its
+``interpreter``, so its eval forward without gradients is its int8 arithmetic.
+No fusion: without a graph, nothing says a BatchNorm or ReLU follows a layer.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from qatcore.graph.node import Node
 from qatcore.nn.container import ModuleList, Sequential
 from qatcore.nn.module import Module
 from qatcore.quantization.fake_quantize_module import FakeQuantize
+from qatcore.quantization.qat.eager_conversion import EagerIntegerEval
 from qatcore.quantization.qat.integer_eval import IntegerEval
 from qatcore.quantization.qat.layerwise_config import LayerwiseConfig, ResolvedLayer
 from qatcore.quantization.qat.operators import QATRole, rule_for_node, rule_for_target
@@ -274,6 +281,9 @@ def prepare_eager_mode(model: Module, layerwise: LayerwiseConfig, inplace: bool)
             continue
         weight_fq, output_fq = _make_quantizers(info, name)
         qat = rule_for_target(type(layer)).to_qat(layer, weight_fq, output_fq)
+        if info.config.mode.activations:
+            qat.set_input_fake_quant(FakeQuantize(info.config.activation, f"{name}.input"))
+        qat.interpreter = EagerIntegerEval(name, info.config.requantization)
         parent, _, leaf = name.rpartition(".")
         holder = qat_model.get_submodule(parent)
         if isinstance(holder, (Sequential, ModuleList)):

@@ -7,6 +7,19 @@ Each QAT layer registers the float layer's *own* Parameters under the same names
 it, and the QAT model's state_dict is the float model's keys plus the
 quantizers' (``<layer>.weight_fake_quant.*``, ``<layer>.output_fake_quant.*``).
 
+In eager mode a layer also quantizes its own input (``input_fake_quant``, set by
+preparation: ``<layer>.input_fake_quant.*``), because the code between two layers is
+the user's float code and the int8 form of the layer needs its input on a grid; in
+graph mode it is None (the graph's own quantizer before the layer defines the input).
+The forward is then
+
+    training, or gradients on:  y = fq_out([relu](op(fq_in(x), fq_w(W)) + b))   (the float simulation)
+    eval without gradients:     y = interpreter(layer, x)                       (when one is installed)
+
+where the interpreter eager preparation installs computes the layer's int8 arithmetic
+(:mod:`qatcore.quantization.qat.eager_conversion`) and returns ``NotImplemented`` where
+it cannot (the simulation then runs).
+
 ``QATConvBn2d`` folds a BatchNorm into the conv for fake quantization while
 training (docs/numerics.md, "BatchNorm folding"), with the running-variance correction:
 
@@ -41,7 +54,10 @@ __all__ = ["QATLayer", "QATLinear", "QATConv2d", "FoldedBatchNorm", "QATConvBn2d
 
 
 class QATLayer(Module):
-    """Base of the QAT layers: the quantizers, the relu flag, the enable switch."""
+    """Base of the QAT layers: the quantizers, the relu flag, the enable switch, and the
+    forward (module docstring); a subclass computes the float simulation in ``_simulate``."""
+
+    _simulate: Callable  # (x, already on the input grid) -> the layer's output
 
     def _init_quantizers(self, weight_fake_quant: FakeQuantize | None, output_fake_quant: FakeQuantize | None,
                          relu: bool) -> None:
@@ -51,11 +67,31 @@ class QATLayer(Module):
             self.register_buffer("weight_fake_quant", None)
         if output_fake_quant is None:
             self.register_buffer("output_fake_quant", None)
+        self.register_buffer("input_fake_quant", None)  # eager mode sets it (set_input_fake_quant)
         self.relu = bool(relu)
         # the FakeQuantize whose output this layer reads (set by preparation; its scale s_x
         # lets the eval path quantize the bias at s_x * s_w exactly as the int8 model does)
         self.set_reference("input_quantizer", None)
+        # a callable (layer, x) that may compute the forward its own way, returning NotImplemented
+        # to leave it to the simulation (eager preparation installs one that runs the layer's int8
+        # arithmetic in eval without gradients; graph mode evaluates the whole graph instead)
+        self.interpreter = None
         self.register_buffer("quant_enabled", np.ones((), dtype=np.bool_))
+
+    def set_input_fake_quant(self, quantizer: FakeQuantize) -> None:
+        """Quantize the layer's own input with ``quantizer`` (eager mode: the value arrives from
+        float code); it also becomes the ``input_quantizer`` whose scale the eval bias uses."""
+        self.input_fake_quant = quantizer
+        self.set_reference("input_quantizer", quantizer)
+
+    def forward(self, x):
+        if self.interpreter is not None:
+            y = self.interpreter(self, x)
+            if y is not NotImplemented:
+                return y
+        if self.enabled and isinstance(self.input_fake_quant, FakeQuantize):
+            x = self.input_fake_quant(x)
+        return self._simulate(x)
 
     def _adopt_conv(self, conv: Conv2d) -> None:
         """Take the conv's geometry and its very weight and bias Parameters (shared, not copied)."""
@@ -72,7 +108,9 @@ class QATLayer(Module):
         self.quant_enabled.data[...] = enabled
 
     def quantizers(self) -> list[FakeQuantize]:
-        return [q for q in (self.weight_fake_quant, self.output_fake_quant) if isinstance(q, FakeQuantize)]
+        """The layer's own quantizers: weight, output and (eager mode) input."""
+        return [q for q in (self.weight_fake_quant, self.output_fake_quant, self.input_fake_quant)
+                if isinstance(q, FakeQuantize)]
 
     def eval_bias(self, bias):
         """In eval, the bias rounded to the int32 grid of s_x * s_w (docs/numerics.md, "Bias": removes
@@ -125,7 +163,7 @@ class QATLinear(QATLayer):
         self.register_parameter("bias", linear.bias)
         self._init_quantizers(weight_fake_quant, output_fake_quant, relu)
 
-    def forward(self, x):
+    def _simulate(self, x):
         bias = self.eval_bias(self.bias) if self.enabled else self.bias
         return self._finish(self._weight_op(F.linear, x, self._quantized_weight(self.weight), bias))
 
@@ -142,7 +180,7 @@ class QATConv2d(QATLayer):
         self._adopt_conv(conv)
         self._init_quantizers(weight_fake_quant, output_fake_quant, relu)
 
-    def forward(self, x):
+    def _simulate(self, x):
         bias = self.eval_bias(self.bias) if self.enabled else self.bias
         y = self._weight_op(F.conv2d, x, self._quantized_weight(self.weight), bias, self.stride, self.padding,
                             self.dilation, self.groups)
@@ -194,7 +232,7 @@ class FoldedBatchNorm(QATLayer):
         sf = self._raw_scale_factor()
         return np.where(sf == 0, np.float32(1), sf).astype(self.weight.dtype)
 
-    def forward(self, x):
+    def _simulate(self, x):
         bn = self.bn
         if not self.enabled:
             # exactly the float layers: the layer, then batch norm

@@ -118,6 +118,7 @@ class QATController(Module):
         self._quantizers = []
         self._conv_bn_layers = []
         self._excluded = []
+        self.step_hook = None  # the RemovableHandle of the forward pre-hook attach registers
         self.register_buffer("step_count", np.zeros((), dtype=np.int64))
 
     def attach(self, model: Module) -> None:
@@ -130,7 +131,8 @@ class QATController(Module):
         for quantizer in quantizers:
             kind = "weight" if id(quantizer) in weight_quantizers else "activation"
             quantizer.recorder = (self.collector, kind)
-        model.register_forward_pre_hook(self._before_forward)
+        # kept so that a copy of the model that must not count steps can drop it (Module.remove_hook)
+        self.step_hook = model.register_forward_pre_hook(self._before_forward)
         self.apply_schedule()
 
     def exclude(self, quantizer: FakeQuantize) -> None:

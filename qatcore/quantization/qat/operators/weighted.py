@@ -40,6 +40,7 @@ from qatcore.nn.parameter import Parameter
 from qatcore.quantization.config import Requantization
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.quantization.int8_layers import OUTPUT_STATE, Int8Module, Quantize, int_input
+from qatcore.quantization.qat.int8_model import Int8Value
 from qatcore.quantization.qat.operators.quantizer import int8_record
 from qatcore.quantization.qat.operators.registry import (
     OperatorRule,
@@ -58,7 +59,8 @@ from qatcore.quantization.qat.qat_layers import (
 )
 from qatcore.quantization.requantization import weighted_multipliers
 
-__all__ = ["Int8Linear", "Int8Conv2d", "QAT_FUSIONS", "weight_scales", "export_int8_weighted"]
+__all__ = ["Int8Linear", "Int8Conv2d", "QAT_FUSIONS", "weight_scales", "int8_weighted_layer", "float_layers",
+           "computes_in_float", "export_int8_weighted"]
 
 
 # ---- the int8 runtime ---------------------------------------------------------------------------
@@ -174,20 +176,20 @@ QAT_FUSIONS = (
 
 
 # ---- conversion -----------------------------------------------------------------------------------
-def _check_quantizers(node: Node, layer: QATLayer) -> None:
+def _check_quantizers(name: str, layer: QATLayer) -> None:
     if layer.weight_fake_quant is None or layer.output_fake_quant is None:
         quantized = "outputs" if layer.weight_fake_quant is None else "weights"
         raise ConfigError(
-            f"int8 conversion: layer {node.target!r} quantizes only its {quantized}; an integer-only model "
+            f"int8 conversion: layer {name!r} quantizes only its {quantized}; an integer-only model "
             f"needs both (convert models prepared with mode weights_and_activations)"
         )
 
 
-def _check_weight_grid(node: Node, w_qparams) -> None:
+def _check_weight_grid(name: str, w_qparams) -> None:
     """The int8 kernels take weights as signed 8-bit integers with zero point 0, one scale
     per tensor or per output channel (axis 0); any other trained grid is refused here rather
     than converted into a model that computes something else."""
-    where = f"int8 conversion: layer {node.target!r} weight quantizer"
+    where = f"int8 conversion: layer {name!r} weight quantizer"
     if w_qparams.dtype.qmin < -128 or w_qparams.dtype.qmax > 127 or not w_qparams.dtype.signed:
         raise ConfigError(f"{where} uses {w_qparams.dtype}; the int8 model needs signed weights of at most "
                           f"8 bits (set weight.signed to true and weight.bits to at most 8)")
@@ -207,7 +209,7 @@ def _float_layer(layer: QATLayer, bias: bool):
                   layer.dilation, layer.groups, bias=bias, rng=np.random.default_rng(0))
 
 
-def _float_layers(layer: QATLayer) -> list:
+def float_layers(layer: QATLayer) -> list:
     """The float layers a QAT layer computes when its quantization is off: copies (the int8
     model must not change when training goes on) of its Linear or Conv2d, its BatchNorm (in
     eval mode), and a ReLU."""
@@ -230,7 +232,7 @@ def _lower_float_island(ctx, node: Node, layer: QATLayer):
     Dequantize and Quantize. The output is quantized to the grid its output quantizer learned
     (when it has one), so the integer layers after it still get integers."""
     value = ctx.as_float(node.args[0])
-    for i, float_layer in enumerate(_float_layers(layer)):
+    for i, float_layer in enumerate(float_layers(layer)):
         value = ctx.add(f"{node.name}_float_{i}", float_layer, (value,), None)[0]
     quantizer = layer.output_fake_quant
     if not isinstance(quantizer, FakeQuantize) or not bool(quantizer.qparams_ready.data):
@@ -277,29 +279,23 @@ def _lower_simulated_island(ctx, node: Node, layer: QATLayer):
                                                      ctx.requantization), (value,), out)
 
 
-def _lower_qat_layer(ctx, node: Node, layer: QATLayer):
-    """QATLinear / QATConv2d / QATConvBn2d -> Int8Linear / Int8Conv2d (module docstring);
-    a layer switched off at run time becomes a float island of its float layers; one whose
-    input arrives as floats or one of whose quantizers is off, a float island of its
-    simulation (``_lower_simulated_island``)."""
-    if not layer.enabled:
-        return _lower_float_island(ctx, node, layer)
-    _check_quantizers(node, layer)  # a layer configured without one has no integer form (a config choice)
-    if (ctx.env[node.args[0]][1] is None
-            or any(not bool(q.fake_quant_enabled.data) for q in layer.quantizers())):
-        return _lower_simulated_island(ctx, node, layer)
-    x, x_value = ctx.as_int(node.args[0], f"layer {node.target!r}")
+def int8_weighted_layer(layer: QATLayer, name: str, x_value: Int8Value, out: Int8Value,
+                        requantization: Requantization) -> _Int8Weighted:
+    """The Int8Linear / Int8Conv2d computing enabled QAT layer ``layer`` (called ``name`` in
+    errors) on integers of grid ``x_value``, with its output on grid ``out`` (module docstring).
+    Graph conversion, the eager-mode conversion and the eager-mode eval forward all build the
+    layer's int8 form here, so they compute the same function."""
+    _check_quantizers(name, layer)
     weight = layer.weight.data
     bias = None if layer.bias is None else layer.bias.data
     dead = None
     if isinstance(layer, FoldedBatchNorm):
         weight, bias, dead = layer.folded_parameters()  # exactly what training quantized
     w_qparams = layer.weight_fake_quant.calculate_qparams()
-    _check_weight_grid(node, w_qparams)
+    _check_weight_grid(name, w_qparams)
     weight_q = w_qparams.quantize(weight)
     if dead is not None:
         weight_q[dead] = 0  # channels with gamma == 0 output beta whatever the conv computes
-    out = ctx.value_of(layer.output_fake_quant, f"{node.name} (output)")
     s_w = w_qparams.scale.astype(np.float64)
     if s_w.size == 1:
         s_w = np.full(weight.shape[0], s_w[0])
@@ -307,17 +303,42 @@ def _lower_qat_layer(ctx, node: Node, layer: QATLayer):
     bias_q = (np.zeros(weight.shape[0], np.int64) if bias is None
               else np.rint(bias.astype(np.float64) / bias_scale).astype(np.int64))
     if np.any(np.abs(bias_q) >= 2**31):
-        raise ConfigError(f"int8 conversion: layer {node.target!r} has a bias that overflows int32 at s_x * s_w")
+        raise ConfigError(f"int8 conversion: layer {name!r} has a bias that overflows int32 at s_x * s_w")
     multiplier, shift, float_multiplier = weighted_multipliers(x_value.scale, w_qparams.scale, out.scale,
                                                                weight.shape[0])
     clamp_min = out.zero_point if layer.relu else out.qmin
     args = (weight_q.astype(np.int8), bias_q.astype(np.int32), multiplier, shift, x_value.zero_point, out.scale,
-            out.zero_point, clamp_min, out.qmin, out.qmax, float_multiplier, ctx.requantization)
+            out.zero_point, clamp_min, out.qmin, out.qmax, float_multiplier, requantization)
     if isinstance(layer, (QATLinear, QATLinearBn1d)):
-        module = Int8Linear(*args)
-    else:
-        module = Int8Conv2d(*args, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                            groups=layer.groups)
+        return Int8Linear(*args)
+    return Int8Conv2d(*args, stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+
+
+def computes_in_float(layer: QATLayer) -> str | None:
+    """Why ``layer`` computes in float rather than in integers, or None: switched off at run
+    time (``preparer.disable``), or one of its quantizers is off (the schedule's quant delay,
+    ``preparer.disable`` of a quantizer)."""
+    if not layer.enabled:
+        return "quantization is disabled for this layer"
+    off = [q.name for q in layer.quantizers() if not bool(q.fake_quant_enabled.data)]
+    if off:
+        return f"fake quantization is off in {', '.join(off)}"
+    return None
+
+
+def _lower_qat_layer(ctx, node: Node, layer: QATLayer):
+    """QATLinear / QATConv2d / QATConvBn2d -> Int8Linear / Int8Conv2d (module docstring);
+    a layer switched off at run time becomes a float island of its float layers; one whose
+    input arrives as floats or one of whose quantizers is off, a float island of its
+    simulation (``_lower_simulated_island``)."""
+    if not layer.enabled:
+        return _lower_float_island(ctx, node, layer)
+    _check_quantizers(node.target, layer)  # a layer configured without one has no integer form (a config choice)
+    if ctx.env[node.args[0]][1] is None or computes_in_float(layer) is not None:
+        return _lower_simulated_island(ctx, node, layer)
+    x, x_value = ctx.as_int(node.args[0], f"layer {node.target!r}")
+    out = ctx.value_of(layer.output_fake_quant, f"{node.name} (output)")
+    module = int8_weighted_layer(layer, node.target, x_value, out, ctx.requantization)
     return ctx.add(node.name, module, (x,), out)
 
 
