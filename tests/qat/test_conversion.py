@@ -144,10 +144,24 @@ def test_grids_the_int8_kernels_cannot_run_are_refused(config, message):
         preparer.convert_to_quantized(qat)
 
 
-def test_weights_only_models_are_refused_with_the_reason(fine_tune):
-    _, qat = fine_tune(DigitsCNN(), QuantizationConfig.weights_only(), epochs=1)
-    with pytest.raises(ConfigError, match="quantizes only its weights"):
-        QATPreparer().convert_to_quantized(qat)
+@pytest.mark.parametrize("model", [DigitsCNN, SmallResNet])
+def test_weights_only_models_convert_to_int8_weights_with_float_activations(fine_tune, model, tmp_path):
+    from qatcore.quantization.qat import load_int8_model, save_int8_model
+    from qatcore.quantization.qat.operators.weighted import Int8WeightOnly
+
+    _, qat = fine_tune(model(), QuantizationConfig.weights_only(), epochs=1)
+    int8_model = QATPreparer().convert_to_quantized(qat.eval())
+    layers = [m for m in int8_model.modules() if isinstance(m, Int8WeightOnly)]
+    assert len(layers) == sum(1 for m in qat.modules() if type(m).__name__.startswith("QAT") and
+                              type(m).__name__ != "QATController")
+    assert all(layer.weight_q.data.dtype == np.int8 for layer in layers)
+    path = tmp_path / "weights_only.int8"
+    save_int8_model(path, int8_model)
+    x = load_digits()[2]
+    with qatcore.no_grad():
+        expected = qat(x).numpy()  # the QAT eval forward: the same float computation on the grid weights
+        assert qat.interpreter.fallback_reason is None
+        np.testing.assert_array_equal(load_int8_model(path)(x).numpy(), expected)
 
 
 def test_int8_model_accepts_tensor_and_array(digits_qat):

@@ -56,11 +56,12 @@ def test_eval_with_gradients_is_the_differentiable_float_simulation():
 
 
 def test_a_model_the_int8_runtime_cannot_hold_evaluates_in_float_and_says_why():
-    _, qat = _trained(DigitsCNN(), QuantizationConfig.weights_only(), steps=2)
+    twelve_bit = QuantizationConfig().activation.replace(bits=12)
+    _, qat = _trained(DigitsCNN(), QuantizationConfig(activation=twelve_bit), steps=2)
     with no_grad():
         out = qat(np.zeros((2, 1, 8, 8), np.float32))
     assert out.shape == (2, 10)
-    assert "quantizes only its weights" in qat.interpreter.fallback_reason
+    assert "activations of at most 8 bits (set activation.bits to 8)" in qat.interpreter.fallback_reason
 
 
 def test_a_switched_off_quantizer_passes_its_value_in_eval_and_in_the_int8_model():

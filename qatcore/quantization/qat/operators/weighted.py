@@ -58,9 +58,10 @@ from qatcore.quantization.qat.qat_layers import (
     QATLinearBn1d,
 )
 from qatcore.quantization.requantization import weighted_multipliers
+from qatcore.tensor import Tensor
 
-__all__ = ["Int8Linear", "Int8Conv2d", "QAT_FUSIONS", "weight_scales", "int8_weighted_layer", "float_layers",
-           "computes_in_float", "export_int8_weighted"]
+__all__ = ["Int8Linear", "Int8Conv2d", "Int8WeightOnly", "QAT_FUSIONS", "weight_scales", "int8_weighted_layer",
+           "float_layers", "computes_in_float", "export_int8_weighted"]
 
 
 # ---- the int8 runtime ---------------------------------------------------------------------------
@@ -111,6 +112,51 @@ class _Int8Weighted(Int8Module):
             multiplier, shift = self.multiplier.data, self.shift.data
         return (self.bias_q.data, multiplier, shift, int(self.output_zero_point.data), int(self.clamp_min.data), qmax,
                 self.out_dtype)
+
+
+class Int8WeightOnly(Int8Module):
+    """A layer quantized in its weights only (mode ``weights_only``, or a layer override):
+    int8 weights with float activations. The weight is stored as the integers q and their
+    per-channel scales, and each call computes in float32 with ``q * s``, the very grid values
+    the QAT layer computes with (BatchNorm folded with the running statistics), then the
+    float bias and the fused ReLU.
+
+    ``kind`` is "linear" or "conv2d" (with the convolution's geometry)."""
+
+    STATE = (("weight_q", "|i1"), ("weight_scale", "<f4"), ("bias", "<f4"))
+    CONFIG_KEYS = ("kind", "stride", "padding", "dilation", "groups", "relu")
+
+    def __init__(self, weight_q: np.ndarray, weight_scale: np.ndarray, bias: np.ndarray | None, relu: bool,
+                 kind: str, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1) -> None:
+        super().__init__()
+        if weight_q.dtype != np.int8:
+            raise DTypeError(f"Int8WeightOnly: weights must be int8, got {weight_q.dtype}")
+        if kind not in ("linear", "conv2d"):
+            raise ConfigError(f"Int8WeightOnly: kind must be 'linear' or 'conv2d', got {kind!r}")
+        self.register_buffer("weight_q", weight_q)
+        self.register_buffer("weight_scale", np.asarray(weight_scale, dtype=np.float32).reshape(-1))
+        self.register_buffer("bias", np.zeros(0, np.float32) if bias is None else np.asarray(bias, np.float32))
+        self.kind, self.relu = kind, bool(relu)
+        self.stride, self.padding, self.dilation, self.groups = tuple(stride), tuple(padding), tuple(dilation), groups
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "stride": list(self.stride), "padding": list(self.padding),
+                "dilation": list(self.dilation), "groups": self.groups, "relu": self.relu}
+
+    def weight(self) -> np.ndarray:
+        """The float32 grid values q * s (per output channel)."""
+        shape = (-1,) + (1,) * (self.weight_q.data.ndim - 1)
+        return self.weight_q.data.astype(np.float32) * self.weight_scale.data.reshape(shape)
+
+    def forward(self, x):
+        x = x if isinstance(x, Tensor) else Tensor._from_array(np.asarray(x, np.float32), requires_grad=False)
+        weight = Tensor._from_array(self.weight(), requires_grad=False)
+        bias = Tensor._from_array(self.bias.data, requires_grad=False) if self.bias.data.size else None
+        if self.kind == "linear":
+            y = F.linear(x, weight, bias)
+        else:
+            y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.relu(y) if self.relu else y
 
 
 class Int8Linear(_Int8Weighted):
@@ -326,6 +372,25 @@ def computes_in_float(layer: QATLayer) -> str | None:
     return None
 
 
+def _lower_weight_only(ctx, node: Node, layer: QATLayer):
+    """A layer that quantizes only its weights: an ``Int8WeightOnly`` on the float value."""
+    weight, bias, dead = layer.weight.data, _bias_of(layer), None
+    if isinstance(layer, FoldedBatchNorm):
+        weight, bias, dead = layer.folded_parameters()
+    w_qparams = layer.weight_fake_quant.calculate_qparams()
+    _check_weight_grid(node.target, w_qparams)
+    weight_q = w_qparams.quantize(weight)
+    if dead is not None:
+        weight_q[dead] = 0
+    scale = np.broadcast_to(w_qparams.scale.astype(np.float32).reshape(-1), (weight.shape[0],))
+    if isinstance(layer, (QATLinear, QATLinearBn1d)):
+        module = Int8WeightOnly(weight_q.astype(np.int8), scale, bias, layer.relu, "linear")
+    else:
+        module = Int8WeightOnly(weight_q.astype(np.int8), scale, bias, layer.relu, "conv2d", layer.stride,
+                                layer.padding, layer.dilation, layer.groups)
+    return ctx.add(node.name, module, (ctx.as_float(node.args[0]),), None)
+
+
 def _lower_qat_layer(ctx, node: Node, layer: QATLayer):
     """QATLinear / QATConv2d / QATConvBn2d -> Int8Linear / Int8Conv2d (module docstring);
     a layer switched off at run time becomes a float island of its float layers; one whose
@@ -333,8 +398,11 @@ def _lower_qat_layer(ctx, node: Node, layer: QATLayer):
     simulation (``_lower_simulated_island``)."""
     if not layer.enabled:
         return _lower_float_island(ctx, node, layer)
-    _check_quantizers(node.target, layer)  # a layer configured without one has no integer form (a config choice)
-    if ctx.env[node.args[0]][1] is None or computes_in_float(layer) is not None:
+    if layer.output_fake_quant is None and isinstance(layer.weight_fake_quant, FakeQuantize):
+        if bool(layer.weight_fake_quant.fake_quant_enabled.data):
+            return _lower_weight_only(ctx, node, layer)  # configured weights only: int8 weights, float activations
+        return _lower_simulated_island(ctx, node, layer)
+    if layer.weight_fake_quant is None or ctx.env[node.args[0]][1] is None or computes_in_float(layer) is not None:
         return _lower_simulated_island(ctx, node, layer)
     x, x_value = ctx.as_int(node.args[0], f"layer {node.target!r}")
     out = ctx.value_of(layer.output_fake_quant, f"{node.name} (output)")
@@ -459,6 +527,26 @@ def export_int8_weighted(ex, node, module: _Int8Weighted, x_name: str | None = N
     else:
         y = ex.conv(f"{name}/Conv", x, w, bias, weight_q.shape[2:], geometry(module))
     return ex.quantize(y, out, name, relu), out
+
+
+def _export_weight_only(ex, node, module: Int8WeightOnly):
+    """DequantizeLinear of the int8 weight (per channel, axis 0) feeding Gemm / Conv on the
+    float input, the float bias, and a Relu for the fused ReLU."""
+    b, name, arg = ex.b, node.target, node.args[0]
+    x = ex.single_float_input(node)
+    channels = module.weight_q.data.shape[0]
+    w = b.node("DequantizeLinear", [b.constant(f"{name}.weight_quantized", module.weight_q.data),
+                                    b.constant(f"{name}.weight_scale", module.weight_scale.data),
+                                    b.constant(f"{name}.weight_zero_point", np.zeros(channels, np.int8))],
+               f"{name}.weight/DequantizeLinear", axis=0)
+    bias = b.constant(f"{name}.bias", module.bias.data) if module.bias.data.size else None
+    if module.kind == "linear":
+        y = ex.linear(f"{name}/Gemm" if module.relu else name, x, ex.shape(arg), None, None, weight_name=w,
+                      bias_name=bias)
+    else:
+        y = ex.conv(f"{name}/Conv" if module.relu else name, x, w, bias, module.weight_q.data.shape[2:],
+                    geometry(module))
+    return (b.node("Relu", [y], name) if module.relu else y), None
 
 
 def _export_qlinear(ex, node, module: _Int8Weighted, x_grid, out, relu: bool, weights: tuple,
@@ -653,6 +741,7 @@ register(
     OperatorRule(QATLinearBn1d, qat=QATRole.QUANTIZER, lower=_lower_qat_layer, export=_export_qat_layer),
     OperatorRule(Int8Linear, export=_export_int8_weighted, record=int8_record(Int8Linear)),
     OperatorRule(Int8Conv2d, export=_export_int8_weighted, record=int8_record(Int8Conv2d)),
+    OperatorRule(Int8WeightOnly, export=_export_weight_only, record=int8_record(Int8WeightOnly)),
     OperatorRule(F.linear, export=_export_f_linear, example=lambda: (_FunctionalLinear(), (3, 12))),
     OperatorRule(F.conv2d, export=_export_f_conv2d, example=lambda: (_FunctionalConv(), (2, 2, 5, 5))),
 )
