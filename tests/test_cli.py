@@ -143,3 +143,45 @@ def test_console_entry_point_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert 0.0 < float(proc.stdout.strip()) <= 1.0
     assert proc.stderr == ""  # no progress display when stderr is not a terminal
+
+
+def _doc_configs():
+    """Every TOML or JSON config block of the docs and the README, as (file, index, suffix, text)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    found = []
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for i, (kind, text) in enumerate(re.findall(r"```(toml|json)\n(.*?)```", path.read_text(), re.S)):
+            found.append((path.name, i, kind, text))
+    return found
+
+
+@pytest.mark.parametrize("source, index, kind, text", _doc_configs(),
+                         ids=[f"{name}-{i}" for name, i, _, _ in _doc_configs()])
+def test_every_config_in_the_docs_runs_to_the_end_through_the_cli(tmp_path, source, index, kind, text):
+    if kind == "toml":
+        pytest.importorskip("tomllib", reason="TOML configs need Python 3.11+")
+    config = tmp_path / f"config.{kind}"
+    config.write_text(text)
+    folder = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "qatcore", "run", "--model", "cnn", "--epochs", "1",
+                             "--qat-epochs", "1", "--config", str(config), "--output", str(folder), "--json"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert (folder / "model.int8").is_file() and json.loads(result.stdout)["int8_accuracy"] > 0.5
+
+
+def test_a_config_that_cannot_convert_is_refused_before_training(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text('{"global": {"activation": {"bits": 12}}}')
+    folder = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "qatcore", "run", "--model", "cnn", "--epochs", "30",
+                             "--config", str(config), "--output", str(folder)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1
+    assert "set activation.bits to 8" in line and "nothing was trained" in line
+    assert not folder.exists()  # refused before the float stage, which writes its checkpoints there

@@ -18,15 +18,37 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
+from qatcore.autograd import no_grad
+from qatcore.errors import ConfigError
 from qatcore.nn import Module
 from qatcore.optim import SGD, CosineAnnealingLR
 from qatcore.pipeline.float_training import FloatResult, FloatTraining
-from qatcore.pipeline.settings import RunSettings
+from qatcore.pipeline.settings import RunSettings, make_model
 from qatcore.pipeline.training_loop import train_epochs
 from qatcore.quantization.qat import LayerwiseConfig, QATPreparer
 from qatcore.training import evaluate_accuracy
 
-__all__ = ["QATTraining", "QATResult", "fine_tune_qat", "make_qat_optimizer"]
+__all__ = ["QATTraining", "QATResult", "fine_tune_qat", "make_qat_optimizer", "check_config_converts"]
+
+
+def check_config_converts(settings: RunSettings, layerwise: LayerwiseConfig, dataset) -> None:
+    """Refuse, before any training, a config whose QAT model could not become an integer model:
+    a fresh model of the run is prepared with ``layerwise``, observes one training batch and
+    is converted (a fraction of a second on the digits). Raises the conversion's ConfigError,
+    which names the layer and the field to change, saying that nothing was trained."""
+    rng = np.random.default_rng(settings.seed)
+    model = make_model(settings.model, rng, dataset.image_size, dataset.channels)
+    preparer = QATPreparer(check_optimizers=False)
+    qat_model = preparer.prepare_for_qat(model, layerwise)
+    with no_grad():
+        qat_model.train()
+        qat_model(dataset.x_train[:settings.batch_size])
+    try:
+        preparer.convert_to_quantized(qat_model.eval())
+    except ConfigError as e:
+        raise ConfigError(f"{e} (checked before training: nothing was trained)") from None
 
 
 def make_qat_optimizer(parameters, settings: RunSettings) -> SGD:

@@ -39,7 +39,7 @@ from qatcore.autograd import no_grad
 from qatcore.errors import QATCoreError, RunInterrupted
 from qatcore.nn import Module
 from qatcore.pipeline.float_training import FloatTraining
-from qatcore.pipeline.qat_training import QATTraining
+from qatcore.pipeline.qat_training import QATTraining, check_config_converts
 from qatcore.pipeline.report import RunResult, format_report
 from qatcore.pipeline.resume import (
     RESUME_FILE,
@@ -105,6 +105,8 @@ def _run(settings: RunSettings, folder: Path, point: ResumePoint | None, start: 
     progress = on_progress if on_progress is not None else (lambda text: None)
     layerwise = load_layerwise_config(settings)
     dataset = load_dataset(settings)
+    if point is None:
+        check_config_converts(settings, layerwise, dataset)
     folder.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be usable
     float_training = FloatTraining.start(settings, dataset)
     stop_checks = contextlib.nullcontext(should_stop) if should_stop is not None else stop_on_sigint()
