@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"reference model (default: {DEFAULTS.model})")
     run.add_argument("--config", type=Path, help="layer-wise QAT config, JSON or TOML (see docs/getting_started.md)")
     run.add_argument("--bits", type=int, default=DEFAULTS.bits,
-                     help=f"weight bits of the default config, 2-8 (default: {DEFAULTS.bits})")
+                     help=f"weight bits of the default config, 2-8; below 8 the weight scales are learned "
+                          f"(LSQ). Not with --config, whose file sets its bits (default: {DEFAULTS.bits})")
     run.add_argument("--epochs", type=_positive_int, default=DEFAULTS.epochs,
                      help=f"float training epochs (default: {DEFAULTS.epochs})")
     run.add_argument("--qat-epochs", type=_positive_int, default=DEFAULTS.qat_epochs,

@@ -185,3 +185,36 @@ def test_a_config_that_cannot_convert_is_refused_before_training(tmp_path):
     assert len(line.splitlines()) == 1
     assert "set activation.bits to 8" in line and "nothing was trained" in line
     assert not folder.exists()  # refused before the float stage, which writes its checkpoints there
+
+
+def test_bits_is_recorded_with_its_scheme_and_a_4_bit_model_is_not_called_int8(tmp_path):
+    folder = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "qatcore", "run", "--model", "cnn", "--epochs", "1",
+                             "--qat-epochs", "1", "--bits", "4", "--output", str(folder)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((folder / "result.json").read_text())
+    assert (record["bits"], record["activation_bits"]) == (4, 8)
+    assert record["scheme"] == "weights int4 per-channel symmetric, LSQ; activations uint8 per-tensor affine"
+    assert "accuracy (float / QAT / integer)" in result.stdout and "/ int8)" not in result.stdout
+    assert record["scheme"] in result.stdout
+
+
+def test_a_config_file_records_its_own_bits(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text('{"global": {"weight": {"bits": 6, "signed": true, "narrow_range": true, '
+                      '"scheme": "per_channel_symmetric", "axis": 0, "observer": "minmax"}}}')
+    folder = tmp_path / "run"
+    assert main(["run", *SMALL, "--config", str(config), "--output", str(folder), "--quiet"]) == 0
+    record = json.loads((folder / "result.json").read_text())
+    assert (record["bits"], record["activation_bits"]) == (6, 8) and "int6" in record["scheme"]
+
+
+def test_bits_with_a_config_file_is_refused_in_one_line_naming_the_field(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text("{}")
+    folder = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "qatcore", "run", "--bits", "4", "--config", str(config),
+                             "--output", str(folder)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and not folder.exists()
+    assert len(result.stderr.strip().splitlines()) == 1 and '"weight": {"bits": 4}' in result.stderr

@@ -33,6 +33,7 @@ from qatcore.pipeline.settings import (
     Dataset,
     ReferenceModel,
     RunSettings,
+    describe_scheme,
     load_dataset,
     load_layerwise_config,
     make_model,
@@ -41,7 +42,7 @@ from qatcore.pipeline.settings import (
 
 __all__ = [
     "RunSettings", "MODELS", "ReferenceModel", "make_model", "model_input", "load_layerwise_config", "Dataset",
-    "load_dataset",
+    "load_dataset", "describe_scheme",
     "FloatTraining", "FloatResult", "train_float", "QATTraining", "QATResult", "fine_tune_qat",
     "run_pipeline", "resume_pipeline", "inference_ms", "RunResult", "format_summary", "format_report",
 ]

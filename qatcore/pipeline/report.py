@@ -28,7 +28,9 @@ class RunResult:
     """What one run measured and made.
 
     The record (in this order): the settings that shaped it (model, dataset, seed, epochs,
-    qat_epochs, bits), the split sizes, float / QAT / int8 test accuracy, the float and
+    qat_epochs), the weight and activation bits of the config used (``bits``,
+    ``activation_bits``: from ``--bits`` or the config file; 32 for float) and its ``scheme``
+    in words, the split sizes, float / QAT / int8 test accuracy, the float and
     int8 file sizes in bytes, the median inference time on the test set in ms, the
     int8-vs-QAT parity of the output (fraction exact, largest difference in output steps,
     top-1 agreement), the wall time, the run folder and whether ``statistics.png`` was
@@ -42,6 +44,8 @@ class RunResult:
     epochs: int
     qat_epochs: int
     bits: int
+    activation_bits: int
+    scheme: str
     train_samples: int
     test_samples: int
     float_accuracy: float
@@ -69,17 +73,25 @@ class RunResult:
                                      if f.metadata.get("record", True)}}
 
 
+def integer_label(result: RunResult) -> str:
+    """"int8" when weights and activations are 8-bit, else "integer" (a 4-bit model is not int8)."""
+    return "int8" if (result.bits, result.activation_bits) == (8, 8) else "integer"
+
+
 def format_summary(result: RunResult) -> str:
-    """The table ``qatcore run`` prints: accuracy, size, speed, parity and time."""
+    """The table ``qatcore run`` prints: the scheme, accuracy, size, speed, parity and time
+    (the converted model is called "int8" only when it is 8-bit, else "integer")."""
+    label = integer_label(result)
     rows = [
-        ("accuracy (float / QAT / int8)", f"{100 * result.float_accuracy:.2f}% / "
+        ("quantization", result.scheme),
+        (f"accuracy (float / QAT / {label})", f"{100 * result.float_accuracy:.2f}% / "
                                           f"{100 * result.qat_accuracy:.2f}% / "
                                           f"{100 * result.int8_accuracy:.2f}%"),
-        ("model size (float / int8)", f"{result.float_model_bytes:,} / {result.int8_model_bytes:,} bytes "
+        (f"model size (float / {label})", f"{result.float_model_bytes:,} / {result.int8_model_bytes:,} bytes "
                                       f"({100 * result.int8_model_bytes / result.float_model_bytes:.1f}%)"),
-        ("inference on the test set (float / int8)", f"{result.float_inference_ms:.2f} / "
+        (f"inference on the test set (float / {label})", f"{result.float_inference_ms:.2f} / "
                                                      f"{result.int8_inference_ms:.2f} ms"),
-        ("int8 vs QAT outputs", f"{100 * result.parity_exact:.3f}% exact, max {result.parity_max_lsb:g} LSB, "
+        (f"{label} vs QAT outputs", f"{100 * result.parity_exact:.3f}% exact, max {result.parity_max_lsb:g} LSB, "
                                 f"top-1 agreement {100 * (result.top1_agreement or 0):.2f}%"),
         ("wall time", f"{result.wall_time_s:.1f} s"),
     ]

@@ -50,7 +50,7 @@ from qatcore.pipeline.resume import (
     save_float_resume,
     save_qat_resume,
 )
-from qatcore.pipeline.settings import RunSettings, load_dataset, load_layerwise_config
+from qatcore.pipeline.settings import RunSettings, describe_scheme, load_dataset, load_layerwise_config
 from qatcore.pipeline.training_loop import stop_on_sigint
 from qatcore.quantization.qat import QATPreparer, parity_report, save_int8_model, save_qat_checkpoint
 from qatcore.training import evaluate_accuracy
@@ -147,9 +147,10 @@ def _run(settings: RunSettings, folder: Path, point: ResumePoint | None, start: 
     float_model = float_training.model
     float_ms, int8_ms = inference_ms(float_model, x_test), inference_ms(int8_model, x_test)
     (folder / RESUME_FILE).unlink(missing_ok=True)
+    weight_bits, activation_bits, scheme = describe_scheme(layerwise)
     result = RunResult(
         model=settings.model, dataset=dataset.name, seed=settings.seed, epochs=settings.epochs,
-        qat_epochs=settings.qat_epochs, bits=settings.bits,
+        qat_epochs=settings.qat_epochs, bits=weight_bits, activation_bits=activation_bits, scheme=scheme,
         train_samples=int(len(dataset.x_train)), test_samples=int(len(x_test)),
         float_accuracy=float_accuracy, qat_accuracy=qat_accuracy, int8_accuracy=int8_accuracy,
         float_model_bytes=(folder / "float.qat").stat().st_size,

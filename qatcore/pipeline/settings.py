@@ -101,7 +101,9 @@ class RunSettings:
         model: a key of ``MODELS`` ("mlp", "cnn", "resnet", "resnet20", "mobilenetv2").
         config: a layer-wise QAT config file (JSON, or TOML on Python 3.11+), or None
             for the default config with ``bits``-bit weights.
-        bits: weight bits of the default config, 2..8 (the int8 runtime's range).
+        bits: weight bits of the default config, 2..8 (the int8 runtime's range); below 8
+            the weight scales are learned (LSQ, ``QuantizationConfig.lsq_4bit_weights`` at that
+            width). Only without ``config``: a config file sets its own bits.
         epochs, qat_epochs: float training and QAT fine-tuning epochs (positive).
         lr: the float SGD learning rate; fine-tuning uses ``qat_lr`` (a fifth of it).
         batch_size: positive.  seed: the seed of every random choice (>= 0).
@@ -129,6 +131,9 @@ class RunSettings:
             raise ConfigError(f"--model must be one of {list(MODELS)}, got {self.model!r}")
         if not (_is_int(self.bits) and 2 <= self.bits <= 8):
             raise ConfigError(f"--bits must be in [2, 8] (int8 runtime), got {self.bits}")
+        if self.config is not None and self.bits != 8:
+            raise ConfigError(f"--bits {self.bits} applies to the default config; with --config, set "
+                              f"\"weight\": {{\"bits\": {self.bits}}} in the config file instead")
         for name in ("epochs", "qat_epochs", "batch_size"):
             value = getattr(self, name)
             if not (_is_int(value) and value >= 1):
@@ -164,6 +169,28 @@ class RunSettings:
         if not isinstance(data, Mapping) or set(data) - set(names):
             raise ConfigError(f"run settings must be a mapping with keys among {names}, got {data!r}")
         return cls(**dict(data))
+
+
+def describe_scheme(layerwise: LayerwiseConfig) -> tuple[int, int, str]:
+    """(weight bits, activation bits, a one-line description) of a run's global config, e.g.
+    ``(4, 8, "weights int4 per-channel symmetric, LSQ; activations uint8 per-tensor affine")``;
+    layer overrides are counted at the end."""
+    config = layerwise.global_config
+    weight, activation = config.weight, config.activation
+
+    def spec(name: str, s, on: bool) -> str:
+        if not on:
+            return f"{name} float"
+        learned = "" if s.learnable.value == "fixed" else f", {s.learnable.value.upper()}"
+        kind = s.scheme.value.replace("_", " ").replace("per channel", "per-channel").replace("per tensor",
+                                                                                             "per-tensor")
+        return f"{name} {'int' if s.signed else 'uint'}{s.bits} {kind}{learned}"
+
+    text = (f"{spec('weights', weight, config.mode.weights)}; "
+            f"{spec('activations', activation, config.mode.activations)}")
+    if layerwise.overrides:
+        text += f" (+ {len(layerwise.overrides)} layer override{'s' if len(layerwise.overrides) > 1 else ''})"
+    return (weight.bits if config.mode.weights else 32, activation.bits if config.mode.activations else 32, text)
 
 
 def load_layerwise_config(settings: RunSettings) -> LayerwiseConfig:

@@ -47,7 +47,7 @@ def test_paths_and_numbers_are_normalised():
 
 
 def test_plain_data_round_trip_in_option_order():
-    settings = RunSettings(model="mlp", config=Path("c.toml"), bits=4, epochs=2, output=Path("r"), mnist=None)
+    settings = RunSettings(model="mlp", config=Path("c.toml"), bits=8, epochs=2, output=Path("r"), mnist=None)
     data = settings.to_dict()
     assert list(data) == ["model", "config", "bits", "epochs", "qat_epochs", "lr", "batch_size", "seed",
                           "output", "mnist"]
@@ -97,9 +97,11 @@ def test_bad_config_files(tmp_path, name, content, message):
 def test_config_file_is_read(tmp_path):
     path = tmp_path / "config.json"
     path.write_text('{"overrides": [{"match": "layers.5", "enabled": false}]}')
-    config = load_layerwise_config(RunSettings(config=path, bits=4))  # bits shape only the default config
+    config = load_layerwise_config(RunSettings(config=path))
     assert config.to_dict()["overrides"][0]["match"] == "layers.5"
     assert config.global_config.weight.bits == 8
+    with pytest.raises(ConfigError, match="applies to the default config"):  # bits shape only the default config
+        RunSettings(config=path, bits=4)
 
 
 def test_dataset():
