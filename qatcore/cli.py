@@ -272,7 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse printed the reason (exit 2) or the help (exit 0)
         return int(exit_.code or 0)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, in the handler below, rather than at exit
+        return code
     except BrokenPipeError:  # the reader stopped early (| head): what it wanted it has; exit quietly
         _silence_stdout()
         return 0
