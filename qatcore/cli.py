@@ -42,7 +42,7 @@ from typing import Any, NoReturn, Sequence, TextIO
 import numpy as np
 
 import qatcore
-from qatcore.errors import ConfigError, QATCoreError, RunInterrupted
+from qatcore.errors import ConfigError, QATCoreError, RunInterrupted, ShapeError
 from qatcore.pipeline import (
     MODELS,
     RunSettings,
@@ -212,9 +212,10 @@ def _convert(args) -> int:
     return 0
 
 
-def _export_source(args) -> tuple[Any, tuple[int, int]]:
-    """The model to export and its input (channels, side): the run's (1 x 28 for MNIST runs, else
-    the model's digits shape), --image-size replacing the side."""
+def _export_source(args) -> tuple[Any, tuple[int, int], bool]:
+    """The model to export, its input (channels, side): the run's (1 x 28 for MNIST runs, else
+    the model's digits shape), --image-size replacing the side, and whether that input is only
+    the cnn's default (an int8 file without a run's checkpoint beside it, and no option)."""
     from qatcore.errors import CheckpointError
     from qatcore.quantization.qat import QATPreparer, load_int8_model
 
@@ -229,10 +230,11 @@ def _export_source(args) -> tuple[Any, tuple[int, int]]:
             settings = run_settings_of(source.with_name("qat.ckpt"))
             channels, image_size = model_input(args.model or settings.get("model", "cnn"),
                                                mnist=bool(settings.get("mnist")))
-            return int8_model, (channels, args.image_size or image_size)
+            default_input = not settings and args.model is None and args.image_size is None
+            return int8_model, (channels, args.image_size or image_size), default_input
     checkpoint = load_run_checkpoint(source, args.model, args.image_size)
     model = checkpoint.qat_model if args.qat else QATPreparer().convert_to_quantized(checkpoint.qat_model)
-    return model, (checkpoint.channels, checkpoint.image_size)
+    return model, (checkpoint.channels, checkpoint.image_size), False
 
 
 def _export(args) -> int:
@@ -240,11 +242,19 @@ def _export(args) -> int:
 
     if args.qat and args.format != "qdq":
         raise ConfigError("--qat exports the QAT model in QDQ form; --format qoperator is for int8 models")
-    model, (channels, image_size) = _export_source(args)
+    model, (channels, image_size), default_input = _export_source(args)
     output = args.output if args.output is not None else output_path(args.source,
                                                                       "qat.onnx" if args.qat else "model.onnx")
     example = np.zeros((1, channels, image_size, image_size), dtype=np.float32)
-    export_onnx(model.eval(), output, example, format=args.format)
+    try:
+        export_onnx(model.eval(), output, example, format=args.format)
+    except (ShapeError, ValueError) as e:
+        if not default_input:
+            raise
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{args.source} has no run settings beside it and does not take the cnn's "
+                          f"{channels} x {image_size} x {image_size} input ({first_line}); pass --model or "
+                          f"--image-size") from e
     kind = "QAT" if args.qat else "int8"
     print(f"{kind} model exported to {output} (ONNX, {args.format}, "
           f"input (batch, {channels}, {image_size}, {image_size}))")

@@ -242,3 +242,18 @@ def test_a_failed_conversion_writes_no_file_and_no_folder(tmp_path):
     one_line_error(qatcore_command("convert", checkpoint, "--model", "mlp", "--output", tmp_path / "new" / "m.int8"))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
     assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["qat.ckpt"]
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="the onnx extra is not installed")
+def test_export_of_a_lone_int8_file_of_another_input_names_the_options(tmp_path):
+    from qatcore.models import resnet20
+    from qatcore.quantization.qat import save_int8_model
+
+    qat_model = QATPreparer().prepare_for_qat(resnet20())
+    qat_model(load_digits(image_size=32, channels=3)[2][:4])
+    save_int8_model(tmp_path / "r20.int8", QATPreparer().convert_to_quantized(qat_model))  # no run beside it
+    error = one_line_error(qatcore_command("export", tmp_path / "r20.int8"))
+    assert "does not take the cnn's 1 x 8 x 8 input" in error and error.endswith("pass --model or --image-size")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["r20.int8"]
+    process = qatcore_command("export", tmp_path / "r20.int8", "--model", "resnet20")
+    assert process.returncode == 0 and (tmp_path / "model.onnx").is_file()
