@@ -6,17 +6,22 @@ MNIST IDX files you have, prepare it for QAT, fine-tune, convert to an integer-o
 int8 model, evaluate all three, and write a run folder (float.qat, qat.ckpt,
 model.int8, statistics.json and .qat, report.md, result.json; see
 ``qatcore.pipeline.run``). It prints the summary table, the result record as one
-JSON line (``--json``) or the int8 accuracy (``--quiet``); progress goes to stderr
-when that is a terminal (or with ``--progress``).
+JSON line (``--json``) or one labelled line, ``int8 accuracy 0.9805`` (``--quiet``);
+progress goes to stderr when that is a terminal (or with ``--progress``).
 
 Ctrl-C stops at the end of the current training step and saves ``resume.ckpt`` in
 the run folder; ``qatcore run --resume FOLDER`` continues to the same result an
 uninterrupted run gives. ``qatcore stats``, ``qatcore convert``, ``qatcore export``
-and ``qatcore bench`` inspect checkpoints, convert them, export runs and models to
-ONNX (with the onnx extra) and run the benchmarks.
+and ``qatcore bench`` inspect statistics, convert checkpoints, export runs and models
+to ONNX (with the onnx extra) and run the benchmarks. Each takes a run folder where it
+takes a file from one, rebuilds a checkpoint's model from the run settings saved in it
+(``qatcore.pipeline.run_folder``) and writes into the folder of its source (the run
+folder) unless ``--output`` says otherwise.
 
-Exit codes a script can rely on: 0 success, 2 bad usage or bad input (one line on
-stderr saying why, no traceback), 130 interrupted (resumable), 1 internal error.
+Exit codes a script can rely on: 0 success (also when the reader of stdout stops
+early, as ``| head`` does), 2 bad usage or bad input (one line on stderr saying why,
+no usage block, no traceback; ``--help`` shows the usage), 130 interrupted
+(resumable), 1 internal error.
 
 >>> args = build_parser().parse_args(["run", "--model", "mlp", "--epochs", "3"])
 >>> args.model, args.epochs, args.lr
@@ -28,23 +33,28 @@ stderr saying why, no traceback), 130 interrupted (resumable), 1 internal error.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, NoReturn, Sequence, TextIO
 
 import numpy as np
 
-from qatcore.errors import ConfigError, QATCoreError, RunInterrupted
+import qatcore
+from qatcore.errors import ConfigError, QATCoreError, RunInterrupted, ShapeError
 from qatcore.pipeline import (
     MODELS,
     RunSettings,
     format_summary,
-    make_model,
+    load_run_checkpoint,
+    load_statistics,
     model_input,
+    output_path,
     resume_pipeline,
+    run_file,
     run_pipeline,
+    run_settings_of,
 )
 
 __all__ = ["main", "build_parser", "run_settings"]
@@ -71,9 +81,18 @@ class _ProgressLine:
 DEFAULTS = RunSettings()  # the `qatcore run` defaults are the pipeline's
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit 2); the usage block
+    is for ``--help``. ``error`` is argparse's documented hook for this (its subparsers are
+    made of the same class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qatcore",
-                                     description="Quantization-aware training on a small autograd core.")
+    parser = _OneLineErrors(prog="qatcore", description="Quantization-aware training on a small autograd core.")
+    parser.add_argument("--version", action="version", version=f"qatcore {qatcore.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="float training, QAT fine-tuning, int8 conversion and evaluation")
     run.add_argument("--model", choices=tuple(MODELS), default=DEFAULTS.model,
@@ -97,30 +116,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mnist", type=Path, help="a folder with MNIST IDX files to use instead of the digits")
     run.add_argument("--resume", type=Path, help="continue the interrupted run in this folder")
     run.add_argument("--json", action="store_true", help="print one JSON result object on stdout")
-    run.add_argument("--quiet", action="store_true", help="print only the result")
+    run.add_argument("--quiet", action="store_true", help="print only the int8 accuracy, as 'int8 accuracy 0.9805'")
     run.add_argument("--progress", action="store_true", help="show progress on stderr even when it is not a terminal")
-    stats = sub.add_parser("stats", help="summarise the statistics in a QAT checkpoint or statistics file")
-    stats.add_argument("path", type=Path)
+    stats = sub.add_parser("stats", help="summarise the statistics of a run: its folder, statistics.qat, "
+                                         "statistics.json or a QAT checkpoint")
+    stats.add_argument("path", type=Path, help="a run folder, statistics.qat, statistics.json or qat.ckpt")
     stats.add_argument("--plot", type=Path, help="also write the statistics plot to this PNG (needs matplotlib)")
-    convert = sub.add_parser("convert", help="convert a QAT checkpoint to an int8 model file")
-    convert.add_argument("checkpoint", type=Path)
-    convert.add_argument("--model", choices=tuple(MODELS), default="cnn", help="the float model the checkpoint is of")
+    convert = sub.add_parser("convert", help="convert a run's QAT checkpoint to an int8 model file")
+    convert.add_argument("checkpoint", type=Path, help="a run folder or a QAT checkpoint (qat.ckpt)")
+    convert.add_argument("--model", choices=tuple(MODELS),
+                         help="the float model the checkpoint is of (default: the run's, saved in the checkpoint)")
     convert.add_argument("--image-size", type=_positive_int,
                          help="input side, for the cnn and mlp (default: the run's: 28 for MNIST runs, else the "
                               "model's digits side)")
-    convert.add_argument("--output", type=Path, default=Path("model.int8"))
+    convert.add_argument("--output", type=Path,
+                         help="the int8 model file (default: model.int8 in the run folder, next to the checkpoint)")
     export = sub.add_parser("export", help="export a run, an int8 model or a QAT checkpoint to ONNX "
                                            "(needs the onnx extra)")
     export.add_argument("source", type=Path,
                         help="a run folder, an int8 model file (model.int8) or a QAT checkpoint (qat.ckpt)")
-    export.add_argument("--output", type=Path, default=Path("model.onnx"), help="(default: model.onnx)")
+    export.add_argument("--output", type=Path,
+                        help="the ONNX file (default: model.onnx, with --qat qat.onnx, in the run folder, next "
+                             "to the source)")
     export.add_argument("--format", choices=("qdq", "qoperator"), default="qdq",
                         help="int8 operators as DequantizeLinear/op/QuantizeLinear (qdq, default) or "
                              "QLinearConv/QLinearMatMul (qoperator)")
     export.add_argument("--qat", action="store_true",
                         help="export the QAT model (float, with QDQ pairs) instead of the int8 model")
     export.add_argument("--model", choices=tuple(MODELS),
-                        help="the float model a QAT checkpoint is of (default: the run's, else cnn)")
+                        help="the float model a QAT checkpoint is of (default: the run's, saved in the checkpoint)")
     export.add_argument("--image-size", type=_positive_int,
                         help="input side (default: the run's: 28 for MNIST runs, else the model's digits side, "
                              "8 or 32)")
@@ -162,25 +186,14 @@ def _run(args) -> int:
     if args.json:
         print(json.dumps(result.to_dict()))
     elif args.quiet:
-        print(f"{result.int8_accuracy:.4f}")
+        print(f"int8 accuracy {result.int8_accuracy:.4f}")
     else:
         print(format_summary(result))
     return 0
 
 
 def _stats(args) -> int:
-    from qatcore.quantization.qat import QATStatistics
-    from qatcore.quantization.qat.checkpointing import read_qat_checkpoint
-
-    if not args.path.is_file():
-        raise ConfigError(f"{args.path} does not exist")
-    try:
-        statistics = QATStatistics.load(args.path)
-    except QATCoreError:
-        payload = read_qat_checkpoint(args.path)
-        if payload["format"] == "float":
-            raise ConfigError(f"{args.path} is a float checkpoint: it holds no QAT statistics") from None
-        statistics = QATStatistics.from_dict(payload["statistics"])
+    statistics = load_statistics(args.path)
     print(statistics.summary())
     if args.plot is not None:
         statistics.plot(args.plot)
@@ -191,53 +204,38 @@ def _stats(args) -> int:
 def _convert(args) -> int:
     from qatcore.quantization.qat import QATPreparer, save_int8_model
 
-    if not args.checkpoint.is_file():
-        raise ConfigError(f"{args.checkpoint} does not exist")
-    channels, image_size = model_input(args.model, mnist=bool(_run_args(args.checkpoint).get("mnist")))
-    float_model = make_model(args.model, np.random.default_rng(0), args.image_size or image_size, channels)
-    qat_model, _ = QATPreparer.from_checkpoint(args.checkpoint, float_model)
-    int8_model = QATPreparer().convert_to_quantized(qat_model)
-    save_int8_model(args.output, int8_model)
-    print(f"int8 model written to {args.output}")
+    checkpoint = load_run_checkpoint(args.checkpoint, args.model, args.image_size)
+    int8_model = QATPreparer().convert_to_quantized(checkpoint.qat_model)
+    output = args.output if args.output is not None else output_path(args.checkpoint, "model.int8")
+    save_int8_model(output, int8_model)
+    print(f"int8 model written to {output} ({checkpoint.model}, input (batch, {checkpoint.channels}, "
+          f"{checkpoint.image_size}, {checkpoint.image_size}))")
     return 0
 
 
-def _run_args(checkpoint: Path) -> dict:
-    """The ``qatcore run`` settings saved in a QAT checkpoint, or {} (another file, or none saved)."""
-    from qatcore.quantization.qat.checkpointing import read_qat_checkpoint
-
-    if not checkpoint.is_file():
-        return {}
-    with contextlib.suppress(QATCoreError, KeyError, TypeError):
-        return dict(read_qat_checkpoint(checkpoint)["extra"]["run_args"])
-    return {}
-
-
-def _export_source(args) -> tuple[Any, tuple[int, int]]:
-    """The model to export and its input (channels, side): the run's (1 x 28 for MNIST runs, else
-    the model's digits shape), --image-size replacing the side."""
+def _export_source(args) -> tuple[Any, tuple[int, int], bool]:
+    """The model to export, its input (channels, side): the run's (1 x 28 for MNIST runs, else
+    the model's digits shape), --image-size replacing the side, and whether that input is only
+    the cnn's default (an int8 file without a run's checkpoint beside it, and no option)."""
     from qatcore.errors import CheckpointError
     from qatcore.quantization.qat import QATPreparer, load_int8_model
-    from qatcore.quantization.qat.checkpointing import read_qat_checkpoint
 
-    source = args.source
-    if source.is_dir():
-        source = source / ("qat.ckpt" if args.qat or not (source / "model.int8").is_file() else "model.int8")
-    if not source.is_file():
-        raise ConfigError(f"{source} does not exist")
-    settings = _run_args(source if source.name != "model.int8" else source.with_name("qat.ckpt"))
-    model_name = args.model or settings.get("model", "cnn")
-    channels, image_size = model_input(model_name, mnist=bool(settings.get("mnist")))
-    shape = (channels, args.image_size or image_size)
+    wants_int8_file = not args.qat and (not args.source.is_dir() or (args.source / "model.int8").is_file())
+    source = run_file(args.source, "model.int8" if wants_int8_file else "qat.ckpt")
     if not args.qat:
-        with contextlib.suppress(CheckpointError):
-            return load_int8_model(source), shape
-    payload = read_qat_checkpoint(source)
-    if payload["format"] == "float":
-        raise ConfigError(f"{source} is a float checkpoint; export takes a QAT checkpoint or an int8 model")
-    float_model = make_model(model_name, np.random.default_rng(0), shape[1], channels)
-    qat_model, _ = QATPreparer.from_checkpoint(source, float_model)
-    return (qat_model if args.qat else QATPreparer().convert_to_quantized(qat_model)), shape
+        try:
+            int8_model = load_int8_model(source)
+        except CheckpointError:
+            int8_model = None  # not an int8 model file: a QAT checkpoint, converted below
+        if int8_model is not None:
+            settings = run_settings_of(source.with_name("qat.ckpt"))
+            channels, image_size = model_input(args.model or settings.get("model", "cnn"),
+                                               mnist=bool(settings.get("mnist")))
+            default_input = not settings and args.model is None and args.image_size is None
+            return int8_model, (channels, args.image_size or image_size), default_input
+    checkpoint = load_run_checkpoint(source, args.model, args.image_size)
+    model = checkpoint.qat_model if args.qat else QATPreparer().convert_to_quantized(checkpoint.qat_model)
+    return model, (checkpoint.channels, checkpoint.image_size), False
 
 
 def _export(args) -> int:
@@ -245,11 +243,21 @@ def _export(args) -> int:
 
     if args.qat and args.format != "qdq":
         raise ConfigError("--qat exports the QAT model in QDQ form; --format qoperator is for int8 models")
-    model, (channels, image_size) = _export_source(args)
+    model, (channels, image_size), default_input = _export_source(args)
+    output = args.output if args.output is not None else output_path(args.source,
+                                                                      "qat.onnx" if args.qat else "model.onnx")
     example = np.zeros((1, channels, image_size, image_size), dtype=np.float32)
-    export_onnx(model.eval(), args.output, example, format=args.format)
+    try:
+        export_onnx(model.eval(), output, example, format=args.format)
+    except (ShapeError, ValueError) as e:
+        if not default_input:
+            raise
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{args.source} has no run settings beside it and does not take the cnn's "
+                          f"{channels} x {image_size} x {image_size} input ({first_line}); pass --model or "
+                          f"--image-size") from e
     kind = "QAT" if args.qat else "int8"
-    print(f"{kind} model exported to {args.output} (ONNX, {args.format}, "
+    print(f"{kind} model exported to {output} (ONNX, {args.format}, "
           f"input (batch, {channels}, {image_size}, {image_size}))")
     return 0
 
@@ -275,13 +283,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse printed the reason (exit 2) or the help (exit 0)
         return int(exit_.code or 0)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, in the handler below, rather than at exit
+        return code
+    except BrokenPipeError:  # the reader stopped early (| head): what it wanted it has; exit quietly
+        _silence_stdout()
+        return 0
     except RunInterrupted as e:
         print(f"qatcore: interrupted; the run is saved: qatcore run --resume {e.folder}", file=sys.stderr)
         return 130
     except (QATCoreError, OSError) as e:
         print(f"qatcore: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device, so that flushing it at exit, into the closed pipe,
+    raises nothing more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -141,7 +141,8 @@ def test_console_entry_point_runs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "qatcore", "run", *SMALL, "--quiet", "--output", str(tmp_path / "r")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert 0.0 < float(proc.stdout.strip()) <= 1.0
+    label, accuracy = proc.stdout.strip().rsplit(" ", 1)
+    assert label == "int8 accuracy" and 0.0 < float(accuracy) <= 1.0  # --quiet: one labelled line
     assert proc.stderr == ""  # no progress display when stderr is not a terminal
 
 

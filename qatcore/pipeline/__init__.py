@@ -13,6 +13,7 @@ One concept per module:
     resume          resume.ckpt: what an interrupted run saves and how it restarts
     run             run_pipeline, resume_pipeline: the stages, conversion, parity, the folder
     report          RunResult, the printed summary and report.md
+    run_folder      what the commands read from a run folder; a checkpoint's model rebuilt
 
 >>> from qatcore.pipeline import RunSettings, run_pipeline, format_summary
 >>> lines = []
@@ -28,6 +29,15 @@ from qatcore.pipeline.float_training import FloatResult, FloatTraining, train_fl
 from qatcore.pipeline.qat_training import QATResult, QATTraining, fine_tune_qat
 from qatcore.pipeline.report import RunResult, format_report, format_summary
 from qatcore.pipeline.run import inference_ms, resume_pipeline, run_pipeline
+from qatcore.pipeline.run_folder import (
+    RunCheckpoint,
+    guess_reference_model,
+    load_run_checkpoint,
+    load_statistics,
+    output_path,
+    run_file,
+    run_settings_of,
+)
 from qatcore.pipeline.settings import (
     MODELS,
     Dataset,
@@ -45,4 +55,6 @@ __all__ = [
     "load_dataset", "describe_scheme",
     "FloatTraining", "FloatResult", "train_float", "QATTraining", "QATResult", "fine_tune_qat",
     "run_pipeline", "resume_pipeline", "inference_ms", "RunResult", "format_summary", "format_report",
+    "run_file", "output_path", "run_settings_of", "guess_reference_model", "RunCheckpoint", "load_run_checkpoint",
+    "load_statistics",
 ]

@@ -102,8 +102,13 @@ def format_summary(result: RunResult) -> str:
                      + [f"  files in {result.output}/"])
 
 
+# report.md cites only files of the qatcore repository (tests check that they exist).
+PARITY_NOTE = ("Each integer value of the int8 model next to the QAT model's, in steps of its grid; values are "
+               "named by their module path, as in the statistics below (docs/numerics.md, \"Parity\").")
+
+
 def format_report(result: RunResult) -> str:
     """``report.md``: the summary, the parity report and the statistics summary."""
     return (f"# qatcore run report\n\n```text\n{format_summary(result)}\n```\n\n## Parity, value by value\n\n"
-            f"```text\n{result.parity}\n```\n\n## Statistics at the end of training\n\n"
+            f"{PARITY_NOTE}\n\n```text\n{result.parity}\n```\n\n## Statistics at the end of training\n\n"
             f"```text\n{result.statistics.summary()}\n```\n")

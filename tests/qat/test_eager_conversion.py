@@ -174,7 +174,7 @@ def test_parity_passes_at_every_layer_on_both_branches(trained):
     bright, dark = parity_report(qat, int8_model, BRIGHT), parity_report(qat, int8_model, DARK)
     for report, branch_layer, other in ((bright, "conv2", "conv3"), (dark, "conv3", "conv2")):
         names = [layer.name for layer in report.layers]
-        assert names == ["conv1 (output)", f"{branch_layer} (output)", "fc (output)"], str(report)
+        assert names == ["conv1.output", f"{branch_layer}.output", "fc.output"], str(report)
         assert other not in str(report)
         assert report.passes, str(report)
         assert all(layer.exact == 1.0 and layer.max_lsb == 0 for layer in report.layers)
@@ -203,7 +203,7 @@ def test_parity_reports_a_layer_the_int8_model_ran_differently():
     int8_model.add_module("conv2", other_preparer.convert_to_quantized(other).conv2)
     report = parity_report(qat, int8_model, BRIGHT)
     assert not report.passes
-    assert next(layer for layer in report.layers if layer.name == "conv2 (output)").exact < 1.0
+    assert next(layer for layer in report.layers if layer.name == "conv2.output").exact < 1.0
 
 
 def test_training_after_conversion_leaves_the_int8_model_alone():
@@ -275,7 +275,7 @@ def test_a_disabled_layer_converts_to_a_float_copy():
     assert "quantization is disabled" in qat.fc.interpreter.fallback_reason
     assert np.array_equal(int8_model(DARK).numpy(), expected)
     report = parity_report(qat, int8_model, DARK)
-    assert report.passes and [layer.name for layer in report.layers] == ["conv1 (output)", "conv3 (output)"]
+    assert report.passes and [layer.name for layer in report.layers] == ["conv1.output", "conv3.output"]
 
 
 def test_weights_only_models_evaluate_in_float_and_refuse_conversion():

@@ -109,6 +109,28 @@ def test_collection_runs_during_training_and_survives_save_load(tmp_path):
     assert "conv1.weight" in stats.summary()
 
 
+def test_json_record_reads_back_to_the_same_series_and_summary():
+    stats = QATStatistics(StatisticsConfig(every=5, capacity=16))
+    for step in range(0, 100, 5):  # more samples than the capacity: the series thin out
+        sqnr = math.inf if step == 0 else 40.0 + step  # a non-finite value is null in JSON, NaN read back
+        stats.record("fc.weight", "weight", step, {"scale_mean": 0.01 + step * 1e-4, "sqnr_db": sqnr})
+        stats.record("fc.output", "activation", step, {"scale_mean": 0.1, "observed_max": float(step)})
+    loaded = QATStatistics.from_json(stats.to_json())
+    assert loaded.summary() == stats.summary() and loaded.config == stats.config
+    assert loaded.last_step == 95
+    for name, quantizer in stats.quantizers.items():
+        assert loaded.quantizers[name].kind == quantizer.kind
+        for key, series in quantizer.series.items():
+            restored = loaded.quantizers[name].series[key]
+            assert restored.steps.tolist() == series.steps.tolist()
+            assert (restored.stride, restored.offered) == (series.stride, series.offered) != (1, len(series))
+            np.testing.assert_array_equal(restored.values, np.where(np.isinf(series.values), np.nan, series.values))
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        QATStatistics.from_json("{")
+    with pytest.raises(ConfigError, match="no 'config' and 'quantizers'"):
+        QATStatistics.from_json('{"last_step": 3}')
+
+
 def test_off_switch():
     x_train, y_train, _, _ = load_digits()
     preparer = QATPreparer(statistics=StatisticsConfig(enabled=False))

@@ -4,6 +4,10 @@ Every integer value of the int8 model reproduces the output of one FakeQuantize 
 the QAT model (``int8_model.value_sources``). ``parity_report`` runs both on the
 same inputs and compares each pair in units of that value's output step (LSB):
 for dequantized values a and b on the same grid, the distance is |a - b| / s.
+A value is named as the statistics name its quantizer: by its dotted module path
+(``activation_fake_quant.x``, ``layers.0``), a layer's quantized output as
+``<layer>.output`` (``conv1.output``); a value computed by a function, not a module,
+by its graph node (``add_1``).
 
 The QAT model's eval forward without gradients computes the int8 arithmetic itself
 (:mod:`qatcore.quantization.qat.integer_eval`), so the two agree exactly: ``ParityReport.passes``
@@ -140,12 +144,14 @@ def _graph_parity(qat_model: GraphModule, int8_model: Int8Model, args: tuple) ->
 
     with no_grad():
         int8_out = int8_model.run(args, {}, observe)
+    module_paths = {node.name: node.target for node in qat_model.graph.nodes if node.op == "call_module"}
     layers = []
     for name, (values, scale) in candidates.items():
-        label = sources[name].source
+        label = sources[name].source  # "node" or "node (output)", node a QAT graph node's name
         source = label.split(" ")[0]
         if source in reference:
-            layers.append(_compare(label, np.asarray(reference[source], dtype=np.float64), values, scale))
+            value_name = module_paths.get(source, source) + (".output" if label.endswith(" (output)") else "")
+            layers.append(_compare(value_name, np.asarray(reference[source], dtype=np.float64), values, scale))
     # the model output is the last integer value, dequantized: compare on its grid
     last_scale = next((scale for name, (_, scale) in reversed(list(candidates.items()))), 1.0)
     output, top1 = _output_parity(qat_out, int8_out, last_scale)
@@ -179,7 +185,7 @@ def _eager_parity(qat_model: Module, int8_model: Module, args: tuple) -> ParityR
     layers = []
     for name, outputs in candidates.items():
         scale, zero = grids[name]
-        label = f"{name} (output)"
+        label = f"{name}.output"
         calls = reference.get(name, [])
         if len(calls) != len(outputs) or any(a.shape != b.shape for a, b in zip(calls, outputs)):
             elements = sum(b.size for b in outputs)
@@ -189,7 +195,7 @@ def _eager_parity(qat_model: Module, int8_model: Module, args: tuple) -> ParityR
         layers.append(_compare(label, np.concatenate([a.ravel() for a in calls]), values, scale))
     for name in grids:
         if name in reference and name not in candidates:  # the QAT model ran it, the int8 model did not
-            layers.append(LayerParity(f"{name} (output)", sum(a.size for a in reference[name]), 0.0, 0.0,
+            layers.append(LayerParity(f"{name}.output", sum(a.size for a in reference[name]), 0.0, 0.0,
                                       float("inf")))
     last_scale = grids[next(reversed(candidates))][0] if candidates else 1.0
     output, top1 = _output_parity(qat_out, int8_out, last_scale)

@@ -250,20 +250,46 @@ class QATStatistics:
         return cls.from_dict(serialization.load(path))
 
     def to_json(self) -> str:
-        """The series as JSON for harnesses: {"last_step", "quantizers": {name: {"kind",
-        "series": {key: {"steps": [...], "values": [...]}}, "percentiles": {...}}}};
-        non-finite numbers become null."""
+        """The series as JSON for harnesses: {"last_step", "config": {...}, "quantizers": {name:
+        {"kind", "series": {key: {"steps": [...], "values": [...], "stride", "offered"}},
+        "percentiles": {...}}}}; non-finite numbers become null. ``from_json`` reads it back."""
         def clean(values: np.ndarray) -> list:
             return [None if isinstance(v, float) and not math.isfinite(v) else v for v in values.tolist()]
 
-        out = {"last_step": self.last_step, "quantizers": {}}
+        out = {"last_step": self.last_step, "config": asdict(self.config), "quantizers": {}}
         for name, q in self.quantizers.items():
             out["quantizers"][name] = {
                 "kind": q.kind,
-                "series": {k: {"steps": s.steps.tolist(), "values": clean(s.values)} for k, s in q.series.items()},
+                "series": {k: {"steps": s.steps.tolist(), "values": clean(s.values), "stride": s.stride,
+                               "offered": s.offered} for k, s in q.series.items()},
                 "percentiles": q.percentiles(),
             }
         return json.dumps(out, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> QATStatistics:
+        """The statistics of a ``to_json()`` record (``statistics.json`` of a run), to read:
+        the series, ``summary()`` and ``plot()`` are the original's (null reads back as NaN).
+        What sampling goes on from (the histogram behind ``percentiles()``, the moving
+        averages, the last integer weights) is only in ``to_dict()``/``save()``; the record's
+        percentiles are in its JSON. ConfigError for text that is not such a record."""
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"not a statistics record of QATStatistics.to_json: not valid JSON ({e})") from None
+        config = data.get("config") if isinstance(data, dict) else None
+        if not isinstance(config, dict) or not isinstance(data.get("quantizers"), dict):
+            raise ConfigError("not a statistics record of QATStatistics.to_json (no 'config' and 'quantizers')")
+        try:
+            stats = cls(StatisticsConfig(**config))
+            stats.last_step = int(data["last_step"])
+            for name, record in data["quantizers"].items():
+                quantizer = stats.quantizer(name, str(record["kind"]))
+                quantizer.series = {key: Series.from_dict({"capacity": stats.config.capacity, **series})
+                                    for key, series in record["series"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"statistics record is malformed ({type(e).__name__}: {e})") from None
+        return stats
 
     def summary(self) -> str:
         """A text table of the latest sample of every quantizer."""
