@@ -28,12 +28,17 @@ class RunResult:
     """What one run measured and made.
 
     The record (in this order): the settings that shaped it (model, dataset, seed, epochs,
-    qat_epochs, bits), the split sizes, float / QAT / int8 test accuracy, the float and
-    int8 file sizes in bytes, the median inference time on the test set in ms, the
-    int8-vs-QAT parity of the output (fraction exact, largest difference in output steps,
-    top-1 agreement), the wall time, the run folder and whether ``statistics.png`` was
-    drawn. Attached: the float, QAT and int8 models, the ``ParityReport`` and the
-    ``QATStatistics``.
+    qat_epochs, bits), the split sizes, test accuracy of the float model, of the
+    post-training quantized (PTQ) int8 model, of the QAT model (None with ``qat_epochs``
+    0) and of the run's int8 model (``model.int8``: QAT's, or PTQ's with ``qat_epochs``
+    0), the float and int8 file sizes in bytes, the median inference time on the test set
+    in ms, the parity of ``model.int8`` with its QAT model at the output (fraction exact,
+    largest difference in output steps, top-1 agreement), the PTQ int8 model's parity
+    with its calibrated model (output fraction exact, largest difference, and whether
+    every value at every layer is exact), the number of calibration samples, the wall
+    time, the run folder and whether ``statistics.png`` was drawn. Attached: the float,
+    QAT and int8 models, the ``ParityReport``, the ``QATStatistics`` and the PTQ
+    models and parity report.
     """
 
     model: str
@@ -45,7 +50,8 @@ class RunResult:
     train_samples: int
     test_samples: int
     float_accuracy: float
-    qat_accuracy: float
+    ptq_accuracy: float
+    qat_accuracy: float | None
     int8_accuracy: float
     float_model_bytes: int
     int8_model_bytes: int
@@ -54,6 +60,10 @@ class RunResult:
     parity_exact: float
     parity_max_lsb: float
     top1_agreement: float | None
+    ptq_parity_exact: float
+    ptq_parity_max_lsb: float
+    ptq_parity_passes: bool
+    calibration_samples: int
     wall_time_s: float
     output: str
     plots: bool
@@ -62,6 +72,9 @@ class RunResult:
     int8_model: Module = _attached()
     parity: ParityReport = _attached()
     statistics: QATStatistics = _attached()
+    ptq_model: Module = _attached()
+    ptq_int8_model: Module = _attached()
+    ptq_parity: ParityReport = _attached()
 
     def to_dict(self) -> dict[str, Any]:
         """The record as plain data, led by ``"command": "run"`` (``result.json``)."""
@@ -69,18 +82,34 @@ class RunResult:
                                      if f.metadata.get("record", True)}}
 
 
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
 def format_summary(result: RunResult) -> str:
-    """The table ``qatcore run`` prints: accuracy, size, speed, parity and time."""
+    """The table ``qatcore run`` prints: accuracy (PTQ next to QAT), size, speed, parity and time."""
+    ptq_parity = (f"{100 * result.ptq_parity_exact:.3f}% exact, max {result.ptq_parity_max_lsb:g} LSB, "
+                  f"{'passes' if result.ptq_parity_passes else 'FAILS'} (calibrated on "
+                  f"{result.calibration_samples} training images)")
+    if result.qat_accuracy is None:  # --qat-epochs 0: post-training quantization only
+        accuracy = [("accuracy (float / PTQ int8)", f"{_percent(result.float_accuracy)} / "
+                                                    f"{_percent(result.ptq_accuracy)}")]
+        parity = [("PTQ int8 vs calibrated model", ptq_parity)]
+    else:
+        accuracy = [("accuracy (float / QAT / int8)", f"{_percent(result.float_accuracy)} / "
+                                                      f"{_percent(result.qat_accuracy)} / "
+                                                      f"{_percent(result.int8_accuracy)}"),
+                    ("accuracy without QAT (PTQ int8)", _percent(result.ptq_accuracy))]
+        parity = [("int8 vs QAT outputs", f"{100 * result.parity_exact:.3f}% exact, max {result.parity_max_lsb:g} "
+                                          f"LSB, top-1 agreement {100 * (result.top1_agreement or 0):.2f}%"),
+                  ("PTQ int8 vs calibrated model", ptq_parity)]
     rows = [
-        ("accuracy (float / QAT / int8)", f"{100 * result.float_accuracy:.2f}% / "
-                                          f"{100 * result.qat_accuracy:.2f}% / "
-                                          f"{100 * result.int8_accuracy:.2f}%"),
+        *accuracy,
         ("model size (float / int8)", f"{result.float_model_bytes:,} / {result.int8_model_bytes:,} bytes "
                                       f"({100 * result.int8_model_bytes / result.float_model_bytes:.1f}%)"),
         ("inference on the test set (float / int8)", f"{result.float_inference_ms:.2f} / "
                                                      f"{result.int8_inference_ms:.2f} ms"),
-        ("int8 vs QAT outputs", f"{100 * result.parity_exact:.3f}% exact, max {result.parity_max_lsb:g} LSB, "
-                                f"top-1 agreement {100 * (result.top1_agreement or 0):.2f}%"),
+        *parity,
         ("wall time", f"{result.wall_time_s:.1f} s"),
     ]
     width = max(len(name) for name, _ in rows)
