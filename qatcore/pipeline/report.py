@@ -120,7 +120,10 @@ def format_summary(result: RunResult) -> str:
 
 
 def format_report(result: RunResult) -> str:
-    """``report.md``: the summary, the parity report and the statistics summary."""
+    """``report.md``: the summary, the parity report (and, when QAT ran, the PTQ model's), and the
+    statistics summary."""
+    ptq = ("" if result.qat_accuracy is None else
+           f"## Post-training quantization parity, value by value\n\n```text\n{result.ptq_parity}\n```\n\n")
     return (f"# qatcore run report\n\n```text\n{format_summary(result)}\n```\n\n## Parity, value by value\n\n"
-            f"```text\n{result.parity}\n```\n\n## Statistics at the end of training\n\n"
+            f"```text\n{result.parity}\n```\n\n{ptq}## Statistics at the end of training\n\n"
             f"```text\n{result.statistics.summary()}\n```\n")

@@ -85,6 +85,8 @@ def test_a_normal_run_reports_ptq_next_to_qat_and_seeds_the_default_generator(tm
     summary = format_summary(result)
     assert f"accuracy without QAT (PTQ int8)           {100 * result.ptq_accuracy:.2f}%" in summary
     assert "int8 vs QAT outputs" in summary and "PTQ int8 vs calibrated model" in summary
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert f"## Post-training quantization parity, value by value\n\n```text\n{result.ptq_parity}\n```" in report
 
 
 def test_qat_epochs_must_not_be_negative(tmp_path):
