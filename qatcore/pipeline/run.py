@@ -127,7 +127,7 @@ def _post_training(settings: RunSettings, dataset, layerwise, folder: Path, prog
 
 def _plot_title(settings: RunSettings, dataset: str, layerwise: LayerwiseConfig) -> str:
     """The statistics plot's title: model, data, and the global config's scheme, e.g. "cnn on digits,
-    3 QAT epochs: weights int8 per_channel_symmetric, activations uint8 per_tensor_affine"."""
+    3 QAT epochs: weights 4-bit LSQ per_channel_symmetric, activations 8-bit per_tensor_affine"."""
     config = layerwise.global_config
     weight, activation = config.weight, config.activation
     learned = "" if weight.learnable == "fixed" else f" {weight.learnable.value.upper()}"
@@ -158,13 +158,13 @@ def _run(settings: RunSettings, folder: Path, point: ResumePoint | None, start: 
             float_accuracy = float_training.accuracy()
             qatcore.save(float_training.model.state_dict(), folder / "float.qat")
             ptq = _post_training(settings, dataset, layerwise, folder, progress)
-            qat_training, first_epoch = (QATTraining.start(float_training, layerwise), 0) if settings.qat_epochs else \
-                (None, 0)
+            qat_training = QATTraining.start(float_training, layerwise) if settings.qat_epochs else None
+            first_epoch = 0
         else:
             qat_training, first_epoch, float_accuracy = restore_qat(float_training, folder)
             ptq = _post_training(settings, dataset, layerwise, folder, progress)
-        stopped = None if qat_training is None else \
-            qat_training.train(first_epoch, on_progress=progress, should_stop=stop, on_epoch=epoch_line)
+        stopped = (qat_training.train(first_epoch, on_progress=progress, should_stop=stop, on_epoch=epoch_line)
+                   if qat_training is not None else None)
         if stopped is not None:
             save_qat_resume(folder, qat_training, stopped, float_accuracy)
             raise RunInterrupted(folder)
@@ -178,8 +178,8 @@ def _run(settings: RunSettings, folder: Path, point: ResumePoint | None, start: 
         int8_accuracy = evaluate_accuracy(int8_model, x_test, y_test)
         parity = parity_report(qat_model, int8_model, x_test)
     else:  # --qat-epochs 0: the calibrated model is the run's QAT model (0 epochs), its int8 model the run's
-        qat_model, qat_accuracy, int8_model, int8_accuracy, parity = ptq.model, None, ptq.int8_model, ptq.accuracy, \
-            ptq.parity
+        qat_model, qat_accuracy, int8_model, int8_accuracy = ptq.model, None, ptq.int8_model, ptq.accuracy
+        parity = ptq.parity
         save_qat_checkpoint(folder / "qat.ckpt", qat_model, extra={"run_args": settings.to_dict()})
     save_int8_model(folder / "model.int8", int8_model)
     statistics = QATPreparer.controller(qat_model).statistics
