@@ -1,9 +1,10 @@
 """qatcore: quantization-aware training on a small, readable autograd core.
 
-The public surface at the top level is the Tensor, grad mode, save/load and the
-error hierarchy; layers live in :mod:`qatcore.nn`, optimizers in
-:mod:`qatcore.optim`, datasets in :mod:`qatcore.data`, reference models in
-:mod:`qatcore.models`, quantization in :mod:`qatcore.quantization`.
+The public surface at the top level is the Tensor, grad mode, save/load, the seed of
+the default generator (``manual_seed``, :mod:`qatcore.random`) and the error hierarchy;
+layers live in :mod:`qatcore.nn`, optimizers in :mod:`qatcore.optim`, datasets in
+:mod:`qatcore.data`, reference models in :mod:`qatcore.models`, quantization in
+:mod:`qatcore.quantization`.
 
 ``import qatcore`` loads the core (Tensor, autograd, the primitive ops and the
 functional API that Tensor's operators call); every other subpackage is imported
@@ -32,6 +33,7 @@ from qatcore.errors import (
     StateDictError,
 )
 from qatcore.lazy_exports import lazy_exports
+from qatcore.random import initial_seed, manual_seed
 from qatcore.serialization import dumps, load, loads, save
 from qatcore.tensor import Tensor, tensor  # ``qatcore.tensor`` is this function, not the submodule
 
@@ -42,6 +44,8 @@ __all__ = [
     "enable_grad",
     "is_grad_enabled",
     "gradcheck",
+    "manual_seed",
+    "initial_seed",
     "save",
     "load",
     "dumps",
@@ -69,10 +73,11 @@ __all__ = [
     "kernels",
     "errors",
     "serialization",
+    "random",
 ]
 __version__ = "0.1.0"
 
 __getattr__, __dir__ = lazy_exports(__name__, submodules=(
     "autograd", "ops", "nn", "optim", "data", "models", "graph", "quantization", "interop", "training", "pipeline",
-    "kernels", "errors", "serialization",
+    "kernels", "errors", "serialization", "random",
 ))

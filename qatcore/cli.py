@@ -71,6 +71,12 @@ class _ProgressLine:
             self.stream.write("\r\033[K" + text)
             self.stream.flush()
 
+    def log(self, text: str) -> None:
+        """A line that stays (an epoch's summary); the next update is written below it."""
+        if self.enabled:
+            self.stream.write("\r\033[K" + text + "\n")
+            self.stream.flush()
+
     def close(self) -> None:
         if self.enabled:
             self.stream.write("\r\033[K")
@@ -103,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(LSQ). Not with --config, whose file sets its bits (default: {DEFAULTS.bits})")
     run.add_argument("--epochs", type=_positive_int, default=DEFAULTS.epochs,
                      help=f"float training epochs (default: {DEFAULTS.epochs})")
-    run.add_argument("--qat-epochs", type=_positive_int, default=DEFAULTS.qat_epochs,
-                     help=f"QAT fine-tuning epochs (default: {DEFAULTS.qat_epochs})")
+    run.add_argument("--qat-epochs", type=_non_negative_int, default=DEFAULTS.qat_epochs,
+                     help=f"QAT fine-tuning epochs; 0: post-training quantization only (calibrate and convert) "
+                          f"(default: {DEFAULTS.qat_epochs})")
     run.add_argument("--lr", type=_positive_float, default=DEFAULTS.lr,
                      help=f"SGD learning rate (default: {DEFAULTS.lr})")
     run.add_argument("--batch-size", type=_positive_int, default=DEFAULTS.batch_size,
@@ -161,6 +168,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -179,9 +193,9 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
 def _run(args) -> int:
     progress = _ProgressLine(sys.stderr, args.progress or (not args.quiet and not args.json and sys.stderr.isatty()))
     if args.resume is not None:  # the folder's saved settings, not the options, shape a resumed run
-        result = resume_pipeline(args.resume, on_progress=progress.update)
+        result = resume_pipeline(args.resume, on_progress=progress.update, on_epoch=progress.log)
     else:
-        result = run_pipeline(run_settings(args), on_progress=progress.update)
+        result = run_pipeline(run_settings(args), on_progress=progress.update, on_epoch=progress.log)
     progress.close()
     if args.json:
         print(json.dumps(result.to_dict()))

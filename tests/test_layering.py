@@ -33,8 +33,8 @@ import qatcore.kernels
 
 # lowest first; a module belongs to the longest prefix that names it
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("qatcore.errors", "qatcore.symbolic", "qatcore.text_table", "qatcore.lazy_exports",
-                    "qatcore.serialization", "qatcore.kernels")),
+    ("foundation", ("qatcore.errors", "qatcore.random", "qatcore.symbolic", "qatcore.text_table",
+                    "qatcore.lazy_exports", "qatcore.serialization", "qatcore.kernels")),
     ("tensor", ("qatcore.tensor",)),
     ("autograd", ("qatcore.autograd",)),
     ("ops", ("qatcore.ops",)),

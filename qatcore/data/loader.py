@@ -1,8 +1,10 @@
 """``DataLoader``: mini-batches over a pair of numpy arrays, resumable mid-epoch.
 
 Each ``iter(loader)`` is one epoch. With ``shuffle=True`` the epoch's order is
-``rng.permutation(N)`` drawn from the caller's ``np.random.Generator``, so the
-whole sequence of epochs is fixed by the generator's seed. Batch ``b`` of an epoch
+``rng.permutation(N)`` drawn from the caller's ``np.random.Generator`` (without one,
+from a generator the loader spawns from qatcore's default generator, which
+:func:`qatcore.manual_seed` fixes), so the whole sequence of epochs is fixed by the
+generator's seed. Batch ``b`` of an epoch
 holds the samples ``order[b * batch_size : (b + 1) * batch_size]``; there are
 ``ceil(N / batch_size)`` batches, or ``floor(N / batch_size)`` with ``drop_last``.
 
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from qatcore.errors import ConfigError
+from qatcore.random import spawn_generator
 
 __all__ = ["DataLoader"]
 
@@ -44,10 +47,11 @@ class DataLoader:
         x: inputs, a numpy array with at least one dimension; axis 0 indexes samples.
         y: targets, a numpy array with the same length as ``x`` along axis 0.
         batch_size: positive number of samples a batch.
-        shuffle: draw a new random order every epoch (requires ``rng``).
+        shuffle: draw a new random order every epoch.
         rng: the ``np.random.Generator`` the orders are drawn from; the loader
-            advances it by one ``permutation`` call per epoch. Unused when
-            ``shuffle`` is False.
+            advances it by one ``permutation`` call per epoch. None: shuffling
+            loaders spawn a generator of their own from qatcore's default generator
+            (``qatcore.random.spawn_generator``). Unused when ``shuffle`` is False.
         drop_last: leave out the last batch of an epoch when it is smaller than
             ``batch_size``.
 
@@ -98,10 +102,7 @@ class DataLoader:
                 f"(e.g. np.random.default_rng(seed)) or None, got {type(rng).__name__}"
             )
         if shuffle and rng is None:
-            raise ConfigError(
-                "DataLoader: shuffle=True needs an explicit rng, "
-                "e.g. rng=np.random.default_rng(seed)"
-            )
+            rng = spawn_generator()  # the loader's own stream, so its state_dict resumes exactly
         self.x, self.y = x, y
         self.batch_size = int(batch_size)
         self.shuffle, self.drop_last = shuffle, drop_last

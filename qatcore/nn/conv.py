@@ -9,9 +9,9 @@ import numpy as np
 from qatcore.errors import ConfigError
 from qatcore.nn import functional as F
 from qatcore.nn import init
-from qatcore.nn.linear import default_rng
 from qatcore.nn.module import Module
 from qatcore.nn.parameter import Parameter
+from qatcore.random import generator_or_default
 
 __all__ = ["Conv2d"]
 
@@ -25,7 +25,8 @@ def _pair(value, name: str) -> tuple[int, int]:
 
 class Conv2d(Module):
     """Cross-correlation of (N, C, H, W) input with (K, C/groups, kh, kw) weights;
-    see :func:`qatcore.nn.functional.conv2d` for the formula.
+    see :func:`qatcore.nn.functional.conv2d` for the formula. The weights are drawn from
+    ``rng``, or without one from qatcore's default generator (:func:`qatcore.manual_seed`).
 
     >>> import numpy as np
     >>> conv = Conv2d(1, 4, 3, padding=1, rng=np.random.default_rng(0))
@@ -42,7 +43,7 @@ class Conv2d(Module):
                 f"Conv2d: groups={groups} must divide in_channels={in_channels} and "
                 f"out_channels={out_channels}"
             )
-        rng = default_rng(rng)
+        rng = generator_or_default(rng, "Conv2d: rng")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")

@@ -28,6 +28,7 @@ import numpy as np
 
 from qatcore import ops
 from qatcore.errors import ConfigError, DTypeError, ShapeError
+from qatcore.random import generator_or_default
 from qatcore.symbolic import find_symbolic
 from qatcore.tensor import Tensor
 
@@ -587,16 +588,15 @@ def batch_norm(
 def dropout(x, p: float = 0.5, training: bool = True, generator: np.random.Generator | None = None) -> Tensor:
     """Zero each element with probability p and scale the rest by 1 / (1 - p).
 
-    The mask comes from ``generator`` (an explicit ``np.random.Generator``), so
-    runs are reproducible; it is required when training with p > 0.
+    The mask comes from ``generator`` (an ``np.random.Generator``), or without one
+    from qatcore's default generator (:func:`qatcore.manual_seed` fixes it).
     """
     x = _tensor(x)
     if not 0.0 <= p <= 1.0:
         raise ConfigError(f"dropout: p must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return x
-    if not isinstance(generator, np.random.Generator):
-        raise ConfigError("dropout: training with p > 0 needs generator=np.random.Generator")
+    generator = generator_or_default(generator, "dropout: generator")
     if p == 1.0:
         return mul(x, np.zeros(x.shape, dtype=x.dtype))
     keep = generator.random(x.shape) >= p

@@ -11,22 +11,16 @@ from qatcore.nn import functional as F
 from qatcore.nn import init
 from qatcore.nn.module import Module
 from qatcore.nn.parameter import Parameter
+from qatcore.random import generator_or_default
 
-__all__ = ["Linear", "default_rng"]
-
-
-def default_rng(rng: np.random.Generator | None) -> np.random.Generator:
-    """The generator a layer initialises from: ``rng`` if given, else a fresh,
-    unseeded one (pass an rng for reproducible weights)."""
-    if rng is None:
-        return np.random.default_rng()
-    if not isinstance(rng, np.random.Generator):
-        raise ConfigError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    return rng
+__all__ = ["Linear"]
 
 
 class Linear(Module):
     """y = x @ W^T + b with W of shape (out_features, in_features).
+
+    The weights are drawn from ``rng``, or without one from qatcore's default generator
+    (:func:`qatcore.manual_seed` fixes it).
 
     >>> import numpy as np
     >>> layer = Linear(3, 2, rng=np.random.default_rng(0))
@@ -40,7 +34,7 @@ class Linear(Module):
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigError(f"Linear: {name} must be a positive int, got {value!r}")
-        rng = default_rng(rng)
+        rng = generator_or_default(rng, "Linear: rng")
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.weight = Parameter(np.empty((out_features, in_features), dtype=dtype))
         init.kaiming_uniform_(self.weight, math.sqrt(5), rng)

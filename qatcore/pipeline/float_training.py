@@ -53,12 +53,13 @@ class FloatTraining:
         return cls(settings, dataset, rng, model, loader, optimizer, schedule)
 
     def train(self, first_epoch: int = 0, *, on_progress: Callable[[str], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> int | None:
+              should_stop: Callable[[], bool] | None = None,
+              on_epoch: Callable[[str], None] | None = None) -> int | None:
         """Train from ``first_epoch`` to ``settings.epochs``; None when done, else the epoch
         in which ``should_stop()`` stopped it (see ``train_epochs``)."""
         return train_epochs(self.model, self.loader, self.optimizer, self.schedule,
                             range(first_epoch, self.settings.epochs), label="float",
-                            on_progress=on_progress, should_stop=should_stop)
+                            on_progress=on_progress, should_stop=should_stop, on_epoch=on_epoch)
 
     def accuracy(self) -> float:
         """The model's accuracy on the test split."""
@@ -94,9 +95,11 @@ class FloatResult:
 
 
 def train_float(settings: RunSettings, dataset: Dataset | None = None, *,
-                on_progress: Callable[[str], None] | None = None) -> FloatResult:
+                on_progress: Callable[[str], None] | None = None,
+                on_epoch: Callable[[str], None] | None = None) -> FloatResult:
     """Train ``settings.model`` in float on ``dataset`` (default: ``load_dataset(settings)``)
-    for ``settings.epochs`` epochs; writes no files. ``on_progress`` gets a line per step."""
+    for ``settings.epochs`` epochs; writes no files. ``on_progress`` gets a line per step, ``on_epoch`` one per epoch
+    (loss, training accuracy, time)."""
     training = FloatTraining.start(settings, dataset if dataset is not None else load_dataset(settings))
-    training.train(on_progress=on_progress)
+    training.train(on_progress=on_progress, on_epoch=on_epoch)
     return FloatResult(training.accuracy(), training)

@@ -75,12 +75,13 @@ class QATTraining:
                    CosineAnnealingLR(optimizer, T_max=float_training.settings.qat_epochs))
 
     def train(self, first_epoch: int = 0, *, on_progress: Callable[[str], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> int | None:
+              should_stop: Callable[[], bool] | None = None,
+              on_epoch: Callable[[str], None] | None = None) -> int | None:
         """Fine-tune from ``first_epoch`` to ``settings.qat_epochs``; None when done, else the
         epoch in which ``should_stop()`` stopped it (see ``train_epochs``)."""
         return train_epochs(self.model, self.float_training.loader, self.optimizer, self.schedule,
                             range(first_epoch, self.float_training.settings.qat_epochs), label="QAT",
-                            on_progress=on_progress, should_stop=should_stop)
+                            on_progress=on_progress, should_stop=should_stop, on_epoch=on_epoch)
 
     def accuracy(self) -> float:
         """The QAT model's accuracy on the test split."""
@@ -101,9 +102,11 @@ class QATResult:
 
 
 def fine_tune_qat(float_result: FloatResult, layerwise: LayerwiseConfig, *,
-                  on_progress: Callable[[str], None] | None = None) -> QATResult:
+                  on_progress: Callable[[str], None] | None = None,
+                  on_epoch: Callable[[str], None] | None = None) -> QATResult:
     """Prepare ``float_result``'s model for QAT with ``layerwise`` and fine-tune it for
-    ``settings.qat_epochs`` epochs; writes no files. ``on_progress`` gets a line per step."""
+    ``settings.qat_epochs`` epochs; writes no files. ``on_progress`` gets a line per step, ``on_epoch`` one per epoch
+    (loss, training accuracy, time)."""
     training = QATTraining.start(float_result.training, layerwise)
-    training.train(on_progress=on_progress)
+    training.train(on_progress=on_progress, on_epoch=on_epoch)
     return QATResult(training.accuracy(), training)

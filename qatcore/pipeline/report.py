@@ -30,12 +30,17 @@ class RunResult:
     The record (in this order): the settings that shaped it (model, dataset, seed, epochs,
     qat_epochs), the weight and activation bits of the config used (``bits``,
     ``activation_bits``: from ``--bits`` or the config file; 32 for float) and its ``scheme``
-    in words, the split sizes, float / QAT / int8 test accuracy, the float and
-    int8 file sizes in bytes, the median inference time on the test set in ms, the
-    int8-vs-QAT parity of the output (fraction exact, largest difference in output steps,
-    top-1 agreement), the wall time, the run folder and whether ``statistics.png`` was
-    drawn. Attached: the float, QAT and int8 models, the ``ParityReport`` and the
-    ``QATStatistics``.
+    in words, the split sizes, test accuracy of the float model, of the
+    post-training quantized (PTQ) integer model, of the QAT model (None with ``qat_epochs``
+    0) and of the run's integer model (``model.int8``: QAT's, or PTQ's with ``qat_epochs``
+    0), the float and integer file sizes in bytes, the median inference time on the test set
+    in ms, the parity of ``model.int8`` with its QAT model at the output (fraction exact,
+    largest difference in output steps, top-1 agreement), the PTQ model's parity
+    with its calibrated model (output fraction exact, largest difference, and whether
+    every value at every layer is exact), the number of calibration samples, the wall
+    time, the run folder and whether ``statistics.png`` was drawn. Attached: the float,
+    QAT and integer models, the ``ParityReport``, the ``QATStatistics`` and the PTQ
+    models and parity report.
     """
 
     model: str
@@ -49,7 +54,8 @@ class RunResult:
     train_samples: int
     test_samples: int
     float_accuracy: float
-    qat_accuracy: float
+    ptq_accuracy: float
+    qat_accuracy: float | None
     int8_accuracy: float
     float_model_bytes: int
     int8_model_bytes: int
@@ -58,6 +64,10 @@ class RunResult:
     parity_exact: float
     parity_max_lsb: float
     top1_agreement: float | None
+    ptq_parity_exact: float
+    ptq_parity_max_lsb: float
+    ptq_parity_passes: bool
+    calibration_samples: int
     wall_time_s: float
     output: str
     plots: bool
@@ -66,6 +76,9 @@ class RunResult:
     int8_model: Module = _attached()
     parity: ParityReport = _attached()
     statistics: QATStatistics = _attached()
+    ptq_model: Module = _attached()
+    ptq_int8_model: Module = _attached()
+    ptq_parity: ParityReport = _attached()
 
     def to_dict(self) -> dict[str, Any]:
         """The record as plain data, led by ``"command": "run"`` (``result.json``)."""
@@ -78,21 +91,38 @@ def integer_label(result: RunResult) -> str:
     return "int8" if (result.bits, result.activation_bits) == (8, 8) else "integer"
 
 
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
 def format_summary(result: RunResult) -> str:
-    """The table ``qatcore run`` prints: the scheme, accuracy, size, speed, parity and time
-    (the converted model is called "int8" only when it is 8-bit, else "integer")."""
+    """The table ``qatcore run`` prints: the scheme, accuracy (PTQ next to QAT), size, speed,
+    parity and time (the converted model is called "int8" only when it is 8-bit, else "integer")."""
     label = integer_label(result)
+    ptq_parity = (f"{100 * result.ptq_parity_exact:.3f}% exact, max {result.ptq_parity_max_lsb:g} LSB, "
+                  f"{'passes' if result.ptq_parity_passes else 'FAILS'} (calibrated on "
+                  f"{result.calibration_samples} training images)")
+    if result.qat_accuracy is None:  # --qat-epochs 0: post-training quantization only
+        accuracy = [(f"accuracy (float / PTQ {label})", f"{_percent(result.float_accuracy)} / "
+                                                        f"{_percent(result.ptq_accuracy)}")]
+        parity = [(f"PTQ {label} vs calibrated model", ptq_parity)]
+    else:
+        accuracy = [(f"accuracy (float / QAT / {label})", f"{_percent(result.float_accuracy)} / "
+                                                          f"{_percent(result.qat_accuracy)} / "
+                                                          f"{_percent(result.int8_accuracy)}"),
+                    (f"accuracy without QAT (PTQ {label})", _percent(result.ptq_accuracy))]
+        parity = [(f"{label} vs QAT outputs", f"{100 * result.parity_exact:.3f}% exact, max "
+                                              f"{result.parity_max_lsb:g} LSB, top-1 agreement "
+                                              f"{100 * (result.top1_agreement or 0):.2f}%"),
+                  (f"PTQ {label} vs calibrated model", ptq_parity)]
     rows = [
         ("quantization", result.scheme),
-        (f"accuracy (float / QAT / {label})", f"{100 * result.float_accuracy:.2f}% / "
-                                          f"{100 * result.qat_accuracy:.2f}% / "
-                                          f"{100 * result.int8_accuracy:.2f}%"),
+        *accuracy,
         (f"model size (float / {label})", f"{result.float_model_bytes:,} / {result.int8_model_bytes:,} bytes "
                                       f"({100 * result.int8_model_bytes / result.float_model_bytes:.1f}%)"),
         (f"inference on the test set (float / {label})", f"{result.float_inference_ms:.2f} / "
                                                      f"{result.int8_inference_ms:.2f} ms"),
-        (f"{label} vs QAT outputs", f"{100 * result.parity_exact:.3f}% exact, max {result.parity_max_lsb:g} LSB, "
-                                f"top-1 agreement {100 * (result.top1_agreement or 0):.2f}%"),
+        *parity,
         ("wall time", f"{result.wall_time_s:.1f} s"),
     ]
     width = max(len(name) for name, _ in rows)
@@ -108,7 +138,10 @@ PARITY_NOTE = ("Each integer value of the int8 model next to the QAT model's, in
 
 
 def format_report(result: RunResult) -> str:
-    """``report.md``: the summary, the parity report and the statistics summary."""
+    """``report.md``: the summary, the parity report (and, when QAT ran, the PTQ model's), and the
+    statistics summary."""
+    ptq = ("" if result.qat_accuracy is None else
+           f"## Post-training quantization parity, value by value\n\n```text\n{result.ptq_parity}\n```\n\n")
     return (f"# qatcore run report\n\n```text\n{format_summary(result)}\n```\n\n## Parity, value by value\n\n"
-            f"{PARITY_NOTE}\n\n```text\n{result.parity}\n```\n\n## Statistics at the end of training\n\n"
+            f"{PARITY_NOTE}\n\n```text\n{result.parity}\n```\n\n{ptq}## Statistics at the end of training\n\n"
             f"```text\n{result.statistics.summary()}\n```\n")

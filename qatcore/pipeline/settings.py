@@ -104,7 +104,8 @@ class RunSettings:
         bits: weight bits of the default config, 2..8 (the int8 runtime's range); below 8
             the weight scales are learned (LSQ, ``QuantizationConfig.lsq_4bit_weights`` at that
             width). Only without ``config``: a config file sets its own bits.
-        epochs, qat_epochs: float training and QAT fine-tuning epochs (positive).
+        epochs, qat_epochs: float training epochs (positive) and QAT fine-tuning epochs
+            (0: post-training quantization only; every run also reports it).
         lr: the float SGD learning rate; fine-tuning uses ``qat_lr`` (a fifth of it).
         batch_size: positive.  seed: the seed of every random choice (>= 0).
         output: the run folder.  mnist: a folder of MNIST IDX files, or None for the
@@ -134,10 +135,13 @@ class RunSettings:
         if self.config is not None and self.bits != 8:
             raise ConfigError(f"--bits {self.bits} applies to the default config; with --config, set "
                               f"\"weight\": {{\"bits\": {self.bits}}} in the config file instead")
-        for name in ("epochs", "qat_epochs", "batch_size"):
+        for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if not (_is_int(value) and value >= 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not (_is_int(self.qat_epochs) and self.qat_epochs >= 0):
+            raise ConfigError(f"--qat-epochs must be a non-negative integer (0: post-training quantization only), "
+                              f"got {self.qat_epochs!r}")
         if not (_is_int(self.seed) and self.seed >= 0):
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed!r}")
         if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool)

@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 
 from qatcore.data import DataLoader
 from qatcore.nn import Module
-from qatcore.training import train_one_epoch
+from qatcore.training import EpochResult, train_one_epoch
 
 __all__ = ["train_epochs", "stop_on_sigint"]
 
@@ -42,12 +42,15 @@ class _StopRequested(Exception):
 
 def train_epochs(model: Module, loader: DataLoader, optimizer, schedule, epochs: range, *, label: str,
                  on_progress: Callable[[str], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> int | None:
+                 should_stop: Callable[[], bool] | None = None,
+                 on_epoch: Callable[[str], None] | None = None) -> int | None:
     """Train ``model`` for the ``epochs`` (a range of epoch indices, ``range(first, total)``),
     stepping ``schedule`` after each whole epoch.
 
     After every step, ``on_progress`` gets a line such as ``"QAT epoch 2/3  batch 5/23
-    loss 0.0412"`` and ``should_stop()`` is asked whether to stop.
+    loss 0.0412"`` and ``should_stop()`` is asked whether to stop. After every epoch,
+    ``on_epoch`` gets a line such as ``"QAT epoch 2/3  loss 0.0398  train accuracy 98.96%
+    1.4 s"`` (``EpochResult``; after a resumed epoch, of its remaining batches only).
 
     Returns:
         None when every epoch ran; otherwise the epoch index in which training stopped
@@ -61,8 +64,12 @@ def train_epochs(model: Module, loader: DataLoader, optimizer, schedule, epochs:
             if should_stop is not None and should_stop():
                 raise _StopRequested()
 
+        def on_epoch_end(result: EpochResult, epoch: int = epoch) -> None:
+            if on_epoch is not None:
+                on_epoch(f"{label} epoch {epoch + 1}/{epochs.stop}  {result}")
+
         try:
-            train_one_epoch(model, loader, optimizer, on_step=on_step)
+            train_one_epoch(model, loader, optimizer, on_step=on_step, on_epoch=on_epoch_end)
         except _StopRequested:
             return epoch
         schedule.step()

@@ -444,7 +444,6 @@ def test_loader_load_state_dict_rejects_other_bad_states():
         ({"batch_size": 2.0}, "batch_size"),
         ({"batch_size": True}, "batch_size"),
         ({"batch_size": "8"}, "batch_size"),
-        ({"shuffle": True}, "shuffle=True needs an explicit rng"),
         ({"shuffle": 1, "rng": np.random.default_rng(0)}, "shuffle"),
         ({"drop_last": None}, "drop_last"),
         ({"shuffle": True, "rng": np.random.RandomState(0)}, "rng must be a numpy.random.Gen"),

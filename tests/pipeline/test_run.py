@@ -2,8 +2,10 @@
 training stage and a resume that reaches the uninterrupted result; the epoch loop and the
 Ctrl-C stop request."""
 
+import importlib.util
 import json
 import os
+import re
 import signal
 
 import numpy as np
@@ -38,19 +40,26 @@ def test_run_writes_the_folder_and_prints_nothing(tmp_path, capsys):
     result = run_pipeline(_small(tmp_path / "run", qat_epochs=1), on_progress=lines.append)
     assert capsys.readouterr() == ("", "")
     folder = tmp_path / "run"
-    assert sorted(path.name for path in folder.iterdir()) == [
-        "float.qat", "model.int8", "qat.ckpt", "report.md", "result.json", "statistics.json", "statistics.qat"]
+    plots = importlib.util.find_spec("matplotlib") is not None  # the plot is drawn when it can be
+    assert sorted(path.name for path in folder.iterdir()) == sorted([
+        "float.qat", "model.int8", "qat.ckpt", "report.md", "result.json", "statistics.json", "statistics.qat",
+        *(["statistics.png"] if plots else [])])
     assert json.loads((folder / "result.json").read_text()) == result.to_dict()
     assert (folder / "report.md").read_text() == format_report(result)
     assert format_summary(result) in format_report(result) and "int8 vs QAT outputs" in format_summary(result)
     record = result.to_dict()
     assert list(record)[:2] == ["command", "model"] and "int8_model" not in record
-    assert record["output"] == str(folder) and record["dataset"] == "digits" and not record["plots"]
+    assert record["output"] == str(folder) and record["dataset"] == "digits" and record["plots"] == plots
     assert result.int8_model_bytes < result.float_model_bytes and result.parity_max_lsb <= 1
     assert result.parity.output.max_lsb == result.parity_max_lsb
-    assert len(lines) == 3 * STEPS_PER_EPOCH + 1 and lines[-1] == "converting and evaluating"
-    assert lines[STEPS_PER_EPOCH].startswith("float epoch 2/2  batch 1/23  loss ")
-    assert lines[2 * STEPS_PER_EPOCH].startswith("QAT epoch 1/1  batch 1/23  loss ")
+    # a line per step, per finished epoch, before calibration and before conversion
+    assert len(lines) == 3 * STEPS_PER_EPOCH + 3 + 2 and lines[-1] == "converting and evaluating"
+    assert re.fullmatch(r"float epoch 1/2  loss \d\.\d{4}  train accuracy \d+\.\d\d%  \d+\.\d s",
+                        lines[STEPS_PER_EPOCH])
+    assert lines[STEPS_PER_EPOCH + 1].startswith("float epoch 2/2  batch 1/23  loss ")
+    assert lines[2 * STEPS_PER_EPOCH + 2] == "calibrating (post-training quantization)"
+    assert lines[2 * STEPS_PER_EPOCH + 3].startswith("QAT epoch 1/1  batch 1/23  loss ")
+    assert lines[-2].startswith("QAT epoch 1/1  loss ")
     assert read_qat_checkpoint(folder / "qat.ckpt")["extra"]["run_args"] == _small(folder, qat_epochs=1).to_dict()
 
 

@@ -25,7 +25,7 @@ from qatcore.pipeline import (
     ({"bits": 12}, "--bits must be in [2, 8] (int8 runtime), got 12"),
     ({"bits": 1}, "--bits must be in [2, 8]"),
     ({"epochs": 0}, "--epochs must be a positive integer, got 0"),
-    ({"qat_epochs": 2.5}, "--qat-epochs must be a positive integer, got 2.5"),
+    ({"qat_epochs": 2.5}, "--qat-epochs must be a non-negative integer (0: post-training quantization only), got 2.5"),
     ({"batch_size": True}, "--batch-size must be a positive integer"),
     ({"seed": -1}, "--seed must be a non-negative integer, got -1"),
     ({"lr": 0}, "--lr must be a positive number, got 0"),

@@ -181,3 +181,42 @@ def test_malformed_statistics_records_are_refused_by_field(record, message):
 def test_schedule_from_something_not_a_mapping_is_refused():
     with pytest.raises(ConfigError, match="QATSchedule: expected a mapping of its fields, got int"):
         QATSchedule.from_dict(5)
+
+
+def _many_quantizers(count: int = 40) -> QATStatistics:
+    stats = QATStatistics()
+    for index in range(count):
+        kind = "weight" if index % 2 else "activation"
+        for step in range(0, 100, 10):
+            values = {"scale_mean": 0.01 * (index + 1) * (1 + step / 1000), "clip_fraction": 0.001 * index}
+            if kind == "activation":
+                values.update(observed_min=-0.1 * index, observed_max=0.5 * index + step / 100)
+            stats.record(f"layer{index}.{'weight' if index % 2 else 'output'}", kind, step, values)
+    return stats
+
+
+def test_the_plot_has_a_title_and_legends_outside_the_data(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot extra is not installed")
+    import matplotlib.pyplot as plt
+
+    stats = _many_quantizers()
+    fig = stats.figure("resnet20 on digits: weights 4-bit LSQ")
+    try:
+        fig.canvas.draw()
+        assert fig.get_suptitle() == "resnet20 on digits: weights 4-bit LSQ\nlast sample at training step 90, " \
+                                     "one every 10 steps"
+        scale_axis, range_axis = fig.axes[:2]
+        renderer = fig.canvas.get_renderer()
+        for axis, entries in ((scale_axis, 40), (range_axis, 20)):  # one entry per activation range (min and max)
+            legend = axis.get_legend()
+            assert legend is not None and len(legend.get_texts()) == entries
+            legend_box, data_box = legend.get_window_extent(renderer), axis.get_window_extent(renderer)
+            assert legend_box.x0 >= data_box.x1  # to the right of the axes: it covers no curve
+            assert legend_box.x1 <= fig.bbox.x1  # and inside the image
+        assert fig.axes[2].get_legend() is None
+    finally:
+        plt.close(fig)
+    stats.plot(tmp_path / "stats.png", title="untitled run")
+    assert (tmp_path / "stats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert QATStatistics().figure().get_suptitle() == "QAT statistics\nno training step recorded"
+    plt.close("all")

@@ -5,6 +5,7 @@ It builds on :mod:`qatcore.quantization` (observers, FakeQuantize, configs) and
 :mod:`qatcore.graph`; nothing below it imports it.
 """
 
+from qatcore.quantization.qat.calibration import calibrate
 from qatcore.quantization.qat.checkpointing import (
     LoadedCheckpoint,
     load_int8_model,
@@ -29,7 +30,8 @@ from qatcore.quantization.qat.training_integration import QATController, QATSche
 __all__ = ["IQATPreparer", "QATPreparer", "LayerwiseConfig", "LayerOverride", "ResolvedLayer", "QATSchedule",
            "QATController", "QATLinear", "QATConv2d", "QATConvBn2d", "QATLinearBn1d", "QATStatistics",
            "StatisticsConfig", "Series",
-           "convert_to_quantized", "parity_report", "ParityReport", "int8_model_to_dict", "int8_model_from_dict",
+           "calibrate", "convert_to_quantized", "parity_report", "ParityReport", "int8_model_to_dict",
+           "int8_model_from_dict",
            "save_qat_checkpoint", "load_qat_checkpoint", "read_qat_checkpoint", "LoadedCheckpoint",
            "save_int8_model", "load_int8_model", "Int8Model", "ValueSource", "learnable_quantizer_parameters",
            "Int8Island"]

@@ -21,6 +21,7 @@ from qatcore.errors import CheckpointError, ConfigError, QATCoreError, TraceErro
 from qatcore.nn.module import Module
 from qatcore.quantization.config import QuantizationConfig
 from qatcore.quantization.fake_quantize_module import FakeQuantize
+from qatcore.quantization.qat.calibration import calibrate
 from qatcore.quantization.qat.checkpointing import FORMAT, load_qat_checkpoint, read_qat_checkpoint
 from qatcore.quantization.qat.conversion import convert_to_quantized
 from qatcore.quantization.qat.interface import IQATPreparer
@@ -112,6 +113,13 @@ class QATPreparer(IQATPreparer):
         controller.attach(qat_model)
         add_to_optimizers(qat_model)
         return qat_model
+
+    def calibrate(self, qat_model: Module, batches, num_batches: int | None = None) -> int:
+        """Post-training calibration: run ``batches`` through ``qat_model`` with observers on,
+        no gradients and no training step, leaving it ready for ``convert_to_quantized``
+        (qatcore.quantization.qat.calibration). Returns the number of samples seen."""
+        self.controller(qat_model)
+        return calibrate(qat_model, batches, num_batches)
 
     def convert_to_quantized(self, qat_model: Module) -> Module:
         """The integer-only int8 model of a trained QAT model (qatcore.quantization.qat.conversion);

@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 
 from qatcore import serialization
-from qatcore.errors import ConfigError, QATCoreError
+from qatcore.errors import ConfigError
 from qatcore.quantization.histogram_observer import histogram_percentile, histogram_state, update_histograms
+from qatcore.quantization.qat.statistics_plot import statistics_figure
 from qatcore.text_table import text_table
 
 __all__ = ["Series", "QuantizerStatistics", "QATStatistics", "StatisticsConfig", "PERCENTILES"]
@@ -312,41 +313,19 @@ class QATStatistics:
         lines.append(f"last step {self.last_step}; one sample every {self.config.every} steps")
         return "\n".join(lines)
 
-    def plot(self, path) -> None:
-        """Write a PNG: scale evolution, activation ranges, clip fraction per quantizer.
-        Needs matplotlib (``pip install 'qatcore[plot]'``)."""
-        try:
-            import matplotlib
+    def figure(self, title: str | None = None):
+        """The matplotlib Figure of these statistics, titled with ``title`` (what trained) and the
+        last step sampled; legends outside the panels (``statistics_plot``). Needs matplotlib;
+        the caller saves and closes it."""
+        return statistics_figure(self, title)
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as e:
-            raise QATCoreError(
-                "QATStatistics.plot needs matplotlib, which is not installed: pip install 'qatcore[plot]' "
-                "(summary() and to_json() work without it)"
-            ) from e
-        fig, axes = plt.subplots(3, 1, figsize=(9, 10), constrained_layout=True)
-        for name, q in self.quantizers.items():
-            scale = q.series.get("scale_mean")
-            if scale is not None and len(scale):
-                axes[0].plot(scale.steps, scale.values, label=name)
-            if q.kind == "activation":
-                for key, style in (("observed_min", "--"), ("observed_max", "-")):
-                    series = q.series.get(key)
-                    if series is not None and len(series):
-                        axes[1].plot(series.steps, series.values, style, label=f"{name} {key[9:]}")
-        names, clips = [], []
-        for name, q in self.quantizers.items():
-            series = q.series.get("clip_fraction")
-            if series is not None and len(series):
-                names.append(name)
-                clips.append(100 * float(series.last()))
-        axes[2].barh(names, clips)
-        axes[0].set(title="scale (mean over channels)", xlabel="step", yscale="log")
-        axes[1].set(title="activation ranges (observer min/max)", xlabel="step")
-        axes[2].set(title="elements clipped at the last sample (%)", xlabel="%")
-        for axis in axes[:2]:
-            if axis.get_legend_handles_labels()[0]:
-                axis.legend(fontsize="x-small", ncol=2)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+    def plot(self, path, title: str | None = None) -> None:
+        """Write :meth:`figure` as a PNG to ``path``. Needs matplotlib (``pip install
+        'qatcore[plot]'``; a QATCoreError says so without it)."""
+        fig = statistics_figure(self, title)
+        try:
+            fig.savefig(path, dpi=100)
+        finally:
+            import matplotlib.pyplot as plt  # loaded by statistics_figure: only to close the figure
+
+            plt.close(fig)

@@ -30,7 +30,9 @@ False.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
+from typing import Iterator
 
 import numpy as np
 
@@ -115,6 +117,7 @@ class QATController(Module):
         self.auto_step = bool(auto_step)
         self.check_optimizers = check_optimizers
         self._optimizers_checked = False  # not saved: a resumed run checks its own optimizer again
+        self._calibrating = False  # inside calibration(): forwards are not training steps
         self._quantizers = []
         self._conv_bn_layers = []
         self._excluded = []
@@ -152,7 +155,7 @@ class QATController(Module):
         self.apply_schedule()
 
     def _before_forward(self, model: Module, args: tuple) -> None:
-        if not model.training:
+        if not model.training or self._calibrating:
             return
         if self.check_optimizers and not self._optimizers_checked and is_grad_enabled():
             check_optimized(model)  # before counting: a step refused is not a step taken
@@ -177,6 +180,31 @@ class QATController(Module):
             raise ConfigError(f"QATController.step: count must be a positive int, got {count!r}")
         self.step_count.data += count
         self.apply_schedule()
+
+    @contextlib.contextmanager
+    def calibration(self) -> Iterator[None]:
+        """Post-training calibration (``qatcore.quantization.qat.calibration``). Inside the
+        block, training-mode forwards are not training steps (no step counted, no schedule
+        applied, no statistics, no optimizer check) and every scheduled quantizer observes
+        with fake quantization off, so the observers see the float model's values, as in
+        post-training quantization. On leaving it, every scheduled quantizer has its
+        observer off and fake quantization on: the model computes its quantized form, the
+        one ``convert_to_quantized`` converts. Training afterwards applies the schedule at
+        the current step again."""
+        if self._calibrating:
+            raise ConfigError("QATController.calibration: this model is already calibrating")
+        self._calibrating = True
+        try:
+            for quantizer in self._quantizers:
+                quantizer.fake_quant_enabled.data[...] = False
+                if not bool(quantizer.qparams_fixed.data):
+                    quantizer.observer_enabled.data[...] = True
+            yield
+        finally:
+            self._calibrating = False
+            for quantizer in self._quantizers:
+                quantizer.fake_quant_enabled.data[...] = True
+                quantizer.observer_enabled.data[...] = False
 
     def apply_schedule(self) -> None:
         """Set every quantizer and folded BatchNorm to the state of the current step.
