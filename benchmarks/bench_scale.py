@@ -59,9 +59,10 @@ import tempfile
 import warnings
 
 import numpy as np
+from reference_models import CIFAR_MODELS as MODELS
+from reference_models import build_cifar
 from timing import median_time_s, settle
 
-MODELS = ("resnet20", "resnet56", "mobilenetv2")
 BATCH = 64
 LR, MOMENTUM = 0.01, 0.9
 TORCH_THREADS = 2
@@ -79,16 +80,8 @@ def load_batches():
 
 
 def build_qatcore(name: str):
-    from qatcore import models
-
-    rng = np.random.default_rng(0)
-    if name == "resnet20":
-        return models.resnet20(rng=rng)
-    if name == "resnet56":
-        return models.cifar_resnet(56, rng=rng)
-    if name == "mobilenetv2":
-        return models.MobileNetV2(rng=rng)
-    raise ValueError(f"unknown model {name!r}; one of {MODELS}")
+    """The qatcore network ``name`` with seed-0 weights (reference_models builds it)."""
+    return build_cifar(name)
 
 
 def qatcore_step(model, x, y):

@@ -3,7 +3,7 @@ sys.path and ``from reference_models import ...`` finds this file)."""
 
 from __future__ import annotations
 
-__all__ = ["digits_cnn_float_qat_int8", "CIFAR_MODELS", "cifar_qat_model"]
+__all__ = ["digits_cnn_float_qat_int8", "CIFAR_MODELS", "build_cifar", "cifar_qat_model"]
 
 
 def digits_cnn_float_qat_int8():
@@ -28,7 +28,8 @@ def digits_cnn_float_qat_int8():
 CIFAR_MODELS = ("resnet20", "resnet56", "mobilenetv2")
 
 
-def _build_cifar(name: str):
+def build_cifar(name: str):
+    """The qatcore network ``name`` (one of ``CIFAR_MODELS``) with seed-0 weights."""
     import numpy as np
 
     from qatcore import models
@@ -54,9 +55,9 @@ def cifar_qat_model(name: str, config, steps: int, batch: int = 64):
     from qatcore.quantization.qat import QATPreparer
 
     x_train, y_train, _, _ = load_digits(image_size=32, channels=3)
-    float_model = _build_cifar(name).eval()
+    float_model = build_cifar(name).eval()
     preparer = QATPreparer()
-    qat = preparer.prepare_for_qat(_build_cifar(name), config)
+    qat = preparer.prepare_for_qat(build_cifar(name), config)
     with no_grad():
         qat(x_train[:batch])
     optimizer = SGD(qat.parameters(), lr=0.01, momentum=0.9)

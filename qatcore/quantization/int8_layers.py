@@ -68,9 +68,11 @@ class Int8Module(Module):
     requantization = Requantization.FIXED_POINT
 
     def derive_state(self) -> None:
-        """Fill the ``STATE_SINCE_3`` buffers from the others (a file written before version 3)."""
-        if self.STATE_SINCE_3:
-            raise NotImplementedError(f"{type(self).__name__} declares STATE_SINCE_3 without derive_state")
+        """The ``STATE_SINCE_3`` buffers of a file written before version 3: that file is fixed
+        point, and these buffers hold float32 requantization data, so each is empty."""
+        dtypes = dict(self.STATE)
+        for name in self.STATE_SINCE_3:
+            self.register_buffer(name, np.zeros(0, np.dtype(dtypes[name])))
 
     def set_requantization(self, requantization) -> None:
         try:
@@ -193,10 +195,6 @@ class Requantize(Int8Module):
         self.register_buffer("clamp_min", np.array(clamp_min, dtype=np.int32))
         self.register_buffer("input_scale", np.array([input_scale] if self.requantization is Requantization.FLOAT32
                                                      else [], dtype=np.float32))
-
-    def derive_state(self) -> None:
-        """A file written before version 3 is fixed point: no float32 scale."""
-        self.register_buffer("input_scale", np.zeros(0, np.float32))
 
     def forward(self, x):
         lo, hi = int(self.clamp_min.data), int(self.output_range.data[1])

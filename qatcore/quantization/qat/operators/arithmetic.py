@@ -70,10 +70,6 @@ class Int8Add(Int8Module):
         self.register_buffer("input_scales", np.array(scales if self.requantization is Requantization.FLOAT32
                                                       else [], dtype=np.float32))
 
-    def derive_state(self) -> None:
-        """A file written before version 3 is fixed point: no float32 scales."""
-        self.register_buffer("input_scales", np.zeros(0, np.float32))
-
     def forward(self, a, b):
         lo, hi = int(self.clamp_min.data), int(self.output_range.data[1])
         if self.requantization is Requantization.FLOAT32:

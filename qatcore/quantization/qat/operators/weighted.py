@@ -100,10 +100,6 @@ class _Int8Weighted(Int8Module):
         else:
             self.derive_state()
 
-    def derive_state(self) -> None:
-        """A file written before version 3 is fixed point: no float multiplier."""
-        self.register_buffer("float_multiplier", np.zeros(0, np.float32))
-
     def _epilogue_args(self) -> tuple:
         qmax = int(self.output_range.data[1])
         if self.requantization is Requantization.FLOAT32:
