@@ -6,8 +6,10 @@ Modules:
     window   -- the geometry of a sliding window along one axis: ``output_size`` and
                 ``valid_range`` (which taps or outputs read inside the input), shared by
                 im2col, pooling and int8_conv.
-    im2col   -- ``im2col`` / ``col2im``: the column layout that turns conv2d into a batched GEMM
-                (done by NumPy), and its adjoint for the input gradient.
+    layout   -- the two memory layouts of an (N, C, ...) activation the kernels read as they
+                are: C-contiguous and channel-major ((C, N, ...) order, what conv2d produces).
+    im2col   -- ``im2col`` / ``col2im``: the column layout that turns conv2d into one GEMM per
+                layer (done by NumPy), and its adjoint for the input gradient.
     pooling  -- ``max_pool2d_forward`` / ``max_pool2d_backward`` and ``avg_pool2d_forward`` /
                 ``avg_pool2d_backward``, matching PyTorch's CPU kernels (ceil_mode=False).
     batch_norm -- ``batch_norm_train_forward`` / ``batch_norm_train_backward``: per-channel
@@ -27,8 +29,10 @@ Modules:
                 tables (unary activations).
 
 Conventions shared by every kernel:
-    * Pure functions over NumPy arrays: arguments are never modified, results are new arrays,
-      inputs are C-contiguous float32 or float64 (the caller passes ``np.ascontiguousarray``);
+    * Pure functions over NumPy arrays: arguments are never modified, results are new arrays
+      (``im2col.col2im_add`` adds into its output argument, and says so), inputs are
+      C-contiguous float32 or float64 (the caller passes ``np.ascontiguousarray``) or, where a
+      docstring says so, channel-major (``layout``);
       fake quantization is float32 by contract.
     * Argument validation is the caller's job; each docstring states its preconditions and the
       formula or index mapping it implements.
@@ -50,10 +54,10 @@ imports the package once, at the top of its module, and numba loads when a kerne
 
 from qatcore.lazy_exports import lazy_exports
 
-__all__ = ["window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "requantize_float32", "int8_gemm",
-           "int8_conv", "lookup"]
+__all__ = ["layout", "window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "requantize_float32",
+           "int8_gemm", "int8_conv", "lookup"]
 
 __getattr__, __dir__ = lazy_exports(__name__, submodules=(
-    "window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "requantize_float32", "int8_gemm",
-    "int8_conv", "lookup",
+    "layout", "window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "requantize_float32",
+    "int8_gemm", "int8_conv", "lookup",
 ))

@@ -169,7 +169,8 @@ def _direct_block(cols, col0, count, weights, channel0, channels, row0, depth, a
 def _direct_task(task, cols, weights, groups, pixels, pixel_block, blocks_per_image, offset, multiplier, shift,
                  scale, out_zero_point, clamp_min, clamp_max, flip, acc, out):
     """The short-depth path's task: image task // blocks_per_image, output pixels [p0, p1) of it.
-    cols is im2col's (N*C*kh*kw, OH*OW), weights (K, C/G*kh*kw) in im2col's (c, kh, kw) order."""
+    cols is im2col's columns, image by image: (N*C*kh*kw, OH*OW); weights (K, C/G*kh*kw) in im2col's
+    (c, kh, kw) order."""
     image, block = task // blocks_per_image, task % blocks_per_image
     p0 = block * pixel_block
     p1 = min(pixels, p0 + pixel_block)
@@ -257,7 +258,9 @@ def int8_conv2d(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
     if out.size == 0:
         return out.view(out_dtype)
     if group_channels * kh * kw <= DIRECT_MAX_DEPTH and (kh, kw, sh, sw, ph, pw) != (1, 1, 1, 1, 0, 0):
-        cols = im2col(np.ascontiguousarray(x_u8), kh, kw, sh, sw, ph, pw, dh, dw, fill=zero_point)
+        # im2col's (C*kh*kw, N*OH*OW) columns in this path's per-image order (N, C*kh*kw, OH*OW)
+        cols = im2col(x_u8, kh, kw, sh, sw, ph, pw, dh, dw, fill=zero_point)
+        cols = np.ascontiguousarray(cols.reshape(-1, batch, pixels).transpose(1, 0, 2))
         weights = np.ascontiguousarray(
             packed.matrix.reshape(out_channels, kh, kw, group_channels).transpose(0, 3, 1, 2)).reshape(out_channels, -1)
         pixel_block = min(pixels, _MAX_PIXEL_BLOCK)

@@ -1,20 +1,29 @@
-"""2-D convolution primitive: im2col (numba, ``qatcore.kernels.im2col``) followed
-by a batched GEMM in numpy float32/float64 (BLAS).
+"""2-D convolution primitive: im2col (numba, ``qatcore.kernels.im2col``) and one GEMM per
+layer in NumPy float32/float64 (BLAS), a few samples at a time.
 
-With x of shape (N, C, H, W), weight (K, C/G, kh, kw) and G groups:
+With x of shape (N, C, H, W), weight (K, C/G, kh, kw), G groups, P = OH*OW and im2col's
+columns for the whole batch (C*kh*kw, N*P):
 
-    cols[n]           = im2col(x)[n]                         (C*kh*kw, OH*OW)
-    out[n, g-th block] = W_g (K/G, C/G*kh*kw) @ cols[n, g-th block]  (+ bias)
+    out_g  = W_g (K/G, C/G*kh*kw) @ cols_g (C/G*kh*kw, N*P)   (+ bias)     -> (K, N*P)
 
-and the gradients are the same products transposed:
+which is the output in channel-major order: an (N, K, OH, OW) array whose memory is ordered
+(K, N, OH, OW), returned as such (a transposed view, no copy). The kernels of the ops that
+follow a convolution (BatchNorm, the element-wise ops, the next im2col) read that layout as it
+is, so a network's activations stay channel-major from one convolution to the next. The
+gradients are the same products transposed, with the output gradient g seen as (K, N*P):
 
-    dW_g   = sum_n  g[n, g-th block] @ cols[n, g-th block]^T
-    dcols  = W_g^T @ g[n, g-th block];      dx = col2im(dcols)   (adjoint of im2col)
+    dW_g   = g_g @ cols_g^T
+    dcols  = W_g^T @ g_g;      dx = col2im(dcols)   (adjoint of im2col; channel-major too)
     dbias  = sum over n, oh, ow of g
 
-For large layers dcols and dx are computed a few samples at a time (see
-``_INPUT_GRAD_CHUNK_BYTES``); every sample still gets the same GEMM, so the result does not
-depend on the chunking.
+A 1x1 convolution with stride 1 and no padding on a channel-major x needs no im2col: its
+columns are x's (C, N*H*W) channel rows, and its dcols are dx's.
+
+The forward pass keeps only x, not its columns (C*kh*kw times larger): the backward pass
+unfolds them again. Both passes go ``_CHUNK_BYTES`` of columns at a time, so a chunk is
+written, multiplied and dropped while it is still in the cache, and a training step never
+holds a whole layer's columns. The chunks change the order in which dW's per-sample terms are
+added (in chunk order), nothing else.
 """
 
 from __future__ import annotations
@@ -26,17 +35,30 @@ from qatcore.autograd.function import Function
 
 __all__ = ["Conv2d", "conv_output_size"]
 
-# dcols for a whole batch is as large as the saved cols (230 MB for N=32, C=64, 56x56, 3x3):
-# the GEMM writes it to memory, page-faulting it in, and col2im reads it back. A chunk of
-# samples this size or smaller is allocated once, reused, and stays in the cache between the
-# two, which measured faster on that layer than the whole batch at once (one sample there is
-# 7.2 MB; figures in docs/benchmarks.md, "Measurements behind the code").
-_INPUT_GRAD_CHUNK_BYTES = 8 * 2**20
+# Columns per chunk. Measured on ResNet-20's layers at batch 64 (docs/benchmarks.md,
+# "Measurements behind the code").
+_CHUNK_BYTES = 8 * 2**20
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     """floor((size + 2*padding - dilation*(kernel-1) - 1) / stride) + 1"""
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _chunks(batch: int, sample_bytes: int):
+    """[first, stop) sample ranges of at most ``_CHUNK_BYTES`` of columns each (one sample
+    at least)."""
+    step = max(1, _CHUNK_BYTES // max(1, sample_bytes))
+    return [(first, min(first + step, batch)) for first in range(0, batch, step)]
+
+
+def _is_pointwise(x, window, groups) -> bool:
+    """A 1x1 convolution with stride 1 and no padding, one group, on a channel-major (or
+    single-sample) x: its columns are x's channel rows as they are in memory, so it is a plain
+    GEMM with no im2col and no col2im."""
+    layout = kernels.layout
+    return (window == (1, 1, 1, 1, 0, 0, 1, 1) and groups == 1
+            and (layout.is_channel_major(x) or (x.shape[0] == 1 and x.flags.c_contiguous)))
 
 
 class Conv2d(Function):
@@ -48,69 +70,58 @@ class Conv2d(Function):
         (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
         oh = conv_output_size(h, kh, sh, ph, dh)
         ow = conv_output_size(w, kw, sw, pw, dw)
-        x = np.ascontiguousarray(x)
-        cols = kernels.im2col.im2col(x, kh, kw, sh, sw, ph, pw, dh, dw)
-        if groups == 1:
-            out = np.matmul(weight.reshape(k, -1), cols)
-        else:
-            w_g = weight.reshape(groups, k // groups, cg * kh * kw)
-            out = np.matmul(w_g, cols.reshape(n, groups, cg * kh * kw, oh * ow))
-            out = out.reshape(n, k, oh * ow)
+        p = oh * ow
+        self.window = (kh, kw, sh, sw, ph, pw, dh, dw)
+        self.geometry = (x.shape, weight.shape, groups, p)
+        dtype = np.result_type(x.dtype, weight.dtype)
+        out = np.empty((k, n * p), dtype=dtype)
+        w_g = weight.reshape(groups, k // groups, cg * kh * kw)
+        out_g = out.reshape(groups, k // groups, n * p)
+        self.pointwise = _is_pointwise(x, self.window, groups)
+        for first, stop in _chunks(n, c * kh * kw * p * x.dtype.itemsize):
+            cols = self._columns(x, first, stop)
+            np.matmul(w_g, cols.reshape(groups, cg * kh * kw, -1), out=out_g[:, :, first * p:stop * p])
         if bias is not None:
-            out += bias[None, :, None]
+            out += bias[:, None]
         if self.needs_input_grad[1]:
-            self.cols = cols
+            self.x = x
         if self.needs_input_grad[0]:
             self.weight = weight
-        self.geometry = (x.shape, weight.shape, stride, padding, dilation, groups, oh * ow)
-        return out.reshape(n, k, oh, ow)
+        return out.reshape(k, n, oh, ow).swapaxes(0, 1)
+
+    def _columns(self, x, first, stop):
+        """im2col of samples [first, stop) of x: (C*kh*kw, (stop - first)*P)."""
+        if self.pointwise:
+            p = self.geometry[3]
+            return kernels.layout.channel_rows(x)[:, first * p:stop * p]
+        return kernels.im2col.im2col(x, *self.window, first_sample=first, samples=stop - first)
 
     def backward(self, g):
-        x_shape, w_shape, stride, padding, dilation, groups, p = self.geometry
+        x_shape, w_shape, groups, p = self.geometry
         n, c, h, w = x_shape
         k, cg, kh, kw = w_shape
-        g3 = g.reshape(n, k, p)
+        depth = cg * kh * kw
+        g2 = np.ascontiguousarray(g.swapaxes(0, 1)).reshape(k, n * p)  # free for a channel-major g
+        g_g = g2.reshape(groups, k // groups, n * p)
         dx = dweight = dbias = None
         if self.needs_input_grad[2]:
-            dbias = g3.sum(axis=(0, 2))
+            dbias = g2.sum(axis=1)
         if self.needs_input_grad[1]:
-            if groups == 1:
-                dweight = np.matmul(g3, self.cols.transpose(0, 2, 1)).sum(axis=0)
-            else:
-                gg = g3.reshape(n, groups, k // groups, p)
-                cols_g = self.cols.reshape(n, groups, cg * kh * kw, p)
-                dweight = np.matmul(gg, cols_g.swapaxes(-1, -2)).sum(axis=0)
-            dweight = dweight.reshape(w_shape)
+            dweight = np.zeros((groups, k // groups, depth), dtype=g.dtype)
         if self.needs_input_grad[0]:
-            dx = self._input_gradient(g3)
+            w_t = self.weight.reshape(groups, k // groups, depth).swapaxes(-1, -2)
+            dx = np.zeros((c, n, h, w), dtype=np.result_type(self.weight.dtype, g.dtype)).swapaxes(0, 1)
+        for first, stop in _chunks(n, c * kh * kw * p * g.dtype.itemsize):
+            g_chunk = g_g[:, :, first * p:stop * p]
+            if dweight is not None:
+                cols = self._columns(self.x, first, stop)
+                dweight += np.matmul(g_chunk, cols.reshape(groups, depth, -1).swapaxes(-1, -2))
+            if dx is not None and self.pointwise:
+                # the columns are x's channel rows, so their gradient is dx's
+                np.matmul(w_t[0], g_chunk[0], out=kernels.layout.channel_rows(dx)[:, first * p:stop * p])
+            elif dx is not None:
+                dcols = np.matmul(w_t, g_chunk).reshape(c * kh * kw, -1)
+                kernels.im2col.col2im_add(dcols, dx, first, *self.window)
+        if dweight is not None:
+            dweight = dweight.reshape(w_shape)
         return dx, dweight, dbias
-
-    def _input_gradient(self, g3):
-        """dx = col2im(W^T @ g), computed ``_INPUT_GRAD_CHUNK_BYTES`` of dcols at a time."""
-        x_shape, w_shape, stride, padding, dilation, groups, p = self.geometry
-        n, c, h, w = x_shape
-        k, cg, kh, kw = w_shape
-        window = (kh, kw, *stride, *padding, *dilation)
-        if groups == 1:
-            w_t = self.weight.reshape(k, -1).T  # (C*kh*kw, K)
-            g_blocks = g3  # (N, K, P)
-            block_shape = (c * kh * kw, p)
-        else:
-            w_t = self.weight.reshape(groups, k // groups, cg * kh * kw).swapaxes(-1, -2)
-            g_blocks = g3.reshape(n, groups, k // groups, p)
-            block_shape = (groups, cg * kh * kw, p)
-        dtype = np.result_type(self.weight.dtype, g3.dtype)
-        samples_per_chunk = max(1, _INPUT_GRAD_CHUNK_BYTES // (c * kh * kw * p * dtype.itemsize))
-        if samples_per_chunk >= n:
-            dcols = np.matmul(w_t, g_blocks).reshape(n, c * kh * kw, p)
-            return kernels.im2col.col2im(dcols, c, h, w, *window)
-        # Each sample gets the same GEMM as in the one batched call above, so the result is
-        # the same to the bit.
-        dx = np.empty(x_shape, dtype=dtype)
-        dcols = np.empty((samples_per_chunk, c * kh * kw, p), dtype=dtype)
-        for start in range(0, n, samples_per_chunk):
-            stop = min(start + samples_per_chunk, n)
-            part = dcols[: stop - start]
-            np.matmul(w_t, g_blocks[start:stop], out=part.reshape(stop - start, *block_shape))
-            dx[start:stop] = kernels.im2col.col2im(part, c, h, w, *window)
-        return dx

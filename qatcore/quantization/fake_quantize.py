@@ -49,23 +49,30 @@ class FakeQuantizeFunction(Function):
     scale and zero_point get gradients only when they require them (LSQ, LSQ+)."""
 
     def forward(self, x, scale, zero_point, qmin, qmax, axis, grad_factor, on_backward):
+        # A channel-major activation (kernels.layout) is quantized as the C-contiguous (C, N, ...)
+        # array it is in memory, its axes 0 and 1 swapped, so that it is not copied.
+        self.swapped = kernels.layout.is_channel_major(x)
+        if self.swapped:
+            x, axis = x.swapaxes(0, 1), {0: 1, 1: 0}.get(axis, axis)
         self.x = np.ascontiguousarray(x, dtype=np.float32)
         self.scale = np.ascontiguousarray(scale, dtype=np.float32).reshape(-1)
         # a learnable zero point is a float Parameter; the quantizer uses it rounded and clamped
         self.zero_point = np.clip(np.rint(zero_point), qmin, qmax).astype(np.float32).reshape(-1)
         self.params = (qmin, qmax, axis)
         self.grad_factor, self.on_backward = grad_factor, on_backward
-        return kernels.fake_quant.fake_quantize_forward(self.x, self.scale, self.zero_point, qmin, qmax,
-                                                        axis)
+        y = kernels.fake_quant.fake_quantize_forward(self.x, self.scale, self.zero_point, qmin, qmax, axis)
+        return y.swapaxes(0, 1) if self.swapped else y
 
     def backward(self, g):
         qmin, qmax, axis = self.params
         needs_scale, needs_zero_point = self.needs_input_grad[1], self.needs_input_grad[2]
         mode = "lsq+" if needs_zero_point else "lsq" if needs_scale else "ste"
-        grad_y = np.ascontiguousarray(g, dtype=np.float32)
+        grad_y = np.ascontiguousarray(g.swapaxes(0, 1) if self.swapped else g, dtype=np.float32)
         dx, dscale, dzero_point, clipped = kernels.fake_quant.fake_quantize_backward(
             grad_y, self.x, self.scale, self.zero_point, qmin, qmax, axis, mode, self.grad_factor
         )
+        if self.swapped:
+            grad_y, dx = grad_y.swapaxes(0, 1), dx.swapaxes(0, 1)
         if self.on_backward is not None:
             self.on_backward(grad_y, dx, clipped, dscale)
         return (

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qatcore.kernels import im2col as im2col_kernels
+from qatcore.kernels import layout
 from qatcore.kernels import window as window_kernels
 
 _spec = importlib.util.spec_from_file_location("kernel_geometries", Path(__file__).with_name("geometries.py"))
@@ -32,14 +33,16 @@ def im2col_oracle(x, geometry, fill=0):
         for j in range(g.kw):
             rows, columns = geometries.tap_slices(g, i, j)
             cols[:, :, i, j] = padded[:, :, rows, columns]
-    return cols.reshape(g.batch, g.channels * g.kh * g.kw, g.out_height * g.out_width)
+    per_sample = cols.reshape(g.batch, g.channels * g.kh * g.kw, g.out_height * g.out_width)
+    return np.ascontiguousarray(per_sample.transpose(1, 0, 2)).reshape(g.channels * g.kh * g.kw, -1)
 
 
 def col2im_oracle(cols, geometry):
     """Scatter-add into a zero-padded input, then crop the padding away."""
     g = geometry
     padded = np.zeros((g.batch, g.channels, g.height + 2 * g.ph, g.width + 2 * g.pw), cols.dtype)
-    blocks = cols.reshape(g.batch, g.channels, g.kh, g.kw, g.out_height, g.out_width)
+    per_sample = cols.reshape(g.channels * g.kh * g.kw, g.batch, g.out_height * g.out_width).transpose(1, 0, 2)
+    blocks = per_sample.reshape(g.batch, g.channels, g.kh, g.kw, g.out_height, g.out_width)
     for i in range(g.kh):
         for j in range(g.kw):
             rows, columns = geometries.tap_slices(g, i, j)
@@ -59,8 +62,13 @@ def random_input(geometry, dtype, seed):
 def random_columns(geometry, dtype, seed):
     g = geometry
     rng = np.random.default_rng(seed)
-    shape = (g.batch, g.channels * g.kh * g.kw, g.out_height * g.out_width)
+    shape = (g.channels * g.kh * g.kw, g.batch * g.out_height * g.out_width)
     return rng.standard_normal(shape).astype(dtype)
+
+
+def channel_major(x):
+    """The same (N, C, H, W) values stored in (C, N, H, W) order."""
+    return np.ascontiguousarray(x.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
 
 
 def run_im2col(x, geometry):
@@ -78,8 +86,15 @@ def run_col2im(cols, geometry):
 def check_im2col(geometry, dtype, seed):
     x = random_input(geometry, dtype, seed)
     cols = run_im2col(x, geometry)
-    assert cols.dtype == dtype
-    np.testing.assert_array_equal(cols, im2col_oracle(x, geometry))
+    assert cols.dtype == dtype and cols.flags.c_contiguous
+    expected = im2col_oracle(x, geometry)
+    np.testing.assert_array_equal(cols, expected)
+    # Channel-major input gives the same columns, and so does a batch unfolded in parts.
+    np.testing.assert_array_equal(run_im2col(channel_major(x), geometry), expected)
+    positions = geometry.out_height * geometry.out_width
+    for first in range(geometry.batch):
+        part = im2col_kernels.im2col(channel_major(x), *geometry.window, first_sample=first, samples=1)
+        np.testing.assert_array_equal(part, expected[:, first * positions:(first + 1) * positions])
 
 
 def check_col2im(geometry, dtype, seed):
@@ -87,9 +102,18 @@ def check_col2im(geometry, dtype, seed):
     x_grad = run_col2im(cols, geometry)
     assert x_grad.dtype == dtype
     assert x_grad.shape == (geometry.batch, geometry.channels, geometry.height, geometry.width)
+    assert layout.is_channel_major(x_grad) or geometry.batch == 1
     # Exact: kernel and oracle add each element's terms in the same ascending (i, j) order,
     # starting from zero, and drop the same padding terms.
-    np.testing.assert_array_equal(x_grad, col2im_oracle(cols, geometry))
+    expected = col2im_oracle(cols, geometry)
+    np.testing.assert_array_equal(x_grad, expected)
+    # Added a sample at a time onto a zeroed gradient: the same sums.
+    positions = geometry.out_height * geometry.out_width
+    parts = channel_major(np.zeros(expected.shape, dtype))
+    for first in range(geometry.batch):
+        part = np.ascontiguousarray(cols[:, first * positions:(first + 1) * positions])
+        im2col_kernels.col2im_add(part, parts, first, *geometry.window)
+    np.testing.assert_array_equal(parts, expected)
 
 
 def check_col2im_is_adjoint(geometry, seed):
@@ -109,7 +133,7 @@ def _loop_geometry(geometry):
 def _loop_tables(geometry):
     """The two algorithms of the jitted loops: (name, table), an empty table selecting rows."""
     table = im2col_kernels._column_table(_loop_geometry(geometry))
-    return [("table", table), ("rows", np.empty(0, dtype=np.uintp))]
+    return [("table", table), ("rows", np.empty((0, 0), dtype=np.uintp))]
 
 
 def check_im2col_algorithms(geometry, dtype, seed, fill=0):
@@ -119,13 +143,14 @@ def check_im2col_algorithms(geometry, dtype, seed, fill=0):
     x = random_input(g, dtype, seed)
     expected = im2col_oracle(x, g, fill)
     planes = g.batch * g.channels
+    layout = (g.batch, g.channels, False, 0, g.batch)
     results = []
     for name, table in _loop_tables(g):
         # The table loop must write every element; the row loop expects the padding value in place.
         poison = np.nan if np.dtype(dtype).kind == "f" else 255 - fill
         cols = np.full(expected.shape, poison if name == "table" else fill, dtype=dtype)
         im2col_kernels._im2col_fill(
-            x.reshape(planes, -1), cols.reshape(planes, -1), table, _loop_geometry(g), np.dtype(dtype).type(fill)
+            x.reshape(planes, -1), cols, table, _loop_geometry(g), np.dtype(dtype).type(fill), layout
         )
         np.testing.assert_array_equal(cols, expected, err_msg=name)
         results.append(cols.view(f"u{cols.itemsize}"))
@@ -136,13 +161,11 @@ def check_col2im_algorithms(geometry, dtype, seed):
     g = geometry
     cols = random_columns(g, dtype, seed)
     expected = col2im_oracle(cols, g)
-    planes = g.batch * g.channels
     results = []
     for name, table in _loop_tables(g):
-        x_grad = np.zeros(expected.shape, dtype=dtype)
-        im2col_kernels._col2im_accumulate(
-            cols.reshape(planes, -1), x_grad.reshape(planes, -1), table, _loop_geometry(g)
-        )
+        x_grad = channel_major(np.zeros(expected.shape, dtype=dtype))
+        x_grad3 = x_grad.transpose(1, 0, 2, 3).reshape(g.channels, g.batch, -1)
+        im2col_kernels._col2im_accumulate(cols, x_grad3, table, _loop_geometry(g), 0)
         np.testing.assert_array_equal(x_grad, expected, err_msg=name)
         results.append(x_grad.view(f"u{x_grad.itemsize}"))
     np.testing.assert_array_equal(results[0], results[1])
@@ -237,7 +260,7 @@ def test_im2col_follows_the_index_formula():
                             inside = 0 <= h < g.height and 0 <= w < g.width
                             expected = x[n, c, h, w] if inside else 0.0
                             row = (c * g.kh + i) * g.kw + j
-                            assert cols[n, row, oh * ow_count + ow] == expected
+                            assert cols[row, (n * g.out_height + oh) * ow_count + ow] == expected
 
 
 def test_conv2d_as_gemm_matches_direct_convolution():
@@ -245,14 +268,15 @@ def test_conv2d_as_gemm_matches_direct_convolution():
     rng = np.random.default_rng(3)
     x = rng.standard_normal(g.input_shape)
     weight = rng.standard_normal((4, g.channels, g.kh, g.kw))
-    out = np.matmul(weight.reshape(4, -1), run_im2col(x, g))
+    out = np.matmul(weight.reshape(4, -1), run_im2col(x, g))  # (K, N*P): channel-major output
+    out = out.reshape(4, g.batch, g.out_height, g.out_width).transpose(1, 0, 2, 3)
     padded = np.pad(x, ((0, 0), (0, 0), (g.ph, g.ph), (g.pw, g.pw)))
     direct = np.zeros((g.batch, 4, g.out_height, g.out_width))
     for i in range(g.kh):
         for j in range(g.kw):
             rows, columns = geometries.tap_slices(g, i, j)
             direct += np.einsum("kc,nchw->nkhw", weight[:, :, i, j], padded[:, :, rows, columns])
-    np.testing.assert_allclose(out.reshape(direct.shape), direct, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out, direct, rtol=1e-12, atol=1e-12)
 
 
 def test_kernels_leave_their_inputs_alone():
