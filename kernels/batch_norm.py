@@ -2,8 +2,9 @@
 the backward reductions, each fused into one parallel loop over channels.
 
 The input is viewed as (N, C, M) with M = H*W (M = 1 for (N, C) input); channel c
-holds the R = N*M values x[:, c, :]. Sums are accumulated in float64, so the
-statistics are at least as exact as numpy's float32 pairwise sums.
+holds the R = N*M values x[:, c, :]. A channel-major activation (``kernels.layout``)
+comes as (1, C, N*M), each channel one contiguous row. Sums are accumulated in
+float64, so the statistics are at least as exact as numpy's float32 pairwise sums.
 
 Forward (training):
 
@@ -25,7 +26,7 @@ docs/benchmarks.md, "Measurements behind the code").
 
 >>> import numpy as np
 >>> x = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
->>> out, xhat, mean, var, inv_std = batch_norm_train_forward(
+>>> out, mean, var, inv_std = batch_norm_train_forward(
 ...     x, np.ones(2, np.float32), np.zeros(2, np.float32), 1e-5)
 >>> mean.tolist(), var.tolist()
 ([2.5, 4.5], [4.25, 4.25])
@@ -39,26 +40,79 @@ from numba import njit
 __all__ = ["batch_norm_train_forward", "batch_norm_train_backward"]
 
 
+# Each float64 sum runs in _LANES independent partial sums, added together at the end of the
+# channel. One running sum is a chain of dependent additions, one per element, at the latency
+# of an addition; independent ones run at the adders' throughput (and LLVM may put them in
+# one vector register). The order of the additions is fixed by the code, not by the machine.
+_LANES = 8
+
+
 @njit(cache=True)
-def _forward_fill(x, weight, bias, eps, out, xhat, mean, var, inv_std):
+def _channel_sum(x, c):
+    """sum over n, m of float64(x[n, c, m]), in _LANES partial sums."""
+    batch, channels, inner = x.shape
+    partial = np.zeros(_LANES, np.float64)
+    tail = 0.0
+    whole = inner - inner % _LANES
+    for n in range(batch):
+        for m in range(0, whole, _LANES):
+            for lane in range(_LANES):
+                # np.float64(): float64 under the jit and in plain Python alike (numba keeps
+                # float() of a float32 in float32, NumPy 2 keeps 0.0 + float32 in float32)
+                partial[lane] += np.float64(x[n, c, m + lane])
+        for m in range(whole, inner):
+            tail += np.float64(x[n, c, m])
+    return partial.sum() + tail
+
+
+@njit(cache=True)
+def _channel_squared_deviation(x, c, mu):
+    """sum over n, m of (float64(x[n, c, m]) - mu)^2, in _LANES partial sums."""
+    batch, channels, inner = x.shape
+    partial = np.zeros(_LANES, np.float64)
+    tail = 0.0
+    whole = inner - inner % _LANES
+    for n in range(batch):
+        for m in range(0, whole, _LANES):
+            for lane in range(_LANES):
+                d = np.float64(x[n, c, m + lane]) - mu
+                partial[lane] += d * d
+        for m in range(whole, inner):
+            d = np.float64(x[n, c, m]) - mu
+            tail += d * d
+    return partial.sum() + tail
+
+
+@njit(cache=True)
+def _channel_gradient_sums(grad, x, mu32, scale32, c):
+    """(sum g, sum g * xhat) over n, m of channel c, in float64, in _LANES partial sums each,
+    with xhat = (x - mu32) * scale32 recomputed as the forward pass computed it."""
+    batch, channels, inner = grad.shape
+    partial_g = np.zeros(_LANES, np.float64)
+    partial_gx = np.zeros(_LANES, np.float64)
+    tail_g = 0.0
+    tail_gx = 0.0
+    whole = inner - inner % _LANES
+    for n in range(batch):
+        for m in range(0, whole, _LANES):
+            for lane in range(_LANES):
+                g = np.float64(grad[n, c, m + lane])
+                partial_g[lane] += g
+                partial_gx[lane] += g * np.float64((x[n, c, m + lane] - mu32) * scale32)
+        for m in range(whole, inner):
+            g = np.float64(grad[n, c, m])
+            tail_g += g
+            tail_gx += g * np.float64((x[n, c, m] - mu32) * scale32)
+    return partial_g.sum() + tail_g, partial_gx.sum() + tail_gx
+
+
+@njit(cache=True)
+def _forward_fill(x, weight, bias, eps, out, mean, var, inv_std):
     batch, channels, inner = x.shape
     count = batch * inner
     for c in range(channels):
-        total = 0.0
-        for n in range(batch):
-            row = x[n, c]
-            for m in range(inner):
-                # np.float64(): float64 under the jit and in plain Python alike (numba keeps
-                # float() of a float32 in float32, NumPy 2 keeps 0.0 + float32 in float32)
-                total += np.float64(row[m])
-        mu = total / count
-        squares = 0.0
-        for n in range(batch):
-            row = x[n, c]
-            for m in range(inner):
-                d = np.float64(row[m]) - mu
-                squares += d * d
-        variance = squares / count
+        mu = _channel_sum(x, c) / count
+        variance = _channel_squared_deviation(x, c, mu) / count
         scale = 1.0 / math.sqrt(variance + eps)
         mean[c] = mu
         var[c] = variance
@@ -69,40 +123,27 @@ def _forward_fill(x, weight, bias, eps, out, xhat, mean, var, inv_std):
         gamma = weight[c]
         beta = bias[c]
         for n in range(batch):
-            row = x[n, c]
-            xhat_row = xhat[n, c]
-            out_row = out[n, c]
             for m in range(inner):
-                normalized = (row[m] - mu32) * scale32
-                xhat_row[m] = normalized
-                out_row[m] = normalized * gamma + beta
+                out[n, c, m] = (x[n, c, m] - mu32) * scale32 * gamma + beta
 
 
 @njit(cache=True)
-def _backward_fill(grad, xhat, weight, inv_std, dx, dweight, dbias):
+def _backward_fill(grad, x, mean, inv_std, weight, dx, dweight, dbias):
     batch, channels, inner = grad.shape
     count = batch * inner
     for c in range(channels):
-        sum_g = 0.0
-        sum_gx = 0.0
-        for n in range(batch):
-            g_row = grad[n, c]
-            x_row = xhat[n, c]
-            for m in range(inner):
-                g = np.float64(g_row[m])
-                sum_g += g
-                sum_gx += g * np.float64(x_row[m])
+        mu32 = x.dtype.type(mean[c])
+        scale32 = x.dtype.type(inv_std[c])
+        sum_g, sum_gx = _channel_gradient_sums(grad, x, mu32, scale32, c)
         dbias[c] = sum_g
         dweight[c] = sum_gx
         k = grad.dtype.type(weight[c] * inv_std[c])
         a = grad.dtype.type(sum_g / count)
         b = grad.dtype.type(sum_gx / count)
         for n in range(batch):
-            g_row = grad[n, c]
-            x_row = xhat[n, c]
-            dx_row = dx[n, c]
             for m in range(inner):
-                dx_row[m] = k * (g_row[m] - a - x_row[m] * b)
+                xhat = (x[n, c, m] - mu32) * scale32
+                dx[n, c, m] = k * (grad[n, c, m] - a - xhat * b)
 
 
 def batch_norm_train_forward(x, weight, bias, eps):
@@ -115,26 +156,27 @@ def batch_norm_train_forward(x, weight, bias, eps):
         eps: added to the variance.
 
     Returns:
-        (out, xhat, mean, var, inv_std): out and xhat like x; mean, biased var and
-        inv_std of shape (C,) in float64.
+        (out, mean, var, inv_std): out like x; mean, biased var and inv_std of shape
+        (C,) in float64. xhat is not kept: the backward pass recomputes it from x,
+        bit for bit, so a training step holds one array less per BatchNorm.
     """
     out = np.empty_like(x)
-    xhat = np.empty_like(x)
     channels = x.shape[1]
     mean = np.empty(channels, np.float64)
     var = np.empty(channels, np.float64)
     inv_std = np.empty(channels, np.float64)
-    _forward_fill(x, weight, bias, float(eps), out, xhat, mean, var, inv_std)
-    return out, xhat, mean, var, inv_std
+    _forward_fill(x, weight, bias, float(eps), out, mean, var, inv_std)
+    return out, mean, var, inv_std
 
 
-def batch_norm_train_backward(grad, xhat, weight, inv_std):
+def batch_norm_train_backward(grad, x, mean, inv_std, weight):
     """Gradients of :func:`batch_norm_train_forward` w.r.t. x, weight and bias.
 
     Args:
         grad: C-contiguous (N, C, M) gradient of the output.
-        xhat: the normalized input saved by the forward pass.
-        weight: gamma, shape (C,); inv_std: float64 (C,) from the forward pass.
+        x: the forward pass's input; mean, inv_std: float64 (C,) from the forward pass
+            (xhat = (x - mean) * inv_std is recomputed in x's dtype, as the forward did).
+        weight: gamma, shape (C,).
 
     Returns:
         (dx, dweight, dbias): dx like grad; dweight and dbias float64 (C,).
@@ -143,5 +185,5 @@ def batch_norm_train_backward(grad, xhat, weight, inv_std):
     channels = grad.shape[1]
     dweight = np.empty(channels, np.float64)
     dbias = np.empty(channels, np.float64)
-    _backward_fill(grad, xhat, weight, inv_std, dx, dweight, dbias)
+    _backward_fill(grad, x, mean, inv_std, weight, dx, dweight, dbias)
     return dx, dweight, dbias

@@ -27,6 +27,22 @@ from qatcore.autograd.function import Function
 __all__ = ["BatchNorm"]
 
 
+def _as_batch_channel_inner(x):
+    """x as the (N', C, M') array the kernels take, without a copy for the two layouts of
+    ``kernels.layout``: C-contiguous x is (N, C, M); channel-major x is (1, C, N*M), channel
+    c's values one contiguous row, which is the same statistics and the same map."""
+    if kernels.layout.is_channel_major(x):
+        return kernels.layout.channel_rows(x)[None]
+    return np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
+
+
+def _restore(a3, shape):
+    """The kernels' (N', C, M') result in x's shape and layout."""
+    if a3.shape[0] == 1 and shape[0] > 1:
+        return kernels.layout.from_channel_rows(a3[0], shape)
+    return a3.reshape(shape)
+
+
 class BatchNorm(Function):
     """Batch normalization over axis 1 of an (N, C, ...) array.
 
@@ -41,19 +57,20 @@ class BatchNorm(Function):
         self.in_shape, self.training = x.shape, training
         self.weight = weight
         if training:
-            x3 = np.ascontiguousarray(x).reshape(n, c, -1)
+            x3 = _as_batch_channel_inner(x)
             gamma = np.ones(c, dtype) if weight is None else weight.astype(dtype, copy=False)
             beta = np.zeros(c, dtype) if bias is None else bias.astype(dtype, copy=False)
-            out, self.xhat, mean, var, self.inv_std = kernels.batch_norm.batch_norm_train_forward(
+            out, self.mean, var, self.inv_std = kernels.batch_norm.batch_norm_train_forward(
                 x3, gamma, beta, eps)
+            self.x3 = x3
             m = x3.shape[0] * x3.shape[2]
             if running_mean is not None:
                 running_mean *= 1 - momentum
-                running_mean += (momentum * mean).astype(running_mean.dtype)
+                running_mean += (momentum * self.mean).astype(running_mean.dtype)
             if running_var is not None:
                 running_var *= 1 - momentum
                 running_var += (momentum * m / (m - 1) * var).astype(running_var.dtype)
-            return out.reshape(x.shape)
+            return _restore(out, x.shape)
         shape = (1, c) + (1,) * (x.ndim - 2)
         inv_std = 1 / np.sqrt(running_var.astype(np.float64) + eps)
         self.inv_std = inv_std
@@ -68,11 +85,14 @@ class BatchNorm(Function):
         dtype = g.dtype
         if self.training:
             gamma = np.ones(c, dtype) if self.weight is None else self.weight.astype(dtype, copy=False)
+            if self.x3.shape[0] == 1:  # the forward's channel-rows form (_as_batch_channel_inner)
+                g3 = np.ascontiguousarray(g.swapaxes(0, 1)).reshape(self.x3.shape)
+            else:
+                g3 = np.ascontiguousarray(g).reshape(self.x3.shape)
             dx, dweight, dbias = kernels.batch_norm.batch_norm_train_backward(
-                np.ascontiguousarray(g).reshape(n, c, -1), self.xhat, gamma, self.inv_std
-            )
+                g3, self.x3, self.mean, self.inv_std, gamma)
             return (
-                dx.reshape(self.in_shape) if self.needs_input_grad[0] else None,
+                _restore(dx, self.in_shape) if self.needs_input_grad[0] else None,
                 dweight.astype(dtype) if self.needs_input_grad[1] else None,
                 dbias.astype(dtype) if self.needs_input_grad[2] else None,
             )
