@@ -80,7 +80,10 @@ def backward(root: Tensor, grad: np.ndarray) -> None:
             "computation had requires_grad=True (or it ran under no_grad())"
         )
     grads: dict[int, np.ndarray] = {id(root): grad}
-    for node in reversed(topological_order(root)):
+    order = topological_order(root)
+    while order:
+        # popped, not iterated: a tensor the backward pass is done with is not kept alive here
+        node = order.pop()
         g = grads.pop(id(node), None)
         if g is None:
             continue
@@ -88,13 +91,20 @@ def backward(root: Tensor, grad: np.ndarray) -> None:
         if ctx is None:
             node._accumulate_grad(g)
             continue
+        if ctx.released:
+            raise GradientError(
+                f"backward() through {type(ctx).__name__} a second time: the first backward() "
+                "freed what it saved; run the forward pass again"
+            )
         input_grads = ctx.backward(g)
-        if len(input_grads) != len(ctx.inputs):
+        inputs, needs_input_grad = ctx.inputs, ctx.needs_input_grad
+        ctx.release()
+        if len(input_grads) != len(inputs):
             raise GradientError(
                 f"{type(ctx).__name__}.backward returned {len(input_grads)} gradients "
-                f"for {len(ctx.inputs)} inputs"
+                f"for {len(inputs)} inputs"
             )
-        for parent, needs, pg in zip(ctx.inputs, ctx.needs_input_grad, input_grads):
+        for parent, needs, pg in zip(inputs, needs_input_grad, input_grads):
             if not needs or pg is None:
                 continue
             pg = sum_to_shape(np.asarray(pg), parent.data.shape)

@@ -50,6 +50,16 @@ class Function(abc.ABC):
         self.inputs: tuple = ()
         # Known before forward runs, so forward can skip saving what no one needs.
         self.needs_input_grad: tuple[bool, ...] = ()
+        self.released = False
+
+    def release(self) -> None:
+        """Drop the saved state and the inputs: the engine calls this once this op's backward
+        has run, so a training step's memory shrinks as the backward pass goes (PyTorch's
+        default, ``retain_graph=False``). A second backward through the op then raises."""
+        self.__dict__.clear()
+        self.inputs = ()
+        self.needs_input_grad = ()
+        self.released = True
 
     @abc.abstractmethod
     def forward(self, *arrays: np.ndarray, **params) -> np.ndarray:

@@ -137,3 +137,16 @@ def test_item_and_repr():
     assert "tensor(" in repr(t)
     with pytest.raises(QATCoreError):
         qatcore.tensor([1.0, 2.0]).item()
+
+
+def test_backward_frees_the_graph_and_a_second_pass_says_so():
+    """Like PyTorch without retain_graph: each op's saved state goes once its backward has run."""
+    x = qatcore.tensor([1.0, 2.0], requires_grad=True)
+    y = x * x
+    loss = y.sum()
+    loss.backward()
+    np.testing.assert_array_equal(x.grad, [2.0, 4.0])
+    assert y._ctx.released and y._ctx.inputs == () and not hasattr(y._ctx, "a")
+    with pytest.raises(GradientError, match="second time.*run the forward pass again"):
+        loss.backward()
+    np.testing.assert_array_equal(x.grad, [2.0, 4.0])  # untouched by the refused pass
