@@ -41,14 +41,13 @@ import argparse
 import collections
 import json
 import os
-import platform
 import re
 import warnings
 
 import numba
 import numpy as np
 from reference_models import CIFAR_MODELS, cifar_qat_model, digits_cnn_float_qat_int8
-from timing import median_time_s, settle
+from timing import machine_info, median_time_s, settle
 
 from qatcore.kernels import int8_conv, int8_gemm
 from qatcore.kernels.requantize import quantize_multiplier
@@ -362,23 +361,6 @@ def inner_loop_instructions() -> dict:
             int8_gemm.USE_VNNI = use_vnni
         result[name] = hottest_loop(tile.inspect_asm(tile.signatures[0]))
     return result
-
-
-def machine_info() -> dict:
-    import llvmlite.binding as llvm
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    features = llvm.get_host_cpu_features()
-    return {"cpu": model, "llvm_cpu": llvm.get_host_cpu_name(), "cores": os.cpu_count(),
-            "avx512_vnni": bool(features.get("avx512vnni", False)), "avx_vnni": bool(features.get("avxvnni", False)),
-            "numpy": np.__version__, "numba": numba.__version__, "llvm": ".".join(map(str, llvm.llvm_version_info)),
-            "python": platform.python_version(), "numba_threads": numba.get_num_threads(),
-            "load_average_1min_at_start": os.getloadavg()[0]}
 
 
 def main() -> None:

@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -61,6 +60,7 @@ import warnings
 import numpy as np
 from reference_models import CIFAR_MODELS as MODELS
 from reference_models import build_cifar
+from timing import machine_info as shared_machine_info
 from timing import median_time_s, settle
 
 BATCH = 64
@@ -439,19 +439,8 @@ def model_entry(name: str, x, y, repeats: int) -> dict:
 
 
 def machine_info() -> dict:
-    import numba
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    info = {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-            "numba": numba.__version__, "numba_threads": numba.get_num_threads(),
-            "env": {key: os.environ.get(key) for key in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
-                                                         "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")},
-            "load_average_1min_at_start": os.getloadavg()[0]}
+    """timing.machine_info() and the versions and threads of the two reference frameworks."""
+    info = shared_machine_info()
     try:
         import torch
 

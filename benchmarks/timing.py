@@ -3,10 +3,16 @@ sys.path and ``from timing import ...`` finds this file)."""
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 
-__all__ = ["median_time_s", "settle", "SETTLE_S"]
+__all__ = ["median_time_s", "settle", "SETTLE_S", "machine_info"]
+
+# The environment variables that change how fast numpy's BLAS and numba's threads run.
+SPEED_ENVIRONMENT = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                     "NUMBA_NUM_THREADS")
 
 # OpenBLAS's threads spin for a while after each call; a phase that must not see them waits this long.
 SETTLE_S = 0.5
@@ -32,3 +38,25 @@ def median_time_s(fn, repeats: int, warmup: int = 2, before=None) -> float:
 def settle() -> None:
     """Wait for BLAS and numba worker threads to stop spinning."""
     time.sleep(SETTLE_S)
+
+
+def machine_info() -> dict:
+    """What a benchmark figure depends on: CPU (and its VNNI support), cores, versions, numba's
+    threads, the BLAS environment variables and the load average when the run started."""
+    import llvmlite.binding as llvm
+    import numba
+    import numpy as np
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    features = llvm.get_host_cpu_features()
+    return {"cpu": model, "llvm_cpu": llvm.get_host_cpu_name(), "cores": os.cpu_count(),
+            "avx512_vnni": bool(features.get("avx512vnni", False)), "avx_vnni": bool(features.get("avxvnni", False)),
+            "python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
+            "llvm": ".".join(map(str, llvm.llvm_version_info)), "numba_threads": numba.get_num_threads(),
+            "env": {key: os.environ.get(key) for key in SPEED_ENVIRONMENT},
+            "load_average_1min_at_start": os.getloadavg()[0]}

@@ -52,6 +52,7 @@ from typing import final
 
 import numpy as np
 
+from qatcore import kernels
 from qatcore.errors import ConfigError, ObserverError
 from qatcore.nn.module import Module
 from qatcore.quantization.config import ObserverKind, QuantSpec
@@ -236,7 +237,8 @@ class Observer(Module, abc.ABC):
                 )
             rows = np.moveaxis(arr, axis, 0).reshape(channels, -1)
         else:
-            rows = arr.reshape(1, -1)
+            # every value once, in memory order: no copy of a channel-major activation
+            rows = (arr.swapaxes(0, 1) if kernels.layout.is_channel_major(arr) else arr).reshape(1, -1)
         finite = np.isfinite(rows)
         if finite.all():
             return rows, None
