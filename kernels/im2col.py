@@ -237,7 +237,7 @@ def _col2im_accumulate(cols, x_grad3, table, geometry, first):
 # ----------------------------------------------------------------------------- public
 
 
-def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, fill=0, first_sample=0, samples=None):
+def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, fill=0, first_sample=0, samples=None, out=None):
     """Unfold the receptive fields of ``x`` into the columns of one matrix.
 
     Args:
@@ -251,6 +251,10 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, fill=0, first_sample=0, samples=No
         fill: the value read in the padding (0; an int8 conv pads with its input's zero point).
         first_sample, samples: unfold samples [first_sample, first_sample + samples) only
             (default: all of them), so a caller can work through a batch a few samples at a time.
+        out: None, or the array an earlier call with the same arguments except x and
+            first_sample returned: its padding holds ``fill`` already, so it is reused as it is
+            and returned (a caller working through a batch in chunks fills one buffer, not
+            a fresh zeroed array per chunk).
 
     Returns:
         cols, a new C-contiguous array of x's dtype with shape (C*kh*kw, S*OH*OW) for the S
@@ -286,11 +290,16 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, fill=0, first_sample=0, samples=No
     fill = x.dtype.type(fill)
     if out_width < _IM2COL_TABLE_BELOW_WIDTH:
         table = _column_table(geometry)
-        cols = np.empty(shape, dtype=x.dtype)  # the table loop writes every element
+        cols = np.empty(shape, dtype=x.dtype) if out is None else out  # the table loop writes every element
     else:
         table = np.empty((0, 0), dtype=np.uintp)
-        # the row loop leaves the padding untouched (np.zeros: calloc'd pages, no write pass)
-        cols = np.zeros(shape, dtype=x.dtype) if fill == 0 else np.full(shape, fill, dtype=x.dtype)
+        # the row loop leaves the padding untouched
+        if out is not None:
+            cols = out
+        else:
+            cols = np.zeros(shape, dtype=x.dtype) if fill == 0 else np.full(shape, fill, dtype=x.dtype)
+    if cols.shape != shape or cols.dtype != x.dtype or not cols.flags.c_contiguous:
+        raise ValueError(f"im2col: out must be a C-contiguous {shape} array of {x.dtype}")
     x2, channel_major = _planes(x)
     layout = (batch, channels, channel_major, first_sample, samples)
     _im2col_fill(x2, cols, table, geometry, fill, layout)

@@ -78,8 +78,9 @@ class Conv2d(Function):
         w_g = weight.reshape(groups, k // groups, cg * kh * kw)
         out_g = out.reshape(groups, k // groups, n * p)
         self.pointwise = _is_pointwise(x, self.window, groups)
+        cols = None
         for first, stop in _chunks(n, c * kh * kw * p * x.dtype.itemsize):
-            cols = self._columns(x, first, stop)
+            cols = self._columns(x, first, stop, cols)
             np.matmul(w_g, cols.reshape(groups, cg * kh * kw, -1), out=out_g[:, :, first * p:stop * p])
         if bias is not None:
             out += bias[:, None]
@@ -89,12 +90,15 @@ class Conv2d(Function):
             self.weight = weight
         return out.reshape(k, n, oh, ow).swapaxes(0, 1)
 
-    def _columns(self, x, first, stop):
-        """im2col of samples [first, stop) of x: (C*kh*kw, (stop - first)*P)."""
+    def _columns(self, x, first, stop, previous):
+        """im2col of samples [first, stop) of x: (C*kh*kw, (stop - first)*P), written into the
+        previous chunk's columns when they have the same size (see im2col's ``out``)."""
+        p = self.geometry[3]
         if self.pointwise:
-            p = self.geometry[3]
             return kernels.layout.channel_rows(x)[:, first * p:stop * p]
-        return kernels.im2col.im2col(x, *self.window, first_sample=first, samples=stop - first)
+        reuse = previous is not None and previous.shape[1] == (stop - first) * p
+        return kernels.im2col.im2col(x, *self.window, first_sample=first, samples=stop - first,
+                                     out=previous if reuse else None)
 
     def backward(self, g):
         x_shape, w_shape, groups, p = self.geometry
@@ -111,17 +115,20 @@ class Conv2d(Function):
         if self.needs_input_grad[0]:
             w_t = self.weight.reshape(groups, k // groups, depth).swapaxes(-1, -2)
             dx = np.zeros((c, n, h, w), dtype=np.result_type(self.weight.dtype, g.dtype)).swapaxes(0, 1)
+        cols = dcols = None
         for first, stop in _chunks(n, c * kh * kw * p * g.dtype.itemsize):
             g_chunk = g_g[:, :, first * p:stop * p]
             if dweight is not None:
-                cols = self._columns(self.x, first, stop)
+                cols = self._columns(self.x, first, stop, cols)
                 dweight += np.matmul(g_chunk, cols.reshape(groups, depth, -1).swapaxes(-1, -2))
             if dx is not None and self.pointwise:
                 # the columns are x's channel rows, so their gradient is dx's
                 np.matmul(w_t[0], g_chunk[0], out=kernels.layout.channel_rows(dx)[:, first * p:stop * p])
             elif dx is not None:
-                dcols = np.matmul(w_t, g_chunk).reshape(c * kh * kw, -1)
-                kernels.im2col.col2im_add(dcols, dx, first, *self.window)
+                if dcols is None or dcols.shape[-1] != (stop - first) * p:
+                    dcols = np.empty((groups, depth, (stop - first) * p), dtype=dx.dtype)
+                np.matmul(w_t, g_chunk, out=dcols)
+                kernels.im2col.col2im_add(dcols.reshape(c * kh * kw, -1), dx, first, *self.window)
         if dweight is not None:
             dweight = dweight.reshape(w_shape)
         return dx, dweight, dbias

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -92,8 +93,9 @@ def check_im2col(geometry, dtype, seed):
     # Channel-major input gives the same columns, and so does a batch unfolded in parts.
     np.testing.assert_array_equal(run_im2col(channel_major(x), geometry), expected)
     positions = geometry.out_height * geometry.out_width
+    part = None  # each sample's columns written over the previous sample's (im2col's out)
     for first in range(geometry.batch):
-        part = im2col_kernels.im2col(channel_major(x), *geometry.window, first_sample=first, samples=1)
+        part = im2col_kernels.im2col(channel_major(x), *geometry.window, first_sample=first, samples=1, out=part)
         np.testing.assert_array_equal(part, expected[:, first * positions:(first + 1) * positions])
 
 
@@ -325,3 +327,10 @@ def test_importing_the_kernel_package_does_not_import_numba():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "clean"
 
+
+
+def test_im2col_refuses_an_out_array_of_another_shape():
+    g = FIXED_GEOMETRIES[0]
+    x = random_input(g, np.float32, 0)
+    with pytest.raises(ValueError, match="out must be"):
+        im2col_kernels.im2col(x, *g.window, out=np.zeros((1, 1), np.float32))
