@@ -1,4 +1,8 @@
-"""Pooling primitives over (N, C, H, W), numba kernels in ``qatcore.kernels.pooling``."""
+"""Pooling primitives over (N, C, H, W), numba kernels in ``qatcore.kernels.pooling``.
+
+The kernels pool each (H, W) plane on its own, so a channel-major x (``kernels.layout``) is
+pooled as the C-contiguous (C, N, H, W) array it is in memory, and its result is channel-major
+too: no copy either way."""
 
 from __future__ import annotations
 
@@ -10,21 +14,38 @@ from qatcore.autograd.function import Function
 __all__ = ["MaxPool2d", "AvgPool2d"]
 
 
+def _planes_in_memory_order(x):
+    """(planes, swapped): x as a C-contiguous 4-d array of its planes; for a channel-major x
+    that is x with axes 0 and 1 exchanged (swapped True), and the result is swapped back."""
+    if kernels.layout.is_channel_major(x):
+        return x.swapaxes(0, 1), True
+    return np.ascontiguousarray(x), False
+
+
+def _as_input_layout(a, swapped):
+    return a.swapaxes(0, 1) if swapped else a
+
+
+def _like(g, swapped):
+    """The output gradient in the planes' order the forward pass used."""
+    return np.ascontiguousarray(g.swapaxes(0, 1) if swapped else g)
+
+
 class MaxPool2d(Function):
     """out[n, c, i, j] = max over the window of x (padding counts as -inf);
     dx = g routed to the element that was the maximum (first one on ties)."""
 
     def forward(self, x, kernel_size, stride, padding, dilation):
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-        out, self.argmax = kernels.pooling.max_pool2d_forward(
-            np.ascontiguousarray(x), kh, kw, sh, sw, ph, pw, dh, dw
-        )
+        planes, self.swapped = _planes_in_memory_order(x)
+        out, self.argmax = kernels.pooling.max_pool2d_forward(planes, kh, kw, sh, sw, ph, pw, dh, dw)
         self.in_hw = x.shape[2:]
-        return out
+        return _as_input_layout(out, self.swapped)
 
     def backward(self, g):
         h, w = self.in_hw
-        return (kernels.pooling.max_pool2d_backward(np.ascontiguousarray(g), self.argmax, h, w),)
+        dx = kernels.pooling.max_pool2d_backward(_like(g, self.swapped), self.argmax, h, w)
+        return (_as_input_layout(dx, self.swapped),)
 
 
 class AvgPool2d(Function):
@@ -35,9 +56,10 @@ class AvgPool2d(Function):
     def forward(self, x, kernel_size, stride, padding, count_include_pad):
         (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
         self.params = (x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw, count_include_pad)
-        return kernels.pooling.avg_pool2d_forward(
-            np.ascontiguousarray(x), kh, kw, sh, sw, ph, pw, count_include_pad
-        )
+        planes, self.swapped = _planes_in_memory_order(x)
+        out = kernels.pooling.avg_pool2d_forward(planes, kh, kw, sh, sw, ph, pw, count_include_pad)
+        return _as_input_layout(out, self.swapped)
 
     def backward(self, g):
-        return (kernels.pooling.avg_pool2d_backward(np.ascontiguousarray(g), *self.params),)
+        dx = kernels.pooling.avg_pool2d_backward(_like(g, self.swapped), *self.params)
+        return (_as_input_layout(dx, self.swapped),)

@@ -149,3 +149,15 @@ def test_fake_quantize_reads_channel_major_input(axis):
     assert layout.is_channel_major(out)
     np.testing.assert_array_equal(fake_quantize(channel_major(x), scale, zero_point, 0, 255, axis),
                                   fake_quantize(x, scale, zero_point, 0, 255, axis))
+
+
+@pytest.mark.parametrize("pool", [
+    lambda t: F.max_pool2d(t, 2), lambda t: F.max_pool2d(t, 3, 2, 1), lambda t: F.avg_pool2d(t, 2),
+    lambda t: F.avg_pool2d(t, 3, 2, 1, count_include_pad=False), lambda t: F.adaptive_avg_pool2d(t, 1),
+])
+def test_pooling_reads_channel_major_input(pool):
+    x = np.random.default_rng(5).permutation(4 * 3 * 6 * 6).reshape(4, 3, 6, 6).astype(np.float32)  # no ties
+    ref_out, ref_grads = values_and_grads(pool, x)
+    out, grads = values_and_grads(pool, channel_major(x))
+    np.testing.assert_array_equal(out, ref_out)  # each plane pooled alone: the same bits
+    np.testing.assert_array_equal(grads[0], ref_grads[0])
