@@ -39,10 +39,12 @@ array([[4, 6, 4],
        [4, 6, 4]], dtype=uint8)
 """
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import get_thread_id, njit, prange
 
-from qatcore.errors import ConfigError, ShapeError
+from qatcore.errors import ConfigError, DTypeError, ShapeError
 
 from .im2col import im2col
 from .int8_gemm import (
@@ -58,7 +60,7 @@ from .int8_gemm import (
 )
 from .window import output_size
 
-__all__ = ["int8_conv2d", "DIRECT_MAX_DEPTH"]
+__all__ = ["int8_conv2d", "Conv2dPlan", "plan_conv2d", "run_conv2d", "DIRECT_MAX_DEPTH"]
 
 # Bytes of gathered rows per task (pixels x C*kh*kw): they are re-read from L2 for every 4
 # output channels.
@@ -204,6 +206,107 @@ def _pair(value, what, minimum):
     return int(pair[0]), int(pair[1])
 
 
+class Conv2dPlan(NamedTuple):
+    """Everything ``int8_conv2d`` derives from its arguments for one input shape and dtype,
+    validated: made once by :func:`plan_conv2d` and run by :func:`run_conv2d` on as many
+    inputs of that shape as wanted (the int8 runtime keeps one per layer, so a forward does no
+    per-layer packing or validation). Fields are private to this module."""
+
+    input_shape: tuple
+    input_dtype: np.dtype
+    out_shape: tuple
+    out_dtype: np.dtype
+    direct: bool
+    parallel: bool
+    arguments: tuple  # the driver's arguments between its input and its work buffers
+    scratch: tuple  # (shape, dtype) of each per-thread work buffer
+    im2col: tuple  # the short-depth path's im2col geometry (kh, kw, sh, sw, ph, pw, dh, dw, fill)
+
+
+def plan_conv2d(x_shape, x_dtype, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_point, clamp_min,
+                clamp_max, out_dtype, stride=1, padding=0, dilation=1, groups=1):
+    """The :class:`Conv2dPlan` of ``int8_conv2d`` on inputs of shape ``x_shape`` and dtype
+    ``x_dtype`` (the other arguments as for :func:`int8_conv2d`, which it validates)."""
+    name = "int8_conv2d"
+    packed = as_packed(w_q, 4, name)
+    x_dtype = np.dtype(x_dtype)
+    if x_dtype not in (np.uint8, np.int8):
+        raise DTypeError(f"{name}: activations must be a uint8 or int8 array, got {x_dtype}")
+    _, zero_point = activations_as_uint8(np.zeros(0, x_dtype), x_zero_point, name)
+    if len(x_shape) != 4:
+        raise ShapeError(f"{name}: input must be (N, C, H, W), got shape {tuple(x_shape)}")
+    (batch, channels, height, width), (out_channels, group_channels, kh, kw) = tuple(x_shape), packed.shape
+    if not isinstance(groups, (int, np.integer)) or groups < 1 or out_channels % groups or channels % groups:
+        raise ConfigError(f"{name}: groups must be a positive divisor of in_channels {channels} and "
+                          f"out_channels {out_channels}, got {groups!r}")
+    if channels != group_channels * groups:
+        raise ShapeError(f"{name}: input has {channels} channels but weights {packed.shape} with groups={groups} "
+                         f"expect {group_channels * groups}")
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation,
+                                                                                                "dilation", 1)
+    out_height, out_width = output_size(height, kh, sh, ph, dh), output_size(width, kw, sw, pw, dw)
+    if out_height < 1 or out_width < 1:
+        raise ShapeError(f"{name}: kernel {(kh, kw)} with dilation {(dh, dw)} does not fit input {(height, width)} "
+                         f"padded by {(ph, pw)}")
+    check_depth(group_channels * kh * kw, name)
+    offset, multiplier, shift, scale = channel_parameters(packed, zero_point, bias_q, multiplier, shift, name)
+    out_zero_point, clamp_min, clamp_max, flip, out_dtype = output_parameters(out_zero_point, clamp_min, clamp_max,
+                                                                           out_dtype, name)
+    pixels = out_height * out_width
+    out_shape = (batch, out_channels, out_height, out_width)
+    epilogue = (offset, multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip)
+    macs = batch * out_channels * pixels * group_channels * kh * kw
+    if group_channels * kh * kw <= DIRECT_MAX_DEPTH and (kh, kw, sh, sw, ph, pw) != (1, 1, 1, 1, 0, 0):
+        weights = np.ascontiguousarray(
+            packed.matrix.reshape(out_channels, kh, kw, group_channels).transpose(0, 3, 1, 2)).reshape(out_channels, -1)
+        pixel_block = min(pixels, _MAX_PIXEL_BLOCK)
+        blocks_per_image = -(-pixels // pixel_block)
+        n_tasks = batch * blocks_per_image
+        parallel = n_tasks > 1 and macs >= PARALLEL_MIN_MACS
+        return Conv2dPlan(tuple(x_shape), x_dtype, out_shape, out_dtype, True, parallel,
+                          (weights, int(groups), pixels, pixel_block, blocks_per_image, *epilogue, n_tasks),
+                          (((out_channels // groups, pixel_block), np.int32),),
+                          (kh, kw, sh, sw, ph, pw, dh, dw, zero_point))
+    pointwise = (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0)
+    pixel_block = max(4, min(_MAX_PIXEL_BLOCK, _L2_BLOCK_BYTES // (channels * kh * kw)) // 4 * 4)
+    blocks_per_image = -(-pixels // pixel_block)
+    n_tasks = batch * blocks_per_image
+    geometry = (height, width, channels, kh, kw, sh, sw, ph, pw, dh, dw, out_width, int(groups))
+    parallel = n_tasks > 1 and macs >= PARALLEL_MIN_MACS
+    return Conv2dPlan(tuple(x_shape), x_dtype, out_shape, out_dtype, False, parallel,
+                      (packed.matrix, geometry, out_height, pixel_block, blocks_per_image, np.uint8(zero_point),
+                       *epilogue, pointwise, n_tasks),
+                      (((0 if pointwise else pixel_block, channels * kh * kw), np.uint8),
+                       ((out_channels // groups, pixel_block), np.int32)),
+                      ())
+
+
+def run_conv2d(plan, x_q):
+    """``int8_conv2d`` of ``x_q`` with the arguments ``plan`` was made from; x_q must have the
+    plan's shape and dtype (ShapeError / DTypeError otherwise). Returns a new array."""
+    if not isinstance(x_q, np.ndarray) or x_q.dtype != plan.input_dtype:
+        raise DTypeError(f"int8_conv2d: this plan takes {plan.input_dtype} activations, got "
+                         f"{getattr(x_q, 'dtype', type(x_q).__name__)}")
+    if x_q.shape != plan.input_shape:
+        raise ShapeError(f"int8_conv2d: this plan takes inputs of shape {plan.input_shape}, got {x_q.shape}")
+    out = np.empty(plan.out_shape, np.uint8)
+    if out.size == 0:
+        return out.view(plan.out_dtype)
+    batch, out_channels = plan.out_shape[:2]
+    flat_out = out.reshape(batch * out_channels, -1)
+    x_u8 = np.bitwise_xor(x_q.view(np.uint8), np.uint8(0x80)) if x_q.dtype == np.int8 else x_q
+    scratch = [scratch_for(plan.parallel, shape, dtype) for shape, dtype in plan.scratch]
+    if plan.direct:
+        cols = im2col(np.ascontiguousarray(x_u8), *plan.im2col[:8], fill=plan.im2col[8])
+        driver = _direct_parallel if plan.parallel else _direct_serial
+        driver(cols.reshape(-1, flat_out.shape[1]), *plan.arguments, *scratch, flat_out)
+    else:
+        x_nhwc = np.ascontiguousarray(x_u8.transpose(0, 2, 3, 1)).reshape(-1)
+        driver = _conv_parallel if plan.parallel else _conv_serial
+        driver(x_nhwc, *plan.arguments, *scratch, flat_out)
+    return out.view(plan.out_dtype)
+
+
 def int8_conv2d(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_point, clamp_min, clamp_max, out_dtype,
                 stride=1, padding=0, dilation=1, groups=1):
     """Integer-only 2-D convolution with requantized output (module docstring formula).
@@ -230,57 +333,8 @@ def int8_conv2d(x_q, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_poin
         shapes, a kernel that does not fit the padded input, C/groups * kh * kw > MAX_DEPTH,
         parameters out of range.
     """
-    name = "int8_conv2d"
-    packed = as_packed(w_q, 4, name)
-    x_u8, zero_point = activations_as_uint8(x_q, x_zero_point, name)
-    if x_u8.ndim != 4:
-        raise ShapeError(f"{name}: input must be (N, C, H, W), got shape {x_u8.shape}")
-    (batch, channels, height, width), (out_channels, group_channels, kh, kw) = x_u8.shape, packed.shape
-    if not isinstance(groups, (int, np.integer)) or groups < 1 or out_channels % groups or channels % groups:
-        raise ConfigError(f"{name}: groups must be a positive divisor of in_channels {channels} and "
-                          f"out_channels {out_channels}, got {groups!r}")
-    if channels != group_channels * groups:
-        raise ShapeError(f"{name}: input has {channels} channels but weights {packed.shape} with groups={groups} "
-                         f"expect {group_channels * groups}")
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation,
-                                                                                                "dilation", 1)
-    out_height, out_width = output_size(height, kh, sh, ph, dh), output_size(width, kw, sw, pw, dw)
-    if out_height < 1 or out_width < 1:
-        raise ShapeError(f"{name}: kernel {(kh, kw)} with dilation {(dh, dw)} does not fit input {(height, width)} "
-                         f"padded by {(ph, pw)}")
-    check_depth(group_channels * kh * kw, name)
-    offset, multiplier, shift, scale = channel_parameters(packed, zero_point, bias_q, multiplier, shift, name)
-    out_zero_point, clamp_min, clamp_max, flip, out_dtype = output_parameters(out_zero_point, clamp_min, clamp_max,
-                                                                           out_dtype, name)
-    pixels = out_height * out_width
-    out = np.empty((batch, out_channels, out_height, out_width), np.uint8)
-    if out.size == 0:
-        return out.view(out_dtype)
-    if group_channels * kh * kw <= DIRECT_MAX_DEPTH and (kh, kw, sh, sw, ph, pw) != (1, 1, 1, 1, 0, 0):
-        cols = im2col(np.ascontiguousarray(x_u8), kh, kw, sh, sw, ph, pw, dh, dw, fill=zero_point)
-        weights = np.ascontiguousarray(
-            packed.matrix.reshape(out_channels, kh, kw, group_channels).transpose(0, 3, 1, 2)).reshape(out_channels, -1)
-        pixel_block = min(pixels, _MAX_PIXEL_BLOCK)
-        blocks_per_image = -(-pixels // pixel_block)
-        n_tasks = batch * blocks_per_image
-        parallel = n_tasks > 1 and batch * out_channels * pixels * group_channels * kh * kw >= PARALLEL_MIN_MACS
-        driver = _direct_parallel if parallel else _direct_serial
-        acc = scratch_for(parallel, (out_channels // groups, pixel_block), np.int32)
-        driver(cols.reshape(-1, pixels), weights, int(groups), pixels, pixel_block, blocks_per_image, offset,
-               multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip, n_tasks, acc,
-               out.reshape(batch * out_channels, pixels))
-        return out.view(out_dtype)
-    x_nhwc = np.ascontiguousarray(x_u8.transpose(0, 2, 3, 1)).reshape(-1)
-    pointwise = (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0)
-    pixel_block = max(4, min(_MAX_PIXEL_BLOCK, _L2_BLOCK_BYTES // (channels * kh * kw)) // 4 * 4)
-    blocks_per_image = -(-pixels // pixel_block)
-    n_tasks = batch * blocks_per_image
-    geometry = (height, width, channels, kh, kw, sh, sw, ph, pw, dh, dw, out_width, int(groups))
-    parallel = n_tasks > 1 and batch * out_channels * pixels * group_channels * kh * kw >= PARALLEL_MIN_MACS
-    driver = _conv_parallel if parallel else _conv_serial
-    rows = scratch_for(parallel, (0 if pointwise else pixel_block, channels * kh * kw), np.uint8)
-    acc = scratch_for(parallel, (out_channels // groups, pixel_block), np.int32)
-    driver(x_nhwc, packed.matrix, geometry, out_height, pixel_block, blocks_per_image, np.uint8(zero_point), offset,
-           multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip, pointwise, n_tasks, rows, acc,
-           out.reshape(batch * out_channels, pixels))
-    return out.view(out_dtype)
+    if not isinstance(x_q, np.ndarray):
+        raise DTypeError(f"int8_conv2d: activations must be a uint8 or int8 array, got {type(x_q).__name__}")
+    plan = plan_conv2d(x_q.shape, x_q.dtype, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_point, clamp_min,
+                       clamp_max, out_dtype, stride, padding, dilation, groups)
+    return run_conv2d(plan, x_q)

@@ -61,11 +61,33 @@ class Int8Module(Module):
     """
 
     STATE: tuple[tuple[str, str], ...] = ()
+    # kernel plans kept per input shape and dtype (``kernel_plan``); a few suffice
+    MAX_KERNEL_PLANS = 4
     # the trailing STATE buffers that int8 files before version 3 lack; ``derive_state`` fills them
     STATE_SINCE_3: tuple[str, ...] = ()
     # a module that requantizes records its arithmetic (``Requantization``) in its config
     REQUANTIZES = False
     requantization = Requantization.FIXED_POINT
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._kernel_plans: dict = {}
+
+    def kernel_plan(self, x: np.ndarray, make):
+        """The kernel plan (``kernels.int8_conv.plan_conv2d``, say) for inputs of x's shape and
+        dtype: ``make(x)``, called once per shape and dtype and kept, so that a forward repeats
+        no weight packing or argument validation. The plan is remade when a buffer has been
+        replaced (``load_state_dict``); the int8 runtime never writes into its buffers."""
+        key = (x.shape, x.dtype)
+        state = tuple(b.data for b in self.buffers(recurse=False))
+        cached = self._kernel_plans.get(key)
+        if cached is not None and all(a is b for a, b in zip(cached[0], state)) and len(cached[0]) == len(state):
+            return cached[1]
+        if len(self._kernel_plans) >= self.MAX_KERNEL_PLANS:
+            self._kernel_plans.clear()
+        plan = make(x)
+        self._kernel_plans[key] = (state, plan)
+        return plan
 
     def derive_state(self) -> None:
         """The ``STATE_SINCE_3`` buffers of a file written before version 3: that file is fixed
@@ -115,7 +137,7 @@ class Int8Module(Module):
             raise ConfigError(f"{cls.__name__} config needs exactly the keys {sorted(cls.CONFIG_KEYS)}, "
                               f"got {sorted(config)}")
         module = cls.__new__(cls)
-        Module.__init__(module)
+        Int8Module.__init__(module)
         for key, value in config.items():
             setattr(module, key, tuple(value) if isinstance(value, list) else value)
         if requantization is not None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qatcore.errors import ConfigError, ShapeError
+from qatcore.errors import ConfigError, DTypeError, ShapeError
 from qatcore.kernels import int8_conv as conv
 from qatcore.kernels import int8_gemm as gemm
 from qatcore.kernels import requantize as rq
@@ -175,6 +175,25 @@ def test_invalid_arguments_are_refused(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         conv.int8_conv2d(**args)
+
+
+@pytest.mark.parametrize("x_dtype, kernel", [(np.uint8, (3, 3)), (np.int8, (3, 3)), (np.uint8, (1, 1)),
+                                             (np.int8, (1, 2))])
+def test_a_plan_runs_many_inputs_like_int8_conv2d(x_dtype, kernel):
+    """plan_conv2d once, run_conv2d on several inputs: the same bits as int8_conv2d each time
+    (GEMM, pointwise and short-depth paths), and inputs of another shape or dtype are refused."""
+    case = Case(2, 3, 4, 1, (6, 5), kernel, 1, 0 if kernel == (1, 1) else 1, 1, x_dtype, np.uint8, "uniform", "any",
+                True, 15)
+    plan = conv.plan_conv2d(case.x.shape, case.x.dtype, case.x_zero_point, case.w, *case.requantization(),
+                            **case.geometry)
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        case.x = rng.integers(np.iinfo(x_dtype).min, np.iinfo(x_dtype).max, case.x.shape, endpoint=True).astype(x_dtype)
+        gemm_tests.assert_same(conv.run_conv2d(plan, case.x), case.check(), case.out_dtype)
+    with pytest.raises(ShapeError, match="shape"):
+        conv.run_conv2d(plan, case.x[:1])
+    with pytest.raises(DTypeError, match="activations"):
+        conv.run_conv2d(plan, case.x.view(np.int8 if x_dtype == np.uint8 else np.uint8))
 
 
 def test_depth_beyond_the_bound_is_refused():

@@ -172,6 +172,26 @@ def test_int8_model_accepts_tensor_and_array(digits_qat):
     assert a.dtype == np.float32
 
 
+def test_int8_conv_plans_are_kept_per_shape_and_remade_when_a_buffer_is_replaced(digits_qat):
+    """An Int8Conv2d keeps the kernel plan of each input shape; replacing a buffer (as
+    load_state_dict does) makes a new one, so the forward follows the new weights."""
+    from qatcore.quantization.qat.operators.weighted import Int8Conv2d
+
+    _, _, _, int8_model = digits_qat
+    x = np.random.default_rng(4).random((3, 1, 8, 8), dtype=np.float32)
+    before = int8_model(x).numpy()
+    np.testing.assert_array_equal(int8_model(x).numpy(), before)
+    np.testing.assert_array_equal(int8_model(x[:1]).numpy(), before[:1])
+    conv = next(m for m in int8_model.modules() if isinstance(m, Int8Conv2d))
+    assert len(conv._kernel_plans) == 2
+    state = conv.state_dict()
+    conv.load_state_dict({**state, "weight_q": -state["weight_q"].clip(-127, 127)})
+    changed = int8_model(x).numpy()
+    assert not np.array_equal(changed, before)
+    conv.load_state_dict(state)
+    np.testing.assert_array_equal(int8_model(x).numpy(), before)
+
+
 def test_int8_model_saves_loads_and_is_small(digits_qat, tmp_path):
     from qatcore.quantization.qat.int8_serialization import int8_model_from_dict, int8_model_to_dict
 
