@@ -49,6 +49,7 @@ from qatcore.errors import ConfigError, DTypeError, ShapeError
 from .im2col import im2col
 from .int8_gemm import (
     PARALLEL_MIN_MACS,
+    USE_VNNI,
     activations_as_uint8,
     as_packed,
     channel_parameters,
@@ -69,6 +70,8 @@ _MAX_PIXEL_BLOCK = 512
 # At or below this depth (C/groups * kh * kw) the sums run along the pixels (``_direct_block``):
 # the GEMM's 4x4 tiles need depth to amortise their set-up.
 DIRECT_MAX_DEPTH = 16
+# The depth the VNNI tiles of int8_gemm multiply in one step (64 bytes a row).
+_VNNI_DEPTH = 64
 
 
 @njit(cache=True)
@@ -273,10 +276,17 @@ def plan_conv2d(x_shape, x_dtype, x_zero_point, w_q, bias_q, multiplier, shift, 
     n_tasks = batch * blocks_per_image
     geometry = (height, width, channels, kh, kw, sh, sw, ph, pw, dh, dw, out_width, int(groups))
     parallel = n_tasks > 1 and macs >= PARALLEL_MIN_MACS
+    weights, depth = packed.matrix, packed.matrix.shape[1]
+    if USE_VNNI and groups == 1 and not pointwise and depth % _VNNI_DEPTH:
+        # zero weights up to a multiple of the VNNI tile's depth: every product then runs in
+        # vpdpbusd, none in the tiles' slower loop; the gathered rows' extra columns are never
+        # written, and whatever they hold is multiplied by 0
+        weights = np.zeros((out_channels, -(-depth // _VNNI_DEPTH) * _VNNI_DEPTH), np.int8)
+        weights[:, :depth] = packed.matrix
     return Conv2dPlan(tuple(x_shape), x_dtype, out_shape, out_dtype, False, parallel,
-                      (packed.matrix, geometry, out_height, pixel_block, blocks_per_image, np.uint8(zero_point),
+                      (weights, geometry, out_height, pixel_block, blocks_per_image, np.uint8(zero_point),
                        *epilogue, pointwise, n_tasks),
-                      (((0 if pointwise else pixel_block, channels * kh * kw), np.uint8),
+                      (((0 if pointwise else pixel_block, weights.shape[1] * groups), np.uint8),
                        ((out_channels // groups, pixel_block), np.int32)),
                       ())
 
