@@ -25,7 +25,13 @@ most ``DIRECT_MAX_DEPTH``, a first layer on one input channel say) takes another
 float conv's ``im2col`` (padding with z_x) lays each tap out along the pixels, and the sums run
 along the pixels (``_direct_block``), where the GEMM's tiles would spend most of their time
 setting up (DigitsCNN's first conv, depth 9, is the case; docs/benchmarks.md, "int8 runtime").
-Tasks run in parallel above int8_gemm's ``PARALLEL_MIN_MACS``. Where a large convolution's
+Where the CPU has AVX-512 VNNI (``LANES``), an ungrouped convolution takes the pixel-lane path
+instead (int8_conv_lanes.py: 16 output pixels in the vector lanes, 4 input channels a step, the
+input channels zero-padded to a multiple of 4), which needs no horizontal sums; otherwise a
+gathered convolution's weights are zero-padded to a multiple of 64 taps so that all of the depth
+runs in int8_gemm's VNNI tiles. Tasks run in parallel above int8_gemm's ``PARALLEL_MIN_MACS``.
+Each call of :func:`int8_conv2d` is :func:`plan_conv2d` (validation, weight packing, blocking:
+what the int8 runtime does once per layer and input shape) then :func:`run_conv2d`. Where a large convolution's
 time goes (transpose and gather, GEMM tiles, requantization) is in docs/benchmarks.md,
 "Measurements behind the code".
 
@@ -47,6 +53,7 @@ from numba import get_thread_id, njit, prange
 from qatcore.errors import ConfigError, DTypeError, ShapeError
 
 from .im2col import im2col
+from .int8_conv_lanes import TILE_CHANNELS, TILE_PIXELS, lanes_parallel, lanes_serial
 from .int8_gemm import (
     PARALLEL_MIN_MACS,
     USE_VNNI,
@@ -70,6 +77,9 @@ _MAX_PIXEL_BLOCK = 512
 # At or below this depth (C/groups * kh * kw) the sums run along the pixels (``_direct_block``):
 # the GEMM's 4x4 tiles need depth to amortise their set-up.
 DIRECT_MAX_DEPTH = 16
+# Ungrouped convolutions on a multiple of 4 input channels take the pixel-lane path
+# (int8_conv_lanes) where VNNI makes it the fastest; the tests switch it on everywhere.
+LANES = USE_VNNI
 # The depth the VNNI tiles of int8_gemm multiply in one step (64 bytes a row).
 _VNNI_DEPTH = 64
 
@@ -219,11 +229,12 @@ class Conv2dPlan(NamedTuple):
     input_dtype: np.dtype
     out_shape: tuple
     out_dtype: np.dtype
-    direct: bool
+    path: str  # "direct" (short depth), "lanes" (int8_conv_lanes) or "gather"
     parallel: bool
     arguments: tuple  # the driver's arguments between its input and its work buffers
     scratch: tuple  # (shape, dtype) of each per-thread work buffer
     im2col: tuple  # the short-depth path's im2col geometry (kh, kw, sh, sw, ph, pw, dh, dw, fill)
+    padded_channels: int = 0  # the pixel-lane path's channels, when C is not a multiple of 4
 
 
 def plan_conv2d(x_shape, x_dtype, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_point, clamp_min,
@@ -266,7 +277,7 @@ def plan_conv2d(x_shape, x_dtype, x_zero_point, w_q, bias_q, multiplier, shift, 
         blocks_per_image = -(-pixels // pixel_block)
         n_tasks = batch * blocks_per_image
         parallel = n_tasks > 1 and macs >= PARALLEL_MIN_MACS
-        return Conv2dPlan(tuple(x_shape), x_dtype, out_shape, out_dtype, True, parallel,
+        return Conv2dPlan(tuple(x_shape), x_dtype, out_shape, out_dtype, "direct", parallel,
                           (weights, int(groups), pixels, pixel_block, blocks_per_image, *epilogue, n_tasks),
                           (((out_channels // groups, pixel_block), np.int32),),
                           (kh, kw, sh, sw, ph, pw, dh, dw, zero_point))
@@ -276,6 +287,28 @@ def plan_conv2d(x_shape, x_dtype, x_zero_point, w_q, bias_q, multiplier, shift, 
     n_tasks = batch * blocks_per_image
     geometry = (height, width, channels, kh, kw, sh, sw, ph, pw, dh, dw, out_width, int(groups))
     parallel = n_tasks > 1 and macs >= PARALLEL_MIN_MACS
+    if LANES and groups == 1:
+        # pixels in the vector lanes (int8_conv_lanes): weights padded with zero rows to whole
+        # tiles and, for a C that is not a multiple of 4, with zero channels to the next one (the
+        # input gets the same channels, whatever they hold is multiplied by 0)
+        padded_channels = -(-channels // 4) * 4
+        matrix = np.zeros((out_channels, kh * kw, padded_channels), np.int8)
+        matrix[:, :, :channels] = packed.matrix.reshape(out_channels, kh * kw, channels)
+        matrix = matrix.reshape(out_channels, -1)
+        depth = matrix.shape[1]
+        geometry = (height, width, padded_channels, *geometry[3:])
+        pixel_block = max(TILE_PIXELS, min(_MAX_PIXEL_BLOCK, _L2_BLOCK_BYTES // depth) // TILE_PIXELS * TILE_PIXELS)
+        blocks_per_image = -(-pixels // pixel_block)
+        n_tasks = batch * blocks_per_image
+        weights = np.zeros((-(-out_channels // TILE_CHANNELS) * TILE_CHANNELS, depth), np.int8)
+        weights[:out_channels] = matrix
+        zero_word = np.uint32(zero_point * 0x01010101)
+        parallel = n_tasks > 1 and macs >= PARALLEL_MIN_MACS
+        return Conv2dPlan(tuple(x_shape), x_dtype, out_shape, out_dtype, "lanes", parallel,
+                          (weights, geometry, out_height, pixel_block, blocks_per_image, zero_word, *epilogue,
+                           out_channels, n_tasks),
+                          (((depth // 4, pixel_block), np.uint32), ((weights.shape[0], pixel_block), np.int32)), (),
+                          padded_channels if padded_channels != channels else 0)
     weights, depth = packed.matrix, packed.matrix.shape[1]
     if USE_VNNI and groups == 1 and not pointwise and depth % _VNNI_DEPTH:
         # zero weights up to a multiple of the VNNI tile's depth: every product then runs in
@@ -283,7 +316,7 @@ def plan_conv2d(x_shape, x_dtype, x_zero_point, w_q, bias_q, multiplier, shift, 
         # written, and whatever they hold is multiplied by 0
         weights = np.zeros((out_channels, -(-depth // _VNNI_DEPTH) * _VNNI_DEPTH), np.int8)
         weights[:, :depth] = packed.matrix
-    return Conv2dPlan(tuple(x_shape), x_dtype, out_shape, out_dtype, False, parallel,
+    return Conv2dPlan(tuple(x_shape), x_dtype, out_shape, out_dtype, "gather", parallel,
                       (weights, geometry, out_height, pixel_block, blocks_per_image, np.uint8(zero_point),
                        *epilogue, pointwise, n_tasks),
                       (((0 if pointwise else pixel_block, weights.shape[1] * groups), np.uint8),
@@ -306,12 +339,21 @@ def run_conv2d(plan, x_q):
     flat_out = out.reshape(batch * out_channels, -1)
     x_u8 = np.bitwise_xor(x_q.view(np.uint8), np.uint8(0x80)) if x_q.dtype == np.int8 else x_q
     scratch = [scratch_for(plan.parallel, shape, dtype) for shape, dtype in plan.scratch]
-    if plan.direct:
+    if plan.path == "direct":
         cols = im2col(np.ascontiguousarray(x_u8), *plan.im2col[:8], fill=plan.im2col[8])
         driver = _direct_parallel if plan.parallel else _direct_serial
         driver(cols.reshape(-1, flat_out.shape[1]), *plan.arguments, *scratch, flat_out)
+        return out.view(plan.out_dtype)
+    if plan.padded_channels:
+        x_nhwc = np.zeros(plan.input_shape[:1] + plan.input_shape[2:] + (plan.padded_channels,), np.uint8)
+        x_nhwc[..., :plan.input_shape[1]] = x_u8.transpose(0, 2, 3, 1)
+        x_nhwc = x_nhwc.reshape(-1)
     else:
         x_nhwc = np.ascontiguousarray(x_u8.transpose(0, 2, 3, 1)).reshape(-1)
+    if plan.path == "lanes":
+        driver = lanes_parallel if plan.parallel else lanes_serial
+        driver(x_nhwc.view(np.uint32), *plan.arguments, *scratch, flat_out)
+    else:
         driver = _conv_parallel if plan.parallel else _conv_serial
         driver(x_nhwc, *plan.arguments, *scratch, flat_out)
     return out.view(plan.out_dtype)

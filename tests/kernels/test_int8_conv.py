@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from qatcore.errors import ConfigError, DTypeError, ShapeError
 from qatcore.kernels import int8_conv as conv
+from qatcore.kernels import int8_conv_lanes as conv_lanes
 from qatcore.kernels import int8_gemm as gemm
 from qatcore.kernels import requantize as rq
 
@@ -244,6 +245,44 @@ def test_direct_and_gemm_paths_agree_across_pixel_blocks(monkeypatch, direct_max
         gemm_tests.assert_same(y, expected, np.uint8)
 
 
+LANE_CASES = [  # (batch, C, K, size, kernel, stride, padding, dilation, x dtype, out dtype, relu)
+    (3, 16, 16, (9, 11), (3, 3), 1, 1, 1, np.uint8, np.uint8, True),  # ResNet-20's stage 1, small
+    (2, 3, 16, (8, 8), (3, 3), 1, 1, 1, np.int8, np.uint8, False),  # C = 3: padded to 4 channels
+    (2, 8, 13, (7, 6), (3, 2), (2, 1), (1, 0), (1, 2), np.uint8, np.int8, False),  # K not a multiple of 8
+    (2, 12, 20, (5, 5), (1, 1), 1, 0, 1, np.int8, np.int8, True),  # 1x1, stride 1
+    (1, 18, 9, (6, 7), (1, 1), 2, 0, 1, np.uint8, np.uint8, False),  # 1x1, stride 2, C = 18
+    (2, 4, 8, (5, 6), (3, 3), 2, (2, 0), 1, np.uint8, np.uint8, False),  # taps wholly in the padding
+]
+
+
+def check_lane_case(index, lanes, pixel_block=None):
+    batch, channels, out_channels, size, kernel, stride, padding, dilation, x_dtype, out_dtype, relu = \
+        LANE_CASES[index]
+    case = Case(batch, channels, out_channels, 1, size, kernel, stride, padding, dilation, x_dtype, out_dtype,
+                "uniform", "small", relu, 40 + index)
+    conv.LANES = lanes
+    if pixel_block is not None:
+        conv._MAX_PIXEL_BLOCK = pixel_block
+    plan = conv.plan_conv2d(case.x.shape, case.x.dtype, case.x_zero_point, case.w, *case.requantization(),
+                            **case.geometry)
+    assert (plan.path == "lanes") == lanes
+    if lanes:  # weights padded to whole tiles of output channels
+        assert plan.arguments[0].shape[0] % conv_lanes.TILE_CHANNELS == 0
+    gemm_tests.assert_same(conv.run_conv2d(plan, case.x), case.check(), out_dtype)
+
+
+@pytest.mark.parametrize("index", range(len(LANE_CASES)))
+@pytest.mark.parametrize("lanes, pixel_block, parallel", [(True, None, False), (True, 32, True), (False, None, False)])
+def test_pixel_lane_path_matches_oracle(monkeypatch, index, lanes, pixel_block, parallel):
+    """Ungrouped convolutions take the pixel-lane path (int8_conv_lanes) where VNNI is, or the
+    gather path; both equal the oracle, with 32-pixel blocks that start mid-row, K not a
+    multiple of the tile's 8 channels, C padded to a multiple of 4, taps in the padding."""
+    monkeypatch.setattr(conv, "LANES", lanes)
+    monkeypatch.setattr(conv, "_MAX_PIXEL_BLOCK", conv._MAX_PIXEL_BLOCK)
+    monkeypatch.setattr(conv, "PARALLEL_MIN_MACS", 0 if parallel else 2**62)
+    check_lane_case(index, lanes, pixel_block)
+
+
 # ----------------------------------------------------------------------------------------
 # The same kernels as plain Python
 
@@ -256,4 +295,8 @@ def test_runs_as_plain_python(run_without_jit):
         Case(1, 2, 3, 2, (6, 5), (2, 3), (2, 1), (1, 0), (2, 1), np.int8, np.int8, "uniform", "small", True, 2).check()
         Case(1, 1, 1, 4, (5, 5), (3, 3), 2, 1, 1, np.int8, np.uint8, "x_min", "large", False, 3).check()
         Case(2, 4, 3, 1, (3, 2), (1, 1), 1, 0, 1, np.uint8, np.int8, "uniform", "any", False, 4).check()
+        lanes = tests.conv_lanes
+        assert_plain_python(lanes._gather_words, lanes._tile_loop, lanes._tile, lanes.lanes_serial)
+        for index in range(len(tests.LANE_CASES)):
+            tests.check_lane_case(index, True, 32)
     """)
