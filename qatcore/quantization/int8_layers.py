@@ -79,7 +79,7 @@ class Int8Module(Module):
         no weight packing or argument validation. The plan is remade when a buffer has been
         replaced (``load_state_dict``); the int8 runtime never writes into its buffers."""
         key = (x.shape, x.dtype)
-        state = tuple(b.data for b in self.buffers(recurse=False))
+        state = tuple(getattr(self, name).data for name, _ in self.STATE)
         cached = self._kernel_plans.get(key)
         if cached is not None and all(a is b for a, b in zip(cached[0], state)) and len(cached[0]) == len(state):
             return cached[1]

@@ -75,15 +75,20 @@ class Int8Add(Int8Module):
         a, b = int_input(self, a), int_input(self, b)
         if a.shape != b.shape:
             return self.reference_forward(a, b)
+        kernel, arguments = self.kernel_plan(a, self._plan)
+        return kernel(a, arguments[0], b, *arguments[1:])
+
+    def _plan(self, a):
+        """(kernel, its arguments but a and b), computed once: see ``Int8Module.kernel_plan``."""
         lo, hi = int(self.clamp_min.data), int(self.output_range.data[1])
         z_a, z_b = self.input_zero_points.data.tolist()
         if self.requantization is Requantization.FLOAT32:
             r_a, r_b, constant = add_float32_constants(self.input_scales.data, (z_a, z_b), self.output_scale.data,
                                                        int(self.output_zero_point.data))
-            return kernels.int8_add.add_float32(a, z_a, b, z_b, r_a, r_b, constant, lo, hi, self.out_dtype)
-        return kernels.int8_add.add_fixed_point(a, z_a, b, z_b, self.multiplier.data.astype(np.int64),
-                                                self.shift.data.astype(np.int64), int(self.output_zero_point.data),
-                                                lo, hi, self.out_dtype)
+            return kernels.int8_add.add_float32, (z_a, z_b, r_a, r_b, constant, lo, hi, self.out_dtype)
+        return kernels.int8_add.add_fixed_point, (z_a, z_b, self.multiplier.data.astype(np.int64),
+                                                  self.shift.data.astype(np.int64), int(self.output_zero_point.data),
+                                                  lo, hi, self.out_dtype)
 
     def reference_forward(self, a, b):
         """The module docstring's formula in NumPy, with broadcasting: the path for inputs of
