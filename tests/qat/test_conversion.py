@@ -446,3 +446,23 @@ def test_a_standalone_batch_norm_1d_is_an_integer_per_channel_affine_map_at_any_
     save_int8_model(path, int8_model)
     report = parity_report(qat, load_int8_model(path), load_digits()[2])
     assert report.passes, str(report)
+
+
+@pytest.mark.parametrize("requantization", ["fixed_point", "float32"])
+@pytest.mark.parametrize("x_dtype, x_zero_point, relu", [(np.uint8, 128, False), (np.int8, -3, True),
+                                                         (np.uint8, 0, True)])
+def test_requantize_gathers_its_numpy_formula_from_a_table(requantization, x_dtype, x_zero_point, relu):
+    """An 8-bit Requantize looks its results up in a table of its NumPy formula
+    (``reference_forward``): the same bits for every input value, in any shape."""
+    from qatcore.quantization.int8_layers import Requantize
+
+    module = Requantize(0.0371, x_zero_point, 0.0213, 7, 7 if relu else -128, -128, 127, requantization)
+    info = np.iinfo(x_dtype)
+    every = np.arange(info.min, info.max + 1).astype(x_dtype)
+    x = np.random.default_rng(0).integers(info.min, info.max, (2, 3, 5, 7), endpoint=True).astype(x_dtype)
+    for values in (every, x):
+        got, expected = module(values), module.reference_forward(values)
+        assert got.dtype == expected.dtype == np.int8 and got.shape == values.shape
+        np.testing.assert_array_equal(got, expected)
+    wide = x.astype(np.int16)  # not 8-bit: the formula itself
+    np.testing.assert_array_equal(module(wide), module.reference_forward(x))
