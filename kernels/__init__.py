@@ -25,6 +25,8 @@ Modules:
                 zero point, groups and depthwise.
     int8_conv_lanes -- the pixel-lane path of ``int8_conv2d`` (VNNI with output pixels in the
                 vector lanes) for ungrouped convolutions.
+    int8_depthwise -- the depthwise path of ``int8_conv2d`` (groups == C == K), along the channels.
+    layout     -- ``channels_last``: (N, C, H, W) to (N, H, W, C) bytes, in cache-sized squares.
     int8_add   -- ``add_fixed_point`` / ``add_float32``: the int8 residual add (and add + ReLU)
                 in both requantization arithmetics, elementwise.
     lookup     -- ``lookup``: ``table[q - offset]``, the gather of the int8 runtime's lookup
@@ -55,9 +57,10 @@ imports the package once, at the top of its module, and numba loads when a kerne
 from qatcore.lazy_exports import lazy_exports
 
 __all__ = ["window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "requantize_float32", "int8_gemm",
-           "int8_conv", "int8_conv_lanes", "int8_add", "lookup"]
+           "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add",
+           "layout", "lookup"]
 
 __getattr__, __dir__ = lazy_exports(__name__, submodules=(
     "window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "requantize_float32", "int8_gemm",
-    "int8_conv", "int8_conv_lanes", "int8_add", "lookup",
+    "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add", "layout", "lookup",
 ))

@@ -29,7 +29,8 @@ Where the CPU has AVX-512 VNNI (``LANES``), an ungrouped convolution takes the p
 instead (int8_conv_lanes.py: 16 output pixels in the vector lanes, 4 input channels a step, the
 input channels zero-padded to a multiple of 4), which needs no horizontal sums; otherwise a
 gathered convolution's weights are zero-padded to a multiple of 64 taps so that all of the depth
-runs in int8_gemm's VNNI tiles. Tasks run in parallel above int8_gemm's ``PARALLEL_MIN_MACS``.
+runs in int8_gemm's VNNI tiles. A depthwise convolution (groups == C == K) sums along the
+channels of the channels-last input in int8_depthwise.py. Tasks run in parallel above int8_gemm's ``PARALLEL_MIN_MACS``.
 Each call of :func:`int8_conv2d` is :func:`plan_conv2d` (validation, weight packing, blocking:
 what the int8 runtime does once per layer and input shape) then :func:`run_conv2d`. Where a large convolution's
 time goes (transpose and gather, GEMM tiles, requantization) is in docs/benchmarks.md,
@@ -54,6 +55,7 @@ from qatcore.errors import ConfigError, DTypeError, ShapeError
 
 from .im2col import im2col
 from .int8_conv_lanes import TILE_CHANNELS, TILE_PIXELS, lanes_parallel, lanes_serial
+from .int8_depthwise import depthwise_parallel, depthwise_serial
 from .int8_gemm import (
     PARALLEL_MIN_MACS,
     USE_VNNI,
@@ -66,6 +68,7 @@ from .int8_gemm import (
     requantize_block,
     scratch_for,
 )
+from .layout import channels_last
 from .window import output_size
 
 __all__ = ["int8_conv2d", "Conv2dPlan", "plan_conv2d", "run_conv2d", "DIRECT_MAX_DEPTH"]
@@ -77,6 +80,9 @@ _MAX_PIXEL_BLOCK = 512
 # At or below this depth (C/groups * kh * kw) the sums run along the pixels (``_direct_block``):
 # the GEMM's 4x4 tiles need depth to amortise their set-up.
 DIRECT_MAX_DEPTH = 16
+# Depthwise convolutions (groups == C == K) take int8_depthwise's channels-last path; the tests
+# switch it off to reach the short-depth path with depthwise layers.
+DEPTHWISE = True
 # Ungrouped convolutions on a multiple of 4 input channels take the pixel-lane path
 # (int8_conv_lanes) where VNNI makes it the fastest; the tests switch it on everywhere.
 LANES = USE_VNNI
@@ -229,7 +235,7 @@ class Conv2dPlan(NamedTuple):
     input_dtype: np.dtype
     out_shape: tuple
     out_dtype: np.dtype
-    path: str  # "direct" (short depth), "lanes" (int8_conv_lanes) or "gather"
+    path: str  # "depthwise" (int8_depthwise), "direct" (short depth), "lanes" (int8_conv_lanes) or "gather"
     parallel: bool
     arguments: tuple  # the driver's arguments between its input and its work buffers
     scratch: tuple  # (shape, dtype) of each per-thread work buffer
@@ -270,6 +276,17 @@ def plan_conv2d(x_shape, x_dtype, x_zero_point, w_q, bias_q, multiplier, shift, 
     out_shape = (batch, out_channels, out_height, out_width)
     epilogue = (offset, multiplier, shift, scale, out_zero_point, clamp_min, clamp_max, flip)
     macs = batch * out_channels * pixels * group_channels * kh * kw
+    if DEPTHWISE and groups == channels == out_channels:  # int8_depthwise: along the channels
+        geometry = (height, width, channels, kh, kw, sh, sw, ph, pw, dh, dw, out_width)
+        weights = np.ascontiguousarray(packed.matrix.T, dtype=np.int32)  # (kh * kw, C)
+        pixel_block = max(1, min(pixels, _L2_BLOCK_BYTES // (4 * channels)))
+        blocks_per_image = -(-pixels // pixel_block)
+        n_tasks = batch * blocks_per_image
+        parallel = n_tasks > 1 and macs >= PARALLEL_MIN_MACS
+        return Conv2dPlan(tuple(x_shape), x_dtype, out_shape, out_dtype, "depthwise", parallel,
+                          (weights, weights * np.int32(zero_point), geometry, pixel_block, blocks_per_image, *epilogue,
+                           n_tasks),
+                          (((pixel_block, channels), np.int32), ((channels, pixel_block), np.int32)), ())
     if group_channels * kh * kw <= DIRECT_MAX_DEPTH and (kh, kw, sh, sw, ph, pw) != (1, 1, 1, 1, 0, 0):
         weights = np.ascontiguousarray(
             packed.matrix.reshape(out_channels, kh, kw, group_channels).transpose(0, 3, 1, 2)).reshape(out_channels, -1)
@@ -339,6 +356,10 @@ def run_conv2d(plan, x_q):
     flat_out = out.reshape(batch * out_channels, -1)
     x_u8 = np.bitwise_xor(x_q.view(np.uint8), np.uint8(0x80)) if x_q.dtype == np.int8 else x_q
     scratch = [scratch_for(plan.parallel, shape, dtype) for shape, dtype in plan.scratch]
+    if plan.path == "depthwise":
+        driver = depthwise_parallel if plan.parallel else depthwise_serial
+        driver(channels_last(x_u8), *plan.arguments, *scratch, flat_out)
+        return out.view(plan.out_dtype)
     if plan.path == "direct":
         cols = im2col(np.ascontiguousarray(x_u8), *plan.im2col[:8], fill=plan.im2col[8])
         driver = _direct_parallel if plan.parallel else _direct_serial
@@ -349,7 +370,7 @@ def run_conv2d(plan, x_q):
         x_nhwc[..., :plan.input_shape[1]] = x_u8.transpose(0, 2, 3, 1)
         x_nhwc = x_nhwc.reshape(-1)
     else:
-        x_nhwc = np.ascontiguousarray(x_u8.transpose(0, 2, 3, 1)).reshape(-1)
+        x_nhwc = channels_last(x_u8)
     if plan.path == "lanes":
         driver = lanes_parallel if plan.parallel else lanes_serial
         driver(x_nhwc.view(np.uint32), *plan.arguments, *scratch, flat_out)

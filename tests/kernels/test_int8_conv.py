@@ -283,6 +283,35 @@ def test_pixel_lane_path_matches_oracle(monkeypatch, index, lanes, pixel_block, 
     check_lane_case(index, lanes, pixel_block)
 
 
+DEPTHWISE_CASES = [  # (batch, channels, size, kernel, stride, padding, dilation, x dtype, out dtype, relu)
+    (2, 5, (9, 8), (3, 3), 1, 1, 1, np.uint8, np.uint8, True),  # MobileNetV2's 3x3, stride 1
+    (3, 4, (8, 9), (3, 3), 2, 1, 1, np.int8, np.uint8, False),  # stride 2
+    (1, 3, (7, 7), (2, 3), (1, 2), (2, 0), (2, 1), np.uint8, np.int8, False),  # uneven, dilated
+    (2, 2, (4, 5), (5, 5), 1, 2, 1, np.int8, np.int8, True),  # taps mostly in the padding
+]
+
+
+def check_depthwise_case(index, depthwise=True):
+    batch, channels, size, kernel, stride, padding, dilation, x_dtype, out_dtype, relu = DEPTHWISE_CASES[index]
+    case = Case(batch, 1, 1, channels, size, kernel, stride, padding, dilation, x_dtype, out_dtype, "uniform",
+                "small", relu, 60 + index)
+    conv.DEPTHWISE = depthwise
+    plan = conv.plan_conv2d(case.x.shape, case.x.dtype, case.x_zero_point, case.w, *case.requantization(),
+                            **case.geometry)
+    assert (plan.path == "depthwise") == depthwise
+    gemm_tests.assert_same(conv.run_conv2d(plan, case.x), case.check(), out_dtype)
+
+
+@pytest.mark.parametrize("index", range(len(DEPTHWISE_CASES)))
+@pytest.mark.parametrize("depthwise, parallel", [(True, False), (True, True), (False, False)])
+def test_depthwise_path_matches_oracle(monkeypatch, index, depthwise, parallel):
+    """groups == C == K sums plane by plane (int8_depthwise) and equals the oracle, as does the
+    short-depth path it replaces."""
+    monkeypatch.setattr(conv, "DEPTHWISE", depthwise)
+    monkeypatch.setattr(conv, "PARALLEL_MIN_MACS", 0 if parallel else 2**62)
+    check_depthwise_case(index, depthwise)
+
+
 # ----------------------------------------------------------------------------------------
 # The same kernels as plain Python
 
@@ -299,4 +328,8 @@ def test_runs_as_plain_python(run_without_jit):
         assert_plain_python(lanes._gather_words, lanes._tile_loop, lanes._tile, lanes.lanes_serial)
         for index in range(len(tests.LANE_CASES)):
             tests.check_lane_case(index, True, 32)
+        from qatcore.kernels import int8_depthwise as depthwise
+        assert_plain_python(depthwise._depthwise_task, depthwise.depthwise_serial)
+        for index in range(len(tests.DEPTHWISE_CASES)):
+            tests.check_depthwise_case(index)
     """)
