@@ -27,7 +27,8 @@ along the pixels (``_direct_block``), where the GEMM's tiles would spend most of
 setting up (DigitsCNN's first conv, depth 9, is the case; docs/benchmarks.md, "int8 runtime").
 Where the CPU has AVX-512 VNNI (``LANES``), an ungrouped convolution takes the pixel-lane path
 instead (int8_conv_lanes.py: 16 output pixels in the vector lanes, 4 input channels a step, the
-input channels zero-padded to a multiple of 4), which needs no horizontal sums; otherwise a
+input channels zero-padded to a multiple of 4), which needs no horizontal sums and, for
+stride 1, no gather either (the tiles read the input laid out once as padded word planes); otherwise a
 gathered convolution's weights are zero-padded to a multiple of 64 taps so that all of the depth
 runs in int8_gemm's VNNI tiles. A depthwise convolution (groups == C == K) sums along the
 channels of the channels-last input in int8_depthwise.py. Tasks run in parallel above int8_gemm's ``PARALLEL_MIN_MACS``.
@@ -54,7 +55,15 @@ from numba import get_thread_id, njit, prange
 from qatcore.errors import ConfigError, DTypeError, ShapeError
 
 from .im2col import im2col
-from .int8_conv_lanes import TILE_CHANNELS, TILE_PIXELS, lanes_parallel, lanes_serial
+from .int8_conv_lanes import (
+    TILE_CHANNELS,
+    TILE_PIXELS,
+    lanes_parallel,
+    lanes_serial,
+    planes_parallel,
+    planes_serial,
+    to_word_planes,
+)
 from .int8_depthwise import depthwise_parallel, depthwise_serial
 from .int8_gemm import (
     PARALLEL_MIN_MACS,
@@ -86,6 +95,8 @@ DEPTHWISE = True
 # Ungrouped convolutions on a multiple of 4 input channels take the pixel-lane path
 # (int8_conv_lanes) where VNNI makes it the fastest; the tests switch it on everywhere.
 LANES = USE_VNNI
+# Among those, stride-1 convolutions read padded word planes of the input with no gather.
+PLANES = True
 # The depth the VNNI tiles of int8_gemm multiply in one step (64 bytes a row).
 _VNNI_DEPTH = 64
 
@@ -235,11 +246,12 @@ class Conv2dPlan(NamedTuple):
     input_dtype: np.dtype
     out_shape: tuple
     out_dtype: np.dtype
-    path: str  # "depthwise" (int8_depthwise), "direct" (short depth), "lanes" (int8_conv_lanes) or "gather"
+    path: str  # "depthwise" (int8_depthwise), "direct" (short depth), "planes" and "lanes" (int8_conv_lanes)
+    # or "gather"
     parallel: bool
     arguments: tuple  # the driver's arguments between its input and its work buffers
     scratch: tuple  # (shape, dtype) of each per-thread work buffer
-    im2col: tuple  # the short-depth path's im2col geometry (kh, kw, sh, sw, ph, pw, dh, dw, fill)
+    layout: tuple  # the input's layout: im2col's geometry (direct) or the word planes' (planes)
     padded_channels: int = 0  # the pixel-lane path's channels, when C is not a multiple of 4
 
 
@@ -320,10 +332,26 @@ def plan_conv2d(x_shape, x_dtype, x_zero_point, w_q, bias_q, multiplier, shift, 
         weights = np.zeros((-(-out_channels // TILE_CHANNELS) * TILE_CHANNELS, depth), np.int8)
         weights[:out_channels] = matrix
         zero_word = np.uint32(zero_point * 0x01010101)
+        if PLANES and (sh, sw) == (1, 1):  # no gather: the tiles read the input's padded word planes
+            padded_height, padded_width, words = height + 2 * ph, width + 2 * pw, padded_channels // 4
+            rows = padded_height + -(-(TILE_PIXELS - 1 + (kw - 1) * dw) // padded_width)  # the last tile's reads
+            plane_words = rows * padded_width
+            offsets = np.array([c4 * plane_words + u * dh * padded_width + v * dw for u in range(kh) for v in range(kw)
+                                for c4 in range(words)], np.int64)
+            positions = out_height * padded_width
+            block = max(TILE_PIXELS, min(-(-positions // TILE_PIXELS) * TILE_PIXELS,
+                                         _L2_BLOCK_BYTES // (4 * weights.shape[0]) // TILE_PIXELS * TILE_PIXELS))
+            blocks_per_image = -(-positions // block)
+            n_tasks = batch * blocks_per_image
+            parallel = n_tasks > 1 and macs >= PARALLEL_MIN_MACS
+            return Conv2dPlan(tuple(x_shape), x_dtype, out_shape, out_dtype, "planes", parallel,
+                              (weights, offsets, words * plane_words, padded_width, positions, out_width, block,
+                               blocks_per_image, *epilogue, out_channels, n_tasks),
+                              (((weights.shape[0], block), np.int32),), (ph, pw, rows, padded_width, words, zero_word))
         parallel = n_tasks > 1 and macs >= PARALLEL_MIN_MACS
         return Conv2dPlan(tuple(x_shape), x_dtype, out_shape, out_dtype, "lanes", parallel,
-                          (weights, geometry, out_height, pixel_block, blocks_per_image, zero_word, *epilogue,
-                           out_channels, n_tasks),
+                          (weights, np.arange(depth // 4, dtype=np.int64) * pixel_block, geometry, out_height,
+                           pixel_block, blocks_per_image, zero_word, *epilogue, out_channels, n_tasks),
                           (((depth // 4, pixel_block), np.uint32), ((weights.shape[0], pixel_block), np.int32)), (),
                           padded_channels if padded_channels != channels else 0)
     weights, depth = packed.matrix, packed.matrix.shape[1]
@@ -360,8 +388,15 @@ def run_conv2d(plan, x_q):
         driver = depthwise_parallel if plan.parallel else depthwise_serial
         driver(channels_last(x_u8), *plan.arguments, *scratch, flat_out)
         return out.view(plan.out_dtype)
+    if plan.path == "planes":
+        ph, pw, rows, padded_width, words, zero_word = plan.layout
+        planes = np.empty((plan.input_shape[0], words, rows, padded_width), np.uint32)
+        to_word_planes(np.ascontiguousarray(x_u8), zero_word, ph, pw, planes)
+        driver = planes_parallel if plan.parallel else planes_serial
+        driver(planes.reshape(-1), *plan.arguments, *scratch, flat_out)
+        return out.view(plan.out_dtype)
     if plan.path == "direct":
-        cols = im2col(np.ascontiguousarray(x_u8), *plan.im2col[:8], fill=plan.im2col[8])
+        cols = im2col(np.ascontiguousarray(x_u8), *plan.layout[:8], fill=plan.layout[8])
         driver = _direct_parallel if plan.parallel else _direct_serial
         driver(cols.reshape(-1, flat_out.shape[1]), *plan.arguments, *scratch, flat_out)
         return out.view(plan.out_dtype)

@@ -255,32 +255,38 @@ LANE_CASES = [  # (batch, C, K, size, kernel, stride, padding, dilation, x dtype
 ]
 
 
-def check_lane_case(index, lanes, pixel_block=None):
+def check_lane_case(index, lanes, pixel_block=None, planes=True):
     batch, channels, out_channels, size, kernel, stride, padding, dilation, x_dtype, out_dtype, relu = \
         LANE_CASES[index]
     case = Case(batch, channels, out_channels, 1, size, kernel, stride, padding, dilation, x_dtype, out_dtype,
                 "uniform", "small", relu, 40 + index)
-    conv.LANES = lanes
+    conv.LANES, conv.PLANES = lanes, planes
     if pixel_block is not None:
         conv._MAX_PIXEL_BLOCK = pixel_block
     plan = conv.plan_conv2d(case.x.shape, case.x.dtype, case.x_zero_point, case.w, *case.requantization(),
                             **case.geometry)
-    assert (plan.path == "lanes") == lanes
+    stride_1 = stride in (1, (1, 1))
+    assert plan.path == ("gather" if not lanes else "planes" if planes and stride_1 else "lanes")
     if lanes:  # weights padded to whole tiles of output channels
         assert plan.arguments[0].shape[0] % conv_lanes.TILE_CHANNELS == 0
     gemm_tests.assert_same(conv.run_conv2d(plan, case.x), case.check(), out_dtype)
 
 
 @pytest.mark.parametrize("index", range(len(LANE_CASES)))
-@pytest.mark.parametrize("lanes, pixel_block, parallel", [(True, None, False), (True, 32, True), (False, None, False)])
-def test_pixel_lane_path_matches_oracle(monkeypatch, index, lanes, pixel_block, parallel):
-    """Ungrouped convolutions take the pixel-lane path (int8_conv_lanes) where VNNI is, or the
-    gather path; both equal the oracle, with 32-pixel blocks that start mid-row, K not a
-    multiple of the tile's 8 channels, C padded to a multiple of 4, taps in the padding."""
+@pytest.mark.parametrize("lanes, planes, pixel_block, parallel", [
+    (True, True, None, False), (True, True, 32, True), (True, False, None, False), (True, False, 32, True),
+    (False, False, None, False)])
+def test_pixel_lane_path_matches_oracle(monkeypatch, index, lanes, planes, pixel_block, parallel):
+    """Ungrouped convolutions take the pixel-lane paths (int8_conv_lanes: padded word planes
+    for stride 1, gathered words otherwise) where VNNI is, or the gather path; all equal the
+    oracle, with 32-pixel blocks that start mid-row, K not a multiple of the tile's 8
+    channels, C padded to a multiple of 4, taps in the padding."""
     monkeypatch.setattr(conv, "LANES", lanes)
+    monkeypatch.setattr(conv, "PLANES", planes)
     monkeypatch.setattr(conv, "_MAX_PIXEL_BLOCK", conv._MAX_PIXEL_BLOCK)
     monkeypatch.setattr(conv, "PARALLEL_MIN_MACS", 0 if parallel else 2**62)
-    check_lane_case(index, lanes, pixel_block)
+    monkeypatch.setattr(conv, "_L2_BLOCK_BYTES", 4 * 32 * 32 if pixel_block else conv._L2_BLOCK_BYTES)  # blocks mid-row
+    check_lane_case(index, lanes, pixel_block, planes)
 
 
 DEPTHWISE_CASES = [  # (batch, channels, size, kernel, stride, padding, dilation, x dtype, out dtype, relu)
@@ -326,8 +332,10 @@ def test_runs_as_plain_python(run_without_jit):
         Case(2, 4, 3, 1, (3, 2), (1, 1), 1, 0, 1, np.uint8, np.int8, "uniform", "any", False, 4).check()
         lanes = tests.conv_lanes
         assert_plain_python(lanes._gather_words, lanes._tile_loop, lanes._tile, lanes.lanes_serial)
+        assert_plain_python(lanes.to_word_planes, lanes._store_rows, lanes.planes_serial)
         for index in range(len(tests.LANE_CASES)):
-            tests.check_lane_case(index, True, 32)
+            tests.check_lane_case(index, True, 32, planes=True)
+            tests.check_lane_case(index, True, 32, planes=False)
         from qatcore.kernels import int8_depthwise as depthwise
         assert_plain_python(depthwise._depthwise_task, depthwise.depthwise_serial)
         for index in range(len(tests.DEPTHWISE_CASES)):
