@@ -21,6 +21,11 @@ with float32 r_a = s_a / s_y, r_b = s_b / s_y, F = z_y - fma(z_a, r_a, r_b * z_b
 (``requantization.add_float32_constants``), a and b converted to float32 exactly, each ``fma``
 rounded once (``requantize_float32.fma_float32_value``), rne rounding half to even.
 
+The output depends on the pair of input bytes alone, so :func:`pair_table` tabulates either add
+over all 65536 pairs (64 KiB, made once per layer) and :func:`add_by_table` gathers from it,
+``out[i] = table[256 * byte(a[i]) + byte(b[i])]``: the int8 runtime's fixed-point add, whose
+arithmetic costs several times the gather (docs/benchmarks.md, "Measurements behind the code").
+
 A fused ReLU is ``lo = z_y``. Both loops read a and b (uint8 or int8, any mix) as flat arrays
 and store into ``out`` (uint8 or int8), whose values the clamp keeps in range. Above
 ``PARALLEL_MIN_ELEMENTS`` the elements are split into one contiguous chunk per task and the
@@ -42,7 +47,8 @@ from numba import njit, prange
 from .requantize import scale_value
 from .requantize_float32 import fma_float32_value
 
-__all__ = ["ADD_LEFT_SHIFT", "PARALLEL_MIN_ELEMENTS", "add_fixed_point", "add_float32"]
+__all__ = ["ADD_LEFT_SHIFT", "PARALLEL_MIN_ELEMENTS", "add_fixed_point", "add_float32", "pair_table",
+           "add_by_table"]
 
 ADD_LEFT_SHIFT = 20
 # From this many elements on the tasks run in parallel (docs/benchmarks.md, "Measurements
@@ -148,4 +154,51 @@ def add_float32(a, a_zero_point, b, b_zero_point, r_a, r_b, constant, clamp_min,
         _float32_parallel(*args, flat)
     else:
         _float32_range(*args, 0, a.size, flat)
+    return out
+
+
+@njit(cache=True)
+def _gather_pairs(a, b, table, out):
+    for i in range(np.uintp(a.size)):
+        out[i] = table[(np.uintp(a[i]) << np.uintp(8)) | np.uintp(b[i])]
+
+
+def pair_table(add, a_dtype, b_dtype, *arguments):
+    """The results of ``add`` (:func:`add_fixed_point` or :func:`add_float32`) for every pair of
+    input bytes: table[256 * u + v] = add(u as a_dtype, v as b_dtype), 65536 entries.
+
+    Args:
+        add: one of this module's adds.
+        a_dtype, b_dtype: the inputs' dtypes (uint8 or int8; a byte u stands for the value of
+            that dtype with those bits).
+        arguments: the add's arguments after ``a`` and ``b`` in order (z_a, z_b, ..., out_dtype),
+            given as for a call on the inputs.
+
+    >>> from qatcore.kernels.requantize import quantize_multiplier
+    >>> m0, shift = quantize_multiplier([0.5, 0.25, 2.0 / 2**20])
+    >>> table = pair_table(add_fixed_point, np.uint8, np.uint8, 0, 0, m0, shift, 0, 0, 255, np.uint8)
+    >>> int(table[256 * 10 + 4]), table.shape
+    (12, (65536,))
+    """
+    values = np.arange(256, dtype=np.uint8)
+    a = np.repeat(values, 256).view(np.dtype(a_dtype))
+    b = np.tile(values, 256).view(np.dtype(b_dtype))
+    z_a, z_b, *rest = arguments
+    return add(a, z_a, b, z_b, *rest)
+
+
+def add_by_table(a, b, table, out=None):
+    """``out[i] = table[256 * byte(a[i]) + byte(b[i])]``: the add ``table`` was made for
+    (:func:`pair_table`), elementwise.
+
+    Args:
+        a, b: uint8 or int8 arrays of the same size (their dtypes those of the table).
+        table: 65536 values, from :func:`pair_table`.
+        out: None, or a C-contiguous array of the table's dtype and a's size to write into.
+
+    Returns:
+        ``out``, or a new array shaped like ``a``.
+    """
+    a8, b8, flat, out = _flat(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8), table.dtype, out)
+    _gather_pairs(a8, b8, table, flat)
     return out

@@ -73,12 +73,13 @@ class Int8Module(Module):
         super().__init__()
         self._kernel_plans: dict = {}
 
-    def kernel_plan(self, x: np.ndarray, make):
+    def kernel_plan(self, x: np.ndarray, make, *key):
         """The kernel plan (``kernels.int8_conv.plan_conv2d``, say) for inputs of x's shape and
-        dtype: ``make(x)``, called once per shape and dtype and kept, so that a forward repeats
-        no weight packing or argument validation. The plan is remade when a buffer has been
-        replaced (``load_state_dict``); the int8 runtime never writes into its buffers."""
-        key = (x.shape, x.dtype)
+        dtype (and ``key``, what else it depends on): ``make(x)``, called once per shape, dtype
+        and key and kept, so that a forward repeats no weight packing or argument validation.
+        The plan is remade when a buffer has been replaced (``load_state_dict``); the int8
+        runtime never writes into its buffers."""
+        key = (x.shape, x.dtype, *key)
         state = tuple(getattr(self, name).data for name, _ in self.STATE)
         cached = self._kernel_plans.get(key)
         if cached is not None and all(a is b for a, b in zip(cached[0], state)) and len(cached[0]) == len(state):

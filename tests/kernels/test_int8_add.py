@@ -112,6 +112,26 @@ def check_float32(seed, size, dtypes, extremes=False):
     np.testing.assert_array_equal(got, expected)
 
 
+def check_table(seed, size, dtypes, arithmetic):
+    """add_by_table of pair_table equals the oracle of the add the table was made of."""
+    inputs, z_y, lo, hi, out_dtype = random_case(seed, size, dtypes, extremes=seed % 2 == 0)
+    (a, z_a), (b, z_b) = inputs
+    if arithmetic == "fixed_point":
+        multiplier, shift = fixed_point_multipliers(seed + 1, wide=seed % 3 == 0)
+        add, arguments = int8_add.add_fixed_point, (z_a, z_b, multiplier, shift, z_y, lo, hi, out_dtype)
+        expected = oracle_fixed_point(a, z_a, b, z_b, multiplier, shift, z_y, lo, hi, out_dtype)
+    else:
+        scales, y_scale = float32_scales(seed + 1)
+        add = int8_add.add_float32
+        arguments = (z_a, z_b, *add_float32_constants(scales, [z_a, z_b], y_scale, z_y), lo, hi, out_dtype)
+        expected = oracle_float32(a, z_a, b, z_b, scales, y_scale, z_y, lo, hi, out_dtype)
+    table = int8_add.pair_table(add, a.dtype, b.dtype, *arguments)
+    assert table.shape == (65536,) and table.dtype == np.dtype(out_dtype)
+    got = int8_add.add_by_table(a.reshape(1, -1), b.reshape(1, -1), table)
+    assert got.shape == (1, size)
+    np.testing.assert_array_equal(got.reshape(-1), expected)
+
+
 def check_fma_value(seed):
     """The scalar FMA equals the NumPy one, near ties included (c a power of two apart)."""
     rng = np.random.default_rng(seed)
@@ -143,6 +163,13 @@ def test_fixed_point_add_matches_the_numpy_add(seed, size, dtypes, extremes, wid
 @given(seed=seeds, size=st.integers(0, 3000), dtypes=dtype_triples, extremes=st.booleans())
 def test_float32_add_matches_the_numpy_add(seed, size, dtypes, extremes):
     check_float32(seed, size, dtypes, extremes)
+
+
+@settings(deadline=None, max_examples=30)
+@given(seed=seeds, size=st.integers(1, 3000), dtypes=dtype_triples,
+       arithmetic=st.sampled_from(["fixed_point", "float32"]))
+def test_the_table_of_every_input_pair_matches_the_numpy_add(seed, size, dtypes, arithmetic):
+    check_table(seed, size, dtypes, arithmetic)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -182,6 +209,8 @@ def test_kernels_run_as_plain_python_without_jit(run_without_jit):
                 tests.check_fixed_point(seed, size, dtypes, extremes, wide=extremes)
                 tests.check_float32(seed, size, dtypes, extremes)
         tests.check_fma_value(0)
+        assert_plain_python(kernels._gather_pairs)
+        tests.check_table(4, 500, (np.int8, np.uint8, np.uint8), "fixed_point")
         small = kernels.PARALLEL_MIN_ELEMENTS
         kernels.PARALLEL_MIN_ELEMENTS = 100  # the parallel drivers, as plain loops
         tests.check_fixed_point(9, 1000, (np.uint8, np.int8, np.uint8))

@@ -75,17 +75,25 @@ class Int8Add(Int8Module):
         a, b = int_input(self, a), int_input(self, b)
         if a.shape != b.shape:
             return self.reference_forward(a, b)
-        kernel, arguments = self.kernel_plan(a, self._plan)
+        kernel, arguments = self.kernel_plan(a, lambda _: self._plan(a.dtype, b.dtype), b.dtype)
+        if kernel is None:  # the fixed-point add, tabulated for this pair of input dtypes
+            return kernels.int8_add.add_by_table(a, b, arguments)
         return kernel(a, arguments[0], b, *arguments[1:])
 
-    def _plan(self, a):
-        """(kernel, its arguments but a and b), computed once: see ``Int8Module.kernel_plan``."""
+    def _plan(self, a_dtype, b_dtype):
+        """(kernel, its arguments but a and b), or (None, the table of the fixed-point add):
+        computed once per input shape and dtypes (``Int8Module.kernel_plan``)."""
         lo, hi = int(self.clamp_min.data), int(self.output_range.data[1])
         z_a, z_b = self.input_zero_points.data.tolist()
         if self.requantization is Requantization.FLOAT32:
             r_a, r_b, constant = add_float32_constants(self.input_scales.data, (z_a, z_b), self.output_scale.data,
                                                        int(self.output_zero_point.data))
             return kernels.int8_add.add_float32, (z_a, z_b, r_a, r_b, constant, lo, hi, self.out_dtype)
+        if {np.dtype(a_dtype), np.dtype(b_dtype)} <= {np.dtype(np.uint8), np.dtype(np.int8)}:
+            table = kernels.int8_add.pair_table(
+                kernels.int8_add.add_fixed_point, a_dtype, b_dtype, z_a, z_b, self.multiplier.data.astype(np.int64),
+                self.shift.data.astype(np.int64), int(self.output_zero_point.data), lo, hi, self.out_dtype)
+            return None, table
         return kernels.int8_add.add_fixed_point, (z_a, z_b, self.multiplier.data.astype(np.int64),
                                                   self.shift.data.astype(np.int64), int(self.output_zero_point.data),
                                                   lo, hi, self.out_dtype)
