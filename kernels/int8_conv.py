@@ -50,7 +50,7 @@ array([[4, 6, 4],
 from typing import NamedTuple
 
 import numpy as np
-from numba import get_thread_id, njit, prange
+from numba import get_num_threads, get_thread_id, njit, prange
 
 from qatcore.errors import ConfigError, DTypeError, ShapeError
 
@@ -75,7 +75,6 @@ from .int8_gemm import (
     gemm_block,
     output_parameters,
     requantize_block,
-    scratch_for,
 )
 from .layout import channels_last
 from .window import output_size
@@ -253,6 +252,21 @@ class Conv2dPlan(NamedTuple):
     scratch: tuple  # (shape, dtype) of each per-thread work buffer
     layout: tuple  # the input's layout: im2col's geometry (direct) or the word planes' (planes)
     padded_channels: int = 0  # the pixel-lane path's channels, when C is not a multiple of 4
+    # work buffers kept between runs (name -> array): fresh ones each run would cost their page
+    # faults every time. The kernels hold the GIL, so one run of a plan at a time uses them.
+    buffers: dict = None
+
+
+def _buffer(plan, name, shape, dtype):
+    """The plan's work buffer ``name`` of this shape and dtype (made on first use)."""
+    buffer = plan.buffers.get(name)
+    if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+        buffer = plan.buffers[name] = np.empty(shape, dtype)
+    return buffer
+
+
+def _make_plan(*fields, padded_channels=0):
+    return Conv2dPlan(*fields, padded_channels, {})
 
 
 def plan_conv2d(x_shape, x_dtype, x_zero_point, w_q, bias_q, multiplier, shift, out_zero_point, clamp_min,
@@ -295,7 +309,7 @@ def plan_conv2d(x_shape, x_dtype, x_zero_point, w_q, bias_q, multiplier, shift, 
         blocks_per_image = -(-pixels // pixel_block)
         n_tasks = batch * blocks_per_image
         parallel = n_tasks > 1 and macs >= PARALLEL_MIN_MACS
-        return Conv2dPlan(tuple(x_shape), x_dtype, out_shape, out_dtype, "depthwise", parallel,
+        return _make_plan(tuple(x_shape), x_dtype, out_shape, out_dtype, "depthwise", parallel,
                           (weights, weights * np.int32(zero_point), geometry, pixel_block, blocks_per_image, *epilogue,
                            n_tasks),
                           (((pixel_block, channels), np.int32), ((channels, pixel_block), np.int32)), ())
@@ -306,7 +320,7 @@ def plan_conv2d(x_shape, x_dtype, x_zero_point, w_q, bias_q, multiplier, shift, 
         blocks_per_image = -(-pixels // pixel_block)
         n_tasks = batch * blocks_per_image
         parallel = n_tasks > 1 and macs >= PARALLEL_MIN_MACS
-        return Conv2dPlan(tuple(x_shape), x_dtype, out_shape, out_dtype, "direct", parallel,
+        return _make_plan(tuple(x_shape), x_dtype, out_shape, out_dtype, "direct", parallel,
                           (weights, int(groups), pixels, pixel_block, blocks_per_image, *epilogue, n_tasks),
                           (((out_channels // groups, pixel_block), np.int32),),
                           (kh, kw, sh, sw, ph, pw, dh, dw, zero_point))
@@ -344,16 +358,16 @@ def plan_conv2d(x_shape, x_dtype, x_zero_point, w_q, bias_q, multiplier, shift, 
             blocks_per_image = -(-positions // block)
             n_tasks = batch * blocks_per_image
             parallel = n_tasks > 1 and macs >= PARALLEL_MIN_MACS
-            return Conv2dPlan(tuple(x_shape), x_dtype, out_shape, out_dtype, "planes", parallel,
+            return _make_plan(tuple(x_shape), x_dtype, out_shape, out_dtype, "planes", parallel,
                               (weights, offsets, words * plane_words, padded_width, positions, out_width, block,
                                blocks_per_image, *epilogue, out_channels, n_tasks),
                               (((weights.shape[0], block), np.int32),), (ph, pw, rows, padded_width, words, zero_word))
         parallel = n_tasks > 1 and macs >= PARALLEL_MIN_MACS
-        return Conv2dPlan(tuple(x_shape), x_dtype, out_shape, out_dtype, "lanes", parallel,
+        return _make_plan(tuple(x_shape), x_dtype, out_shape, out_dtype, "lanes", parallel,
                           (weights, np.arange(depth // 4, dtype=np.int64) * pixel_block, geometry, out_height,
                            pixel_block, blocks_per_image, zero_word, *epilogue, out_channels, n_tasks),
                           (((depth // 4, pixel_block), np.uint32), ((weights.shape[0], pixel_block), np.int32)), (),
-                          padded_channels if padded_channels != channels else 0)
+                          padded_channels=padded_channels if padded_channels != channels else 0)
     weights, depth = packed.matrix, packed.matrix.shape[1]
     if USE_VNNI and groups == 1 and not pointwise and depth % _VNNI_DEPTH:
         # zero weights up to a multiple of the VNNI tile's depth: every product then runs in
@@ -361,7 +375,7 @@ def plan_conv2d(x_shape, x_dtype, x_zero_point, w_q, bias_q, multiplier, shift, 
         # written, and whatever they hold is multiplied by 0
         weights = np.zeros((out_channels, -(-depth // _VNNI_DEPTH) * _VNNI_DEPTH), np.int8)
         weights[:, :depth] = packed.matrix
-    return Conv2dPlan(tuple(x_shape), x_dtype, out_shape, out_dtype, "gather", parallel,
+    return _make_plan(tuple(x_shape), x_dtype, out_shape, out_dtype, "gather", parallel,
                       (weights, geometry, out_height, pixel_block, blocks_per_image, np.uint8(zero_point),
                        *epilogue, pointwise, n_tasks),
                       (((0 if pointwise else pixel_block, weights.shape[1] * groups), np.uint8),
@@ -383,14 +397,17 @@ def run_conv2d(plan, x_q):
     batch, out_channels = plan.out_shape[:2]
     flat_out = out.reshape(batch * out_channels, -1)
     x_u8 = np.bitwise_xor(x_q.view(np.uint8), np.uint8(0x80)) if x_q.dtype == np.int8 else x_q
-    scratch = [scratch_for(plan.parallel, shape, dtype) for shape, dtype in plan.scratch]
+    threads = get_num_threads() if plan.parallel else 1
+    scratch = [_buffer(plan, f"scratch{i}", (threads,) + tuple(shape), dtype)
+               for i, (shape, dtype) in enumerate(plan.scratch)]
     if plan.path == "depthwise":
         driver = depthwise_parallel if plan.parallel else depthwise_serial
-        driver(channels_last(x_u8), *plan.arguments, *scratch, flat_out)
+        driver(channels_last(x_u8, _buffer(plan, "nhwc", (x_u8.size,), np.uint8)), *plan.arguments, *scratch,
+               flat_out)
         return out.view(plan.out_dtype)
     if plan.path == "planes":
         ph, pw, rows, padded_width, words, zero_word = plan.layout
-        planes = np.empty((plan.input_shape[0], words, rows, padded_width), np.uint32)
+        planes = _buffer(plan, "planes", (plan.input_shape[0], words, rows, padded_width), np.uint32)
         to_word_planes(np.ascontiguousarray(x_u8), zero_word, ph, pw, planes)
         driver = planes_parallel if plan.parallel else planes_serial
         driver(planes.reshape(-1), *plan.arguments, *scratch, flat_out)
@@ -400,12 +417,12 @@ def run_conv2d(plan, x_q):
         driver = _direct_parallel if plan.parallel else _direct_serial
         driver(cols.reshape(-1, flat_out.shape[1]), *plan.arguments, *scratch, flat_out)
         return out.view(plan.out_dtype)
-    if plan.padded_channels:
-        x_nhwc = np.zeros(plan.input_shape[:1] + plan.input_shape[2:] + (plan.padded_channels,), np.uint8)
+    if plan.padded_channels:  # the extra channels' bytes are multiplied by zero weights: left as they are
+        x_nhwc = _buffer(plan, "nhwc", plan.input_shape[:1] + plan.input_shape[2:] + (plan.padded_channels,), np.uint8)
         x_nhwc[..., :plan.input_shape[1]] = x_u8.transpose(0, 2, 3, 1)
         x_nhwc = x_nhwc.reshape(-1)
     else:
-        x_nhwc = channels_last(x_u8)
+        x_nhwc = channels_last(x_u8, _buffer(plan, "nhwc", (x_u8.size,), np.uint8))
     if plan.path == "lanes":
         driver = lanes_parallel if plan.parallel else lanes_serial
         driver(x_nhwc.view(np.uint32), *plan.arguments, *scratch, flat_out)

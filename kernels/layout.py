@@ -32,19 +32,22 @@ def _transpose_images(x, out):
                         out[n, p, c] = x[n, c, p]
 
 
-def channels_last(x):
-    """A new C-contiguous array of x's dtype holding ``x.transpose(0, 2, 3, 1)``, flattened.
+def channels_last(x, out=None):
+    """A C-contiguous array of x's dtype holding ``x.transpose(0, 2, 3, 1)``, flattened.
 
     Args:
         x: a 4-d array (N, C, H, W), any strides (made C-contiguous first if it is not).
+        out: None (a new array), or a 1-d C-contiguous array of x's dtype and size to fill.
 
     Returns:
-        A 1-d array of N * H * W * C elements, in (N, H, W, C) order.
+        ``out`` or a new 1-d array of N * H * W * C elements, in (N, H, W, C) order.
     """
     batch, channels, height, width = x.shape
+    if out is None:
+        out = np.empty(batch * height * width * channels, x.dtype)
     if channels == 1:  # nothing moves
-        return np.ascontiguousarray(x).reshape(-1)
-    out = np.empty(batch * height * width * channels, x.dtype)
+        out[:] = np.asarray(x).reshape(-1)
+        return out
     _transpose_images(np.ascontiguousarray(x).reshape(batch, channels, height * width),
                       out.reshape(batch, height * width, channels))
     return out
