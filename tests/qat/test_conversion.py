@@ -466,3 +466,24 @@ def test_requantize_gathers_its_numpy_formula_from_a_table(requantization, x_dty
         np.testing.assert_array_equal(got, expected)
     wide = x.astype(np.int16)  # not 8-bit: the formula itself
     np.testing.assert_array_equal(module(wide), module.reference_forward(x))
+
+
+def test_int8_forward_runs_its_execution_plan_and_follows_graph_changes(digits_qat):
+    """A forward runs the ExecutionPlan (the same values as the plain interpretation); an
+    observer or keyword inputs go back to GraphModule.run; another graph remakes the steps."""
+    from qatcore.quantization.qat.int8_model import ExecutionPlan
+
+    _, preparer, qat, int8_model = digits_qat
+    assert isinstance(int8_model.interpreter, ExecutionPlan)
+    x = np.random.default_rng(5).random((4, 1, 8, 8), dtype=np.float32)
+    planned = int8_model(x).numpy()
+    seen = []
+    plain = int8_model.run((x,), {}, lambda node, value: seen.append(node.name)).numpy()
+    np.testing.assert_array_equal(planned, plain)
+    assert len(seen) == len(int8_model.graph.nodes) - 1  # the observer saw every node: the plain run
+    plan = ExecutionPlan()
+    assert plan(int8_model, (x,), {"x": x}, None) is NotImplemented
+    np.testing.assert_array_equal(plan(int8_model, (x,), {}, None).numpy(), planned)
+    other = preparer.convert_to_quantized(qat)  # the same network, a graph of other nodes
+    np.testing.assert_array_equal(plan(other, (x,), {}, None).numpy(), planned)
+    assert plan._nodes[0] is other.graph.nodes[0]
