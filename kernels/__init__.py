@@ -6,8 +6,9 @@ Modules:
     window   -- the geometry of a sliding window along one axis: ``output_size`` and
                 ``valid_range`` (which taps or outputs read inside the input), shared by
                 im2col, pooling and int8_conv.
-    layout   -- the two memory layouts of an (N, C, ...) activation the kernels read as they
-                are: C-contiguous and channel-major ((C, N, ...) order, what conv2d produces).
+    layout   -- the two memory layouts of an (N, C, ...) activation the float kernels read as
+                they are: C-contiguous and channel-major ((C, N, ...) order, what conv2d
+                produces); and ``channels_last``, the (N, H, W, C) copy of the int8 convolutions.
     im2col   -- ``im2col`` / ``col2im``: the column layout that turns conv2d into one GEMM per
                 layer (done by NumPy), and its adjoint for the input gradient.
     pooling  -- ``max_pool2d_forward`` / ``max_pool2d_backward`` and ``avg_pool2d_forward`` /
@@ -25,6 +26,11 @@ Modules:
                 ``vpdpbusd`` where available) with the fused requantization epilogue.
     int8_conv  -- ``int8_conv2d``: channels-last gather + int8 GEMM, zero padding at the input's
                 zero point, groups and depthwise.
+    int8_conv_lanes -- the pixel-lane path of ``int8_conv2d`` (VNNI with output pixels in the
+                vector lanes) for ungrouped convolutions.
+    int8_depthwise -- the depthwise path of ``int8_conv2d`` (groups == C == K), along the channels.
+    int8_add   -- ``add_fixed_point`` / ``add_float32``: the int8 residual add (and add + ReLU)
+                in both requantization arithmetics, elementwise.
     lookup     -- ``lookup``: ``table[q - offset]``, the gather of the int8 runtime's lookup
                 tables (unary activations).
 
@@ -55,9 +61,9 @@ imports the package once, at the top of its module, and numba loads when a kerne
 from qatcore.lazy_exports import lazy_exports
 
 __all__ = ["layout", "window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "requantize_float32",
-           "int8_gemm", "int8_conv", "lookup"]
+           "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add", "lookup"]
 
 __getattr__, __dir__ = lazy_exports(__name__, submodules=(
     "layout", "window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "requantize_float32",
-    "int8_gemm", "int8_conv", "lookup",
+    "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add", "lookup",
 ))

@@ -194,7 +194,13 @@ def scale_value(acc, multiplier, shift):
     """``acc * M`` in fixed point: the module docstring's formula without z_y and the clamp.
 
     acc (any integer) saturates to int32 first; multiplier, shift as from
-    :func:`quantize_multiplier`. Returns an int64 holding an int32 value.
+    :func:`quantize_multiplier` (so M0 > 0). Returns an int64 holding an int32 value.
+
+    The two helpers are written out here in the form that vectorises in the kernels' epilogues,
+    with the same results: for M0 > 0 the product is never INT32_MIN * INT32_MIN, so the high
+    multiply is ``floor((a * M0 + 2^30) / 2^31)``, one add and one arithmetic shift (its
+    docstring shows the equality); the division by 2^right is ``rounding_divide_by_pot``'s
+    mask-and-threshold formula.
     """
     total = min(max(np.int64(acc), np.int64(INT32_MIN)), np.int64(INT32_MAX))
     shift64 = np.int64(shift)
@@ -204,15 +210,17 @@ def scale_value(acc, multiplier, shift):
     else:
         # headroom (module docstring): shift |total| into the unused top bits of int32.
         # |total| < 2^bits exactly for bits = its bit length, so left = 31 - bits is the largest
-        # shift that stays below 2^31; the bit length by binary search, five steps.
+        # shift that stays below 2^31.
         magnitude = total if total >= 0 else -total
         bits = _bit_length(magnitude)
         left = min(max(np.int64(31) - bits, np.int64(0)), np.int64(31) - shift64)
         right = shift64 + left
     # |total| <= 2^31 and left <= 31, so the shift cannot leave int64; then saturate to int32
     shifted = min(max(total << left, np.int64(INT32_MIN)), np.int64(INT32_MAX))
-    high = saturating_rounding_doubling_high_mul(shifted, multiplier)
-    return np.int64(rounding_divide_by_pot(high, right))
+    high = (shifted * np.int64(multiplier) + np.int64(1 << 30)) >> np.int64(31)  # |product| < 2^62
+    mask = (np.int64(1) << right) - np.int64(1)
+    threshold = (mask >> np.int64(1)) + np.int64(1 if high < 0 else 0)
+    return (high >> right) + np.int64(1 if (high & mask) > threshold else 0)
 
 
 @njit(cache=True)

@@ -17,7 +17,9 @@ the operator (``qatcore.quantization.requantization``); here it is a given float
 :func:`requantize_float32_value` is the kernels' epilogue (one value);
 :func:`requantize_float32` is the NumPy form for arrays, also the oracle the tests compare
 the kernels with. :func:`fma_float32` is a correctly rounded float32 fused multiply-add
-(ONNX Runtime's residual add is written with FMA instructions).
+(ONNX Runtime's residual add is written with FMA instructions), in NumPy;
+:func:`fma_float32_value` is the same for one value in a kernel (LLVM's ``llvm.fma.f32``,
+one ``vfmadd`` instruction; under ``NUMBA_DISABLE_JIT`` it calls :func:`fma_float32`).
 
 >>> import numpy as np
 >>> requantize_float32(np.array([5, 7, -5, 1000]), np.float32(0.5), 10, 0, 255)  # 2.5 -> 2, 3.5 -> 4
@@ -25,9 +27,12 @@ array([ 12,  14,   8, 255])
 """
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import config, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-__all__ = ["requantize_float32_value", "requantize_float32", "fma_float32"]
+__all__ = ["requantize_float32_value", "requantize_float32", "fma_float32", "fma_float32_value"]
 
 
 @njit(cache=True)
@@ -81,3 +86,32 @@ def fma_float32(a, b, c):
     rounded = np.where((total == (wide + up.astype(np.float64)) / 2) & (error > 0), up, rounded)
     rounded = np.where((total == (wide + down.astype(np.float64)) / 2) & (error < 0), down, rounded)
     return np.asarray(rounded, dtype=np.float32)
+
+
+if config.DISABLE_JIT:  # plain Python (NUMBA_DISABLE_JIT=1): no intrinsics there
+
+    def fma_float32_value(a, b, c):
+        """float32(a * b + c) rounded once, for float32 scalars (:func:`fma_float32`)."""
+        return np.float32(fma_float32(a, b, c))
+
+else:
+
+    @intrinsic
+    def _llvm_fma_float32(typingctx, a, b, c):
+        """LLVM's ``llvm.fma.f32`` on three float32 values."""
+        if not all(t == types.float32 for t in (a, b, c)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            float32 = ir.FloatType()
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(float32, [float32] * 3),
+                                                 "llvm.fma.f32")
+            return builder.call(fma, args)
+
+        return types.float32(a, b, c), codegen
+
+    @njit(cache=True)
+    def fma_float32_value(a, b, c):
+        """float32(a * b + c) rounded once, for float32 scalars: one ``vfmadd``, as ONNX
+        Runtime's FMA instructions."""
+        return _llvm_fma_float32(np.float32(a), np.float32(b), np.float32(c))

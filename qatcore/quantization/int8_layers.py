@@ -61,11 +61,34 @@ class Int8Module(Module):
     """
 
     STATE: tuple[tuple[str, str], ...] = ()
+    # kernel plans kept per input shape and dtype (``kernel_plan``); a few suffice
+    MAX_KERNEL_PLANS = 4
     # the trailing STATE buffers that int8 files before version 3 lack; ``derive_state`` fills them
     STATE_SINCE_3: tuple[str, ...] = ()
     # a module that requantizes records its arithmetic (``Requantization``) in its config
     REQUANTIZES = False
     requantization = Requantization.FIXED_POINT
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._kernel_plans: dict = {}
+
+    def kernel_plan(self, x: np.ndarray, make, *key):
+        """The kernel plan (``kernels.int8_conv.plan_conv2d``, say) for inputs of x's shape and
+        dtype (and ``key``, what else it depends on): ``make(x)``, called once per shape, dtype
+        and key and kept, so that a forward repeats no weight packing or argument validation.
+        The plan is remade when a buffer has been replaced (``load_state_dict``); the int8
+        runtime never writes into its buffers."""
+        key = (x.shape, x.dtype, *key)
+        state = tuple(getattr(self, name).data for name, _ in self.STATE)
+        cached = self._kernel_plans.get(key)
+        if cached is not None and all(a is b for a, b in zip(cached[0], state)) and len(cached[0]) == len(state):
+            return cached[1]
+        if len(self._kernel_plans) >= self.MAX_KERNEL_PLANS:
+            self._kernel_plans.clear()
+        plan = make(x)
+        self._kernel_plans[key] = (state, plan)
+        return plan
 
     def derive_state(self) -> None:
         """The ``STATE_SINCE_3`` buffers of a file written before version 3: that file is fixed
@@ -115,7 +138,7 @@ class Int8Module(Module):
             raise ConfigError(f"{cls.__name__} config needs exactly the keys {sorted(cls.CONFIG_KEYS)}, "
                               f"got {sorted(config)}")
         module = cls.__new__(cls)
-        Module.__init__(module)
+        Int8Module.__init__(module)
         for key, value in config.items():
             setattr(module, key, tuple(value) if isinstance(value, list) else value)
         if requantization is not None:
@@ -197,6 +220,19 @@ class Requantize(Int8Module):
                                                      else [], dtype=np.float32))
 
     def forward(self, x):
+        q = int_input(self, x)
+        if q.dtype in (np.uint8, np.int8):  # every input value: a 256-entry table, gathered
+            return kernels.lookup.lookup(q, self.kernel_plan(q, self._table), int(np.iinfo(q.dtype).min))
+        return self.reference_forward(q)
+
+    def _table(self, q: np.ndarray) -> np.ndarray:
+        """``reference_forward`` of every value of q's dtype, in order: elementwise, so exact."""
+        info = np.iinfo(q.dtype)
+        return self.reference_forward(np.arange(info.min, info.max + 1).astype(q.dtype))
+
+    def reference_forward(self, x):
+        """The class docstring's formula in NumPy on any integer input: ``forward`` gathers its
+        results for 8-bit inputs from a table of it (``kernels.lookup``)."""
         lo, hi = int(self.clamp_min.data), int(self.output_range.data[1])
         if self.requantization is Requantization.FLOAT32:
             real = (int_input(self, x).astype(np.int32) - self.input_zero_point.data).astype(np.float32)

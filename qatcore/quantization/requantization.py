@@ -26,7 +26,7 @@ import numpy as np
 
 from qatcore import kernels
 
-__all__ = ["weighted_multipliers", "float32_ratio", "add_float32", "global_average_multiplier",
+__all__ = ["weighted_multipliers", "float32_ratio", "add_float32", "add_float32_constants", "global_average_multiplier",
            "quantize_float32", "average_pool_float32"]
 
 
@@ -68,12 +68,8 @@ def add_float32(a: np.ndarray, b: np.ndarray, scales, zero_points, y_scale, y_ze
     """
     first, second = (1, 0) if (np.size(a) == 1 and np.size(b) > 1) else (0, 1)
     p, q = (a, b)[first], (a, b)[second]
-    s_y = np.float32(y_scale)
-    r_p = float32_ratio(scales[first], s_y)
-    r_q = float32_ratio(scales[second], s_y)
+    r_p, r_q, constant = add_float32_constants(scales, zero_points, y_scale, y_zero_point, first)
     fma = kernels.requantize_float32.fma_float32
-    constant = np.float32(y_zero_point) - fma(np.float32(zero_points[first]), r_p,
-                                              (r_q * np.float32(zero_points[second])).astype(np.float32))
     constant = np.asarray(constant, dtype=np.float32)
     if np.size(q) == 1:
         constant = fma(np.float32(np.asarray(q).reshape(-1)[0]), r_q, constant)
@@ -81,6 +77,19 @@ def add_float32(a: np.ndarray, b: np.ndarray, scales, zero_points, y_scale, y_ze
     p, q = np.broadcast_arrays(np.asarray(p), np.asarray(q))
     inner = fma(q.astype(np.float32), r_q, np.broadcast_to(constant, q.shape))
     return fma(p.astype(np.float32), r_p, inner)
+
+
+def add_float32_constants(scales, zero_points, y_scale, y_zero_point, first: int = 0):
+    """(r_P, r_Q, F) of :func:`add_float32`, three float32 scalars, with P the input ``first``
+    (0 or 1) and Q the other: r = float32(s / s_y), F = z_y - fma(z_P, r_P, float32(r_Q * z_Q))."""
+    second = 1 - first
+    s_y = np.float32(y_scale)
+    r_p = float32_ratio(scales[first], s_y)
+    r_q = float32_ratio(scales[second], s_y)
+    fma = kernels.requantize_float32.fma_float32
+    constant = np.float32(y_zero_point) - fma(np.float32(zero_points[first]), r_p,
+                                              (r_q * np.float32(zero_points[second])).astype(np.float32))
+    return np.float32(r_p), np.float32(r_q), np.float32(constant)
 
 
 def global_average_multiplier(x_scale, y_scale, count: int) -> np.float32:

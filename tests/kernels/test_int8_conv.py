@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qatcore.errors import ConfigError, ShapeError
+from qatcore.errors import ConfigError, DTypeError, ShapeError
 from qatcore.kernels import int8_conv as conv
+from qatcore.kernels import int8_conv_lanes as conv_lanes
 from qatcore.kernels import int8_gemm as gemm
 from qatcore.kernels import requantize as rq
 
@@ -177,6 +178,25 @@ def test_invalid_arguments_are_refused(kwargs, error, match):
         conv.int8_conv2d(**args)
 
 
+@pytest.mark.parametrize("x_dtype, kernel", [(np.uint8, (3, 3)), (np.int8, (3, 3)), (np.uint8, (1, 1)),
+                                             (np.int8, (1, 2))])
+def test_a_plan_runs_many_inputs_like_int8_conv2d(x_dtype, kernel):
+    """plan_conv2d once, run_conv2d on several inputs: the same bits as int8_conv2d each time
+    (GEMM, pointwise and short-depth paths), and inputs of another shape or dtype are refused."""
+    case = Case(2, 3, 4, 1, (6, 5), kernel, 1, 0 if kernel == (1, 1) else 1, 1, x_dtype, np.uint8, "uniform", "any",
+                True, 15)
+    plan = conv.plan_conv2d(case.x.shape, case.x.dtype, case.x_zero_point, case.w, *case.requantization(),
+                            **case.geometry)
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        case.x = rng.integers(np.iinfo(x_dtype).min, np.iinfo(x_dtype).max, case.x.shape, endpoint=True).astype(x_dtype)
+        gemm_tests.assert_same(conv.run_conv2d(plan, case.x), case.check(), case.out_dtype)
+    with pytest.raises(ShapeError, match="shape"):
+        conv.run_conv2d(plan, case.x[:1])
+    with pytest.raises(DTypeError, match="activations"):
+        conv.run_conv2d(plan, case.x.view(np.int8 if x_dtype == np.uint8 else np.uint8))
+
+
 def test_depth_beyond_the_bound_is_refused():
     channels = gemm.MAX_DEPTH // 9 + 1  # C * 3 * 3 > MAX_DEPTH
     with pytest.raises(ValueError, match="MAX_DEPTH"):
@@ -225,6 +245,79 @@ def test_direct_and_gemm_paths_agree_across_pixel_blocks(monkeypatch, direct_max
         gemm_tests.assert_same(y, expected, np.uint8)
 
 
+LANE_CASES = [  # (batch, C, K, size, kernel, stride, padding, dilation, x dtype, out dtype, relu)
+    (3, 16, 16, (9, 11), (3, 3), 1, 1, 1, np.uint8, np.uint8, True),  # ResNet-20's stage 1, small
+    (2, 3, 16, (8, 8), (3, 3), 1, 1, 1, np.int8, np.uint8, False),  # C = 3: padded to 4 channels
+    (2, 8, 13, (7, 6), (3, 2), (2, 1), (1, 0), (1, 2), np.uint8, np.int8, False),  # K not a multiple of 8
+    (2, 12, 20, (5, 5), (1, 1), 1, 0, 1, np.int8, np.int8, True),  # 1x1, stride 1
+    (1, 18, 9, (6, 7), (1, 1), 2, 0, 1, np.uint8, np.uint8, False),  # 1x1, stride 2, C = 18
+    (2, 4, 8, (5, 6), (3, 3), 2, (2, 0), 1, np.uint8, np.uint8, False),  # taps wholly in the padding
+]
+
+
+def check_lane_case(index, lanes, pixel_block=None, planes=True):
+    batch, channels, out_channels, size, kernel, stride, padding, dilation, x_dtype, out_dtype, relu = \
+        LANE_CASES[index]
+    case = Case(batch, channels, out_channels, 1, size, kernel, stride, padding, dilation, x_dtype, out_dtype,
+                "uniform", "small", relu, 40 + index)
+    conv.LANES, conv.PLANES = lanes, planes
+    if pixel_block is not None:
+        conv._MAX_PIXEL_BLOCK = pixel_block
+    plan = conv.plan_conv2d(case.x.shape, case.x.dtype, case.x_zero_point, case.w, *case.requantization(),
+                            **case.geometry)
+    stride_1 = stride in (1, (1, 1))
+    assert plan.path == ("gather" if not lanes else "planes" if planes and stride_1 else "lanes")
+    if lanes:  # weights padded to whole tiles of output channels
+        assert plan.arguments[0].shape[0] % conv_lanes.TILE_CHANNELS == 0
+    gemm_tests.assert_same(conv.run_conv2d(plan, case.x), case.check(), out_dtype)
+
+
+@pytest.mark.parametrize("index", range(len(LANE_CASES)))
+@pytest.mark.parametrize("lanes, planes, pixel_block, parallel", [
+    (True, True, None, False), (True, True, 32, True), (True, False, None, False), (True, False, 32, True),
+    (False, False, None, False)])
+def test_pixel_lane_path_matches_oracle(monkeypatch, index, lanes, planes, pixel_block, parallel):
+    """Ungrouped convolutions take the pixel-lane paths (int8_conv_lanes: padded word planes
+    for stride 1, gathered words otherwise) where VNNI is, or the gather path; all equal the
+    oracle, with 32-pixel blocks that start mid-row, K not a multiple of the tile's 8
+    channels, C padded to a multiple of 4, taps in the padding."""
+    monkeypatch.setattr(conv, "LANES", lanes)
+    monkeypatch.setattr(conv, "PLANES", planes)
+    monkeypatch.setattr(conv, "_MAX_PIXEL_BLOCK", conv._MAX_PIXEL_BLOCK)
+    monkeypatch.setattr(conv, "PARALLEL_MIN_MACS", 0 if parallel else 2**62)
+    monkeypatch.setattr(conv, "_L2_BLOCK_BYTES", 4 * 32 * 32 if pixel_block else conv._L2_BLOCK_BYTES)  # blocks mid-row
+    check_lane_case(index, lanes, pixel_block, planes)
+
+
+DEPTHWISE_CASES = [  # (batch, channels, size, kernel, stride, padding, dilation, x dtype, out dtype, relu)
+    (2, 5, (9, 8), (3, 3), 1, 1, 1, np.uint8, np.uint8, True),  # MobileNetV2's 3x3, stride 1
+    (3, 4, (8, 9), (3, 3), 2, 1, 1, np.int8, np.uint8, False),  # stride 2
+    (1, 3, (7, 7), (2, 3), (1, 2), (2, 0), (2, 1), np.uint8, np.int8, False),  # uneven, dilated
+    (2, 2, (4, 5), (5, 5), 1, 2, 1, np.int8, np.int8, True),  # taps mostly in the padding
+]
+
+
+def check_depthwise_case(index, depthwise=True):
+    batch, channels, size, kernel, stride, padding, dilation, x_dtype, out_dtype, relu = DEPTHWISE_CASES[index]
+    case = Case(batch, 1, 1, channels, size, kernel, stride, padding, dilation, x_dtype, out_dtype, "uniform",
+                "small", relu, 60 + index)
+    conv.DEPTHWISE = depthwise
+    plan = conv.plan_conv2d(case.x.shape, case.x.dtype, case.x_zero_point, case.w, *case.requantization(),
+                            **case.geometry)
+    assert (plan.path == "depthwise") == depthwise
+    gemm_tests.assert_same(conv.run_conv2d(plan, case.x), case.check(), out_dtype)
+
+
+@pytest.mark.parametrize("index", range(len(DEPTHWISE_CASES)))
+@pytest.mark.parametrize("depthwise, parallel", [(True, False), (True, True), (False, False)])
+def test_depthwise_path_matches_oracle(monkeypatch, index, depthwise, parallel):
+    """groups == C == K sums plane by plane (int8_depthwise) and equals the oracle, as does the
+    short-depth path it replaces."""
+    monkeypatch.setattr(conv, "DEPTHWISE", depthwise)
+    monkeypatch.setattr(conv, "PARALLEL_MIN_MACS", 0 if parallel else 2**62)
+    check_depthwise_case(index, depthwise)
+
+
 # ----------------------------------------------------------------------------------------
 # The same kernels as plain Python
 
@@ -237,4 +330,14 @@ def test_runs_as_plain_python(run_without_jit):
         Case(1, 2, 3, 2, (6, 5), (2, 3), (2, 1), (1, 0), (2, 1), np.int8, np.int8, "uniform", "small", True, 2).check()
         Case(1, 1, 1, 4, (5, 5), (3, 3), 2, 1, 1, np.int8, np.uint8, "x_min", "large", False, 3).check()
         Case(2, 4, 3, 1, (3, 2), (1, 1), 1, 0, 1, np.uint8, np.int8, "uniform", "any", False, 4).check()
+        lanes = tests.conv_lanes
+        assert_plain_python(lanes._gather_words, lanes._tile_loop, lanes._tile, lanes.lanes_serial)
+        assert_plain_python(lanes.to_word_planes, lanes._store_rows, lanes.planes_serial)
+        for index in range(len(tests.LANE_CASES)):
+            tests.check_lane_case(index, True, 32, planes=True)
+            tests.check_lane_case(index, True, 32, planes=False)
+        from qatcore.kernels import int8_depthwise as depthwise
+        assert_plain_python(depthwise._depthwise_task, depthwise.depthwise_serial)
+        for index in range(len(tests.DEPTHWISE_CASES)):
+            tests.check_depthwise_case(index)
     """)

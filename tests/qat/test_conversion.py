@@ -172,6 +172,26 @@ def test_int8_model_accepts_tensor_and_array(digits_qat):
     assert a.dtype == np.float32
 
 
+def test_int8_conv_plans_are_kept_per_shape_and_remade_when_a_buffer_is_replaced(digits_qat):
+    """An Int8Conv2d keeps the kernel plan of each input shape; replacing a buffer (as
+    load_state_dict does) makes a new one, so the forward follows the new weights."""
+    from qatcore.quantization.qat.operators.weighted import Int8Conv2d
+
+    _, _, _, int8_model = digits_qat
+    x = np.random.default_rng(4).random((3, 1, 8, 8), dtype=np.float32)
+    before = int8_model(x).numpy()
+    np.testing.assert_array_equal(int8_model(x).numpy(), before)
+    np.testing.assert_array_equal(int8_model(x[:1]).numpy(), before[:1])
+    conv = next(m for m in int8_model.modules() if isinstance(m, Int8Conv2d))
+    assert {(3, 1, 8, 8), (1, 1, 8, 8)} <= {key[0] for key in conv._kernel_plans}
+    state = conv.state_dict()
+    conv.load_state_dict({**state, "weight_q": -state["weight_q"].clip(-127, 127)})
+    changed = int8_model(x).numpy()
+    assert not np.array_equal(changed, before)
+    conv.load_state_dict(state)
+    np.testing.assert_array_equal(int8_model(x).numpy(), before)
+
+
 def test_int8_model_saves_loads_and_is_small(digits_qat, tmp_path):
     from qatcore.quantization.qat.int8_serialization import int8_model_from_dict, int8_model_to_dict
 
@@ -426,3 +446,44 @@ def test_a_standalone_batch_norm_1d_is_an_integer_per_channel_affine_map_at_any_
     save_int8_model(path, int8_model)
     report = parity_report(qat, load_int8_model(path), load_digits()[2])
     assert report.passes, str(report)
+
+
+@pytest.mark.parametrize("requantization", ["fixed_point", "float32"])
+@pytest.mark.parametrize("x_dtype, x_zero_point, relu", [(np.uint8, 128, False), (np.int8, -3, True),
+                                                         (np.uint8, 0, True)])
+def test_requantize_gathers_its_numpy_formula_from_a_table(requantization, x_dtype, x_zero_point, relu):
+    """An 8-bit Requantize looks its results up in a table of its NumPy formula
+    (``reference_forward``): the same bits for every input value, in any shape."""
+    from qatcore.quantization.int8_layers import Requantize
+
+    module = Requantize(0.0371, x_zero_point, 0.0213, 7, 7 if relu else -128, -128, 127, requantization)
+    info = np.iinfo(x_dtype)
+    every = np.arange(info.min, info.max + 1).astype(x_dtype)
+    x = np.random.default_rng(0).integers(info.min, info.max, (2, 3, 5, 7), endpoint=True).astype(x_dtype)
+    for values in (every, x):
+        got, expected = module(values), module.reference_forward(values)
+        assert got.dtype == expected.dtype == np.int8 and got.shape == values.shape
+        np.testing.assert_array_equal(got, expected)
+    wide = x.astype(np.int16)  # not 8-bit: the formula itself
+    np.testing.assert_array_equal(module(wide), module.reference_forward(x))
+
+
+def test_int8_forward_runs_its_execution_plan_and_follows_graph_changes(digits_qat):
+    """A forward runs the ExecutionPlan (the same values as the plain interpretation); an
+    observer or keyword inputs go back to GraphModule.run; another graph remakes the steps."""
+    from qatcore.quantization.qat.int8_model import ExecutionPlan
+
+    _, preparer, qat, int8_model = digits_qat
+    assert isinstance(int8_model.interpreter, ExecutionPlan)
+    x = np.random.default_rng(5).random((4, 1, 8, 8), dtype=np.float32)
+    planned = int8_model(x).numpy()
+    seen = []
+    plain = int8_model.run((x,), {}, lambda node, value: seen.append(node.name)).numpy()
+    np.testing.assert_array_equal(planned, plain)
+    assert len(seen) == len(int8_model.graph.nodes) - 1  # the observer saw every node: the plain run
+    plan = ExecutionPlan()
+    assert plan(int8_model, (x,), {"x": x}, None) is NotImplemented
+    np.testing.assert_array_equal(plan(int8_model, (x,), {}, None).numpy(), planned)
+    other = preparer.convert_to_quantized(qat)  # the same network, a graph of other nodes
+    np.testing.assert_array_equal(plan(other, (x,), {}, None).numpy(), planned)
+    assert plan._nodes[0] is other.graph.nodes[0]

@@ -38,7 +38,7 @@ from qatcore.quantization.qat.operators.registry import (
     register_onnx_import,
 )
 from qatcore.quantization.qat.operators.weighted import bias_after_matmul
-from qatcore.quantization.requantization import add_float32
+from qatcore.quantization.requantization import add_float32, add_float32_constants
 
 __all__ = ["Int8Add"]
 
@@ -46,7 +46,8 @@ __all__ = ["Int8Add"]
 class Int8Add(Int8Module):
     """The int8 residual add (module docstring). With ``requantization`` float32 it computes
     ONNX Runtime's QLinearAdd instead (``requantization.add_float32``, rounded half to even)
-    from the float32 ``input_scales`` (empty in fixed point)."""
+    from the float32 ``input_scales`` (empty in fixed point). Inputs of the same shape run
+    the elementwise kernels of ``kernels.int8_add``; others broadcast in NumPy."""
 
     STATE = (("multiplier", "<i4"), ("shift", "<i4"), ("input_zero_points", "<i4"), *OUTPUT_STATE,
              ("clamp_min", "<i4"), ("input_scales", "<f4"))
@@ -71,6 +72,36 @@ class Int8Add(Int8Module):
                                                       else [], dtype=np.float32))
 
     def forward(self, a, b):
+        a, b = int_input(self, a), int_input(self, b)
+        if a.shape != b.shape:
+            return self.reference_forward(a, b)
+        kernel, arguments = self.kernel_plan(a, lambda _: self._plan(a.dtype, b.dtype), b.dtype)
+        if kernel is None:  # the fixed-point add, tabulated for this pair of input dtypes
+            return kernels.int8_add.add_by_table(a, b, arguments)
+        return kernel(a, arguments[0], b, *arguments[1:])
+
+    def _plan(self, a_dtype, b_dtype):
+        """(kernel, its arguments but a and b), or (None, the table of the fixed-point add):
+        computed once per input shape and dtypes (``Int8Module.kernel_plan``)."""
+        lo, hi = int(self.clamp_min.data), int(self.output_range.data[1])
+        z_a, z_b = self.input_zero_points.data.tolist()
+        if self.requantization is Requantization.FLOAT32:
+            r_a, r_b, constant = add_float32_constants(self.input_scales.data, (z_a, z_b), self.output_scale.data,
+                                                       int(self.output_zero_point.data))
+            return kernels.int8_add.add_float32, (z_a, z_b, r_a, r_b, constant, lo, hi, self.out_dtype)
+        if {np.dtype(a_dtype), np.dtype(b_dtype)} <= {np.dtype(np.uint8), np.dtype(np.int8)}:
+            table = kernels.int8_add.pair_table(
+                kernels.int8_add.add_fixed_point, a_dtype, b_dtype, z_a, z_b, self.multiplier.data.astype(np.int64),
+                self.shift.data.astype(np.int64), int(self.output_zero_point.data), lo, hi, self.out_dtype)
+            return None, table
+        return kernels.int8_add.add_fixed_point, (z_a, z_b, self.multiplier.data.astype(np.int64),
+                                                  self.shift.data.astype(np.int64), int(self.output_zero_point.data),
+                                                  lo, hi, self.out_dtype)
+
+    def reference_forward(self, a, b):
+        """The module docstring's formula in NumPy, with broadcasting: the path for inputs of
+        different shapes, and the oracle of ``kernels.int8_add`` (which ``forward`` runs for
+        inputs of the same shape, bit for bit the same)."""
         lo, hi = int(self.clamp_min.data), int(self.output_range.data[1])
         if self.requantization is Requantization.FLOAT32:
             v = add_float32(int_input(self, a), int_input(self, b), self.input_scales.data,

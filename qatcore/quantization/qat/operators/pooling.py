@@ -121,10 +121,13 @@ class Int8AvgPool2d(Int8Module):
                                      self.output_scale.data, int(self.output_zero_point.data), (kh, kw), (sh, sw))
             return np.clip(np.rint(v), qmin, qmax).astype(self.out_dtype)
         oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
-        total = np.zeros((n, c, oh, ow), dtype=np.int64)
-        for i in range(kh):
-            for j in range(kw):
-                total += q[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+        if (kh, kw) == (h, w):  # one window, the whole plane: one reduction (integer sums are exact)
+            total = q.reshape(n, c, 1, h * w).sum(axis=3, keepdims=True)
+        else:
+            total = np.zeros((n, c, oh, ow), dtype=np.int64)
+            for i in range(kh):
+                for j in range(kw):
+                    total += q[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
         if self.requantization is Requantization.FLOAT32:  # a window over the whole plane: the global pool
             m = global_average_multiplier(self.input_scale.data, self.output_scale.data, kh * kw)
             y = kernels.requantize_float32.requantize_float32(total, m, int(self.output_zero_point.data), qmin, qmax)

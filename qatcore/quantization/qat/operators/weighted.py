@@ -162,9 +162,12 @@ class Int8Linear(_Int8Weighted):
         q = int_input(self, x)
         lead = q.shape[:-1]
         rows = np.ascontiguousarray(q.reshape(-1, q.shape[-1]))
-        out = kernels.int8_gemm.int8_linear(rows, int(self.input_zero_point.data), self.weight_q.data,
-                                            *self._epilogue_args())
+        packed, epilogue = self.kernel_plan(q, self._plan)
+        out = kernels.int8_gemm.int8_linear(rows, int(self.input_zero_point.data), packed, *epilogue)
         return out.reshape(lead + (out.shape[-1],))
+
+    def _plan(self, q):
+        return kernels.int8_gemm.pack_weights(self.weight_q.data), self._epilogue_args()
 
 
 class Int8Conv2d(_Int8Weighted):
@@ -182,9 +185,12 @@ class Int8Conv2d(_Int8Weighted):
 
     def forward(self, x):
         q = int_input(self, x)
-        return kernels.int8_conv.int8_conv2d(np.ascontiguousarray(q), int(self.input_zero_point.data),
-                                             self.weight_q.data, *self._epilogue_args(), self.stride, self.padding,
-                                             self.dilation, self.groups)
+        return kernels.int8_conv.run_conv2d(self.kernel_plan(q, self._plan), q)
+
+    def _plan(self, q):
+        return kernels.int8_conv.plan_conv2d(q.shape, q.dtype, int(self.input_zero_point.data), self.weight_q.data,
+                                             *self._epilogue_args(), self.stride, self.padding, self.dilation,
+                                             self.groups)
 
 
 # ---- QAT ------------------------------------------------------------------------------------------
