@@ -8,6 +8,9 @@ Modules:
                 im2col, pooling and int8_conv.
     im2col   -- ``im2col`` / ``col2im``: the column layout that turns conv2d into a batched GEMM
                 (done by NumPy), and its adjoint for the input gradient.
+    depthwise_conv -- ``depthwise_conv2d_forward`` / ``depthwise_conv2d_input_grad`` /
+                ``depthwise_conv2d_weight_grad``: the depthwise conv (groups == C == K)
+                computed directly, without im2col, for float training.
     pooling  -- ``max_pool2d_forward`` / ``max_pool2d_backward`` and ``avg_pool2d_forward`` /
                 ``avg_pool2d_backward``, matching PyTorch's CPU kernels (ceil_mode=False).
     batch_norm -- ``batch_norm_train_forward`` / ``batch_norm_train_backward``: per-channel
@@ -50,10 +53,10 @@ imports the package once, at the top of its module, and numba loads when a kerne
 
 from qatcore.lazy_exports import lazy_exports
 
-__all__ = ["window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "requantize_float32", "int8_gemm",
-           "int8_conv", "lookup"]
+__all__ = ["window", "im2col", "depthwise_conv", "pooling", "batch_norm", "fake_quant", "requantize",
+           "requantize_float32", "int8_gemm", "int8_conv", "lookup"]
 
 __getattr__, __dir__ = lazy_exports(__name__, submodules=(
-    "window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "requantize_float32", "int8_gemm",
-    "int8_conv", "lookup",
+    "window", "im2col", "depthwise_conv", "pooling", "batch_norm", "fake_quant", "requantize",
+    "requantize_float32", "int8_gemm", "int8_conv", "lookup",
 ))
