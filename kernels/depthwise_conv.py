@@ -20,29 +20,45 @@ is accumulated as a scatter, each output row adding its weighted taps onto the i
 read.
 
 im2col + GEMM would spend on this a batch of C tiny (1 x kh*kw) GEMMs per sample; here every
-(n, c) plane is one task of plain loops. For each tap column v the range of output columns
-whose tap reads inside the input is computed once per call (:func:`window.valid_range`), and
-for each output row the range of tap rows u likewise, so the innermost loop runs over one
-output row's valid stretch with no test for padding: contiguous in the output, stepping by sw
-in the input, a loop LLVM vectorises. As in ``kernels/im2col.py`` the loops index 2-d views
-(plane, element) with unsigned indices (numba tests signed ones for wraparound, which keeps a
-loop from vectorising) and slice no views per row.
+(n, c) plane is computed by plain loops, which must be long to be fast: MobileNetV2's late
+planes are 8x8 and 4x4, and a loop per output row and tap would run over 4 elements. So each
+plane is laid out flat on a grid where every tap is one long loop:
+
+* the plane is copied into a zero-padded buffer ``xp`` of Hp = H + 2*ph rows of Wp >= W + 2*pw
+  elements (Wp rounded up so that sh*Wp is a multiple of sw), so no tap reads outside it;
+* the outputs are computed on a grid of OH rows of Wq = sh*Wp/sw >= OW columns, flattened:
+  grid point k = i*Wq + j reads, for tap (u, v), ``xp[sw*k + u*dh*Wp + v*dw]``. For j < OW that
+  is the element of the formula above; the columns j >= OW are scratch, read past the row's end
+  (into the next row or a slack tail of ``xp``) and never used;
+* so the forward is, per tap, ``y[k] += w[u, v] * xp[sw*k + offset(u, v)]`` for every k of the
+  grid, one loop LLVM vectorises, and dx is the same loop as a scatter,
+  ``dxp[sw*k + offset(u, v)] += w[u, v] * gq[k]``, from the gradient placed on the grid with
+  zeros in its scratch columns (each tap writes distinct elements of ``dxp``).
+
+The scratch columns cost (Wq - OW) / OW extra work: 25% on an 8x8 output with padding 1, about
+1.1x more at stride 2, where Wq is the padded input's width. Copies in and out of the buffers
+are small next to the kh*kw passes. The buffers come from NumPy, one per task, allocated once
+per call.
 
 Accumulation. The forward and dx accumulate in x's dtype (float32 for float32), in a fixed
-order: for each output row, its taps in ascending (u, v), starting from the bias (from 0 for
-dx). dw accumulates in float64: for each (c, u, v) a float64 row of OW partial sums collects
-the products g * x of every sample and output row (elementwise, so it vectorises and the order
-is fixed), and the row is summed at the end; the float32 products are exact in float64, so dw
-is the exact sum to within float64 rounding, then rounded once to x's dtype. None of the
-results depends on the driver (serial or parallel) or on the number of threads.
+order: each output starts from the bias (dx elements from 0) and adds its taps in ascending
+(u, v) (a dx element receives at most one term per tap). dw accumulates in float64: for each
+(c, u, v) a float64 grid of partial sums collects the products g * x of every sample
+(elementwise, so it vectorises and its order is fixed), then its OH x OW valid points are
+summed in row-major order; the float32 products are exact in float64, so dw is the exact sum
+to within float64 rounding, rounded once to x's dtype. No result depends on the driver (serial
+or parallel) or on the number of tasks. Non-finite values: the scratch columns of dx multiply
+the weight by 0, so a weight of +-inf gives NaN in dx where the sum alone gives +-inf; x's
+values never reach a result they do not belong to (the forward and dw drop the scratch columns).
 
-Drivers. The forward and dx run over the N*C planes, dw over the C channels (each owns its
-partial sums: no two tasks write the same element). Each has a serial and a numba-parallel
-driver; the parallel one runs only when a call has at least ``PARALLEL_MIN_MACS`` multiply-adds.
-In a network the depthwise conv sits between two 1x1 convolutions, i.e. right after a BLAS
-GEMM, and OpenBLAS's worker threads keep spinning for a while after one; a parallel region
-started then waits for the cores, so small calls run serial (figures in docs/benchmarks.md,
-"Measurements behind the code").
+Drivers. The forward and dx run over the N*C planes, dw over the C channels (a task owns whole
+channels, so no two tasks write the same element), in chunks of consecutive planes or channels
+that each have their own scratch buffers. Each pass has a serial and a numba-parallel driver;
+the parallel one runs only when a call has at least ``PARALLEL_MIN_MACS`` multiply-adds. In a
+network the depthwise conv sits between two 1x1 convolutions, i.e. right after a BLAS GEMM, and
+OpenBLAS's worker threads keep spinning for a while after one; a parallel region started then
+waits for the cores, so small calls run serial (figures in docs/benchmarks.md, "Measurements
+behind the code"; ``benchmarks/bench_depthwise_conv.py`` measures both drivers).
 
 >>> import numpy as np
 >>> x = np.arange(9.0).reshape(1, 1, 3, 3)
@@ -55,10 +71,14 @@ array([[ 8., 12.],
        [20., 24.]])
 """
 
+
+import math
+
+import numba
 import numpy as np
 from numba import njit, prange
 
-from .window import valid_range, window_geometry
+from .window import window_geometry
 
 __all__ = [
     "depthwise_conv2d_forward",
@@ -69,175 +89,223 @@ __all__ = [
 
 # A call with at least this many multiply-adds (N*C*OH*OW*kh*kw) runs the parallel driver.
 PARALLEL_MIN_MACS = 1 << 22
+# Tasks per numba thread in the parallel driver: a few, so that uneven progress evens out.
+_TASKS_PER_THREAD = 4
 
 
-# ----------------------------------------------------------------------------- geometry
+# ----------------------------------------------------------------------------- layout
+
+
+class _Layout:
+    """The padded buffer and the output grid of one call (module docstring), as the integer
+    tuple ``loop`` the jitted loops take, and ``offsets[u*kw + v] = u*dh*Wp + v*dw``."""
+
+    def __init__(self, height, width, kh, kw, sh, sw, ph, pw, dh, dw):
+        geometry = window_geometry(height, width, kh, kw, sh, sw, ph, pw, dh, dw)
+        self.out_height, self.out_width = geometry[-2:]
+        multiple = sw // math.gcd(sh, sw)  # sh*Wp must be a multiple of sw
+        padded_width = -(-(width + 2 * pw) // multiple) * multiple
+        grid_width = sh * padded_width // sw
+        grid_length = self.out_height * grid_width
+        last_read = sw * (grid_length - 1) + (kh - 1) * dh * padded_width + (kw - 1) * dw
+        padded_length = max((height + 2 * ph) * padded_width, last_read + 1)
+        self.grid_length, self.padded_length = grid_length, padded_length
+        self.loop = (height, width, ph, pw, padded_width, grid_width, self.out_height, self.out_width, sw,
+                     grid_length, padded_length)
+        self.offsets = np.array([u * dh * padded_width + v * dw for u in range(kh) for v in range(kw)],
+                                dtype=np.uintp)
+        self.taps = kh * kw
+
+    def macs(self, planes):
+        return planes * self.out_height * self.out_width * self.taps
+
+
+def _tasks(items, macs):
+    """How many tasks to cut ``items`` planes or channels into: 1 (the serial driver) below
+    ``PARALLEL_MIN_MACS``."""
+    if macs < PARALLEL_MIN_MACS:
+        return 1
+    return max(1, min(items, _TASKS_PER_THREAD * numba.get_num_threads()))
+
+
+# ----------------------------------------------------------------------------- buffers
 
 
 @njit(cache=True)
-def _column_ranges(geometry):
-    """For each tap column v: (lo, hi) such that output columns [lo, hi) read inside the input,
-    and ``start``, the input column that output column lo reads (``lo*sw - pw + v*dw``)."""
-    height, width, kh, kw, sh, sw, ph, pw, dh, dw, out_height, out_width = geometry
-    ranges = np.empty((kw, 3), dtype=np.int64)
-    for v in range(kw):
-        offset = v * dw - pw
-        lo, hi = valid_range(offset, sw, width, out_width)
-        ranges[v, 0] = lo
-        ranges[v, 1] = hi
-        ranges[v, 2] = offset + lo * sw
-    return ranges
+def _pad_plane(x2, plane, xp, task, loop):
+    """Copy plane ``plane`` of x into the interior of ``xp[task]`` (its border stays zero)."""
+    height, width, ph, pw, padded_width = loop[0], loop[1], loop[2], loop[3], loop[4]
+    for h in range(height):
+        source = np.uintp(h * width)
+        target = np.uintp((h + ph) * padded_width + pw)
+        for k in range(np.uintp(width)):
+            xp[task, target + k] = x2[plane, source + k]
+
+
+@njit(cache=True)
+def _grid_plane(grad2, plane, gq, task, loop):
+    """Place plane ``plane`` of the output gradient on the grid ``gq[task]`` (its scratch
+    columns stay zero)."""
+    grid_width, out_height, out_width = loop[5], loop[6], loop[7]
+    for i in range(out_height):
+        source = np.uintp(i * out_width)
+        target = np.uintp(i * grid_width)
+        for k in range(np.uintp(out_width)):
+            gq[task, target + k] = grad2[plane, source + k]
 
 
 # ----------------------------------------------------------------------------- one plane
 
 
 @njit(cache=True)
-def _forward_plane(plane, channel, x2, weight2, bias, out2, columns, geometry):
-    """Output plane ``plane`` (channel ``channel``): every row starts at the bias and adds its
-    valid taps in ascending (u, v)."""
-    height, width, kh, kw, sh, sw, ph, pw, dh, dw, out_height, out_width = geometry
+def _forward_plane(plane, channel, x2, weight2, bias, out2, xp, y, task, offsets, loop):
+    """Output plane ``plane`` (of channel ``channel``): the grid starts at the bias and adds
+    its taps in ascending (u, v); its valid columns are copied out."""
+    grid_width, out_height, out_width, sw, grid_length = loop[5], loop[6], loop[7], loop[8], loop[9]
     stride = np.uintp(sw)
-    for oh in range(out_height):
-        row = oh * out_width
-        start = bias[channel]
+    length = np.uintp(grid_length)
+    _pad_plane(x2, plane, xp, task, loop)
+    start = bias[channel]
+    for k in range(length):
+        y[task, k] = start
+    for tap in range(offsets.size):
+        weight = weight2[channel, tap]
+        offset = offsets[tap]
+        if sw == 1:
+            for k in range(length):
+                y[task, k] += weight * xp[task, offset + k]
+        else:
+            for k in range(length):
+                y[task, k] += weight * xp[task, offset + k * stride]
+    for i in range(out_height):
+        source = np.uintp(i * grid_width)
+        target = np.uintp(i * out_width)
         for k in range(np.uintp(out_width)):
-            out2[plane, np.uintp(row) + k] = start
-        first = oh * sh - ph
-        u_lo, u_hi = valid_range(first, dh, height, kh)
-        for u in range(u_lo, u_hi):
-            input_row = (first + u * dh) * width
-            for v in range(kw):
-                tap = weight2[channel, u * kw + v]
-                count = np.uintp(columns[v, 1] - columns[v, 0])
-                target = np.uintp(row + columns[v, 0])
-                source = np.uintp(input_row + columns[v, 2])
-                if sw == 1:
-                    for k in range(count):
-                        out2[plane, target + k] += tap * x2[plane, source + k]
-                else:
-                    for k in range(count):
-                        out2[plane, target + k] += tap * x2[plane, source + k * stride]
+            out2[plane, target + k] = y[task, source + k]
 
 
 @njit(cache=True)
-def _input_grad_plane(plane, channel, grad2, weight2, x_grad2, columns, geometry):
-    """Scatter every row of gradient plane ``plane`` onto the zeroed input-gradient plane, taps in
-    ascending (u, v) for each output row in turn."""
-    height, width, kh, kw, sh, sw, ph, pw, dh, dw, out_height, out_width = geometry
+def _input_grad_plane(plane, channel, grad2, weight2, x_grad2, gq, dxp, task, offsets, loop):
+    """Input-gradient plane ``plane``: the gradient's grid scattered tap by tap, in ascending
+    (u, v), onto the zeroed padded buffer, whose interior is copied out."""
+    height, width, ph, pw, padded_width = loop[0], loop[1], loop[2], loop[3], loop[4]
+    sw, grid_length, padded_length = loop[8], loop[9], loop[10]
     stride = np.uintp(sw)
-    for oh in range(out_height):
-        row = oh * out_width
-        first = oh * sh - ph
-        u_lo, u_hi = valid_range(first, dh, height, kh)
-        for u in range(u_lo, u_hi):
-            input_row = (first + u * dh) * width
-            for v in range(kw):
-                tap = weight2[channel, u * kw + v]
-                count = np.uintp(columns[v, 1] - columns[v, 0])
-                source = np.uintp(row + columns[v, 0])
-                target = np.uintp(input_row + columns[v, 2])
-                if sw == 1:
-                    for k in range(count):
-                        x_grad2[plane, target + k] += tap * grad2[plane, source + k]
-                else:
-                    for k in range(count):
-                        x_grad2[plane, target + k * stride] += tap * grad2[plane, source + k]
+    length = np.uintp(grid_length)
+    _grid_plane(grad2, plane, gq, task, loop)
+    for k in range(np.uintp(padded_length)):
+        dxp[task, k] = 0
+    for tap in range(offsets.size):
+        weight = weight2[channel, tap]
+        offset = offsets[tap]
+        if sw == 1:
+            for k in range(length):
+                dxp[task, offset + k] += weight * gq[task, k]
+        else:
+            for k in range(length):
+                dxp[task, offset + k * stride] += weight * gq[task, k]
+    for h in range(height):
+        source = np.uintp((h + ph) * padded_width + pw)
+        target = np.uintp(h * width)
+        for k in range(np.uintp(width)):
+            x_grad2[plane, target + k] = dxp[task, source + k]
 
 
 @njit(cache=True)
-def _weight_grad_channel(channel, channels, grad2, x2, partial3, columns, geometry):
-    """partial3[channel, u*kw + v, j] += g * x in float64 over every sample and output row, for
-    the output columns j where tap (u, v) reads inside the input."""
-    height, width, kh, kw, sh, sw, ph, pw, dh, dw, out_height, out_width = geometry
+def _weight_grad_channel(channel, channels, grad2, x2, weight_grad, xp, gq, partial, task, offsets, loop):
+    """weight_grad[channel, u*kw + v]: the float64 products g * x of every sample summed per
+    grid point, then the valid grid points summed in row-major order."""
+    grid_width, out_height, out_width, sw, grid_length = loop[5], loop[6], loop[7], loop[8], loop[9]
     stride = np.uintp(sw)
+    length = np.uintp(grid_length)
+    for tap in range(offsets.size):
+        for k in range(length):
+            partial[task, tap, k] = 0.0
     batch = grad2.shape[0] // channels
     for n in range(batch):
         plane = n * channels + channel
-        for oh in range(out_height):
-            row = oh * out_width
-            first = oh * sh - ph
-            u_lo, u_hi = valid_range(first, dh, height, kh)
-            for u in range(u_lo, u_hi):
-                input_row = (first + u * dh) * width
-                for v in range(kw):
-                    tap = u * kw + v
-                    lo = np.uintp(columns[v, 0])
-                    count = np.uintp(columns[v, 1] - columns[v, 0])
-                    source = np.uintp(row + columns[v, 0])
-                    element = np.uintp(input_row + columns[v, 2])
-                    # np.float64(): float64 under the jit and in plain Python alike
-                    if sw == 1:
-                        for k in range(count):
-                            partial3[channel, tap, lo + k] += (np.float64(grad2[plane, source + k])
-                                                               * np.float64(x2[plane, element + k]))
-                    else:
-                        for k in range(count):
-                            partial3[channel, tap, lo + k] += (np.float64(grad2[plane, source + k])
-                                                               * np.float64(x2[plane, element + k * stride]))
+        _pad_plane(x2, plane, xp, task, loop)
+        _grid_plane(grad2, plane, gq, task, loop)
+        for tap in range(offsets.size):
+            offset = offsets[tap]
+            # np.float64(): float64 under the jit and in plain Python alike
+            if sw == 1:
+                for k in range(length):
+                    partial[task, tap, k] += np.float64(gq[task, k]) * np.float64(xp[task, offset + k])
+            else:
+                for k in range(length):
+                    partial[task, tap, k] += np.float64(gq[task, k]) * np.float64(xp[task, offset + k * stride])
+    for tap in range(offsets.size):
+        total = 0.0
+        for i in range(out_height):
+            row = np.uintp(i * grid_width)
+            for k in range(np.uintp(out_width)):
+                total += partial[task, tap, row + k]
+        weight_grad[channel, tap] = total
 
 
 # ----------------------------------------------------------------------------- drivers
-# Two drivers per pass, the same tasks in the same order: separate function objects so the
-# parallel and serial compilations have separate caches. (prange hands out uint64 indices;
-# mixed with int64, numba would promote the index arithmetic to float64.)
+# Two drivers per pass, the same work per plane or channel: separate function objects so the
+# parallel and serial compilations have separate caches. A task covers the consecutive items
+# [task*chunk, (task + 1)*chunk). (prange hands out uint64 indices; mixed with int64, numba
+# would promote the index arithmetic to float64.)
 
 
 @njit(cache=True, parallel=True)
-def _forward_parallel(x2, weight2, bias, out2, geometry):
-    columns = _column_ranges(geometry)
-    channels = weight2.shape[0]
-    for task in prange(x2.shape[0]):
-        plane = np.int64(task)
-        _forward_plane(plane, plane % channels, x2, weight2, bias, out2, columns, geometry)
+def _forward_parallel(x2, weight2, bias, out2, xp, y, offsets, loop):
+    tasks, planes, channels = xp.shape[0], x2.shape[0], weight2.shape[0]
+    chunk = (planes + tasks - 1) // tasks
+    for each in prange(tasks):
+        task = np.int64(each)
+        for plane in range(task * chunk, min(planes, (task + 1) * chunk)):
+            _forward_plane(plane, plane % channels, x2, weight2, bias, out2, xp, y, task, offsets, loop)
 
 
 @njit(cache=True)
-def _forward_serial(x2, weight2, bias, out2, geometry):
-    columns = _column_ranges(geometry)
-    channels = weight2.shape[0]
-    for plane in range(x2.shape[0]):
-        _forward_plane(plane, plane % channels, x2, weight2, bias, out2, columns, geometry)
+def _forward_serial(x2, weight2, bias, out2, xp, y, offsets, loop):
+    tasks, planes, channels = xp.shape[0], x2.shape[0], weight2.shape[0]
+    chunk = (planes + tasks - 1) // tasks
+    for task in range(tasks):
+        for plane in range(task * chunk, min(planes, (task + 1) * chunk)):
+            _forward_plane(plane, plane % channels, x2, weight2, bias, out2, xp, y, task, offsets, loop)
 
 
 @njit(cache=True, parallel=True)
-def _input_grad_parallel(grad2, weight2, x_grad2, geometry):
-    columns = _column_ranges(geometry)
-    channels = weight2.shape[0]
-    for task in prange(grad2.shape[0]):
-        plane = np.int64(task)
-        _input_grad_plane(plane, plane % channels, grad2, weight2, x_grad2, columns, geometry)
+def _input_grad_parallel(grad2, weight2, x_grad2, gq, dxp, offsets, loop):
+    tasks, planes, channels = gq.shape[0], grad2.shape[0], weight2.shape[0]
+    chunk = (planes + tasks - 1) // tasks
+    for each in prange(tasks):
+        task = np.int64(each)
+        for plane in range(task * chunk, min(planes, (task + 1) * chunk)):
+            _input_grad_plane(plane, plane % channels, grad2, weight2, x_grad2, gq, dxp, task, offsets, loop)
 
 
 @njit(cache=True)
-def _input_grad_serial(grad2, weight2, x_grad2, geometry):
-    columns = _column_ranges(geometry)
-    channels = weight2.shape[0]
-    for plane in range(grad2.shape[0]):
-        _input_grad_plane(plane, plane % channels, grad2, weight2, x_grad2, columns, geometry)
+def _input_grad_serial(grad2, weight2, x_grad2, gq, dxp, offsets, loop):
+    tasks, planes, channels = gq.shape[0], grad2.shape[0], weight2.shape[0]
+    chunk = (planes + tasks - 1) // tasks
+    for task in range(tasks):
+        for plane in range(task * chunk, min(planes, (task + 1) * chunk)):
+            _input_grad_plane(plane, plane % channels, grad2, weight2, x_grad2, gq, dxp, task, offsets, loop)
 
 
 @njit(cache=True, parallel=True)
-def _weight_grad_parallel(grad2, x2, partial3, geometry):
-    columns = _column_ranges(geometry)
-    channels = partial3.shape[0]
-    for task in prange(channels):
-        _weight_grad_channel(np.int64(task), channels, grad2, x2, partial3, columns, geometry)
+def _weight_grad_parallel(grad2, x2, weight_grad, xp, gq, partial, offsets, loop):
+    tasks, channels = xp.shape[0], weight_grad.shape[0]
+    chunk = (channels + tasks - 1) // tasks
+    for each in prange(tasks):
+        task = np.int64(each)
+        for channel in range(task * chunk, min(channels, (task + 1) * chunk)):
+            _weight_grad_channel(channel, channels, grad2, x2, weight_grad, xp, gq, partial, task, offsets, loop)
 
 
 @njit(cache=True)
-def _weight_grad_serial(grad2, x2, partial3, geometry):
-    columns = _column_ranges(geometry)
-    channels = partial3.shape[0]
-    for channel in range(channels):
-        _weight_grad_channel(channel, channels, grad2, x2, partial3, columns, geometry)
-
-
-def _parallel(planes, geometry):
-    """Whether a pass over ``planes`` planes of this geometry has enough work for the parallel driver."""
-    kh, kw = geometry[2], geometry[3]
-    out_height, out_width = geometry[-2:]
-    return planes * out_height * out_width * kh * kw >= PARALLEL_MIN_MACS
+def _weight_grad_serial(grad2, x2, weight_grad, xp, gq, partial, offsets, loop):
+    tasks, channels = xp.shape[0], weight_grad.shape[0]
+    chunk = (channels + tasks - 1) // tasks
+    for task in range(tasks):
+        for channel in range(task * chunk, min(channels, (task + 1) * chunk)):
+            _weight_grad_channel(channel, channels, grad2, x2, weight_grad, xp, gq, partial, task, offsets, loop)
 
 
 # ----------------------------------------------------------------------------- public
@@ -259,15 +327,15 @@ def depthwise_conv2d_forward(x, weight, bias, sh, sw, ph, pw, dh, dw):
     """
     batch, channels, height, width = x.shape
     kh, kw = weight.shape[2:]
-    geometry = window_geometry(height, width, kh, kw, sh, sw, ph, pw, dh, dw)
-    out_height, out_width = geometry[-2:]
-    out = np.empty((batch, channels, out_height, out_width), dtype=x.dtype)
-    arguments = (x.reshape(batch * channels, height * width), weight.reshape(channels, kh * kw), bias,
-                 out.reshape(batch * channels, out_height * out_width), geometry)
-    if _parallel(batch * channels, geometry):
-        _forward_parallel(*arguments)
-    else:
-        _forward_serial(*arguments)
+    layout = _Layout(height, width, kh, kw, sh, sw, ph, pw, dh, dw)
+    planes = batch * channels
+    out = np.empty((batch, channels, layout.out_height, layout.out_width), dtype=x.dtype)
+    tasks = _tasks(planes, layout.macs(planes))
+    xp = np.zeros((tasks, layout.padded_length), dtype=x.dtype)
+    y = np.empty((tasks, layout.grid_length), dtype=x.dtype)
+    driver = _forward_serial if tasks == 1 else _forward_parallel
+    driver(x.reshape(planes, height * width), weight.reshape(channels, kh * kw), bias, out.reshape(planes, -1),
+           xp, y, layout.offsets, layout.loop)
     return out
 
 
@@ -283,16 +351,17 @@ def depthwise_conv2d_input_grad(grad, weight, H, W, sh, sw, ph, pw, dh, dw):
     Returns:
         dx, a new array of grad's dtype, shape (N, C, H, W) (the formula in the module docstring).
     """
-    batch, channels, out_height, out_width = grad.shape
+    batch, channels = grad.shape[:2]
     kh, kw = weight.shape[2:]
-    geometry = window_geometry(H, W, kh, kw, sh, sw, ph, pw, dh, dw)
-    x_grad = np.zeros((batch, channels, H, W), dtype=grad.dtype)
-    arguments = (grad.reshape(batch * channels, out_height * out_width), weight.reshape(channels, kh * kw),
-                 x_grad.reshape(batch * channels, H * W), geometry)
-    if _parallel(batch * channels, geometry):
-        _input_grad_parallel(*arguments)
-    else:
-        _input_grad_serial(*arguments)
+    layout = _Layout(H, W, kh, kw, sh, sw, ph, pw, dh, dw)
+    planes = batch * channels
+    x_grad = np.empty((batch, channels, H, W), dtype=grad.dtype)
+    tasks = _tasks(planes, layout.macs(planes))
+    gq = np.zeros((tasks, layout.grid_length), dtype=grad.dtype)
+    dxp = np.empty((tasks, layout.padded_length), dtype=grad.dtype)
+    driver = _input_grad_serial if tasks == 1 else _input_grad_parallel
+    driver(grad.reshape(planes, -1), weight.reshape(channels, kh * kw), x_grad.reshape(planes, H * W), gq, dxp,
+           layout.offsets, layout.loop)
     return x_grad
 
 
@@ -308,13 +377,14 @@ def depthwise_conv2d_weight_grad(grad, x, kh, kw, sh, sw, ph, pw, dh, dw):
         dw, a new array of grad's dtype, shape (C, 1, kh, kw) (the formula in the module docstring).
     """
     batch, channels, height, width = x.shape
-    geometry = window_geometry(height, width, kh, kw, sh, sw, ph, pw, dh, dw)
-    out_height, out_width = geometry[-2:]
-    partial = np.zeros((channels, kh * kw, out_width), dtype=np.float64)
-    arguments = (grad.reshape(batch * channels, out_height * out_width), x.reshape(batch * channels, height * width),
-                 partial, geometry)
-    if _parallel(batch * channels, geometry):
-        _weight_grad_parallel(*arguments)
-    else:
-        _weight_grad_serial(*arguments)
-    return partial.sum(axis=2).astype(grad.dtype).reshape(channels, 1, kh, kw)
+    layout = _Layout(height, width, kh, kw, sh, sw, ph, pw, dh, dw)
+    planes = batch * channels
+    tasks = _tasks(channels, layout.macs(planes))
+    weight_grad = np.empty((channels, kh * kw), dtype=np.float64)
+    xp = np.zeros((tasks, layout.padded_length), dtype=x.dtype)
+    gq = np.zeros((tasks, layout.grid_length), dtype=grad.dtype)
+    partial = np.empty((tasks, kh * kw, layout.grid_length), dtype=np.float64)
+    driver = _weight_grad_serial if tasks == 1 else _weight_grad_parallel
+    driver(grad.reshape(planes, -1), x.reshape(planes, height * width), weight_grad, xp, gq, partial,
+           layout.offsets, layout.loop)
+    return weight_grad.astype(grad.dtype).reshape(channels, 1, kh, kw)

@@ -9,13 +9,13 @@ import doctest
 import importlib.util
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qatcore.kernels import depthwise_conv as depthwise_kernels
-from qatcore.kernels import window as window_kernels
 from qatcore.models.mobilenet_v2 import MOBILENET_V2_CIFAR_STAGES
 
 _spec = importlib.util.spec_from_file_location("kernel_geometries", Path(__file__).with_name("geometries.py"))
@@ -145,30 +145,28 @@ def check_all(geometry, dtype, seed):
     check_weight_grad(geometry, dtype, seed)
 
 
-def check_drivers_agree(geometry, dtype, seed):
-    """The serial and parallel drivers give the same bits (same tasks, same order in each)."""
+def run_public(geometry, dtype, seed):
+    """(out, dx, dw) of the three public functions on random_case."""
     g = geometry
     x, weight, bias, grad = random_case(g, dtype, seed)
-    loop_geometry = window_kernels.window_geometry(g.height, g.width, *g.window)
-    planes, channels = g.batch * g.channels, g.channels
-    x2, grad2 = x.reshape(planes, -1), grad.reshape(planes, -1)
-    weight2 = weight.reshape(channels, -1)
+    return (depthwise_kernels.depthwise_conv2d_forward(x, weight, bias, *g.window[2:]),
+            depthwise_kernels.depthwise_conv2d_input_grad(grad, weight, g.height, g.width, *g.window[2:]),
+            depthwise_kernels.depthwise_conv2d_weight_grad(grad, x, *g.window))
+
+
+def check_drivers_agree(geometry, dtype, seed):
+    """The serial driver and the parallel one with a few numbers of tasks give the same bits."""
+    saved = depthwise_kernels.PARALLEL_MIN_MACS, depthwise_kernels._TASKS_PER_THREAD
     results = []
-    for forward, input_grad, weight_grad in (
-        (depthwise_kernels._forward_serial, depthwise_kernels._input_grad_serial,
-         depthwise_kernels._weight_grad_serial),
-        (depthwise_kernels._forward_parallel, depthwise_kernels._input_grad_parallel,
-         depthwise_kernels._weight_grad_parallel),
-    ):
-        out = np.full(grad2.shape, np.nan, dtype=dtype)  # the forward must write every element
-        forward(x2, weight2, bias, out, loop_geometry)
-        x_grad = np.zeros(x2.shape, dtype=dtype)
-        input_grad(grad2, weight2, x_grad, loop_geometry)
-        partial = np.zeros((channels, g.kh * g.kw, g.out_width))
-        weight_grad(grad2, x2, partial, loop_geometry)
-        results.append([a.view(f"u{a.itemsize}") for a in (out, x_grad, partial)])
-    for serial, parallel in zip(*results):
-        np.testing.assert_array_equal(serial, parallel)
+    try:
+        for threshold, tasks_per_thread in ((1 << 62, 1), (0, 1), (0, 3)):
+            depthwise_kernels.PARALLEL_MIN_MACS, depthwise_kernels._TASKS_PER_THREAD = threshold, tasks_per_thread
+            results.append([a.view(f"u{a.itemsize}") for a in run_public(geometry, dtype, seed)])
+    finally:
+        depthwise_kernels.PARALLEL_MIN_MACS, depthwise_kernels._TASKS_PER_THREAD = saved
+    for other in results[1:]:
+        for serial, parallel in zip(results[0], other):
+            np.testing.assert_array_equal(serial, parallel)
 
 
 def mobilenet_v2_depthwise_geometries(batch=2):
@@ -242,9 +240,31 @@ def test_serial_and_parallel_drivers_agree(geometry, dtype):
 
 
 def test_public_functions_choose_the_parallel_driver_by_work():
-    small = window_kernels.window_geometry(8, 8, 3, 3, 1, 1, 1, 1, 1, 1)
-    assert not depthwise_kernels._parallel(64, small)
-    assert depthwise_kernels._parallel(depthwise_kernels.PARALLEL_MIN_MACS // (8 * 8 * 9) + 1, small)
+    assert depthwise_kernels._tasks(10**6, depthwise_kernels.PARALLEL_MIN_MACS - 1) == 1
+    parallel_tasks = depthwise_kernels._TASKS_PER_THREAD * numba.get_num_threads()
+    assert depthwise_kernels._tasks(10**6, depthwise_kernels.PARALLEL_MIN_MACS) == parallel_tasks
+    assert depthwise_kernels._tasks(2, depthwise_kernels.PARALLEL_MIN_MACS) == min(2, parallel_tasks)
+
+
+@pytest.mark.parametrize("geometry", MOBILENET_V2_GEOMETRIES[:1] + ODD_GEOMETRIES)
+def test_layout_keeps_valid_reads_inside_their_row_and_the_buffer(geometry):
+    """Grid point (i, j < OW) reads padded row i*sh + u*dh, column j*sw + v*dw, both inside the
+    padded plane, and no grid point reads past the buffer."""
+    g = geometry
+    layout = depthwise_kernels._Layout(g.height, g.width, *g.window)
+    height, width, ph, pw, padded_width, grid_width, out_height, out_width, sw, length, padded_length = layout.loop
+    assert (out_height, out_width) == (g.out_height, g.out_width)
+    assert grid_width >= out_width and g.sh * padded_width == g.sw * grid_width
+    assert padded_width >= g.width + 2 * g.pw and padded_length >= (g.height + 2 * g.ph) * padded_width
+    assert sw * (length - 1) + int(layout.offsets.max()) < padded_length
+    for u in range(g.kh):
+        for v in range(g.kw):
+            offset = int(layout.offsets[u * g.kw + v])
+            for i in range(out_height):
+                for j in range(out_width):
+                    row, column = divmod(sw * (i * grid_width + j) + offset, padded_width)
+                    assert (row, column) == (i * g.sh + u * g.dh, j * g.sw + v * g.dw)
+                    assert row < g.height + 2 * g.ph and column < g.width + 2 * g.pw
 
 
 def test_kernels_leave_their_inputs_alone():
@@ -267,13 +287,17 @@ def test_kernels_run_as_plain_python_without_jit(run_without_jit):
     run_without_jit(__file__, """
         kernels = tests.depthwise_kernels
         assert_plain_python(
-            kernels._column_ranges,
+            kernels._pad_plane,
+            kernels._grid_plane,
             kernels._forward_plane,
             kernels._input_grad_plane,
             kernels._weight_grad_channel,
             kernels._forward_serial,
             kernels._input_grad_serial,
             kernels._weight_grad_serial,
+            kernels._forward_parallel,
+            kernels._input_grad_parallel,
+            kernels._weight_grad_parallel,
         )
         for geometry in tests.ODD_GEOMETRIES:
             for dtype in (np.float32, np.float64):
