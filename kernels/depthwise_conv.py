@@ -16,29 +16,32 @@ is linear in x and in w, so the gradients, for an upstream gradient g shaped lik
     dbias[c]        = sum_{n, i, j} g[n, c, i, j]            (left to the caller: a NumPy sum)
 
 dx is the adjoint of the forward map x -> out (the same index relation read backwards); it
-is accumulated as a scatter, each output row adding its weighted taps onto the input rows it
+is accumulated as a scatter, each tap adding its weighted gradient onto the input elements it
 read.
 
 im2col + GEMM would spend on this a batch of C tiny (1 x kh*kw) GEMMs per sample; here every
 (n, c) plane is computed by plain loops, which must be long to be fast: MobileNetV2's late
 planes are 8x8 and 4x4, and a loop per output row and tap would run over 4 elements. So each
-plane is laid out flat on a grid where every tap is one long loop:
+plane is laid out flat where every tap is one long contiguous loop:
 
-* the plane is copied into a zero-padded buffer ``xp`` of Hp = H + 2*ph rows of Wp >= W + 2*pw
-  elements (Wp rounded up so that sh*Wp is a multiple of sw), so no tap reads outside it;
-* the outputs are computed on a grid of OH rows of Wq = sh*Wp/sw >= OW columns, flattened:
-  grid point k = i*Wq + j reads, for tap (u, v), ``xp[sw*k + u*dh*Wp + v*dw]``. For j < OW that
-  is the element of the formula above; the columns j >= OW are scratch, read past the row's end
-  (into the next row or a slack tail of ``xp``) and never used;
-* so the forward is, per tap, ``y[k] += w[u, v] * xp[sw*k + offset(u, v)]`` for every k of the
-  grid, one loop LLVM vectorises, and dx is the same loop as a scatter,
-  ``dxp[sw*k + offset(u, v)] += w[u, v] * gq[k]``, from the gradient placed on the grid with
-  zeros in its scratch columns (each tap writes distinct elements of ``dxp``).
+* the zero-padded plane (Hp = H + 2*ph rows of Wp = W + 2*pw) is split into sh*sw phases,
+  phase (a, b) holding the padded elements (r*sh + a, q*sw + b) at row r, column q of a
+  ceil(Hp/sh) x ceil(Wp/sw) block (for stride 1 that is the padded plane itself); the blocks
+  sit one after the other in a buffer ``xp``, with a zero tail;
+* the outputs are computed on a grid of OH rows of Q = ceil(Wp/sw) >= OW columns, flattened:
+  grid point k = i*Q + j reads, for tap (u, v), ``xp[k + offset(u, v)]``, where the offset
+  selects phase (u*dh % sh, v*dw % sw), row u*dh // sh and column v*dw // sw. For j < OW that is
+  padded element (i*sh + u*dh, j*sw + v*dw), the one of the formula above; the columns j >= OW
+  are scratch, read past their row's end and never used;
+* so the forward is, per tap, ``y[k] += w[u, v] * xp[k + offset(u, v)]`` over the whole grid, one
+  contiguous loop that LLVM vectorises, whatever the stride; dx is the same loop as a scatter,
+  ``dxp[k + offset(u, v)] += w[u, v] * gq[k]``, from the gradient placed on the grid with zeros
+  in its scratch columns (each tap writes distinct elements of ``dxp``), and is then read back
+  from the phases.
 
-The scratch columns cost (Wq - OW) / OW extra work: 25% on an 8x8 output with padding 1, about
-1.1x more at stride 2, where Wq is the padded input's width. Copies in and out of the buffers
-are small next to the kh*kw passes. The buffers come from NumPy, one per task, allocated once
-per call.
+The scratch columns cost Q/OW - 1 extra work (25% on an 8x8 output with padding 1, 12% on 8x8
+at stride 2). The copies into and out of the buffers are small next to the kh*kw passes. The
+buffers come from NumPy, one per task, allocated once per call.
 
 Accumulation. The forward and dx accumulate in x's dtype (float32 for float32), in a fixed
 order: each output starts from the bias (dx elements from 0) and adds its taps in ascending
@@ -72,8 +75,6 @@ array([[ 8., 12.],
 """
 
 
-import math
-
 import numba
 import numpy as np
 from numba import njit, prange
@@ -97,23 +98,24 @@ _TASKS_PER_THREAD = 4
 
 
 class _Layout:
-    """The padded buffer and the output grid of one call (module docstring), as the integer
-    tuple ``loop`` the jitted loops take, and ``offsets[u*kw + v] = u*dh*Wp + v*dw``."""
+    """The phase buffer and the output grid of one call (module docstring), as the integer tuple
+    ``loop`` the jitted loops take, and ``offsets[u*kw + v]``, where grid point k of tap (u, v)
+    reads the buffer: phase (u*dh % sh, v*dw % sw), row u*dh // sh, column v*dw // sw."""
 
     def __init__(self, height, width, kh, kw, sh, sw, ph, pw, dh, dw):
         geometry = window_geometry(height, width, kh, kw, sh, sw, ph, pw, dh, dw)
         self.out_height, self.out_width = geometry[-2:]
-        multiple = sw // math.gcd(sh, sw)  # sh*Wp must be a multiple of sw
-        padded_width = -(-(width + 2 * pw) // multiple) * multiple
-        grid_width = sh * padded_width // sw
-        grid_length = self.out_height * grid_width
-        last_read = sw * (grid_length - 1) + (kh - 1) * dh * padded_width + (kw - 1) * dw
-        padded_length = max((height + 2 * ph) * padded_width, last_read + 1)
-        self.grid_length, self.padded_length = grid_length, padded_length
-        self.loop = (height, width, ph, pw, padded_width, grid_width, self.out_height, self.out_width, sw,
-                     grid_length, padded_length)
-        self.offsets = np.array([u * dh * padded_width + v * dw for u in range(kh) for v in range(kw)],
-                                dtype=np.uintp)
+        phase_height = -(-(height + 2 * ph) // sh)
+        phase_width = -(-(width + 2 * pw) // sw)
+        phase_size = phase_height * phase_width
+        offsets = [((u * dh % sh) * sw + v * dw % sw) * phase_size + (u * dh // sh) * phase_width + v * dw // sw
+                   for u in range(kh) for v in range(kw)]
+        self.grid_length = self.out_height * phase_width
+        # the scratch points of the last taps read past the last phase: a zero tail holds them
+        self.buffer_length = max(sh * sw * phase_size, self.grid_length + max(offsets))
+        self.offsets = np.array(offsets, dtype=np.uintp)
+        self.loop = (height, width, ph, pw, sh, sw, phase_height, phase_width, self.out_height, self.out_width,
+                     self.grid_length)
         self.taps = kh * kw
 
     def macs(self, planes):
@@ -132,24 +134,62 @@ def _tasks(items, macs):
 
 
 @njit(cache=True)
+def _phase_runs(h, b, loop):
+    """Input row h's elements of column phase b: (count, first, start): the ``count`` elements
+    from column ``first`` on, sw apart, go to the buffer from ``start`` on, contiguous."""
+    height, width, ph, pw, sh, sw, phase_height, phase_width = loop[:8]
+    row = h + ph
+    first = (b - pw) % sw
+    count = max(0, (width - first + sw - 1) // sw)
+    start = ((row % sh) * sw + b) * phase_height * phase_width + (row // sh) * phase_width + (first + pw) // sw
+    return np.uintp(count), np.uintp(first), np.uintp(start)
+
+
+@njit(cache=True)
 def _pad_plane(x2, plane, xp, task, loop):
-    """Copy plane ``plane`` of x into the interior of ``xp[task]`` (its border stays zero)."""
-    height, width, ph, pw, padded_width = loop[0], loop[1], loop[2], loop[3], loop[4]
+    """Copy plane ``plane`` of x into its places in the phase buffer ``xp[task]`` (the padding
+    and the tail stay zero)."""
+    height, width, sw = loop[0], loop[1], loop[5]
+    stride = np.uintp(sw)
     for h in range(height):
-        source = np.uintp(h * width)
-        target = np.uintp((h + ph) * padded_width + pw)
-        for k in range(np.uintp(width)):
-            xp[task, target + k] = x2[plane, source + k]
+        row = np.uintp(h * width)
+        for b in range(sw):
+            count, first, start = _phase_runs(h, b, loop)
+            source = row + first
+            if sw == 1:  # a contiguous copy, which LLVM vectorises
+                for k in range(count):
+                    xp[task, start + k] = x2[plane, source + k]
+            else:
+                for k in range(count):
+                    xp[task, start + k] = x2[plane, source + k * stride]
+
+
+@njit(cache=True)
+def _unpad_plane(xp, task, x2, plane, loop):
+    """The inverse of :func:`_pad_plane`: plane ``plane`` of x2 from its places in ``xp[task]``."""
+    height, width, sw = loop[0], loop[1], loop[5]
+    stride = np.uintp(sw)
+    for h in range(height):
+        row = np.uintp(h * width)
+        for b in range(sw):
+            count, first, start = _phase_runs(h, b, loop)
+            target = row + first
+            if sw == 1:
+                for k in range(count):
+                    x2[plane, target + k] = xp[task, start + k]
+            else:
+                for k in range(count):
+                    x2[plane, target + k * stride] = xp[task, start + k]
 
 
 @njit(cache=True)
 def _grid_plane(grad2, plane, gq, task, loop):
     """Place plane ``plane`` of the output gradient on the grid ``gq[task]`` (its scratch
     columns stay zero)."""
-    grid_width, out_height, out_width = loop[5], loop[6], loop[7]
+    phase_width, out_height, out_width = loop[7], loop[8], loop[9]
     for i in range(out_height):
         source = np.uintp(i * out_width)
-        target = np.uintp(i * grid_width)
+        target = np.uintp(i * phase_width)
         for k in range(np.uintp(out_width)):
             gq[task, target + k] = grad2[plane, source + k]
 
@@ -161,8 +201,7 @@ def _grid_plane(grad2, plane, gq, task, loop):
 def _forward_plane(plane, channel, x2, weight2, bias, out2, xp, y, task, offsets, loop):
     """Output plane ``plane`` (of channel ``channel``): the grid starts at the bias and adds
     its taps in ascending (u, v); its valid columns are copied out."""
-    grid_width, out_height, out_width, sw, grid_length = loop[5], loop[6], loop[7], loop[8], loop[9]
-    stride = np.uintp(sw)
+    phase_width, out_height, out_width, grid_length = loop[7], loop[8], loop[9], loop[10]
     length = np.uintp(grid_length)
     _pad_plane(x2, plane, xp, task, loop)
     start = bias[channel]
@@ -171,14 +210,10 @@ def _forward_plane(plane, channel, x2, weight2, bias, out2, xp, y, task, offsets
     for tap in range(offsets.size):
         weight = weight2[channel, tap]
         offset = offsets[tap]
-        if sw == 1:
-            for k in range(length):
-                y[task, k] += weight * xp[task, offset + k]
-        else:
-            for k in range(length):
-                y[task, k] += weight * xp[task, offset + k * stride]
+        for k in range(length):
+            y[task, k] += weight * xp[task, offset + k]
     for i in range(out_height):
-        source = np.uintp(i * grid_width)
+        source = np.uintp(i * phase_width)
         target = np.uintp(i * out_width)
         for k in range(np.uintp(out_width)):
             out2[plane, target + k] = y[task, source + k]
@@ -187,36 +222,24 @@ def _forward_plane(plane, channel, x2, weight2, bias, out2, xp, y, task, offsets
 @njit(cache=True)
 def _input_grad_plane(plane, channel, grad2, weight2, x_grad2, gq, dxp, task, offsets, loop):
     """Input-gradient plane ``plane``: the gradient's grid scattered tap by tap, in ascending
-    (u, v), onto the zeroed padded buffer, whose interior is copied out."""
-    height, width, ph, pw, padded_width = loop[0], loop[1], loop[2], loop[3], loop[4]
-    sw, grid_length, padded_length = loop[8], loop[9], loop[10]
-    stride = np.uintp(sw)
-    length = np.uintp(grid_length)
+    (u, v), onto the zeroed phase buffer, from whose places the plane is copied out."""
+    length = np.uintp(loop[10])
     _grid_plane(grad2, plane, gq, task, loop)
-    for k in range(np.uintp(padded_length)):
+    for k in range(np.uintp(dxp.shape[1])):
         dxp[task, k] = 0
     for tap in range(offsets.size):
         weight = weight2[channel, tap]
         offset = offsets[tap]
-        if sw == 1:
-            for k in range(length):
-                dxp[task, offset + k] += weight * gq[task, k]
-        else:
-            for k in range(length):
-                dxp[task, offset + k * stride] += weight * gq[task, k]
-    for h in range(height):
-        source = np.uintp((h + ph) * padded_width + pw)
-        target = np.uintp(h * width)
-        for k in range(np.uintp(width)):
-            x_grad2[plane, target + k] = dxp[task, source + k]
+        for k in range(length):
+            dxp[task, offset + k] += weight * gq[task, k]
+    _unpad_plane(dxp, task, x_grad2, plane, loop)
 
 
 @njit(cache=True)
 def _weight_grad_channel(channel, channels, grad2, x2, weight_grad, xp, gq, partial, task, offsets, loop):
     """weight_grad[channel, u*kw + v]: the float64 products g * x of every sample summed per
     grid point, then the valid grid points summed in row-major order."""
-    grid_width, out_height, out_width, sw, grid_length = loop[5], loop[6], loop[7], loop[8], loop[9]
-    stride = np.uintp(sw)
+    phase_width, out_height, out_width, grid_length = loop[7], loop[8], loop[9], loop[10]
     length = np.uintp(grid_length)
     for tap in range(offsets.size):
         for k in range(length):
@@ -229,16 +252,12 @@ def _weight_grad_channel(channel, channels, grad2, x2, weight_grad, xp, gq, part
         for tap in range(offsets.size):
             offset = offsets[tap]
             # np.float64(): float64 under the jit and in plain Python alike
-            if sw == 1:
-                for k in range(length):
-                    partial[task, tap, k] += np.float64(gq[task, k]) * np.float64(xp[task, offset + k])
-            else:
-                for k in range(length):
-                    partial[task, tap, k] += np.float64(gq[task, k]) * np.float64(xp[task, offset + k * stride])
+            for k in range(length):
+                partial[task, tap, k] += np.float64(gq[task, k]) * np.float64(xp[task, offset + k])
     for tap in range(offsets.size):
         total = 0.0
         for i in range(out_height):
-            row = np.uintp(i * grid_width)
+            row = np.uintp(i * phase_width)
             for k in range(np.uintp(out_width)):
                 total += partial[task, tap, row + k]
         weight_grad[channel, tap] = total
@@ -331,7 +350,7 @@ def depthwise_conv2d_forward(x, weight, bias, sh, sw, ph, pw, dh, dw):
     planes = batch * channels
     out = np.empty((batch, channels, layout.out_height, layout.out_width), dtype=x.dtype)
     tasks = _tasks(planes, layout.macs(planes))
-    xp = np.zeros((tasks, layout.padded_length), dtype=x.dtype)
+    xp = np.zeros((tasks, layout.buffer_length), dtype=x.dtype)
     y = np.empty((tasks, layout.grid_length), dtype=x.dtype)
     driver = _forward_serial if tasks == 1 else _forward_parallel
     driver(x.reshape(planes, height * width), weight.reshape(channels, kh * kw), bias, out.reshape(planes, -1),
@@ -358,7 +377,7 @@ def depthwise_conv2d_input_grad(grad, weight, H, W, sh, sw, ph, pw, dh, dw):
     x_grad = np.empty((batch, channels, H, W), dtype=grad.dtype)
     tasks = _tasks(planes, layout.macs(planes))
     gq = np.zeros((tasks, layout.grid_length), dtype=grad.dtype)
-    dxp = np.empty((tasks, layout.padded_length), dtype=grad.dtype)
+    dxp = np.empty((tasks, layout.buffer_length), dtype=grad.dtype)
     driver = _input_grad_serial if tasks == 1 else _input_grad_parallel
     driver(grad.reshape(planes, -1), weight.reshape(channels, kh * kw), x_grad.reshape(planes, H * W), gq, dxp,
            layout.offsets, layout.loop)
@@ -381,7 +400,7 @@ def depthwise_conv2d_weight_grad(grad, x, kh, kw, sh, sw, ph, pw, dh, dw):
     planes = batch * channels
     tasks = _tasks(channels, layout.macs(planes))
     weight_grad = np.empty((channels, kh * kw), dtype=np.float64)
-    xp = np.zeros((tasks, layout.padded_length), dtype=x.dtype)
+    xp = np.zeros((tasks, layout.buffer_length), dtype=x.dtype)
     gq = np.zeros((tasks, layout.grid_length), dtype=grad.dtype)
     partial = np.empty((tasks, kh * kw, layout.grid_length), dtype=np.float64)
     driver = _weight_grad_serial if tasks == 1 else _weight_grad_parallel

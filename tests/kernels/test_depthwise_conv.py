@@ -246,25 +246,30 @@ def test_public_functions_choose_the_parallel_driver_by_work():
     assert depthwise_kernels._tasks(2, depthwise_kernels.PARALLEL_MIN_MACS) == min(2, parallel_tasks)
 
 
-@pytest.mark.parametrize("geometry", MOBILENET_V2_GEOMETRIES[:1] + ODD_GEOMETRIES)
-def test_layout_keeps_valid_reads_inside_their_row_and_the_buffer(geometry):
-    """Grid point (i, j < OW) reads padded row i*sh + u*dh, column j*sw + v*dw, both inside the
-    padded plane, and no grid point reads past the buffer."""
+@pytest.mark.parametrize("geometry", MOBILENET_V2_GEOMETRIES[:2] + ODD_GEOMETRIES)
+def test_layout_reads_each_valid_tap_from_its_place_in_the_phase_buffer(geometry):
+    """Grid point (i, j < OW) of tap (u, v) reads the buffer where _pad_plane put padded element
+    (i*sh + u*dh, j*sw + v*dw), and no grid point reads past the buffer."""
     g = geometry
     layout = depthwise_kernels._Layout(g.height, g.width, *g.window)
-    height, width, ph, pw, padded_width, grid_width, out_height, out_width, sw, length, padded_length = layout.loop
-    assert (out_height, out_width) == (g.out_height, g.out_width)
-    assert grid_width >= out_width and g.sh * padded_width == g.sw * grid_width
-    assert padded_width >= g.width + 2 * g.pw and padded_length >= (g.height + 2 * g.ph) * padded_width
-    assert sw * (length - 1) + int(layout.offsets.max()) < padded_length
+    loop = layout.loop
+    assert loop[8:10] == (g.out_height, g.out_width)
+    phase_width = loop[7]
+    assert layout.grid_length + int(layout.offsets.max()) <= layout.buffer_length
+    # a plane holding its own padded (row, column) codes, padding included, laid out by the kernel
+    padded_width = g.width + 2 * g.pw
+    codes = np.arange((g.height + 2 * g.ph) * padded_width, dtype=np.float64).reshape(-1, padded_width) + 1
+    buffer = np.zeros((1, layout.buffer_length))
+    depthwise_kernels._pad_plane(codes[g.ph:g.ph + g.height, g.pw:g.pw + g.width].reshape(1, -1).copy(),
+                                 0, buffer, 0, loop)
     for u in range(g.kh):
         for v in range(g.kw):
-            offset = int(layout.offsets[u * g.kw + v])
-            for i in range(out_height):
-                for j in range(out_width):
-                    row, column = divmod(sw * (i * grid_width + j) + offset, padded_width)
-                    assert (row, column) == (i * g.sh + u * g.dh, j * g.sw + v * g.dw)
-                    assert row < g.height + 2 * g.ph and column < g.width + 2 * g.pw
+            for i in range(g.out_height):
+                for j in range(g.out_width):
+                    row, column = i * g.sh + u * g.dh, j * g.sw + v * g.dw
+                    inside = g.ph <= row < g.ph + g.height and g.pw <= column < g.pw + g.width
+                    expected = codes[row, column] if inside else 0.0
+                    assert buffer[0, i * phase_width + j + int(layout.offsets[u * g.kw + v])] == expected
 
 
 def test_kernels_leave_their_inputs_alone():
@@ -287,7 +292,9 @@ def test_kernels_run_as_plain_python_without_jit(run_without_jit):
     run_without_jit(__file__, """
         kernels = tests.depthwise_kernels
         assert_plain_python(
+            kernels._phase_runs,
             kernels._pad_plane,
+            kernels._unpad_plane,
             kernels._grid_plane,
             kernels._forward_plane,
             kernels._input_grad_plane,
