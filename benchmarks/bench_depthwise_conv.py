@@ -12,7 +12,8 @@ one forward + input gradient + weight gradient:
   network where the depthwise conv follows a 1x1 convolution;
 - ``macs``: N*C*OH*OW*kh*kw, the multiply-adds of one pass, to set ``PARALLEL_MIN_MACS`` against.
 
-Usage: ``python benchmarks/bench_depthwise_conv.py [--batch N] [--repeats N]``
+Usage: ``python benchmarks/bench_depthwise_conv.py [--batch N] [--repeats N] [--quick]``
+(``--quick``: batch 8, 3 repeats)
 """
 
 from __future__ import annotations
@@ -82,7 +83,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="batch 8, 3 repeats")
     args = parser.parse_args()
+    if args.quick:
+        args.batch, args.repeats = 8, 3
     rng = np.random.default_rng(1)
     a = rng.standard_normal((512, 512), dtype=np.float32)
     b = rng.standard_normal((512, 4096), dtype=np.float32)

@@ -88,8 +88,10 @@ __all__ = [
     "PARALLEL_MIN_MACS",
 ]
 
-# A call with at least this many multiply-adds (N*C*OH*OW*kh*kw) runs the parallel driver.
-PARALLEL_MIN_MACS = 1 << 22
+# A call with at least this many multiply-adds (N*C*OH*OW*kh*kw) runs the parallel driver. Set
+# above every depthwise layer of MobileNetV2 at batch 64 (the largest has 85M): next to
+# OpenBLAS's threads, on a shared machine, the parallel driver was not reliably faster on any.
+PARALLEL_MIN_MACS = 1 << 27
 # Tasks per numba thread in the parallel driver: a few, so that uneven progress evens out.
 _TASKS_PER_THREAD = 4
 
