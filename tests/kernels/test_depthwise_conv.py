@@ -197,7 +197,12 @@ ODD_GEOMETRIES = [
 
 
 @settings(deadline=None, max_examples=60)
-@given(geometry=geometries.window_geometries(), dtype=dtypes, seed=seeds)
+@given(geometry=st.one_of(
+    geometries.window_geometries(),
+    # MobileNetV2's layers with 1-3 samples and 1-8 of their channels
+    st.builds(lambda g, batch, channels: g._replace(batch=batch, channels=channels),
+              st.sampled_from(MOBILENET_V2_GEOMETRIES), st.integers(1, 3), st.integers(1, 8)),
+), dtype=dtypes, seed=seeds)
 def test_kernels_match_oracles(geometry, dtype, seed):
     check_all(geometry, dtype, seed)
 
