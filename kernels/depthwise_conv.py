@@ -50,9 +50,10 @@ order: each output starts from the bias (dx elements from 0) and adds its taps i
 (elementwise, so it vectorises and its order is fixed), then its OH x OW valid points are
 summed in row-major order; the float32 products are exact in float64, so dw is the exact sum
 to within float64 rounding, rounded once to x's dtype. No result depends on the driver (serial
-or parallel) or on the number of tasks. Non-finite values: the scratch columns of dx multiply
-the weight by 0, so a weight of +-inf gives NaN in dx where the sum alone gives +-inf; x's
-values never reach a result they do not belong to (the forward and dw drop the scratch columns).
+or parallel) or on the number of tasks. Non-finite values: the padding is read as zeros and
+multiplied by the weight, as im2col + GEMM does, and dx's scratch columns multiply the weight
+by 0 too, so a weight of +-inf gives NaN there; x's values never reach a result they do not
+belong to (the forward and dw drop the scratch columns).
 
 Drivers. The forward and dx run over the N*C planes, dw over the C channels (a task owns whole
 channels, so no two tasks write the same element), in chunks of consecutive planes or channels
