@@ -11,6 +11,9 @@ Modules:
                 produces); and ``channels_last``, the (N, H, W, C) copy of the int8 convolutions.
     im2col   -- ``im2col`` / ``col2im``: the column layout that turns conv2d into one GEMM per
                 layer (done by NumPy), and its adjoint for the input gradient.
+    depthwise_conv -- ``depthwise_conv2d_forward`` / ``depthwise_conv2d_input_grad`` /
+                ``depthwise_conv2d_weight_grad``: the depthwise conv (groups == C == K)
+                computed directly, without im2col, for float training.
     pooling  -- ``max_pool2d_forward`` / ``max_pool2d_backward`` and ``avg_pool2d_forward`` /
                 ``avg_pool2d_backward``, matching PyTorch's CPU kernels (ceil_mode=False).
     batch_norm -- ``batch_norm_train_forward`` / ``batch_norm_train_backward``: per-channel
@@ -60,10 +63,10 @@ imports the package once, at the top of its module, and numba loads when a kerne
 
 from qatcore.lazy_exports import lazy_exports
 
-__all__ = ["layout", "window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "requantize_float32",
-           "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add", "lookup"]
+__all__ = ["layout", "window", "im2col", "depthwise_conv", "pooling", "batch_norm", "fake_quant", "requantize",
+           "requantize_float32", "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add", "lookup"]
 
 __getattr__, __dir__ = lazy_exports(__name__, submodules=(
-    "layout", "window", "im2col", "pooling", "batch_norm", "fake_quant", "requantize", "requantize_float32",
-    "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add", "lookup",
+    "layout", "window", "im2col", "depthwise_conv", "pooling", "batch_norm", "fake_quant", "requantize",
+    "requantize_float32", "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add", "lookup",
 ))

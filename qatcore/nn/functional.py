@@ -451,7 +451,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 
 
     out[n, k, i, j] = bias[k] + sum_{c, u, v} weight[k, c, u, v] *
                       x[n, g*C/groups + c, i*sh - ph + u*dh, j*sw - pw + v*dw]
-    for the group g of output channel k; groups == C == K is depthwise.
+    for the group g of output channel k; groups == C == K is depthwise, computed by
+    :class:`~qatcore.ops.DepthwiseConv2d` (direct loops), every other case by
+    :class:`~qatcore.ops.Conv2d` (im2col and GEMM).
     """
     x, weight = _tensor(x), _tensor(weight)
     _require_float(x, "conv2d")
@@ -483,6 +485,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 
             raise ShapeError(f"conv2d: bias has shape {bias.shape}, expected ({k},)")
     if weight.dtype != x.dtype:
         raise DTypeError(f"conv2d: input dtype {x.dtype} and weight dtype {weight.dtype} differ")
+    if cg == 1 and groups == k == x.shape[1]:
+        # depthwise with channel multiplier 1: direct loops, not C one-row GEMMs
+        return ops.DepthwiseConv2d.apply(x, weight, bias, stride=stride, padding=padding, dilation=dilation)
     return ops.Conv2d.apply(
         x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=int(groups)
     )

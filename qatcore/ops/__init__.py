@@ -2,10 +2,11 @@
 
 Everything else in :mod:`qatcore.nn.functional` is composed from these; a new
 primitive is added only when composing would be slow or numerically poor
-(log-softmax, batch norm, conv, pooling).
+(log-softmax, batch norm, conv, depthwise conv, pooling).
 """
 
 from qatcore.ops.conv import Conv2d, conv_output_size
+from qatcore.ops.depthwise_conv import DepthwiseConv2d
 from qatcore.ops.elementwise import (
     Add,
     Cast,
@@ -32,6 +33,6 @@ from qatcore.ops.softmax import LogSoftmax
 __all__ = [
     "Add", "Sub", "Mul", "Div", "Neg", "Pow", "Exp", "Log", "Sqrt", "Relu", "Sigmoid",
     "Tanh", "Clamp", "Cast", "Sum", "Max", "Reshape", "Permute", "GetItem", "Cat",
-    "MatMul", "LogSoftmax", "Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm",
+    "MatMul", "LogSoftmax", "Conv2d", "DepthwiseConv2d", "MaxPool2d", "AvgPool2d", "BatchNorm",
     "conv_output_size", "normalize_dims",
 ]

@@ -138,17 +138,18 @@ def test_reshape_errors():
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("case", ["conv", "pool", "bn", "ce"])
+@pytest.mark.parametrize("case", ["conv", "depthwise", "pool", "bn", "ce"])
 def test_against_pytorch(case):
     import torch
     rng = np.random.default_rng(2)
     x = rng.normal(size=(4, 6, 9, 9)).astype(np.float32)
-    if case == "conv":
-        w = rng.normal(size=(6, 3, 3, 3)).astype(np.float32)
+    if case in ("conv", "depthwise"):
+        groups = 2 if case == "conv" else 6
+        w = rng.normal(size=(6, 6 // groups, 3, 3)).astype(np.float32)
         b = rng.normal(size=6).astype(np.float32)
-        ours = F.conv2d(x, w, b, stride=2, padding=1, dilation=1, groups=2).numpy()
+        ours = F.conv2d(x, w, b, stride=2, padding=1, dilation=1, groups=groups).numpy()
         ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b),
-                                         stride=2, padding=1, groups=2).numpy()
+                                         stride=2, padding=1, groups=groups).numpy()
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
     elif case == "pool":
         np.testing.assert_array_equal(
@@ -185,3 +186,35 @@ def test_hard_activations_equal_pytorch(name, dtype):
     x = np.concatenate([np.linspace(-5, 5, 1001), [-3.0, 3.0, 0.0]]).astype(dtype)
     expected = getattr(torch.nn.functional, name)(torch.from_numpy(x)).numpy()
     np.testing.assert_array_equal(getattr(F, name)(qatcore.tensor(x)).numpy(), expected)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("shape, stride, padding, dilation", [
+    ((2, 96, 32, 32), 1, 1, 1),   # MobileNetV2's depthwise layers: 3x3, padding 1
+    ((2, 144, 32, 32), 2, 1, 1),
+    ((2, 960, 4, 4), 1, 1, 1),
+    ((3, 5, 1, 1), 1, 1, 1),      # 1x1 input
+    ((2, 4, 2, 3), 1, 2, 1),      # 5x5 kernel larger than the input
+    ((2, 3, 9, 8), (2, 1), (2, 1), 2),
+])
+def test_depthwise_conv2d_against_pytorch_float64(shape, stride, padding, dilation):
+    """Output and the x, weight and bias gradients of a depthwise conv2d (groups == C == K)
+    against torch in float64."""
+    import torch
+    rng = np.random.default_rng(21)
+    channels = shape[1]
+    kernel = 5 if shape[2] == 2 else 3
+    x = rng.normal(size=shape)
+    w = rng.normal(size=(channels, 1, kernel, kernel))
+    b = rng.normal(size=channels)
+    ours_x, ours_w, ours_b = (qatcore.tensor(a, requires_grad=True) for a in (x, w, b))
+    out = F.conv2d(ours_x, ours_w, ours_b, stride, padding, dilation, channels)
+    g = rng.normal(size=out.shape)
+    (out * qatcore.tensor(g)).sum().backward()
+    ref_x, ref_w, ref_b = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    ref = torch.nn.functional.conv2d(ref_x, ref_w, ref_b, stride, padding, dilation, channels)
+    ref.backward(torch.from_numpy(g))
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(out.numpy(), ref.detach().numpy(), rtol=1e-12, atol=1e-12)
+    for ours, theirs in ((ours_x, ref_x), (ours_w, ref_w), (ours_b, ref_b)):
+        np.testing.assert_allclose(ours.grad, theirs.grad.numpy(), rtol=1e-11, atol=1e-11)

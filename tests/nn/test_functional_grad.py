@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import qatcore.nn.functional as F
+from qatcore import ops, tensor
 from qatcore.autograd import gradcheck
 
 
@@ -178,6 +179,49 @@ def test_conv2d_depthwise():
     rng = np.random.default_rng(9)
     assert gradcheck(lambda x, w: F.conv2d(x, w, padding=1, groups=3),
                      [arr(rng, 2, 3, 4, 4), arr(rng, 3, 1, 3, 3)])
+
+
+depthwise_configs = st.fixed_dictionaries({
+    "n": st.integers(1, 2), "c": st.integers(1, 3), "h": st.integers(1, 6), "w": st.integers(1, 6),
+    "kh": st.integers(1, 3), "kw": st.integers(1, 3), "stride": st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    "padding": st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    "dilation": st.tuples(st.integers(1, 2), st.integers(1, 2)), "bias": st.booleans(),
+    "seed": st.integers(0, 2**16),
+})
+
+
+@given(depthwise_configs)
+def test_conv2d_depthwise_path(c):
+    """groups == C == K goes through ops.DepthwiseConv2d: x, weight and bias gradients, any geometry."""
+    sizes = zip((c["h"], c["w"]), (c["kh"], c["kw"]), c["padding"], c["dilation"])
+    if any(size + 2 * p - d * (k - 1) - 1 < 0 for size, k, p, d in sizes):
+        return
+    rng = np.random.default_rng(c["seed"])
+    x = arr(rng, c["n"], c["c"], c["h"], c["w"])
+    w = arr(rng, c["c"], 1, c["kh"], c["kw"])
+    inputs = [x, w] + ([arr(rng, c["c"])] if c["bias"] else [])
+
+    def depthwise(*t):
+        return F.conv2d(t[0], t[1], t[2] if len(t) > 2 else None, c["stride"], c["padding"], c["dilation"], c["c"])
+
+    assert type(depthwise(*(tensor(a, requires_grad=True) for a in inputs))._ctx) is ops.DepthwiseConv2d
+    assert gradcheck(depthwise, inputs)
+
+
+def test_conv2d_depthwise_matches_the_grouped_gemm_path():
+    """The same convolution through ops.Conv2d (im2col + GEMM) and ops.DepthwiseConv2d, float64."""
+    rng = np.random.default_rng(12)
+    x, w, b = arr(rng, 2, 5, 7, 6), arr(rng, 5, 1, 3, 3), arr(rng, 5)
+    g = arr(rng, 2, 5, 4, 2)
+    params = {"stride": (2, 2), "padding": (1, 1), "dilation": (1, 2)}
+    results = []
+    for op, extra in ((ops.Conv2d, {"groups": 5}), (ops.DepthwiseConv2d, {})):
+        ts = [tensor(a, requires_grad=True) for a in (x, w, b)]
+        out = op.apply(*ts, **params, **extra)
+        (out * tensor(g)).sum().backward()
+        results.append([out.numpy()] + [t.grad for t in ts])
+    for gemm, direct in zip(*results):
+        np.testing.assert_allclose(direct, gemm, rtol=1e-12, atol=1e-12)
 
 
 @given(st.integers(1, 3), st.integers(1, 2), st.integers(0, 1), st.integers(1, 2), st.integers(0, 2**16))
