@@ -80,6 +80,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from . import layout as memory_layout
 from .window import window_geometry
 
 __all__ = [
@@ -239,7 +240,7 @@ def _input_grad_plane(plane, channel, grad2, weight2, x_grad2, gq, dxp, task, of
 
 
 @njit(cache=True)
-def _weight_grad_channel(channel, channels, grad2, x2, weight_grad, xp, gq, partial, task, offsets, loop):
+def _weight_grad_channel(channel, strides, grad2, x2, weight_grad, xp, gq, partial, task, offsets, loop):
     """weight_grad[channel, u*kw + v]: the float64 products g * x of every sample summed per
     grid point, then the valid grid points summed in row-major order."""
     phase_width, out_height, out_width, grid_length = loop[7], loop[8], loop[9], loop[10]
@@ -247,9 +248,10 @@ def _weight_grad_channel(channel, channels, grad2, x2, weight_grad, xp, gq, part
     for tap in range(offsets.size):
         for k in range(length):
             partial[task, tap, k] = 0.0
-    batch = grad2.shape[0] // channels
+    sample_stride, channel_stride = strides
+    batch = grad2.shape[0] // weight_grad.shape[0]
     for n in range(batch):
-        plane = n * channels + channel
+        plane = n * sample_stride + channel * channel_stride
         _pad_plane(x2, plane, xp, task, loop)
         _grid_plane(grad2, plane, gq, task, loop)
         for tap in range(offsets.size):
@@ -270,80 +272,95 @@ def _weight_grad_channel(channel, channels, grad2, x2, weight_grad, xp, gq, part
 # Two drivers per pass, the same work per plane or channel: separate function objects so the
 # parallel and serial compilations have separate caches. A task covers the consecutive items
 # [task*chunk, (task + 1)*chunk). (prange hands out uint64 indices; mixed with int64, numba
-# would promote the index arithmetic to float64.)
+# would promote the index arithmetic to float64.) Plane n*sample_stride + c*channel_stride is
+# sample n's channel c: strides (C, 1) for a C-contiguous array, (1, N) for a channel-major one.
 
 
 @njit(cache=True, parallel=True)
-def _forward_parallel(x2, weight2, bias, out2, xp, y, offsets, loop):
+def _forward_parallel(x2, weight2, bias, out2, xp, y, offsets, loop, strides):
     tasks, planes, channels = xp.shape[0], x2.shape[0], weight2.shape[0]
     chunk = (planes + tasks - 1) // tasks
     for each in prange(tasks):
         task = np.int64(each)
         for plane in range(task * chunk, min(planes, (task + 1) * chunk)):
-            _forward_plane(plane, plane % channels, x2, weight2, bias, out2, xp, y, task, offsets, loop)
+            _forward_plane(plane, plane // strides[1] % channels, x2, weight2, bias, out2, xp, y, task, offsets, loop)
 
 
 @njit(cache=True)
-def _forward_serial(x2, weight2, bias, out2, xp, y, offsets, loop):
+def _forward_serial(x2, weight2, bias, out2, xp, y, offsets, loop, strides):
     tasks, planes, channels = xp.shape[0], x2.shape[0], weight2.shape[0]
     chunk = (planes + tasks - 1) // tasks
     for task in range(tasks):
         for plane in range(task * chunk, min(planes, (task + 1) * chunk)):
-            _forward_plane(plane, plane % channels, x2, weight2, bias, out2, xp, y, task, offsets, loop)
+            _forward_plane(plane, plane // strides[1] % channels, x2, weight2, bias, out2, xp, y, task, offsets, loop)
 
 
 @njit(cache=True, parallel=True)
-def _input_grad_parallel(grad2, weight2, x_grad2, gq, dxp, offsets, loop):
+def _input_grad_parallel(grad2, weight2, x_grad2, gq, dxp, offsets, loop, strides):
     tasks, planes, channels = gq.shape[0], grad2.shape[0], weight2.shape[0]
     chunk = (planes + tasks - 1) // tasks
     for each in prange(tasks):
         task = np.int64(each)
         for plane in range(task * chunk, min(planes, (task + 1) * chunk)):
-            _input_grad_plane(plane, plane % channels, grad2, weight2, x_grad2, gq, dxp, task, offsets, loop)
+            _input_grad_plane(plane, plane // strides[1] % channels, grad2, weight2, x_grad2, gq, dxp, task, offsets,
+                              loop)
 
 
 @njit(cache=True)
-def _input_grad_serial(grad2, weight2, x_grad2, gq, dxp, offsets, loop):
+def _input_grad_serial(grad2, weight2, x_grad2, gq, dxp, offsets, loop, strides):
     tasks, planes, channels = gq.shape[0], grad2.shape[0], weight2.shape[0]
     chunk = (planes + tasks - 1) // tasks
     for task in range(tasks):
         for plane in range(task * chunk, min(planes, (task + 1) * chunk)):
-            _input_grad_plane(plane, plane % channels, grad2, weight2, x_grad2, gq, dxp, task, offsets, loop)
+            _input_grad_plane(plane, plane // strides[1] % channels, grad2, weight2, x_grad2, gq, dxp, task, offsets,
+                              loop)
 
 
 @njit(cache=True, parallel=True)
-def _weight_grad_parallel(grad2, x2, weight_grad, xp, gq, partial, offsets, loop):
+def _weight_grad_parallel(grad2, x2, weight_grad, xp, gq, partial, offsets, loop, strides):
     tasks, channels = xp.shape[0], weight_grad.shape[0]
     chunk = (channels + tasks - 1) // tasks
     for each in prange(tasks):
         task = np.int64(each)
         for channel in range(task * chunk, min(channels, (task + 1) * chunk)):
-            _weight_grad_channel(channel, channels, grad2, x2, weight_grad, xp, gq, partial, task, offsets, loop)
+            _weight_grad_channel(channel, strides, grad2, x2, weight_grad, xp, gq, partial, task, offsets, loop)
 
 
 @njit(cache=True)
-def _weight_grad_serial(grad2, x2, weight_grad, xp, gq, partial, offsets, loop):
+def _weight_grad_serial(grad2, x2, weight_grad, xp, gq, partial, offsets, loop, strides):
     tasks, channels = xp.shape[0], weight_grad.shape[0]
     chunk = (channels + tasks - 1) // tasks
     for task in range(tasks):
         for channel in range(task * chunk, min(channels, (task + 1) * chunk)):
-            _weight_grad_channel(channel, channels, grad2, x2, weight_grad, xp, gq, partial, task, offsets, loop)
+            _weight_grad_channel(channel, strides, grad2, x2, weight_grad, xp, gq, partial, task, offsets, loop)
 
 
 # ----------------------------------------------------------------------------- public
+
+
+def _strides(batch, channels, channel_major):
+    """(sample_stride, channel_stride) of the planes (the comment above the drivers)."""
+    return (1, batch) if channel_major else (channels, 1)
+
+
+def _in_layout(a, channel_major):
+    """a's values in the given layout (a copy unless a is in it already)."""
+    if channel_major:
+        return np.ascontiguousarray(a.swapaxes(0, 1)).swapaxes(0, 1)
+    return np.ascontiguousarray(a)
 
 
 def depthwise_conv2d_forward(x, weight, bias, sh, sw, ph, pw, dh, dw):
     """out = depthwise conv2d of x with weight, plus bias: the formula in the module docstring.
 
     Args:
-        x: C-contiguous float32 or float64 array (N, C, H, W).
+        x: float32 or float64 array (N, C, H, W), C-contiguous or channel-major (``kernels.layout``).
         weight: C-contiguous array (C, 1, kh, kw) of x's dtype.
         bias: C-contiguous array (C,) of x's dtype (zeros for a layer without bias).
         sh, sw: stride (>= 1); ph, pw: zero padding on both sides (>= 0); dh, dw: dilation (>= 1).
 
     Returns:
-        out, a new array of x's dtype, shape (N, C, OH, OW).
+        out, a new array of x's dtype, shape (N, C, OH, OW), in x's layout.
 
     Preconditions, checked by the caller and not here: the ranges above, OH >= 1 and OW >= 1.
     """
@@ -351,13 +368,14 @@ def depthwise_conv2d_forward(x, weight, bias, sh, sw, ph, pw, dh, dw):
     kh, kw = weight.shape[2:]
     layout = _Layout(height, width, kh, kw, sh, sw, ph, pw, dh, dw)
     planes = batch * channels
-    out = np.empty((batch, channels, layout.out_height, layout.out_width), dtype=x.dtype)
+    x2, channel_major = memory_layout.planes(x)
+    out = memory_layout.empty((batch, channels, layout.out_height, layout.out_width), x.dtype, channel_major)
     tasks = _tasks(planes, layout.macs(planes))
     xp = np.zeros((tasks, layout.buffer_length), dtype=x.dtype)
     y = np.empty((tasks, layout.grid_length), dtype=x.dtype)
     driver = _forward_serial if tasks == 1 else _forward_parallel
-    driver(x.reshape(planes, height * width), weight.reshape(channels, kh * kw), bias, out.reshape(planes, -1),
-           xp, y, layout.offsets, layout.loop)
+    driver(x2, weight.reshape(channels, kh * kw), bias, memory_layout.planes(out)[0],
+           xp, y, layout.offsets, layout.loop, _strides(batch, channels, channel_major))
     return out
 
 
@@ -365,25 +383,28 @@ def depthwise_conv2d_input_grad(grad, weight, H, W, sh, sw, ph, pw, dh, dw):
     """dx, the gradient of the forward with respect to x (its adjoint applied to ``grad``).
 
     Args:
-        grad: C-contiguous float32 or float64 array (N, C, OH, OW), the gradient of the output.
+        grad: float32 or float64 array (N, C, OH, OW), the gradient of the output, C-contiguous
+            or channel-major.
         weight: C-contiguous array (C, 1, kh, kw) of grad's dtype.
         H, W: the input's height and width.
         sh, sw, ph, pw, dh, dw: stride, padding and dilation, as in the forward.
 
     Returns:
-        dx, a new array of grad's dtype, shape (N, C, H, W) (the formula in the module docstring).
+        dx, a new array of grad's dtype, shape (N, C, H, W) (the formula in the module docstring),
+        in grad's layout.
     """
     batch, channels = grad.shape[:2]
     kh, kw = weight.shape[2:]
     layout = _Layout(H, W, kh, kw, sh, sw, ph, pw, dh, dw)
     planes = batch * channels
-    x_grad = np.empty((batch, channels, H, W), dtype=grad.dtype)
+    grad2, channel_major = memory_layout.planes(grad)
+    x_grad = memory_layout.empty((batch, channels, H, W), grad.dtype, channel_major)
     tasks = _tasks(planes, layout.macs(planes))
     gq = np.zeros((tasks, layout.grid_length), dtype=grad.dtype)
     dxp = np.empty((tasks, layout.buffer_length), dtype=grad.dtype)
     driver = _input_grad_serial if tasks == 1 else _input_grad_parallel
-    driver(grad.reshape(planes, -1), weight.reshape(channels, kh * kw), x_grad.reshape(planes, H * W), gq, dxp,
-           layout.offsets, layout.loop)
+    driver(grad2, weight.reshape(channels, kh * kw), memory_layout.planes(x_grad)[0], gq, dxp,
+           layout.offsets, layout.loop, _strides(batch, channels, channel_major))
     return x_grad
 
 
@@ -391,8 +412,9 @@ def depthwise_conv2d_weight_grad(grad, x, kh, kw, sh, sw, ph, pw, dh, dw):
     """dw, the gradient of the forward with respect to the weight, summed in float64.
 
     Args:
-        grad: C-contiguous float32 or float64 array (N, C, OH, OW), the gradient of the output.
-        x: C-contiguous array (N, C, H, W) of grad's dtype, the forward's input.
+        grad: float32 or float64 array (N, C, OH, OW), the gradient of the output.
+        x: array (N, C, H, W) of grad's dtype, the forward's input; each of the two C-contiguous
+            or channel-major (grad is copied into x's layout when they differ).
         kh, kw: the kernel size; sh, sw, ph, pw, dh, dw: stride, padding and dilation.
 
     Returns:
@@ -401,12 +423,16 @@ def depthwise_conv2d_weight_grad(grad, x, kh, kw, sh, sw, ph, pw, dh, dw):
     batch, channels, height, width = x.shape
     layout = _Layout(height, width, kh, kw, sh, sw, ph, pw, dh, dw)
     planes = batch * channels
+    x2, channel_major = memory_layout.planes(x)
+    grad2, grad_channel_major = memory_layout.planes(grad)
+    if grad_channel_major != channel_major:
+        grad2 = memory_layout.planes(_in_layout(grad, channel_major))[0]
     tasks = _tasks(channels, layout.macs(planes))
     weight_grad = np.empty((channels, kh * kw), dtype=np.float64)
     xp = np.zeros((tasks, layout.buffer_length), dtype=x.dtype)
     gq = np.zeros((tasks, layout.grid_length), dtype=grad.dtype)
     partial = np.empty((tasks, kh * kw, layout.grid_length), dtype=np.float64)
     driver = _weight_grad_serial if tasks == 1 else _weight_grad_parallel
-    driver(grad.reshape(planes, -1), x.reshape(planes, height * width), weight_grad, xp, gq, partial,
-           layout.offsets, layout.loop)
+    driver(grad2, x2, weight_grad, xp, gq, partial, layout.offsets, layout.loop,
+           _strides(batch, channels, channel_major))
     return weight_grad.astype(grad.dtype).reshape(channels, 1, kh, kw)

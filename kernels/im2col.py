@@ -63,7 +63,7 @@ Measuring also decided three details:
 import numpy as np
 from numba import njit
 
-from .layout import is_channel_major
+from .layout import is_channel_major, planes
 from .window import valid_range, window_geometry
 
 __all__ = ["im2col", "col2im", "col2im_add"]
@@ -72,16 +72,6 @@ __all__ = ["im2col", "col2im", "col2im_add"]
 # loops win (their copies vectorise). Measured on 3x3 convolutions, 32 samples of 32 channels.
 _IM2COL_TABLE_BELOW_WIDTH = 16
 _COL2IM_TABLE_BELOW_WIDTH = 10
-
-
-def _planes(x):
-    """(planes, channel_major): x's (H*W) planes as a C-contiguous 2-d array, and whether
-    plane c*N + n (True) or n*C + c (False) is sample n's channel c. Copies only an x that is
-    neither C-contiguous nor channel-major."""
-    batch, channels, height, width = x.shape
-    if is_channel_major(x):
-        return x.swapaxes(0, 1).reshape(channels * batch, height * width), True
-    return np.ascontiguousarray(x).reshape(batch * channels, height * width), False
 
 
 @njit(cache=True)
@@ -300,7 +290,7 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, fill=0, first_sample=0, samples=No
             cols = np.zeros(shape, dtype=x.dtype) if fill == 0 else np.full(shape, fill, dtype=x.dtype)
     if cols.shape != shape or cols.dtype != x.dtype or not cols.flags.c_contiguous:
         raise ValueError(f"im2col: out must be a C-contiguous {shape} array of {x.dtype}")
-    x2, channel_major = _planes(x)
+    x2, channel_major = planes(x)
     layout = (batch, channels, channel_major, first_sample, samples)
     _im2col_fill(x2, cols, table, geometry, fill, layout)
     return cols

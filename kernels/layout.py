@@ -29,7 +29,7 @@ that both the reads and the writes of a square stay in a few cache lines.
 import numpy as np
 from numba import njit
 
-__all__ = ["is_channel_major", "channel_rows", "from_channel_rows", "channels_last"]
+__all__ = ["is_channel_major", "channel_rows", "from_channel_rows", "planes", "empty", "channels_last"]
 
 _SQUARE = 16
 
@@ -65,6 +65,30 @@ def from_channel_rows(rows, shape):
     """
     batch, channels = shape[:2]
     return rows.reshape((channels, batch) + tuple(shape[2:])).swapaxes(0, 1)
+
+
+def planes(x):
+    """(planes, channel_major): the (H, W) planes of the 4-d array x as a C-contiguous
+    (N*C, H*W) array in memory order, plane ``c*N + n`` (channel-major x) or ``n*C + c``
+    (otherwise), and which. Copies only an x that is neither C-contiguous nor channel-major.
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.arange(8.0).reshape(2, 2, 2, 1)
+        >>> planes(x)[0][1].tolist(), planes(x.swapaxes(0, 1).copy().swapaxes(0, 1))[0][1].tolist()
+        ([2.0, 3.0], [4.0, 5.0])
+    """
+    batch, channels = x.shape[:2]
+    if is_channel_major(x):
+        return x.swapaxes(0, 1).reshape(channels * batch, -1), True
+    return np.ascontiguousarray(x).reshape(batch * channels, -1), False
+
+
+def empty(shape, dtype, channel_major):
+    """A new (N, C, ...) array, channel-major or C-contiguous."""
+    if channel_major:
+        return np.empty((shape[1], shape[0]) + tuple(shape[2:]), dtype).swapaxes(0, 1)
+    return np.empty(shape, dtype)
 
 
 @njit(cache=True)

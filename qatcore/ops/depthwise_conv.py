@@ -48,7 +48,8 @@ class DepthwiseConv2d(Function):
 
     def forward(self, x, weight, bias, stride, padding, dilation):
         (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-        x = np.ascontiguousarray(x)
+        if not kernels.layout.is_channel_major(x):  # the kernels read a channel-major x as it is
+            x = np.ascontiguousarray(x)
         weight = np.ascontiguousarray(weight)
         channels = x.shape[1]
         bias = np.zeros(channels, x.dtype) if bias is None else np.ascontiguousarray(bias, dtype=x.dtype)
@@ -62,14 +63,15 @@ class DepthwiseConv2d(Function):
 
     def backward(self, g):
         (n, c, h, w), (_, _, kh, kw), window = self.geometry
-        g = np.ascontiguousarray(g)
+        if not kernels.layout.is_channel_major(g):
+            g = np.ascontiguousarray(g)
         dx = dweight = dbias = None
         if self.needs_input_grad[2]:
             dbias = g.reshape(n, c, -1).sum(axis=(0, 2))
         if self.needs_input_grad[1]:
             dweight = kernels.depthwise_conv.depthwise_conv2d_weight_grad(
-                np.ascontiguousarray(g, dtype=self.x.dtype), self.x, kh, kw, *window)
+                g.astype(self.x.dtype, copy=False), self.x, kh, kw, *window)
         if self.needs_input_grad[0]:
             dx = kernels.depthwise_conv.depthwise_conv2d_input_grad(
-                np.ascontiguousarray(g, dtype=self.weight.dtype), self.weight, h, w, *window)
+                g.astype(self.weight.dtype, copy=False), self.weight, h, w, *window)
         return dx, dweight, dbias

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qatcore.kernels import depthwise_conv as depthwise_kernels
+from qatcore.kernels import layout
 from qatcore.models.mobilenet_v2 import MOBILENET_V2_CIFAR_STAGES
 
 _spec = importlib.util.spec_from_file_location("kernel_geometries", Path(__file__).with_name("geometries.py"))
@@ -139,10 +140,30 @@ def check_adjoint(geometry, seed):
     np.testing.assert_allclose(np.vdot(weight, weight_grad), forward, rtol=1e-10, atol=1e-10)
 
 
+def check_channel_major(geometry, dtype, seed):
+    """Channel-major arrays (kernels.layout) give the same bits, in their own layout: every
+    plane is computed alone, and dw sums each channel's samples in the same order."""
+    g = geometry
+    x, weight, bias, grad = random_case(g, dtype, seed)
+    swapped = [np.ascontiguousarray(a.swapaxes(0, 1)).swapaxes(0, 1) for a in (x, grad)]
+    for (xs, gs) in [swapped, (swapped[0], grad), (x, swapped[1])]:
+        out = depthwise_kernels.depthwise_conv2d_forward(xs, weight, bias, *g.window[2:])
+        x_grad = depthwise_kernels.depthwise_conv2d_input_grad(gs, weight, g.height, g.width, *g.window[2:])
+        np.testing.assert_array_equal(out, depthwise_kernels.depthwise_conv2d_forward(x, weight, bias, *g.window[2:]))
+        np.testing.assert_array_equal(x_grad, depthwise_kernels.depthwise_conv2d_input_grad(
+            grad, weight, g.height, g.width, *g.window[2:]))
+        np.testing.assert_array_equal(depthwise_kernels.depthwise_conv2d_weight_grad(gs, xs, *g.window),
+                                      depthwise_kernels.depthwise_conv2d_weight_grad(grad, x, *g.window))
+        if g.batch > 1:
+            assert layout.is_channel_major(out) == layout.is_channel_major(xs)
+            assert layout.is_channel_major(x_grad) == layout.is_channel_major(gs)
+
+
 def check_all(geometry, dtype, seed):
     check_forward(geometry, dtype, seed)
     check_input_grad(geometry, dtype, seed)
     check_weight_grad(geometry, dtype, seed)
+    check_channel_major(geometry, dtype, seed)
 
 
 def run_public(geometry, dtype, seed):
