@@ -160,20 +160,24 @@ class Clamp(Function):
     """
 
     def forward(self, a, lo=None, hi=None):
-        self.mask = np.ones(a.shape, dtype=bool)
+        # mask = not (a < lo or a > hi): NaN compares false both times, so its gradient passes
+        # as PyTorch's does. Each array is made in a's memory layout (NumPy's default order).
+        outside = None
         out = a
         if lo is not None:
-            self.mask &= a >= lo
-            out = np.maximum(out, np.asarray(lo, dtype=a.dtype))
+            bound = np.asarray(lo, dtype=a.dtype)
+            outside = a < bound
+            out = np.maximum(a, bound)
         if hi is not None:
-            self.mask &= a <= hi
-            out = np.minimum(out, np.asarray(hi, dtype=a.dtype))
-        # NaN compares false everywhere; let its gradient through as PyTorch does.
-        self.mask |= np.isnan(a)
+            bound = np.asarray(hi, dtype=a.dtype)
+            above = a > bound
+            outside = above if outside is None else np.logical_or(outside, above, out=outside)
+            out = np.minimum(out, bound) if out is a else np.minimum(out, bound, out=out)
+        self.mask = None if outside is None else np.logical_not(outside, out=outside)
         return np.array(out, copy=out is a)
 
     def backward(self, g):
-        return (g * self.mask,)
+        return (g if self.mask is None else g * self.mask,)
 
 
 class Cast(Function):
