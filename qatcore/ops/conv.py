@@ -35,8 +35,9 @@ from qatcore.autograd.function import Function
 
 __all__ = ["Conv2d", "conv_output_size"]
 
-# Columns per chunk. Measured on ResNet-20's layers at batch 64 (docs/benchmarks.md,
-# "Measurements behind the code").
+# Columns per chunk: the size the previous per-sample layout measured best for its input
+# gradient (docs/benchmarks.md, "Measurements behind the code"), kept for the one-GEMM layout,
+# where the sweep was too noisy to choose another.
 _CHUNK_BYTES = 8 * 2**20
 
 
