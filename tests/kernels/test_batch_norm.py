@@ -2,6 +2,7 @@
 
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -77,3 +78,12 @@ def test_runs_as_plain_python(run_without_jit):
         tests.check((3, 2, 5), np.float32, 1)
         tests.check((2, 3, 1), np.float64, 2)
     """)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 1024), (1, 16, 2048), (2, 64, 64), (1, 320, 32), (3, 5, 13)])
+def test_matches_oracle_on_the_networks_shapes(shape):
+    """ResNet's and MobileNetV2's BatchNorms at batch 2, C-contiguous (N, C, H*W) and in the
+    one-row-per-channel form of a channel-major activation (1, C, N*H*W); and a shape whose
+    rows are not a multiple of the 8 partial sums."""
+    for dtype in (np.float32, np.float64):
+        check(shape, dtype, 7)

@@ -334,3 +334,25 @@ def test_im2col_refuses_an_out_array_of_another_shape():
     x = random_input(g, np.float32, 0)
     with pytest.raises(ValueError, match="out must be"):
         im2col_kernels.im2col(x, *g.window, out=np.zeros((1, 1), np.float32))
+
+
+# The convolutions of the CIFAR networks (ResNet-20/56's stem, 3x3 layers, stride-2 and 1x1
+# shortcuts; MobileNetV2's stem and 1x1 convs), at batch 2.
+NETWORK_GEOMETRIES = [
+    geometries.WindowGeometry(2, 3, 32, 32, 3, 3, 1, 1, 1, 1),
+    geometries.WindowGeometry(2, 16, 32, 32, 3, 3, 1, 1, 1, 1),
+    geometries.WindowGeometry(2, 16, 32, 32, 3, 3, 2, 2, 1, 1),
+    geometries.WindowGeometry(2, 16, 32, 32, 1, 1, 2, 2, 0, 0),
+    geometries.WindowGeometry(2, 32, 16, 16, 3, 3, 1, 1, 1, 1),
+    geometries.WindowGeometry(2, 64, 8, 8, 3, 3, 1, 1, 1, 1),
+    geometries.WindowGeometry(2, 24, 16, 16, 1, 1, 1, 1, 0, 0),
+    geometries.WindowGeometry(2, 320, 4, 4, 1, 1, 1, 1, 0, 0),
+]
+
+
+@pytest.mark.parametrize("geometry", NETWORK_GEOMETRIES, ids=str)
+def test_kernels_match_oracles_on_the_networks_layers(geometry):
+    for dtype in (np.float32, np.float64):
+        check_im2col(geometry, dtype, 21)
+        check_col2im(geometry, dtype, 22)
+    check_col2im_is_adjoint(geometry, 23)
