@@ -63,6 +63,8 @@ Measuring also decided three details:
 import numpy as np
 from numba import njit
 
+from qatcore.errors import ShapeError
+
 from .layout import is_channel_major, planes
 from .window import valid_range, window_geometry
 
@@ -289,7 +291,7 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, fill=0, first_sample=0, samples=No
         else:
             cols = np.zeros(shape, dtype=x.dtype) if fill == 0 else np.full(shape, fill, dtype=x.dtype)
     if cols.shape != shape or cols.dtype != x.dtype or not cols.flags.c_contiguous:
-        raise ValueError(f"im2col: out must be a C-contiguous {shape} array of {x.dtype}")
+        raise ShapeError(f"im2col: out must be a C-contiguous {shape} array of {x.dtype}")
     x2, channel_major = planes(x)
     layout = (batch, channels, channel_major, first_sample, samples)
     _im2col_fill(x2, cols, table, geometry, fill, layout)
@@ -319,7 +321,7 @@ def col2im_add(cols, x_grad, first_sample, kh, kw, sh, sw, ph, pw, dh, dw):
     else:
         table = np.empty((0, 0), dtype=np.uintp)
     if not (is_channel_major(x_grad) or (batch == 1 and x_grad.flags.c_contiguous)):
-        raise ValueError("col2im_add: x_grad must be channel-major")
+        raise ShapeError("col2im_add: x_grad must be channel-major (kernels.layout), or one C-contiguous sample")
     x_grad3 = x_grad.swapaxes(0, 1).reshape(channels, batch, height * width)
     _col2im_accumulate(cols, x_grad3, table, geometry, first_sample)
 

@@ -66,6 +66,8 @@ class Conv2d(Function):
     """out = conv2d(x, weight) + bias (cross-correlation, as every framework)."""
 
     def forward(self, x, weight, bias, stride, padding, dilation, groups):
+        if not (x.flags.c_contiguous or kernels.layout.is_channel_major(x)):
+            x = np.ascontiguousarray(x)  # once here, not once per chunk inside im2col
         n, c, h, w = x.shape
         k, cg, kh, kw = weight.shape
         (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
@@ -115,7 +117,12 @@ class Conv2d(Function):
             dweight = np.zeros((groups, k // groups, depth), dtype=g.dtype)
         if self.needs_input_grad[0]:
             w_t = self.weight.reshape(groups, k // groups, depth).swapaxes(-1, -2)
-            dx = np.zeros((c, n, h, w), dtype=np.result_type(self.weight.dtype, g.dtype)).swapaxes(0, 1)
+            # channel-major: a pointwise conv writes every element, col2im adds onto zeros
+            dtype = np.result_type(self.weight.dtype, g.dtype)
+            if self.pointwise:
+                dx = kernels.layout.empty((n, c, h, w), dtype, channel_major=True)
+            else:
+                dx = np.zeros((c, n, h, w), dtype).swapaxes(0, 1)
         cols = dcols = None
         for first, stop in _chunks(n, c * kh * kw * p * g.dtype.itemsize):
             g_chunk = g_g[:, :, first * p:stop * p]

@@ -27,18 +27,19 @@ from qatcore.autograd.function import Function
 __all__ = ["BatchNorm"]
 
 
-def _as_batch_channel_inner(x):
-    """x as the (N', C, M') array the kernels take, without a copy for the two layouts of
-    ``kernels.layout``: C-contiguous x is (N, C, M); channel-major x is (1, C, N*M), channel
-    c's values one contiguous row, which is the same statistics and the same map."""
-    if kernels.layout.is_channel_major(x):
-        return kernels.layout.channel_rows(x)[None]
-    return np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
+def _as_batch_channel_inner(a, channel_major):
+    """a as the (N', C, M') array the kernels take, without a copy for the two layouts of
+    ``kernels.layout``: C-contiguous a is (N, C, M); channel-major a is (1, C, N*M), channel
+    c's values one contiguous row, which is the same statistics and the same map. (A gradient
+    in the other layout is copied into this one.)"""
+    if channel_major:
+        return kernels.layout.channel_rows(np.ascontiguousarray(a.swapaxes(0, 1)).swapaxes(0, 1))[None]
+    return np.ascontiguousarray(a).reshape(a.shape[0], a.shape[1], -1)
 
 
-def _restore(a3, shape):
+def _restore(a3, shape, channel_major):
     """The kernels' (N', C, M') result in x's shape and layout."""
-    if a3.shape[0] == 1 and shape[0] > 1:
+    if channel_major:
         return kernels.layout.from_channel_rows(a3[0], shape)
     return a3.reshape(shape)
 
@@ -57,7 +58,8 @@ class BatchNorm(Function):
         self.in_shape, self.training = x.shape, training
         self.weight = weight
         if training:
-            x3 = _as_batch_channel_inner(x)
+            self.channel_major = kernels.layout.is_channel_major(x)
+            x3 = _as_batch_channel_inner(x, self.channel_major)
             gamma = np.ones(c, dtype) if weight is None else weight.astype(dtype, copy=False)
             beta = np.zeros(c, dtype) if bias is None else bias.astype(dtype, copy=False)
             out, self.mean, var, self.inv_std = kernels.batch_norm.batch_norm_train_forward(
@@ -70,7 +72,7 @@ class BatchNorm(Function):
             if running_var is not None:
                 running_var *= 1 - momentum
                 running_var += (momentum * m / (m - 1) * var).astype(running_var.dtype)
-            return _restore(out, x.shape)
+            return _restore(out, x.shape, self.channel_major)
         shape = (1, c) + (1,) * (x.ndim - 2)
         inv_std = 1 / np.sqrt(running_var.astype(np.float64) + eps)
         self.inv_std = inv_std
@@ -85,14 +87,11 @@ class BatchNorm(Function):
         dtype = g.dtype
         if self.training:
             gamma = np.ones(c, dtype) if self.weight is None else self.weight.astype(dtype, copy=False)
-            if self.x3.shape[0] == 1:  # the forward's channel-rows form (_as_batch_channel_inner)
-                g3 = np.ascontiguousarray(g.swapaxes(0, 1)).reshape(self.x3.shape)
-            else:
-                g3 = np.ascontiguousarray(g).reshape(self.x3.shape)
+            g3 = _as_batch_channel_inner(g, self.channel_major)
             dx, dweight, dbias = kernels.batch_norm.batch_norm_train_backward(
                 g3, self.x3, self.mean, self.inv_std, gamma)
             return (
-                _restore(dx, self.in_shape) if self.needs_input_grad[0] else None,
+                _restore(dx, self.in_shape, self.channel_major) if self.needs_input_grad[0] else None,
                 dweight.astype(dtype) if self.needs_input_grad[1] else None,
                 dbias.astype(dtype) if self.needs_input_grad[2] else None,
             )
