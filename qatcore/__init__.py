@@ -68,6 +68,7 @@ __all__ = [
     "graph",
     "quantization",
     "interop",
+    "distributed",
     "training",
     "pipeline",
     "kernels",
@@ -78,6 +79,6 @@ __all__ = [
 __version__ = "0.1.0"
 
 __getattr__, __dir__ = lazy_exports(__name__, submodules=(
-    "autograd", "ops", "nn", "optim", "data", "models", "graph", "quantization", "interop", "training", "pipeline",
-    "kernels", "errors", "serialization", "random",
+    "autograd", "ops", "nn", "optim", "data", "models", "graph", "quantization", "interop", "distributed",
+    "training", "pipeline", "kernels", "errors", "serialization", "random",
 ))

@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "InteropError",
     "RunInterrupted",
+    "DistributedError",
 ]
 
 
@@ -98,3 +99,8 @@ class RunInterrupted(QATCoreError):
         super().__init__(f"the run was interrupted and saved in {folder}; resume_pipeline({str(folder)!r}) "
                          f"(or qatcore run --resume {folder}) finishes it")
         self.folder = folder
+
+
+class DistributedError(QATCoreError, RuntimeError):
+    """A data-parallel run cannot go on: a rank was lost, raised, or stopped answering
+    (the message names it), or the ranks disagree on something they must share."""

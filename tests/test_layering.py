@@ -34,7 +34,8 @@ import qatcore.kernels
 # lowest first; a module belongs to the longest prefix that names it
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("qatcore.errors", "qatcore.random", "qatcore.symbolic", "qatcore.text_table",
-                    "qatcore.lazy_exports", "qatcore.serialization", "qatcore.kernels")),
+                    "qatcore.lazy_exports", "qatcore.serialization", "qatcore.process_group",
+                    "qatcore.kernels")),
     ("tensor", ("qatcore.tensor",)),
     ("autograd", ("qatcore.autograd",)),
     ("ops", ("qatcore.ops",)),
@@ -44,6 +45,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("quantization", ("qatcore.quantization",)),
     ("qat", ("qatcore.quantization.qat",)),
     ("interop", ("qatcore.interop",)),
+    ("distributed", ("qatcore.distributed",)),
     ("pipeline", ("qatcore.training", "qatcore.pipeline", "qatcore.cli", "qatcore.__main__", "qatcore")),
 )
 
