@@ -40,7 +40,7 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["ProcessGroup", "REDUCE_OPS", "current_group", "use_group"]
+__all__ = ["ProcessGroup", "PendingReduction", "REDUCE_OPS", "current_group", "use_group", "set_group"]
 
 REDUCE_OPS = ("sum", "min", "max")
 
@@ -58,12 +58,41 @@ class ProcessGroup(abc.ABC):
         """The elementwise ``op`` ("sum", "min" or "max") of ``array`` over every rank: a new
         array of the same shape and dtype, bitwise equal on every rank."""
 
+    def iallreduce(self, array: np.ndarray, op: str = "sum") -> PendingReduction:
+        """Start ``allreduce(array, op)``; ``.wait()`` on the result gives its value. Groups
+        that can overlap the reduction with computation override this; by default it is
+        done at once."""
+        return PendingReduction(self.allreduce(array, op))
+
+    def broadcast(self, array: np.ndarray, root: int = 0) -> np.ndarray:
+        """Rank ``root``'s ``array`` on every rank (a new array). By default a sum in which
+        every other rank contributes zeros, which reproduces root's values exactly (a
+        negative zero becomes a positive one)."""
+        mine = np.asarray(array)
+        return self.allreduce(mine if self.rank == root else np.zeros_like(mine), "sum")
+
+
+class PendingReduction:
+    """A reduction started by ``ProcessGroup.iallreduce``; ``wait()`` returns its result."""
+
+    def __init__(self, value: np.ndarray) -> None:
+        self._value = value
+
+    def wait(self) -> np.ndarray:
+        return self._value
+
 
 def current_group() -> ProcessGroup | None:
     """The group installed by :func:`use_group` in this context, or None when there is none
     or it has a single rank (then nothing needs reducing)."""
     group = _GROUP.get()
     return group if group is not None and group.world_size > 1 else None
+
+
+def set_group(group: ProcessGroup | None) -> None:
+    """Install ``group`` for the rest of this context (a process's main thread: the rest of
+    the program); ``qatcore.distributed.init`` calls it. None removes it."""
+    _GROUP.set(group)
 
 
 @contextlib.contextmanager

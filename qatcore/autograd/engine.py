@@ -6,7 +6,9 @@ topological order and applies the chain rule
     dL/d(input_j) = sum over uses of  Function.backward(dL/d(output))_j
 
 accumulating into ``.grad`` of each leaf that requires a gradient (leaves keep
-what earlier backward calls left there: gradients accumulate until zeroed).
+what earlier backward calls left there: gradients accumulate until zeroed). After a
+leaf's accumulation its grad-ready hooks run, and callbacks queued during the pass run
+once it ends (:mod:`qatcore.autograd.hooks`).
 
 The topological order comes from an *iterative* depth-first search with an
 explicit stack, so a chain of any length (tested at 10,000 ops) never meets
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qatcore.autograd.hooks import backward_pass, run_grad_ready_hooks
 from qatcore.errors import GradientError, ShapeError
 from qatcore.tensor import Tensor, bind_backward
 
@@ -79,6 +82,11 @@ def backward(root: Tensor, grad: np.ndarray) -> None:
             "backward() on a tensor that does not require grad: no input of the "
             "computation had requires_grad=True (or it ran under no_grad())"
         )
+    with backward_pass():
+        _backward(root, grad)
+
+
+def _backward(root: Tensor, grad: np.ndarray) -> None:
     grads: dict[int, np.ndarray] = {id(root): grad}
     order = topological_order(root)
     while order:
@@ -90,6 +98,7 @@ def backward(root: Tensor, grad: np.ndarray) -> None:
         ctx = node._ctx
         if ctx is None:
             node._accumulate_grad(g)
+            run_grad_ready_hooks(node)
             continue
         if ctx.released:
             raise GradientError(

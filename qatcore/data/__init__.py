@@ -10,5 +10,6 @@ has, and a resumable :class:`DataLoader`. Nothing here downloads anything.
 from qatcore.data.digits import load_digits
 from qatcore.data.loader import DataLoader
 from qatcore.data.mnist import load_mnist_idx, read_idx
+from qatcore.data.sharding import ShardedLoader
 
-__all__ = ["DataLoader", "load_digits", "load_mnist_idx", "read_idx"]
+__all__ = ["DataLoader", "ShardedLoader", "load_digits", "load_mnist_idx", "read_idx"]
