@@ -10,8 +10,10 @@ JSON line (``--json``) or one labelled line, ``int8 accuracy 0.9805`` (``--quiet
 progress goes to stderr when that is a terminal (or with ``--progress``).
 
 Ctrl-C stops at the end of the current training step and saves ``resume.ckpt`` in
-the run folder; ``qatcore run --resume FOLDER`` continues to the same result an
-uninterrupted run gives. ``qatcore stats``, ``qatcore convert``, ``qatcore export``
+the run folder (the run also saves it after every epoch); ``qatcore run --resume
+FOLDER`` continues to the same result an uninterrupted run gives. ``mpiexec -n 4
+qatcore run --distributed`` (or ``qatcore run --workers 4``) trains data-parallel on
+four ranks (``docs/distributed.md``). ``qatcore stats``, ``qatcore convert``, ``qatcore export``
 and ``qatcore bench`` inspect statistics, convert checkpoints, export runs and models
 to ONNX (with the onnx extra) and run the benchmarks. Each takes a run folder where it
 takes a file from one, rebuilds a checkpoint's model from the run settings saved in it
@@ -125,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print one JSON result object on stdout")
     run.add_argument("--quiet", action="store_true", help="print only the int8 accuracy, as 'int8 accuracy 0.9805'")
     run.add_argument("--progress", action="store_true", help="show progress on stderr even when it is not a terminal")
+    run.add_argument("--distributed", action="store_true",
+                     help="this process is one rank of an MPI job (mpiexec -n 4 qatcore run --distributed): "
+                          "data-parallel training on shares of each global batch; rank 0 writes the run folder "
+                          "and prints (needs the distributed extra; docs/distributed.md)")
+    run.add_argument("--workers", type=_positive_int,
+                     help="start this many ranks with mpiexec and run data-parallel, as --distributed "
+                          "(needs the distributed extra)")
+    run.add_argument("--rank-timeout", type=_positive_float, default=60.0,
+                     help="seconds a rank waits for the others before it stops the run, naming the ranks "
+                          "that did not answer (default: 60)")
     stats = sub.add_parser("stats", help="summarise the statistics of a run: its folder, statistics.qat, "
                                          "statistics.json or a QAT checkpoint")
     stats.add_argument("path", type=Path, help="a run folder, statistics.qat, statistics.json or qat.ckpt")
@@ -191,18 +203,68 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
 
 
 def _run(args) -> int:
-    progress = _ProgressLine(sys.stderr, args.progress or (not args.quiet and not args.json and sys.stderr.isatty()))
+    if args.workers is not None:
+        return _launch_workers(args)
+    if args.distributed:
+        return _run_rank(args)
+    return _run_here(args, printing=True)
+
+
+def _run_here(args, printing: bool) -> int:
+    show = printing and (args.progress or (not args.quiet and not args.json and sys.stderr.isatty()))
+    progress = _ProgressLine(sys.stderr, show)
     if args.resume is not None:  # the folder's saved settings, not the options, shape a resumed run
         result = resume_pipeline(args.resume, on_progress=progress.update, on_epoch=progress.log)
     else:
         result = run_pipeline(run_settings(args), on_progress=progress.update, on_epoch=progress.log)
     progress.close()
+    if not printing:
+        return 0
     if args.json:
         print(json.dumps(result.to_dict()))
     elif args.quiet:
         print(f"int8 accuracy {result.int8_accuracy:.4f}")
     else:
         print(format_summary(result))
+    return 0
+
+
+def _launch_workers(args) -> int:
+    """``--workers N``: this process starts N ranks of ``qatcore run --distributed`` with the
+    same options and returns mpiexec's exit code (the ranks print)."""
+    from qatcore.distributed import launch_workers
+
+    if args.distributed:
+        raise ConfigError("--workers starts the ranks itself; --distributed is for a process that mpiexec "
+                          "started: give one of them")
+    argv, skip = [], False
+    for item in args.argv:
+        if skip:
+            skip = False
+        elif item == "--workers":
+            skip = True
+        elif not item.startswith("--workers="):
+            argv.append(item)
+    return launch_workers(args.workers, ["-m", "qatcore", *argv, "--distributed"])
+
+
+def _run_rank(args) -> int:
+    """``--distributed``: one rank of an MPI job. Every rank runs the pipeline on its share of
+    each global batch; rank 0 alone writes the run folder and prints. A failure on any rank
+    stops every rank (``qatcore.distributed.failing_fast``)."""
+    from qatcore.distributed import MPIGroup, failing_fast
+    from qatcore.process_group import set_group
+
+    group = MPIGroup.world(timeout=args.rank_timeout)
+    set_group(group)
+    interrupted = None
+    with failing_fast(group):
+        try:
+            _run_here(args, printing=group.rank == 0)
+        except RunInterrupted as e:  # every rank stops at the same step (the stop is agreed)
+            interrupted = e
+    if interrupted is not None:
+        raise interrupted
     return 0
 
 
@@ -296,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse printed the reason (exit 2) or the help (exit 0)
         return int(exit_.code or 0)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --workers passes on to its ranks
     try:
         code = COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, in the handler below, rather than at exit

@@ -71,6 +71,10 @@ class ProcessGroup(abc.ABC):
         mine = np.asarray(array)
         return self.allreduce(mine if self.rank == root else np.zeros_like(mine), "sum")
 
+    def barrier(self) -> None:
+        """Return once every rank has called it."""
+        self.allreduce(np.zeros(1, dtype=np.int64), "sum")
+
 
 class PendingReduction:
     """A reduction started by ``ProcessGroup.iallreduce``; ``wait()`` returns its result."""

@@ -54,12 +54,14 @@ class FloatTraining:
 
     def train(self, first_epoch: int = 0, *, on_progress: Callable[[str], None] | None = None,
               should_stop: Callable[[], bool] | None = None,
-              on_epoch: Callable[[str], None] | None = None) -> int | None:
+              on_epoch: Callable[[str], None] | None = None,
+              after_epoch: Callable[[int], None] | None = None) -> int | None:
         """Train from ``first_epoch`` to ``settings.epochs``; None when done, else the epoch
         in which ``should_stop()`` stopped it (see ``train_epochs``)."""
         return train_epochs(self.model, self.loader, self.optimizer, self.schedule,
                             range(first_epoch, self.settings.epochs), label="float",
-                            on_progress=on_progress, should_stop=should_stop, on_epoch=on_epoch)
+                            on_progress=on_progress, should_stop=should_stop, on_epoch=on_epoch,
+                            after_epoch=after_epoch)
 
     def accuracy(self) -> float:
         """The model's accuracy on the test split."""

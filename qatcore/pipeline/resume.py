@@ -1,7 +1,8 @@
 """The resume file of an interrupted run: what it holds, and how each stage restarts from it.
 
 An interrupted run leaves ``resume.ckpt`` in its folder, written between two training
-steps, in one of two forms:
+steps (on a stop request, and after every epoch, so that a crash loses at most one),
+in one of two forms:
 
 - during float training, a ``qatcore.save`` container ``{"format": "qatcore.run_float",
   "run_args": settings, "epoch": e, "model", "optimizer", "schedule", "loader", "rng"}``;

@@ -13,7 +13,14 @@ run folder, resumable after an interruption.
 A stop requested while training (by default Ctrl-C; see ``should_stop``) ends the
 current step, saves ``resume.ckpt`` in the folder and raises ``RunInterrupted``;
 :func:`resume_pipeline` then finishes the run with the result an uninterrupted run
-gives. Nothing is printed: ``on_progress`` receives a line per training step, one per
+gives. The run also saves ``resume.ckpt`` after every training epoch, so a crash or a
+killed process loses at most the epoch in progress; the finished run deletes it.
+
+In a data-parallel run (a ``qatcore.process_group`` group installed, as ``qatcore run
+--distributed`` does), every rank runs this function: the training stages train on the
+rank's share of each global batch (``train_epochs``), everything else is computed on
+every rank alike, and rank 0 alone writes the folder (the others wait for its files
+where they read them). Nothing is printed: ``on_progress`` receives a line per training step, one per
 finished epoch (loss, training accuracy, time; to ``on_epoch`` instead when given) and
 one before each later stage.
 
@@ -59,6 +66,7 @@ from qatcore.pipeline.resume import (
 )
 from qatcore.pipeline.settings import RunSettings, describe_scheme, load_dataset, load_layerwise_config, make_model
 from qatcore.pipeline.training_loop import stop_on_sigint
+from qatcore.process_group import current_group
 from qatcore.quantization.qat import (
     LayerwiseConfig,
     QATPreparer,
@@ -148,47 +156,66 @@ def _run(settings: RunSettings, folder: Path, point: ResumePoint | None, start: 
     if point is None:
         check_config_converts(settings, layerwise, dataset)
     folder.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be usable
+    group = current_group()
+    primary = group is None or group.rank == 0  # in a data-parallel run, rank 0 alone writes files
+
+    def synchronize() -> None:  # the other ranks read what rank 0 wrote only once it is there
+        if group is not None:
+            group.barrier()
+
     float_training = FloatTraining.start(settings, dataset)
     stop_checks = contextlib.nullcontext(should_stop) if should_stop is not None else stop_on_sigint()
     with stop_checks as stop:
         if point is None or point.stage == "float":
             first_epoch = restore_float(float_training, point) if point is not None else 0
-            stopped = float_training.train(first_epoch, on_progress=progress, should_stop=stop, on_epoch=epoch_line)
+            stopped = float_training.train(
+                first_epoch, on_progress=progress, should_stop=stop, on_epoch=epoch_line,
+                after_epoch=lambda epoch: primary and save_float_resume(folder, float_training, epoch))
             if stopped is not None:
-                save_float_resume(folder, float_training, stopped)
+                if primary:
+                    save_float_resume(folder, float_training, stopped)
                 raise RunInterrupted(folder)
             float_accuracy = float_training.accuracy()
-            qatcore.save(float_training.model.state_dict(), folder / "float.qat")
+            if primary:
+                qatcore.save(float_training.model.state_dict(), folder / "float.qat")
+            synchronize()
             ptq = _post_training(settings, dataset, layerwise, folder, progress)
             qat_training = QATTraining.start(float_training, layerwise) if settings.qat_epochs else None
             first_epoch = 0
         else:
             qat_training, first_epoch, float_accuracy = restore_qat(float_training, folder)
             ptq = _post_training(settings, dataset, layerwise, folder, progress)
-        stopped = (qat_training.train(first_epoch, on_progress=progress, should_stop=stop, on_epoch=epoch_line)
-                   if qat_training is not None else None)
+        stopped = (qat_training.train(
+            first_epoch, on_progress=progress, should_stop=stop, on_epoch=epoch_line,
+            after_epoch=lambda epoch: primary and save_qat_resume(folder, qat_training, epoch, float_accuracy))
+            if qat_training is not None else None)
         if stopped is not None:
-            save_qat_resume(folder, qat_training, stopped, float_accuracy)
+            if primary:
+                save_qat_resume(folder, qat_training, stopped, float_accuracy)
             raise RunInterrupted(folder)
     progress("converting and evaluating")
     x_test, y_test = dataset.x_test, dataset.y_test
     if qat_training is not None:
         qat_model, qat_accuracy = qat_training.model, qat_training.accuracy()
-        save_qat_checkpoint(folder / "qat.ckpt", qat_model, qat_training.optimizer,
-                            extra={"run_args": settings.to_dict()})
+        if primary:
+            save_qat_checkpoint(folder / "qat.ckpt", qat_model, qat_training.optimizer,
+                                extra={"run_args": settings.to_dict()})
         int8_model = QATPreparer().convert_to_quantized(qat_model)
         int8_accuracy = evaluate_accuracy(int8_model, x_test, y_test)
         parity = parity_report(qat_model, int8_model, x_test)
     else:  # --qat-epochs 0: the calibrated model is the run's QAT model (0 epochs), its int8 model the run's
         qat_model, qat_accuracy, int8_model, int8_accuracy = ptq.model, None, ptq.int8_model, ptq.accuracy
         parity = ptq.parity
-        save_qat_checkpoint(folder / "qat.ckpt", qat_model, extra={"run_args": settings.to_dict()})
-    save_int8_model(folder / "model.int8", int8_model)
+        if primary:
+            save_qat_checkpoint(folder / "qat.ckpt", qat_model, extra={"run_args": settings.to_dict()})
     statistics = QATPreparer.controller(qat_model).statistics
-    statistics.save(folder / "statistics.qat")
-    (folder / "statistics.json").write_text(statistics.to_json())
+    if primary:
+        save_int8_model(folder / "model.int8", int8_model)
+        statistics.save(folder / "statistics.qat")
+        (folder / "statistics.json").write_text(statistics.to_json())
+    synchronize()
     plots = False
-    if statistics.quantizers:  # nothing to draw after post-training quantization alone
+    if primary and statistics.quantizers:  # nothing to draw after post-training quantization alone
         try:
             statistics.plot(folder / "statistics.png", title=_plot_title(settings, dataset.name, layerwise))
             plots = True
@@ -196,7 +223,8 @@ def _run(settings: RunSettings, folder: Path, point: ResumePoint | None, start: 
             pass  # matplotlib not installed: the plot is optional
     float_model = float_training.model
     float_ms, int8_ms = inference_ms(float_model, x_test), inference_ms(int8_model, x_test)
-    (folder / RESUME_FILE).unlink(missing_ok=True)
+    if primary:
+        (folder / RESUME_FILE).unlink(missing_ok=True)
     weight_bits, activation_bits, scheme = describe_scheme(layerwise)
     result = RunResult(
         model=settings.model, dataset=dataset.name, seed=settings.seed, epochs=settings.epochs,
@@ -215,6 +243,8 @@ def _run(settings: RunSettings, folder: Path, point: ResumePoint | None, start: 
         float_model=float_model, qat_model=qat_model, int8_model=int8_model, parity=parity, statistics=statistics,
         ptq_model=ptq.model, ptq_int8_model=ptq.int8_model, ptq_parity=ptq.parity,
     )
-    (folder / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
-    (folder / "report.md").write_text(format_report(result))
+    if primary:
+        (folder / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+        (folder / "report.md").write_text(format_report(result))
+    synchronize()
     return result

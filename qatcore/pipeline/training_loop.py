@@ -29,8 +29,12 @@ import signal
 import threading
 from typing import Callable, Iterator
 
-from qatcore.data import DataLoader
+import numpy as np
+
+from qatcore.data import DataLoader, ShardedLoader
+from qatcore.distributed import DataParallel
 from qatcore.nn import Module
+from qatcore.process_group import current_group
 from qatcore.training import EpochResult, train_one_epoch
 
 __all__ = ["train_epochs", "stop_on_sigint"]
@@ -43,9 +47,15 @@ class _StopRequested(Exception):
 def train_epochs(model: Module, loader: DataLoader, optimizer, schedule, epochs: range, *, label: str,
                  on_progress: Callable[[str], None] | None = None,
                  should_stop: Callable[[], bool] | None = None,
-                 on_epoch: Callable[[str], None] | None = None) -> int | None:
+                 on_epoch: Callable[[str], None] | None = None,
+                 after_epoch: Callable[[int], None] | None = None) -> int | None:
     """Train ``model`` for the ``epochs`` (a range of epoch indices, ``range(first, total)``),
-    stepping ``schedule`` after each whole epoch.
+    stepping ``schedule`` after each whole epoch; then ``after_epoch(next epoch index)`` runs
+    (the run saves its resume point there, so a crash loses at most one epoch).
+
+    In a data-parallel run (``qatcore.process_group.current_group()`` set), the model trains
+    wrapped in ``DataParallel`` on this rank's ``ShardedLoader`` share of each global batch of
+    ``loader``, and a stop requested on any rank stops every rank after the same step.
 
     After every step, ``on_progress`` gets a line such as ``"QAT epoch 2/3  batch 5/23
     loss 0.0412"`` and ``should_stop()`` is asked whether to stop. After every epoch,
@@ -56,12 +66,16 @@ def train_epochs(model: Module, loader: DataLoader, optimizer, schedule, epochs:
         None when every epoch ran; otherwise the epoch index in which training stopped
         (that epoch's schedule step not taken, the loader mid-epoch), the state to save.
     """
+    group = current_group()
+    batches, trained = loader, model
+    if group is not None:
+        batches, trained = ShardedLoader(loader, group.rank, group.world_size), DataParallel(model, group)
     for epoch in epochs:
         def on_step(step: int, value: float, epoch: int = epoch) -> None:
             if on_progress is not None:
                 on_progress(f"{label} epoch {epoch + 1}/{epochs.stop}  batch {step + 1}/{len(loader)}  "
                             f"loss {value:.4f}")
-            if should_stop is not None and should_stop():
+            if _stop_agreed(should_stop, group):
                 raise _StopRequested()
 
         def on_epoch_end(result: EpochResult, epoch: int = epoch) -> None:
@@ -69,11 +83,21 @@ def train_epochs(model: Module, loader: DataLoader, optimizer, schedule, epochs:
                 on_epoch(f"{label} epoch {epoch + 1}/{epochs.stop}  {result}")
 
         try:
-            train_one_epoch(model, loader, optimizer, on_step=on_step, on_epoch=on_epoch_end)
+            train_one_epoch(trained, batches, optimizer, on_step=on_step, on_epoch=on_epoch_end)
         except _StopRequested:
             return epoch
         schedule.step()
+        if after_epoch is not None:
+            after_epoch(epoch + 1)
     return None
+
+
+def _stop_agreed(should_stop: Callable[[], bool] | None, group) -> bool:
+    """``should_stop()``, or, in a data-parallel run, whether it is True on any rank."""
+    local = should_stop is not None and should_stop()
+    if group is None:
+        return local
+    return bool(group.allreduce(np.array([local], dtype=np.int64), "max")[0])
 
 
 @contextlib.contextmanager
