@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -53,6 +54,17 @@ def test_distributed_qat_keeps_ranks_identical_and_equals_one_process_on_the_glo
     assert result["max_rel_bn"] <= 1e-5 and result["max_rel_params"] <= 1e-5, result
     assert result["max_rel_observers"] <= 1e-5, result
     assert result["parity_exact"] == 1.0 and result["top1"] == 1.0, result
+
+
+def test_the_program_of_docs_distributed_md_runs_on_two_ranks(tmp_path):
+    text = (Path(__file__).resolve().parents[2] / "docs" / "distributed.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "docs/distributed.md shows its program"
+    script = tmp_path / "program.py"
+    script.write_text(blocks[0] + "\nprint('rank', group.rank, 'of', group.world_size, 'done', flush=True)\n")
+    done = _mpiexec(2, str(script))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(done.stdout.split("\n")[:2]) == ["rank 0 of 2 done", "rank 1 of 2 done"], done.stdout
 
 
 def test_workers_run_prints_one_summary_and_converts_exactly(tmp_path):
