@@ -28,6 +28,7 @@ import numpy as np
 
 from qatcore import ops
 from qatcore.errors import ConfigError, DTypeError, ShapeError
+from qatcore.process_group import current_group
 from qatcore.random import generator_or_default
 from qatcore.symbolic import find_symbolic
 from qatcore.tensor import Tensor
@@ -555,7 +556,9 @@ def batch_norm(
     xhat = (x - mu) / sqrt(var + eps),  out = weight * xhat + bias, with batch
     statistics while training (and the running statistics updated in place:
     r <- (1 - momentum) * r + momentum * batch_stat, the variance unbiased), the
-    running statistics otherwise.
+    running statistics otherwise. Inside a data-parallel group
+    (``qatcore.process_group.current_group()``) training uses the global batch's
+    statistics, reduced over the ranks (``qatcore.ops.normalization``).
     """
     x = _tensor(x)
     _require_float(x, "batch_norm")
@@ -570,7 +573,8 @@ def batch_norm(
         stats.append(arr)
     if not training and (stats[0] is None or stats[1] is None):
         raise ConfigError("batch_norm: eval mode (training=False) needs running_mean and running_var")
-    if training and x.data.size // c < 2:
+    # in a data-parallel group the global batch counts, and the op checks it after its reduction
+    if training and x.data.size // c < 2 and current_group() is None:
         raise ShapeError(
             f"batch_norm: training needs more than one value per channel, got input shape {x.shape}"
         )

@@ -21,7 +21,12 @@ Update rule for one batch (NaN/Inf handled by the Observer base):
    move is then exact too) and a jump of more than ``bins`` times in range (the
    whole old histogram is narrower than one new bin; counts move by less than
    one new bin width). The total count is kept in every case.
-3. Counting. The batch's values are added to the bins that contain them.
+3. Counting. The batch's values are added to the bins that contain them. In a
+   data-parallel group (``qatcore.process_group``) the batch is the global one: the
+   grid comes from the reduced extremes (``Observer.observe``), so it is the same on
+   every rank, and each rank's bin counts (and bin sums) are added over the ranks
+   before they are added to the histogram. The counts are then exactly one process's;
+   the float64 bin sums are added in another order, so they may differ in the last bits.
 4. Range. ``min_val`` / ``max_val`` become the ``(100 - p)``-th and ``p``-th
    percentiles (``p = observer_options["percentile"]``), read from the histogram
    with the values of a bin taken as spread evenly across it (within about one
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qatcore.process_group import current_group
 from qatcore.quantization.config import ObserverKind
 from qatcore.quantization.observer import Observer, empty_range
 
@@ -136,10 +142,17 @@ def update_histograms(state: dict[str, np.ndarray], rows: np.ndarray, finite: np
     else:
         channel_of, values = np.nonzero(finite)[0], rows[finite]
     index = bin_index(values, start[channel_of], width[channel_of], bins) + channel_of * bins
-    counts += np.bincount(index, minlength=channels * bins).reshape(channels, bins)
+    batch_counts = np.bincount(index, minlength=channels * bins).reshape(channels, bins).astype(np.int64, copy=False)
+    group = current_group()
+    if group is not None:  # the global batch's counts, on the grid every rank shares
+        batch_counts = group.allreduce(batch_counts, "sum")
+    counts += batch_counts
     if sums is not None:
-        sums += np.bincount(index, weights=values.astype(np.float64), minlength=channels * bins).reshape(
+        batch_sums = np.bincount(index, weights=values.astype(np.float64), minlength=channels * bins).reshape(
             channels, bins)
+        if group is not None:
+            batch_sums = group.allreduce(batch_sums, "sum")
+        sums += batch_sums
     data_min[...], data_max[...] = new_min, new_max
 
 

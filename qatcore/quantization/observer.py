@@ -28,7 +28,15 @@ What every observer shares (this file's :class:`Observer`):
 - ``num_batches_observed`` counts batches that held a finite value; ``has_observed``
   reads it, so it survives a state_dict round trip;
 - ``forward(x)`` observes ``x`` (in training *and* eval mode: the FakeQuantize that
-  owns the observer decides when to call it) and returns ``x`` unchanged.
+  owns the observer decides when to call it) and returns ``x`` unchanged;
+- inside a data-parallel group (``qatcore.process_group.current_group()`` is not None)
+  ``x`` is this rank's share of the global batch, and the batch's extremes are reduced
+  over the ranks before anything else (min of the minima, max of the maxima: exact), so
+  every rank takes the same branches and holds the same state, the state one process
+  observing the whole global batch holds. A rank with an empty share (or only NaN under
+  ``ignore_nan``) still takes part. Histogram observers add the ranks' bin counts too
+  (``histogram_observer.update_histograms``). Values that are the same on every rank
+  (the weights) are observed outside the group (``use_group(None)``): nothing to reduce.
 
 Each rule is written once (``_MinMaxRule``, ``_MovingAverageRule``); its two final
 classes only say which schemes they take. ``make_observer(spec)``
@@ -55,6 +63,7 @@ import numpy as np
 from qatcore import kernels
 from qatcore.errors import ConfigError, ObserverError
 from qatcore.nn.module import Module
+from qatcore.process_group import current_group
 from qatcore.quantization.config import ObserverKind, QuantSpec
 from qatcore.quantization.dtypes import QuantDType
 from qatcore.quantization.qparams import QParams, scale_zero_point_from_range
@@ -156,6 +165,11 @@ class Observer(Module, abc.ABC):
         else:
             batch_min = np.where(finite, rows, np.float32(np.inf)).min(axis=1)
             batch_max = np.where(finite, rows, np.float32(-np.inf)).max(axis=1)
+        group = current_group()
+        if group is not None:
+            # one reduction for both: max(b) = -min(-b), exactly
+            extremes = group.allreduce(np.concatenate([batch_min, -batch_max]), "min")
+            batch_min, batch_max = extremes[:batch_min.size], -extremes[batch_min.size:]
         present = batch_min <= batch_max
         if not present.any():
             return

@@ -73,10 +73,65 @@ def test_inputs_left_alone():
     np.testing.assert_array_equal(x, before)
 
 
+def check_split(shape, dtype, seed):
+    """The kernels of a synchronized BatchNorm (the fused computation split at its reductions)
+    against the oracle with statistics given from outside, and bitwise against the fused pair
+    when given the fused pair's own statistics."""
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=shape) * rng.uniform(0.1, 10) + rng.uniform(-5, 5)).astype(dtype)
+    weight = rng.normal(size=shape[1]).astype(dtype)
+    bias = rng.normal(size=shape[1]).astype(dtype)
+    grad = rng.normal(size=shape).astype(dtype)
+    x64, count = x.astype(np.float64), shape[0] * shape[2]
+    # statistics "of another batch": the split kernels must use what they are given
+    mean = rng.normal(size=shape[1])
+    inv_std = rng.uniform(0.5, 2.0, size=shape[1])
+    np.testing.assert_allclose(kernels.batch_norm_sums(x), x64.sum(axis=(0, 2)), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(kernels.batch_norm_squared_deviations(x, mean),
+                               ((x64 - mean[None, :, None]) ** 2).sum(axis=(0, 2)), rtol=1e-12, atol=1e-9)
+    xhat = (x64 - mean[None, :, None]) * inv_std[None, :, None]
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    out = kernels.batch_norm_normalize(x, weight, bias, mean, inv_std)
+    assert out.dtype == dtype
+    np.testing.assert_allclose(out, xhat * weight[None, :, None] + bias[None, :, None], **tol)
+    sums = kernels.batch_norm_gradient_sums(grad, x, mean, inv_std)
+    np.testing.assert_allclose(sums[0], grad.astype(np.float64).sum(axis=(0, 2)), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(sums[1], (grad * xhat).sum(axis=(0, 2)), rtol=1e-5, atol=1e-4)
+    mean_g, mean_gx = rng.normal(size=shape[1]), rng.normal(size=shape[1])
+    dx = kernels.batch_norm_input_gradient(grad, x, mean, inv_std, weight, mean_g, mean_gx)
+    assert dx.dtype == dtype
+    np.testing.assert_allclose(dx, (weight * inv_std)[None, :, None] * (
+        grad - mean_g[None, :, None] - xhat * mean_gx[None, :, None]), **tol)
+    if count == 0:
+        return
+    fused = kernels.batch_norm_train_forward(x, weight, bias, 1e-5)
+    own_mean = kernels.batch_norm_sums(x) / count
+    own_var = kernels.batch_norm_squared_deviations(x, own_mean) / count
+    own_inv_std = 1.0 / np.sqrt(own_var + 1e-5)
+    for got, expected in zip((own_mean, own_var, own_inv_std), fused[1:]):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(kernels.batch_norm_normalize(x, weight, bias, own_mean, own_inv_std), fused[0])
+    dx, dweight, dbias = kernels.batch_norm_train_backward(grad, x, own_mean, own_inv_std, weight)
+    sums = kernels.batch_norm_gradient_sums(grad, x, own_mean, own_inv_std)
+    np.testing.assert_array_equal(sums[0], dbias)
+    np.testing.assert_array_equal(sums[1], dweight)
+    np.testing.assert_array_equal(
+        kernels.batch_norm_input_gradient(grad, x, own_mean, own_inv_std, weight, sums[0] / count, sums[1] / count),
+        dx)
+
+
+@given(st.integers(0, 5), st.integers(1, 4), st.integers(1, 17), st.sampled_from([np.float32, np.float64]),
+       st.integers(0, 2**16))
+def test_split_kernels_match_oracle_and_fused(n, c, m, dtype, seed):
+    check_split((n, c, m), dtype, seed)
+
+
 def test_runs_as_plain_python(run_without_jit):
     run_without_jit(__file__, """
         tests.check((3, 2, 5), np.float32, 1)
         tests.check((2, 3, 1), np.float64, 2)
+        tests.check_split((3, 2, 9), np.float32, 3)
+        tests.check_split((0, 2, 4), np.float64, 4)
     """)
 
 

@@ -47,6 +47,7 @@ from qatcore.nn.batchnorm import BatchNorm1d, BatchNorm2d
 from qatcore.nn.conv import Conv2d
 from qatcore.nn.linear import Linear
 from qatcore.nn.module import Module
+from qatcore.process_group import use_group
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.tensor import Tensor
 
@@ -141,7 +142,11 @@ class QATLayer(Module):
 
     def _quantized_weight(self, weight):
         if self.enabled and isinstance(self.weight_fake_quant, FakeQuantize):
-            return self.weight_fake_quant(weight)
+            # The weights are the same on every rank of a data-parallel run: observed as one
+            # process observes them, with nothing to reduce (a histogram would count them
+            # once per rank).
+            with use_group(None):
+                return self.weight_fake_quant(weight)
         return weight
 
     def _finish(self, y):
