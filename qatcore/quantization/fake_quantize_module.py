@@ -34,6 +34,7 @@ import numpy as np
 from qatcore.errors import ConfigError, ObserverError
 from qatcore.nn.module import Module
 from qatcore.nn.parameter import Parameter
+from qatcore.process_group import current_group
 from qatcore.quantization.config import Learnable, QuantSpec
 from qatcore.quantization.fake_quantize import default_grad_factor, fake_quantize, fake_quantize_learnable
 from qatcore.quantization.observer_factory import make_observer
@@ -128,14 +129,19 @@ class FakeQuantize(Module):
         self.qparams_ready.data[...] = True
 
     def _initialize_learnable(self, x: np.ndarray) -> None:
-        """LSQ init s = 2 * mean(|x|) / sqrt(qmax) per channel; LSQ+ zero point from the observer."""
+        """LSQ init s = 2 * mean(|x|) / sqrt(qmax) per channel; LSQ+ zero point from the observer.
+        In a data-parallel run the mean is the global batch's (``qatcore.process_group``)."""
         qmax = self.spec.qmax
         axis = self.axis
-        if axis is None:
-            mean_abs = np.array([np.mean(np.abs(x), dtype=np.float64)])
-        else:
-            others = tuple(a for a in range(x.ndim) if a != axis)
+        others = None if axis is None else tuple(a for a in range(x.ndim) if a != axis)
+        group = current_group()
+        if group is None:
             mean_abs = np.mean(np.abs(x), axis=others, dtype=np.float64).reshape(-1)
+        else:  # the global batch's mean: sums and counts over the ranks
+            sums = np.sum(np.abs(x), axis=others, dtype=np.float64).reshape(-1)
+            count = x.size // (1 if axis is None else x.shape[axis])
+            total = group.allreduce(np.append(sums, np.float64(count)), "sum")
+            mean_abs = total[:-1] / max(total[-1], 1.0)
         scale = np.maximum(2 * mean_abs / np.sqrt(qmax), float(FLOAT32_EPS)).astype(np.float32)
         zero_point = np.zeros(scale.shape, np.float32)
         if self.spec.learnable is Learnable.LSQ_PLUS and self.observer.has_observed:
@@ -185,7 +191,7 @@ class FakeQuantize(Module):
         if self.learns_scale:
             np.maximum(self.scale.data, FLOAT32_EPS, out=self.scale.data)  # a learned scale stays positive
             tensor = x if isinstance(x, Tensor) else Tensor._from_array(array, False)
-            grad_factor = self.spec.grad_factor or default_grad_factor(array.size, qmax)
+            grad_factor = self.spec.grad_factor or default_grad_factor(_global_size(array.size), qmax)
             y = fake_quantize_learnable(tensor, self.scale, self.zero_point, qmin, qmax, self.axis, grad_factor,
                                         on_backward)
         else:
@@ -198,3 +204,12 @@ class FakeQuantize(Module):
         spec = self.spec
         return (f"{spec.dtype.name}, {spec.scheme.value}, observer={spec.observer}, learnable={spec.learnable}, "
                 f"fake_quant={bool(self.fake_quant_enabled.data)}, observer_on={bool(self.observer_enabled.data)}")
+
+
+def _global_size(size: int) -> int:
+    """The number of elements of the global batch: ``size`` summed over the ranks of a
+    data-parallel run (the LSQ gradient scale is the global batch's), else ``size``."""
+    group = current_group()
+    if group is None:
+        return size
+    return int(group.allreduce(np.array([size], dtype=np.int64), "sum")[0])

@@ -148,12 +148,18 @@ CONFIGS = {
                          observer="mse", observer_options={"bins": 64, "candidates": 16}),
         activation=QuantSpec(bits=8, signed=False, observer="histogram",
                              observer_options={"bins": 64, "percentile": 99.5})),
+    # learned scales: the activations' first scale is the global batch's 2 mean|x| / sqrt(qmax),
+    # and the gradient factor 1 / sqrt(numel qmax) counts the global batch's elements
+    "lsq": QuantizationConfig(
+        weight=QuantSpec(bits=4, signed=True, narrow_range=True, scheme="per_channel_symmetric", axis=0,
+                         learnable="lsq"),
+        activation=QuantSpec(bits=8, signed=False, learnable="lsq+")),
 }
 
 
 def prepared_model(config):
     model = DigitsCNN(channels=(4, 6), rng=np.random.default_rng(11))
-    qat = QATPreparer().prepare_for_qat(model, config)
+    qat = QATPreparer(check_optimizers=False).prepare_for_qat(model, config)  # no optimizer steps here
     qat.train()
     return qat
 
@@ -171,8 +177,8 @@ def qat_steps(batches, probes, config):
         y = qat(x)
         ((y * Tensor(probe)).sum() / max(x.shape[0], 1)).backward()
         outputs.append(y.numpy())
-        gradients.append({name: qat.get_submodule(name).weight.grad.astype(np.float64)
-                          for name in ("conv1", "conv2")})
+        gradients.append({name: p.grad.astype(np.float64) for name, p in qat.named_parameters()
+                          if p.grad is not None and (name.split(".")[0] in ("conv1", "conv2") or "scale" in name)})
     return outputs, gradients, {k: np.array(v) for k, v in qat.state_dict().items()}
 
 
@@ -195,13 +201,15 @@ def test_qat_conv_bn_matches_one_process(sizes, config):
     for step in range(len(batches)):
         np.testing.assert_allclose(np.concatenate([r[0][step] for r in ranks]), whole_out[step],
                                    rtol=1e-5, atol=1e-5)
-        for name in ("conv1", "conv2"):
+        assert set(ranks[0][1][step]) == set(whole_grad[step])
+        for name in whole_grad[step]:  # conv weights, and with LSQ the learned scales and zero points
             combined = sum(wr * r[1][step][name] for wr, r in zip(w, ranks))
-            np.testing.assert_allclose(combined, whole_grad[step][name], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(combined, whole_grad[step][name], rtol=1e-4, atol=1e-6, err_msg=name)
     for key, expected in whole_state.items():
         for r in ranks[1:]:  # the same model state on every rank, bit for bit
             np.testing.assert_array_equal(r[2][key], ranks[0][2][key], err_msg=key)
-        if "running_" in key:
+        if "running_" in key or key.endswith(("fake_quant.scale", "fake_quant.zero_point")):
+            # BatchNorm's statistics; the learned scales' first value, a mean over the global batch
             np.testing.assert_allclose(ranks[0][2][key], expected, rtol=1e-6, atol=1e-7, err_msg=key)
         elif key.endswith("histogram_sums"):  # added over the ranks in another order
             np.testing.assert_allclose(ranks[0][2][key], expected, rtol=1e-12, atol=1e-9, err_msg=key)
