@@ -25,6 +25,7 @@ bucket once the pass has finished, before the optimizer reads ``.grad``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import weakref
@@ -72,18 +73,20 @@ def register_grad_ready_hook(tensor: Tensor, hook: Callable[[Tensor], None]) -> 
     tensor_id = id(tensor)
     entry = _HOOKS.get(tensor_id)
     if entry is None or entry[0]() is not tensor:
-        entry = (weakref.ref(tensor, lambda ref, i=tensor_id: _forget(i, ref)), {})
+        entry = (weakref.ref(tensor, functools.partial(_forget, tensor_id)), {})
         _HOOKS[tensor_id] = entry
     key = next(_KEYS)
     entry[1][key] = hook
     return GradHookHandle(tensor_id, key)
 
 
-def _forget(tensor_id: int, ref: weakref.ref) -> None:
-    """A hooked tensor died: drop its entry, unless its id already names a newer tensor's."""
-    entry = _HOOKS.get(tensor_id)
+def _forget(tensor_id: int, ref: weakref.ref, hooks: dict = _HOOKS) -> None:
+    """A hooked tensor died: drop its entry, unless its id already names a newer tensor's.
+    (Bound into the weak reference with ``hooks``: at interpreter exit the module's globals
+    may be gone.)"""
+    entry = hooks.get(tensor_id)
     if entry is not None and entry[0] is ref:
-        del _HOOKS[tensor_id]
+        del hooks[tensor_id]
 
 
 def run_grad_ready_hooks(tensor: Tensor) -> None:
