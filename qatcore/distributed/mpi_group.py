@@ -35,8 +35,9 @@ backing off to 1 ms) and meanwhile looks for three signs that the run cannot fin
    is made): a pid that is gone or a zombie raises ``DistributedError("rank 1 (pid N on host
    H) is gone: it exited or was killed; stopping rank 0")``. Under ``mpiexec
    -disable-auto-cleanup`` MPICH's launcher also sends SIGUSR1 to the survivors when a rank
-   dies; its default action would kill them silently, so the group catches it (if nobody
-   else handles SIGUSR1) and checks at once;
+   dies (and, at the end of a run, when one exits before the others); its default action
+   would kill them silently, so the group catches it (if nobody else handles SIGUSR1),
+   checks its peers at once, and ignores it while the process exits;
 3. ``timeout`` seconds without completion: a roll call (a ping over the control channel to
    every peer, answered by any rank that is itself waiting in the group) names the ranks that
    do not answer within a grace period; if they all answer, the ranks are making different
@@ -53,6 +54,7 @@ qatcore.errors.ConfigError: MPIGroup.world: timeout must be a positive number of
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import math
@@ -79,6 +81,7 @@ _PEER_CHECK_INTERVAL_S = 0.5
 _MAX_POLL_SLEEP_S = 0.001
 _ROLL_CALL_GRACE_S = 3.0
 _ANNOUNCE_WAIT_S = 1.0
+_GONE_GRACE_S = 0.05
 _HOST_BYTES = 256
 
 
@@ -135,7 +138,8 @@ class MPIGroup(ProcessGroup):
 
     def __init__(self, comm: Any, gather_comm: Any, control: Any, timeout: float, mpi: Any) -> None:
         self._MPI, self._comm, self._gather_comm, self._control = mpi, comm, gather_comm, control
-        self.rank, self.world_size = mpi.COMM_WORLD.Get_rank(), mpi.COMM_WORLD.Get_size()  # comm is not usable until its Idup completes
+        # from COMM_WORLD: ``comm`` may not be used until its Idup completes
+        self.rank, self.world_size = mpi.COMM_WORLD.Get_rank(), mpi.COMM_WORLD.Get_size()
         self.timeout = timeout
         self.peers: tuple[_Peer, ...] = ()
         self._control_ready = False             # the control channel's Idup has completed
@@ -144,8 +148,8 @@ class MPIGroup(ProcessGroup):
         self._pongs: set[tuple[int, int]] = set()  # (roll call, rank) answers received
         self._roll_calls = 0
         self._signalled = False                 # the launcher sent SIGUSR1: a process of the job died
-        self._raised: DistributedError | None = None
-        self._lost: tuple[int, str] | None = None  # (rank, sentence) of the failure we stopped for
+        # (the rank it stops for or None, why, the DistributedError raised) once the group stops this rank
+        self._stopped: tuple[int | None, str, DistributedError] | None = None
 
     # ---- making the group -------------------------------------------------------------
 
@@ -197,6 +201,10 @@ class MPIGroup(ProcessGroup):
         if (hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread()
                 and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL):
             signal.signal(signal.SIGUSR1, self._on_launcher_signal)
+            # Hydra also signals the ranks still finishing when one exits normally, and Python
+            # puts SIG_DFL back for its own handlers as it shuts down: ignore the signal from
+            # then on, or a late one kills a rank that has done all its work.
+            atexit.register(signal.signal, signal.SIGUSR1, signal.SIG_IGN)
 
     def _on_launcher_signal(self, signum: int, frame: Any) -> None:
         self._signalled = True
@@ -294,23 +302,30 @@ class MPIGroup(ProcessGroup):
         DistributedError naming this rank and ``exc``). If ``exc`` is this group's own report
         that another rank was lost, that report is passed on instead. Returns after the
         notices are out or after 1 s, whichever comes first."""
-        if self._lost is not None and exc is self._raised:
-            origin, sentence = self._lost
+        if self._stopped is not None and exc is self._stopped[2]:
+            lost_rank, sentence, _ = self._stopped
+            origin = self.rank if lost_rank is None else lost_rank
+            sentence = sentence if lost_rank is not None else f"rank {self.rank} stopped: {sentence}"
         else:
             origin, sentence = self.rank, f"rank {self.rank} failed: {type(exc).__name__}: {exc}"
         notice = {"rank": origin, "sentence": sentence}
+        # the lost rank too: one that did not answer a roll call may only be slow, and should stop
         sends = [self._control.isend(notice, dest=peer, tag=_TAG_FAILURE)
-                 for peer in range(self.world_size) if peer not in (self.rank, origin)]
+                 for peer in range(self.world_size) if peer != self.rank]
         deadline = time.monotonic() + _ANNOUNCE_WAIT_S
         while sends and not self._MPI.Request.Testall(sends) and time.monotonic() < deadline:
             time.sleep(_MAX_POLL_SLEEP_S)
 
     def _stop(self, lost_rank: int | None, sentence: str) -> DistributedError:
         """The error this rank raises; ``lost_rank`` names the rank it stops for, if any."""
-        if lost_rank is not None:
-            self._lost = (lost_rank, sentence)
-        self._raised = DistributedError(f"{sentence}; stopping rank {self.rank}")
-        return self._raised
+        error = DistributedError(f"{sentence}; stopping rank {self.rank}")
+        self._stopped = (lost_rank, sentence, error)
+        return error
+
+    def stopped_by_group(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the DistributedError this group raised to stop this rank (for a
+        failure elsewhere, a lost rank or a timeout) rather than an error of this rank's work."""
+        return self._stopped is not None and exc is self._stopped[2]
 
     def _read_control(self) -> None:
         """Answer pings, note answers, and raise for a failure notice."""
@@ -327,10 +342,18 @@ class MPIGroup(ProcessGroup):
                 self._pongs.add((payload, source))
         self._outgoing = [request for request in self._outgoing if not request.Test()]
 
-    def _check_peers(self) -> None:
+    def _check_peers(self, done: Callable[[], bool]) -> None:
+        """Raise if a peer process on this host is gone, unless ``done`` turns true within a
+        short grace (a rank that made its last call and exited normally is gone too)."""
         host = socket.gethostname()
         for peer in self.peers:
             if peer.rank != self.rank and peer.host == host and _process_is_gone(peer.pid, peer.start_ticks):
+                deadline = time.monotonic() + _GONE_GRACE_S
+                while time.monotonic() < deadline:
+                    if done():
+                        return
+                    self._read_control()  # a notice it sent before it went says more than its absence
+                    time.sleep(_MAX_POLL_SLEEP_S)
                 raise self._stop(peer.rank, f"rank {peer.rank} (pid {peer.pid} on host {peer.host}) is gone: "
                                  "it exited or was killed")
 
@@ -344,9 +367,10 @@ class MPIGroup(ProcessGroup):
                     self._read_control()
                 now = time.monotonic()
                 if now >= next_peer_check or self._signalled:
-                    self._check_peers()
+                    self._signalled = False
+                    self._check_peers(done)
                     next_peer_check = now + _PEER_CHECK_INTERVAL_S
-                if self._signalled or now - start > self.timeout:
+                if now - start > self.timeout:
                     self._roll_call(done, what)
                     return
                 time.sleep(sleep_s)
@@ -368,19 +392,16 @@ class MPIGroup(ProcessGroup):
             if done():
                 return
             self._read_control()
-            self._check_peers()
+            self._check_peers(done)
             if all((call, rank) in self._pongs for rank in others):
                 break
             time.sleep(_MAX_POLL_SLEEP_S)
         silent = [rank for rank in others if (call, rank) not in self._pongs]
-        reason = ("the MPI launcher signalled that a process of the job died" if self._signalled
-                  else f"{what} did not complete within {self.timeout:g} s")
+        reason = f"{what} did not complete within {self.timeout:g} s"
         if silent:
             names = ", ".join(f"{r} (pid {self.peers[r].pid} on host {self.peers[r].host})" for r in silent)
             raise self._stop(silent[0], f"{reason}; rank{'s' if len(silent) > 1 else ''} {names} did not answer "
                              "a roll call: lost, or stuck outside the group's operations")
-        if self._signalled:
-            raise self._stop(None, f"{reason}; no rank of this group is missing, yet {what} cannot go on")
         raise self._stop(None, f"{reason}, yet every rank answered a roll call: the ranks are making different "
                          "calls (every rank must make the same reductions in the same order)")
 
@@ -454,13 +475,13 @@ def failing_fast(group: MPIGroup) -> Iterator[MPIGroup]:
         try:
             group.announce_failure(exc)
         except Exception as announce_error:  # noqa: BLE001 - the rank is stopping either way
-            print(f"qatcore: rank {group.rank} could not tell the others: {announce_error}", file=sys.stderr)
-        if exc is group._raised:
-            print(f"qatcore: rank {group.rank} of {group.world_size} stopped: {exc}", file=sys.stderr)
+            sys.stderr.write(f"qatcore: rank {group.rank} could not tell the others: {announce_error}\n")
+        # one write per line: the launcher merges the ranks' stderr, and print() writes in pieces
+        if group.stopped_by_group(exc):
+            sys.stderr.write(f"qatcore: rank {group.rank} of {group.world_size} stopped: {exc}\n")
         else:
-            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-            print(f"qatcore: rank {group.rank} of {group.world_size} failed: {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
+            sys.stderr.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+            sys.stderr.write(f"qatcore: rank {group.rank} of {group.world_size} failed: {type(exc).__name__}: {exc}\n")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
