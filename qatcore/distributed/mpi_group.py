@@ -43,6 +43,11 @@ backing off to 1 ms) and meanwhile looks for three signs that the run cannot fin
    do not answer within a grace period; if they all answer, the ranks are making different
    calls.
 
+Known gap: after a rank is SIGKILLed, hydra (MPICH 5.0.2) also SIGKILLs the survivors a
+little later, sometimes before they have reported the lost rank; the run still ends, with
+hydra's "Killed (signal 9)". A survivor busy outside the group's operations (a rank stuck in
+a kernel) only learns of a failure at its next wait.
+
 A rank that raises should stop its process with ``os._exit`` rather than return: returning
 runs ``MPI_Finalize``, which waits for peers that may be gone. :func:`failing_fast` does that.
 
