@@ -1,0 +1,96 @@
+"""Start N ranks of a Python script under ``mpiexec``, set up so that a lost rank is reported.
+
+:func:`launch_workers` runs ``mpiexec <flags> -n N <this python> <argv...>`` and returns its
+exit code. The flags depend on the MPI implementation, read off ``mpiexec --version``:
+
+- MPICH's launcher, hydra (what ``pip install "qatcore[distributed]"`` installs: the
+  ``mpich`` wheel puts ``mpiexec`` beside the venv's python; its version output starts with
+  ``HYDRA build details``): ``-disable-auto-cleanup``. By default hydra kills every rank the
+  moment one dies, with ``BAD TERMINATION ... PID ...`` and no word on which rank or why.
+  With the flag the survivors keep running (hydra sends them SIGUSR1, which
+  :class:`~qatcore.distributed.MPIGroup` catches), find out which rank was lost and print it
+  before they stop.
+- Open MPI (``mpiexec (Open MPI) ...`` or ``(OpenRTE)``): no flag. Its runtime stops the whole
+  job when a rank exits non-zero or is killed and prints which rank it was; Open MPI has no
+  portable switch to keep the survivors running (only fault-tolerant ULFM builds do), so they
+  are stopped by the runtime rather than by their own report.
+- anything else: ConfigError, rather than guessing at flags.
+
+>>> launch_workers(0, ["train.py"])
+Traceback (most recent call last):
+...
+qatcore.errors.ConfigError: launch_workers: n must be a positive int (the number of ranks), got 0
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from qatcore.errors import ConfigError
+
+__all__ = ["find_mpiexec", "launch_workers", "mpiexec_flags"]
+
+_INSTALL = 'pip install "qatcore[distributed]"'
+
+
+def find_mpiexec() -> str:
+    """The path of ``mpiexec``: the one beside ``sys.executable`` (where the ``mpich`` wheel
+    installs it in a venv) first, else the first on PATH; ConfigError naming the install
+    command when there is none."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("mpiexec")
+    if found is None:
+        raise ConfigError(f"no mpiexec beside {sys.executable} or on PATH; install MPI with {_INSTALL}")
+    return found
+
+
+def mpiexec_flags(mpiexec: str) -> list[str]:
+    """The flags that keep the survivors of a lost rank running under this ``mpiexec`` (see
+    the module docstring), chosen from its ``--version`` output."""
+    try:
+        version = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConfigError(f"could not run {mpiexec} --version: {e}") from None
+    text = version.stdout + version.stderr
+    if "HYDRA" in text:
+        return ["-disable-auto-cleanup"]
+    if "Open MPI" in text or "OpenRTE" in text:
+        return []
+    first_line = text.strip().splitlines()[0] if text.strip() else "(nothing)"
+    raise ConfigError(f"{mpiexec} is neither MPICH's hydra nor Open MPI (its --version printed {first_line!r}); "
+                      f"install MPICH with {_INSTALL}")
+
+
+def launch_workers(n: int, argv: list[str]) -> int:
+    """Run ``argv`` (a script and its arguments) on ``n`` ranks with this interpreter under
+    ``mpiexec`` and return its exit code (128 + the signal number if mpiexec itself was
+    killed by a signal). SIGINT and SIGTERM sent to this process while it waits are passed
+    on to mpiexec, which passes them on to the ranks."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"launch_workers: n must be a positive int (the number of ranks), got {n!r}")
+    if isinstance(argv, str) or not all(isinstance(arg, str) for arg in argv) or not argv:
+        raise ConfigError(f"launch_workers: argv must be a non-empty list of strings (the script and its "
+                          f"arguments), got {argv!r}")
+    mpiexec = find_mpiexec()
+    command = [mpiexec, *mpiexec_flags(mpiexec), "-n", str(n), sys.executable, *argv]
+    child = subprocess.Popen(command)
+    forwarded = (signal.SIGINT, signal.SIGTERM)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {}
+    if in_main_thread:  # Python only lets the main thread set signal handlers
+        for signum in forwarded:
+            previous[signum] = signal.signal(signum, lambda received, frame: child.send_signal(received))
+    try:
+        returncode = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 - returncode if returncode < 0 else returncode
