@@ -106,8 +106,8 @@ class StatisticsCollector:
         self.step = int(step)
         self.sampling = self.config.enabled and step % self.config.every == 0
         self.share = 1.0
-        group = current_group()
-        if self.sampling and group is not None:
+        group = current_group() if self.sampling else None
+        if group is not None:
             if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 0:
                 raise ConfigError(
                     f"StatisticsCollector.begin_step: in a data-parallel run the local batch size must be given "
