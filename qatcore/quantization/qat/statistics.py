@@ -16,6 +16,9 @@ records, in bounded series indexed by step:
   and for weights the *flip rate*: the fraction of integer weights that changed
   since the previous sample (oscillation around a rounding boundary).
 
+In a data-parallel run every value describes the global batch and every rank holds the
+same statistics (the reductions are described in ``statistics_collector``).
+
 Memory is bounded however long training runs: a :class:`Series` holds at most
 ``capacity`` points; when full it drops every other point and doubles its
 sampling stride, so it always spans the whole run, at a resolution that halves
