@@ -16,6 +16,9 @@ records, in bounded series indexed by step:
   and for weights the *flip rate*: the fraction of integer weights that changed
   since the previous sample (oscillation around a rounding boundary).
 
+In a data-parallel run every value describes the global batch and every rank holds the
+same statistics (the reductions are described in ``statistics_collector``).
+
 Memory is bounded however long training runs: a :class:`Series` holds at most
 ``capacity`` points; when full it drops every other point and doubles its
 sampling stride, so it always spans the whole run, at a resolution that halves
@@ -39,7 +42,8 @@ import numpy as np
 
 from qatcore import serialization
 from qatcore.errors import ConfigError
-from qatcore.quantization.histogram_observer import histogram_percentile, histogram_state, update_histograms
+from qatcore.process_group import ProcessGroup
+from qatcore.quantization.histogram_observer import bin_index, histogram_percentile, histogram_state, update_histograms
 from qatcore.quantization.qat.statistics_plot import statistics_figure
 from qatcore.text_table import text_table
 
@@ -144,11 +148,40 @@ class QuantizerStatistics:
                 self.series[key] = Series(self.capacity)
             self.series[key].append(step, value)
 
-    def update_histogram(self, x: np.ndarray) -> None:
+    def update_histogram(self, x: np.ndarray, group: ProcessGroup | None = None) -> None:
+        """Add the finite values of ``x`` to the histogram behind :meth:`percentiles`.
+
+        With ``group`` (a data-parallel run, ``x`` this rank's values), the histogram
+        becomes the one of every rank's values together, the same on every rank: the
+        grid is grown for the global range [min_r min(x_r), max_r max(x_r)] (a "min"
+        reduction of (min, -max)), the old counts are re-binned on it as they would be
+        in one process, and each rank's counts on that grid are summed (a "sum"
+        reduction). Binning a value does not depend on which rank holds it, so the
+        counts, the extremes and the percentiles equal those of one process given the
+        concatenated values, exactly.
+
+        >>> stats = QuantizerStatistics("relu.output", "activation", histogram_bins=16)
+        >>> stats.update_histogram(np.arange(101, dtype=np.float32))
+        >>> round(stats.percentiles()["p50"], 1)   # within a bin width (101/16) of 50
+        50.4
+        """
         finite = x[np.isfinite(x)].astype(np.float32).reshape(1, -1)
-        if finite.size:
-            update_histograms(self.histogram, finite, None, finite.min(axis=1), finite.max(axis=1),
-                              np.array([True]))
+        if group is None:
+            if finite.size:
+                update_histograms(self.histogram, finite, None, finite.min(axis=1), finite.max(axis=1),
+                                  np.array([True]))
+            return
+        local = (np.array([finite.min(), -finite.max()], dtype=np.float64) if finite.size
+                 else np.full(2, np.inf))  # a rank with no finite value takes no part in the range
+        low, negative_high = group.allreduce(local, "min")
+        if not np.isfinite(low):  # no finite value on any rank: every rank returns here
+            return
+        low32, high32 = np.array([low], dtype=np.float32), np.array([-negative_high], dtype=np.float32)
+        # grow the grid and re-bin the old counts (equal on every rank), counting nothing yet
+        update_histograms(self.histogram, finite[:, :0], None, low32, high32, np.array([True]))
+        bins = self.histogram["histogram"].shape[1]
+        index = bin_index(finite[0], self.histogram["histogram_start"][0], self.histogram["bin_width"][0], bins)
+        self.histogram["histogram"][0] += group.allreduce(np.bincount(index, minlength=bins), "sum")
 
     def percentiles(self) -> dict[str, float]:
         counts = self.histogram["histogram"][0]
@@ -183,11 +216,23 @@ class QuantizerStatistics:
         return stats
 
 
-def sqnr_db(x: np.ndarray, y: np.ndarray) -> float:
-    """10 log10(signal power / noise power), noise = x - y; inf when y == x exactly."""
+def sqnr_db(x: np.ndarray, y: np.ndarray, group: ProcessGroup | None = None) -> float:
+    """10 log10(signal power / noise power), noise = x - y; inf when y == x exactly.
+
+    SQNR = 10 log10(sum x^2 / sum (x - y)^2). With ``group`` (a data-parallel run, ``x``
+    and ``y`` this rank's values) both sums run over every rank's values (one "sum"
+    reduction) before the ratio: the SQNR of all the values together, the same on every
+    rank, equal to one process's up to the order of the float64 additions.
+
+    >>> x = np.array([1.0, -2.0, 3.0], dtype=np.float32)
+    >>> round(sqnr_db(x, np.array([1.0, -2.0, 2.9], dtype=np.float32)), 2)
+    31.46
+    """
     x64 = x.astype(np.float64, copy=False)
     noise = float(np.sum((x64 - y) ** 2))
     signal = float(np.sum(x64 * x64))
+    if group is not None:
+        signal, noise = (float(v) for v in group.allreduce(np.array([signal, noise]), "sum"))
     if noise == 0.0:
         return math.inf
     if signal == 0.0:
