@@ -159,7 +159,9 @@ def scaling_model(step_s: float, reduced: dict) -> dict:
             comm = sum(entry["calls"] * ring_allreduce_s(entry["bytes"] / max(entry["calls"], 1), ranks, alpha, beta)
                        for entry in reduced.values() if entry["calls"])
             gpt_bytes = 4 * TINYGPT_PARAMETERS
-            gpt_comm = 2 * ring_allreduce_s(gpt_bytes / 2, ranks, alpha, beta) + 2 * ring_allreduce_s(8, ranks, alpha, beta)
+            # its gradients in two buckets, the batch size and the stop flag
+            gpt_comm = (2 * ring_allreduce_s(gpt_bytes / 2, ranks, alpha, beta)
+                        + 2 * ring_allreduce_s(8, ranks, alpha, beta))
             projections[f"{link}, {ranks} ranks"] = {
                 "resnet20_comm_ms": 1e3 * comm, "resnet20_efficiency": step_s / (step_s + comm),
                 "tinygpt_comm_ms": 1e3 * gpt_comm,

@@ -16,6 +16,13 @@ exit code. The flags depend on the MPI implementation, read off ``mpiexec --vers
   are stopped by the runtime rather than by their own report.
 - anything else: ConfigError, rather than guessing at flags.
 
+Hydra may still kill the survivors before they have printed anything (see ``MPIGroup``), so
+the launcher names the lost rank too: each rank leaves its pid and host in a folder the
+launcher gives it (``QATCORE_RANK_FOLDER``), the launcher watches those processes while it
+waits, and when mpiexec fails it prints which rank's process was gone first, e.g.
+``qatcore: rank 1 of 2 (pid 4242 on vm) was lost first (Killed (signal 9)); every rank
+stopped``. mpiexec's output passes through unchanged.
+
 >>> launch_workers(0, ["train.py"])
 Traceback (most recent call last):
 ...
@@ -25,13 +32,17 @@ qatcore.errors.ConfigError: launch_workers: n must be a positive int (the number
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
+from qatcore.distributed.mpi_group import RANK_FOLDER_VARIABLE, _process_is_gone, _process_start_ticks
 from qatcore.errors import ConfigError
 
 __all__ = ["find_mpiexec", "launch_workers", "mpiexec_flags"]
@@ -81,7 +92,77 @@ def launch_workers(n: int, argv: list[str]) -> int:
                           f"arguments), got {argv!r}")
     mpiexec = find_mpiexec()
     command = [mpiexec, *mpiexec_flags(mpiexec), "-n", str(n), sys.executable, *argv]
-    child = subprocess.Popen(command)
+    with tempfile.TemporaryDirectory(prefix="qatcore-ranks-") as folder:
+        env = {**os.environ, RANK_FOLDER_VARIABLE: folder}
+        child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 errors="replace")
+        report = _LauncherReport(child.stdout, child.stderr, Path(folder))
+        returncode = _wait(child)
+        report.finish()
+        if returncode != 0:
+            lost = report.lost_rank()
+            if lost:
+                print(f"qatcore: {lost}", file=sys.stderr, flush=True)
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class _LauncherReport:
+    """Passes mpiexec's stdout and stderr through, line by line, and watches the ranks'
+    processes (from the files they leave in the launcher's folder) to tell which one was lost
+    first: the survivors say it themselves when they can, but hydra may kill them first."""
+
+    def __init__(self, stdout, stderr, folder: Path) -> None:
+        self.exit_string: str | None = None
+        self._folder = folder
+        self._ranks: dict[int, tuple[str, int, str, int | None]] = {}  # rank -> (world, pid, host, ticks)
+        self._lost: list[int] = []  # ranks in the order their processes were seen gone
+        self._done = threading.Event()
+        self._threads = [threading.Thread(target=self._pump, args=(stream, target), daemon=True)
+                         for stream, target in ((stdout, sys.stdout), (stderr, sys.stderr))]
+        self._threads.append(threading.Thread(target=self._watch, daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def _pump(self, stream, target) -> None:
+        for line in stream:
+            target.write(line)
+            target.flush()
+            found = re.search(r"EXIT STRING: (.+)", line)
+            if found and self.exit_string is None:
+                self.exit_string = found.group(1).strip()
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.01):
+            for path in self._folder.glob("rank-*"):
+                rank = int(path.name.split("-")[1])
+                if rank not in self._ranks:
+                    try:
+                        _, world, pid, host = path.read_text().split()
+                    except (OSError, ValueError):
+                        continue
+                    self._ranks[rank] = (world, int(pid), host, _process_start_ticks(int(pid)))
+            for rank, (_, pid, host, ticks) in self._ranks.items():
+                if rank not in self._lost and host == socket.gethostname() and _process_is_gone(pid, ticks):
+                    self._lost.append(rank)
+
+    def finish(self) -> None:
+        self._done.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def lost_rank(self) -> str | None:
+        """"rank 1 of 2 (pid 1234 on vm) was lost first (Killed (signal 9)); every rank stopped",
+        or None when no rank's process was seen gone before the others."""
+        if not self._lost:
+            return None
+        rank = self._lost[0]
+        world, pid, host, _ = self._ranks[rank]
+        how = f" ({self.exit_string})" if self.exit_string else ""
+        return f"rank {rank} of {world} (pid {pid} on {host}) was lost first{how}; every rank stopped"
+
+
+def _wait(child: subprocess.Popen) -> int:
+    """Wait for ``child``, passing SIGINT and SIGTERM on to it meanwhile."""
     forwarded = (signal.SIGINT, signal.SIGTERM)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = {}
@@ -89,8 +170,7 @@ def launch_workers(n: int, argv: list[str]) -> int:
         for signum in forwarded:
             previous[signum] = signal.signal(signum, lambda received, frame: child.send_signal(received))
     try:
-        returncode = child.wait()
+        return child.wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return 128 - returncode if returncode < 0 else returncode

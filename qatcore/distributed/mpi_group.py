@@ -88,6 +88,8 @@ _ROLL_CALL_GRACE_S = 3.0
 _ANNOUNCE_WAIT_S = 1.0
 _GONE_GRACE_S = 0.05
 _HOST_BYTES = 256
+# set by launch_workers: the folder where each rank leaves "rank world_size pid host"
+RANK_FOLDER_VARIABLE = "QATCORE_RANK_FOLDER"
 
 
 def _import_mpi() -> Any:
@@ -183,7 +185,19 @@ class MPIGroup(ProcessGroup):
         group._control_ready = True
         group._exchange_identities()
         group._catch_launcher_signal()
+        group._register_with_launcher()
         return group
+
+    def _register_with_launcher(self) -> None:
+        """Under ``launch_workers`` (``RANK_FOLDER_VARIABLE`` set), leave this rank's pid and host
+        in the launcher's folder, so that the launcher can name a rank that dies before the
+        survivors get to say it (hydra may kill them first)."""
+        folder = os.environ.get(RANK_FOLDER_VARIABLE)
+        if folder:
+            path = os.path.join(folder, f"rank-{self.rank}")
+            with open(path + ".tmp", "w") as f:
+                f.write(f"{self.rank} {self.world_size} {os.getpid()} {socket.gethostname()}\n")
+            os.replace(path + ".tmp", path)
 
     def _exchange_identities(self) -> None:
         host = socket.gethostname().encode()[:_HOST_BYTES]
