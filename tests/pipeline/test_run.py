@@ -113,3 +113,27 @@ def test_ctrl_c_becomes_a_stop_request():
         assert should_stop()
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
+
+
+class _Crash(Exception):
+    """Stands for a crash: not a stop request, nothing saved on the way out."""
+
+
+@pytest.mark.parametrize("crash_in_epoch_line, stage", [(2, "float"), (4, "qat")])
+def test_a_crash_loses_at_most_the_epoch_in_progress(tmp_path, straight, crash_in_epoch_line, stage):
+    """The run saves resume.ckpt after every epoch: a crash in the middle of the next one (an
+    exception out of the progress callback) leaves the last epoch's, and resuming from it
+    reaches the uninterrupted result."""
+    folder = tmp_path / "crashed"
+    epochs, steps = [], []
+
+    def progress(line):
+        steps.append(line)
+        if len(epochs) == crash_in_epoch_line - 1 and len(steps) > 5 + len(epochs) * STEPS_PER_EPOCH:
+            raise _Crash()
+
+    with pytest.raises(_Crash):
+        run_pipeline(_small(folder), on_progress=progress, on_epoch=epochs.append)
+    assert (folder / "resume.ckpt").is_file() and (folder / "float.qat").is_file() == (stage == "qat")
+    resumed = resume_pipeline(folder)
+    assert _record(resumed) == _record(straight[0]) and not (folder / "resume.ckpt").exists()

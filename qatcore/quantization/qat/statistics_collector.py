@@ -95,6 +95,7 @@ class StatisticsCollector:
         self.sampling = False
         self.step = 0
         self.share = 1.0  # n_r / N of this sample step: this rank's weight in the global loss
+        self.group = None  # the sample step's process group, if any
 
     @property
     def config(self) -> StatisticsConfig:
@@ -106,7 +107,9 @@ class StatisticsCollector:
         self.step = int(step)
         self.sampling = self.config.enabled and step % self.config.every == 0
         self.share = 1.0
-        group = current_group() if self.sampling else None
+        # the step's group: a QAT layer quantizes its weights outside it (they are the same on
+        # every rank), but their gradients, recorded in backward, are the ranks' own
+        self.group = group = current_group() if self.sampling else None
         if group is not None:
             if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 0:
                 raise ConfigError(
@@ -161,7 +164,7 @@ class StatisticsCollector:
 
     def backward_callback(self, quantizer, kind: str) -> Callable:
         """The on_backward callback of the fake-quant op for this sample step."""
-        step, name, share, group = self.step, quantizer.name, self.share, current_group()
+        step, name, share, group = self.step, quantizer.name, self.share, self.group
 
         def record(grad_in: np.ndarray, grad_out: np.ndarray, clipped: np.ndarray, grad_scale) -> None:
             if group is None:
