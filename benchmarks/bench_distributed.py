@@ -13,13 +13,16 @@ issue 18: two processes >= 1.8x one process of one thread.
 
 The two-rank run also counts what the ranks reduce per step (calls and bytes, by kind:
 gradient buckets, BatchNorm statistics, observer ranges, the rest), which feeds the
-scaling model: per step, every reduction of ``S`` bytes over ``p`` ranks costs (ring
-allreduce, latency ``alpha`` per message, bandwidth ``beta``)
+scaling model: per step, every reduction of ``S`` bytes over ``p`` ranks costs what the
+better of the two classic allreduce algorithms costs (Thakur, Rabenseifner and Gropp 2005;
+latency ``alpha`` per message, bandwidth ``beta``):
 
-    T(S, p) = 2 (p - 1) alpha + 2 (p - 1) / p * S / beta
+    ring (large S):                T = 2 (p - 1) alpha + 2 (p - 1) / p * S / beta
+    recursive doubling (small S):  T = log2(p) * (alpha + S / beta)
 
 and the projected efficiency is ``t_step / (t_step + sum T)`` with ``t_step`` the
-measured one-thread step (no overlap assumed: a lower bound). The TinyGPT line uses a
+measured one-thread step (no overlap of communication with computation assumed: a
+lower bound). The TinyGPT line uses a
 stated parameter count and an assumed step time (issue 19 will measure it).
 
     python benchmarks/bench_distributed.py            # prints one JSON object
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -68,6 +72,7 @@ def child(steps: int, distributed: bool) -> None:
         from qatcore.distributed import MPIGroup
         group = MPIGroup.world()
         counts = _count_reductions(group)
+        waited = _time_waits(group)
     rank, world = (0, 1) if group is None else (group.rank, group.world_size)
     x_all, y_all, _, _ = load_digits(image_size=32, channels=3)
     x = np.ascontiguousarray(x_all[rank * BATCH:(rank + 1) * BATCH])
@@ -95,23 +100,48 @@ def child(steps: int, distributed: bool) -> None:
             if index == 1:
                 for value in counts.values():
                     value.update(calls=0, bytes=0)
+                if group is not None:
+                    waited.update(s=0.0, waits=0)
     step_s = float(np.median(times[2:]))
     if rank == 0:
-        print(json.dumps({"ranks": world, "step_ms": 1e3 * step_s, "samples_per_s": world * BATCH / step_s,
+        waits = {} if group is None else {"waiting_ms_per_step": 1e3 * waited["s"] / steps,
+                                          "waits_per_step": waited["waits"] / steps}
+        print(json.dumps({"ranks": world, "step_ms": 1e3 * step_s, "samples_per_s": world * BATCH / step_s, **waits,
                           "reduced_per_step": {kind: {"calls": c["calls"] / steps, "bytes": c["bytes"] / steps}
                                                for kind, c in counts.items()}}), flush=True)
 
 
+def _time_waits(group) -> dict:
+    """Wrap the group's waits (every reduction, barrier and gather waits in one) to add up the
+    time rank 0 spends waiting for the others: communication plus the other ranks' lateness."""
+    waited = {"s": 0.0, "waits": 0}
+    original = group._wait_until
+
+    def timed(done, what):
+        start = time.perf_counter()
+        try:
+            return original(done, what)
+        finally:
+            waited["s"] += time.perf_counter() - start
+            waited["waits"] += 1
+
+    group._wait_until = timed
+    return waited
+
+
 def _count_reductions(group) -> dict:
     """Wrap the group's reductions to count calls and bytes per step, by the caller's kind."""
-    counts = {kind: {"calls": 0, "bytes": 0} for kind in ("gradients", "batch_norm", "observers", "other")}
+    counts = {kind: {"calls": 0, "bytes": 0}
+              for kind in ("gradients", "batch_norm", "observers", "statistics", "other")}
 
     def kind_of() -> str:
         frame = sys._getframe(2)
-        for _ in range(6):
+        for _ in range(8):
             name = frame.f_code.co_filename
             if "data_parallel" in name:
                 return "gradients" if frame.f_code.co_name in ("_launch", "_finish") else "other"
+            if "statistics" in name:
+                return "statistics"
             if "normalization" in name:
                 return "batch_norm"
             if "observer" in name:
@@ -121,16 +151,15 @@ def _count_reductions(group) -> dict:
                 break
         return "other"
 
-    for method in ("allreduce", "iallreduce"):
-        original = getattr(group, method)
+    original = group.iallreduce  # every reduction goes through it (allreduce waits on one)
 
-        def counted(array, op="sum", _original=original):
-            entry = counts[kind_of()]
-            entry["calls"] += 1
-            entry["bytes"] += np.asarray(array).nbytes
-            return _original(array, op)
+    def counted(array, op="sum"):
+        entry = counts[kind_of()]
+        entry["calls"] += 1
+        entry["bytes"] += np.asarray(array).nbytes
+        return original(array, op)
 
-        setattr(group, method, counted)
+    group.iallreduce = counted
     return counts
 
 
@@ -146,9 +175,12 @@ def _run_child(env_extra: dict, steps: int, ranks: int = 1) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def ring_allreduce_s(size_bytes: float, ranks: int, alpha: float, beta: float) -> float:
-    """The ring allreduce's time for ``size_bytes`` over ``ranks`` (module docstring)."""
-    return 2 * (ranks - 1) * alpha + 2 * (ranks - 1) / ranks * size_bytes / beta
+def allreduce_s(size_bytes: float, ranks: int, alpha: float, beta: float) -> float:
+    """An allreduce's time for ``size_bytes`` over ``ranks``: the better of ring and recursive
+    doubling (module docstring)."""
+    ring = 2 * (ranks - 1) * alpha + 2 * (ranks - 1) / ranks * size_bytes / beta
+    doubling = math.log2(ranks) * (alpha + size_bytes / beta)
+    return min(ring, doubling)
 
 
 def scaling_model(step_s: float, reduced: dict) -> dict:
@@ -156,17 +188,18 @@ def scaling_model(step_s: float, reduced: dict) -> dict:
     projections = {}
     for link, (alpha, beta) in LINKS.items():
         for ranks in RANKS:
-            comm = sum(entry["calls"] * ring_allreduce_s(entry["bytes"] / max(entry["calls"], 1), ranks, alpha, beta)
+            comm = sum(entry["calls"] * allreduce_s(entry["bytes"] / max(entry["calls"], 1), ranks, alpha, beta)
                        for entry in reduced.values() if entry["calls"])
             gpt_bytes = 4 * TINYGPT_PARAMETERS
             # its gradients in two buckets, the batch size and the stop flag
-            gpt_comm = (2 * ring_allreduce_s(gpt_bytes / 2, ranks, alpha, beta)
-                        + 2 * ring_allreduce_s(8, ranks, alpha, beta))
+            gpt_comm = (2 * allreduce_s(gpt_bytes / 2, ranks, alpha, beta)
+                        + 2 * allreduce_s(8, ranks, alpha, beta))
             projections[f"{link}, {ranks} ranks"] = {
                 "resnet20_comm_ms": 1e3 * comm, "resnet20_efficiency": step_s / (step_s + comm),
                 "tinygpt_comm_ms": 1e3 * gpt_comm,
                 "tinygpt_efficiency": TINYGPT_ASSUMED_STEP_S / (TINYGPT_ASSUMED_STEP_S + gpt_comm)}
-    return {"formula": "T(S,p) = 2(p-1) alpha + 2(p-1)/p S/beta per reduction; efficiency t/(t + sum T), no overlap",
+    return {"formula": "per reduction T(S,p) = min(2(p-1) alpha + 2(p-1)/p S/beta, log2(p) (alpha + S/beta)); "
+                       "efficiency t/(t + sum T), no overlap",
             "links": {link: {"alpha_s": a, "beta_bytes_per_s": b} for link, (a, b) in LINKS.items()},
             "resnet20_step_s": step_s, "tinygpt_parameters": TINYGPT_PARAMETERS,
             "tinygpt_assumed_step_s": TINYGPT_ASSUMED_STEP_S, "projections": projections}
