@@ -118,3 +118,21 @@ def test_calibrate_refuses_what_it_cannot_use(digits):
         calibrate(qat_model, 3)
     with pytest.raises(ConfigError, match="gave no batch"):
         calibrate(qat_model, [])
+
+
+def test_calibration_after_a_sample_step_records_no_statistics(trained_cnn, digits):
+    x_train, y_train = digits[0], digits[1]
+    preparer = QATPreparer()
+    qat_model = preparer.prepare_for_qat(trained_cnn)
+    optimizer = SGD(qat_model.parameters(), lr=0.01)
+    train_one_epoch(qat_model, DataLoader(x_train[:64], y_train[:64], 64), optimizer)  # step 0: a sample step
+    statistics = preparer.controller(qat_model).statistics
+
+    def lengths():
+        return {(name, key): len(s) for name, q in statistics.quantizers.items() for key, s in q.series.items()}
+
+    before = lengths()
+    assert before and preparer.controller(qat_model).collector.sampling
+    calibrate(qat_model, x_train[:128])
+    assert lengths() == before
+    assert preparer.controller(qat_model).collector.sampling  # the training step's setting comes back

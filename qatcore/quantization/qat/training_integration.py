@@ -195,6 +195,7 @@ class QATController(Module):
         if self._calibrating:
             raise ConfigError("QATController.calibration: this model is already calibrating")
         self._calibrating = True
+        sampling, self.collector.sampling = self.collector.sampling, False  # calibration records no statistics
         try:
             for quantizer in self._quantizers:
                 quantizer.fake_quant_enabled.data[...] = False
@@ -203,6 +204,7 @@ class QATController(Module):
             yield
         finally:
             self._calibrating = False
+            self.collector.sampling = sampling
             for quantizer in self._quantizers:
                 quantizer.fake_quant_enabled.data[...] = True
                 quantizer.observer_enabled.data[...] = False
