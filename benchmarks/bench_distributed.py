@@ -48,10 +48,12 @@ ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "OMP_NUM_TH
 TWO_THREADS = {"OPENBLAS_NUM_THREADS": "2", "NUMBA_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}
 LINKS = {"10 Gb/s Ethernet": (25e-6, 10e9 / 8), "100 Gb/s InfiniBand": (3e-6, 100e9 / 8)}
 RANKS = (8, 16, 32, 64)
-# TinyGPT-size (issue 19): 4 layers, d_model 128, 65-character vocabulary, 64 positions:
-# 12 * L * d^2 + (V + T) * d parameters, float32 gradients, no BatchNorm, no activation observers
-# (per-token dynamic activation quantization reduces nothing); its step time is assumed.
-TINYGPT_PARAMETERS = 12 * 4 * 128 ** 2 + (65 + 64) * 128
+# TinyGPT-size (issue 19's default TinyGPT): 4 layers, d_model 128, 65-character vocabulary, 64
+# positions, untied head: per block 12 d^2 + 13 d (qkv, proj, the MLP, two LayerNorms), plus the
+# embeddings (V + T) d, the final LayerNorm 2 d and the head V d; float32 gradients, no BatchNorm,
+# no activation observers (per-token dynamic activation quantization reduces nothing); its step
+# time is assumed.
+TINYGPT_PARAMETERS = 4 * (12 * 128 ** 2 + 13 * 128) + (65 + 64) * 128 + 2 * 128 + 65 * 128
 TINYGPT_ASSUMED_STEP_S = 0.5
 
 
