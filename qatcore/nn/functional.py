@@ -623,40 +623,44 @@ def dropout(x, p: float = 0.5, training: bool = True, generator: np.random.Gener
 
 # ==== attention (issue 19): scaled dot-product attention ===============================
 # Self-contained block: composed from matmul, transpose, mul, add and softmax above.
-__all__ += ["scaled_dot_product_attention", "attention_probabilities"]
+__all__ += ["scaled_dot_product_attention", "attention_probabilities", "additive_attention_mask"]
 
 
-def _attention_mask(attn_mask, is_causal: bool, query: Tensor, key: Tensor, op: str):
-    """The additive mask of the scores (..., L, S): None, a constant array, or a Tensor
-    (a float mask that requires grad), and a boolean array of the rows where every
-    position is masked (None when there are none)."""
-    length, source = query.shape[-2], key.shape[-2]
+def additive_attention_mask(attn_mask, is_causal: bool, query_shape: tuple, key_shape: tuple, dtype,
+                            op: str = "scaled_dot_product_attention"):
+    """What ``attn_mask`` / ``is_causal`` add to the scores (..., L, S) of a query
+    (..., L, E) and a key (..., S, E): (additive, dead) with ``additive`` None, a constant
+    array of ``dtype`` (0 where attended, -inf where not), or the mask Tensor itself (a
+    float mask that requires grad), and ``dead`` a boolean array (..., L, 1) of the rows
+    where nothing is attended (their mask is made 0 and their probabilities 0), or None."""
+    length, source = query_shape[-2], key_shape[-2]
     if is_causal and attn_mask is not None:
         raise ConfigError(f"{op}: give attn_mask or is_causal=True, not both (as in PyTorch)")
     if is_causal:
-        return np.where(np.tril(np.ones((length, source), dtype=bool)), 0.0, -np.inf).astype(query.dtype), (
-            np.zeros((length, 1), dtype=bool) if source else None)
+        causal = np.tril(np.ones((length, source), dtype=bool))
+        return np.where(causal, 0.0, -np.inf).astype(dtype), (None if source else np.ones((length, 1), bool))
     if attn_mask is None:
         return None, None
     mask = attn_mask if isinstance(attn_mask, Tensor) else _tensor(np.asarray(attn_mask))
-    scores_shape = np.broadcast_shapes(query.shape[:-1], key.shape[:-2] + (1,))[:-1] + (length, source)
+    scores_shape = np.broadcast_shapes(tuple(query_shape[:-2]), tuple(key_shape[:-2])) + (length, source)
     if mask.ndim > len(scores_shape) or np.broadcast_shapes(mask.shape, scores_shape) != scores_shape:
         raise ShapeError(f"{op}: attn_mask of shape {mask.shape} does not broadcast to the scores' shape "
                          f"{scores_shape} (..., L, S)")
     if mask.dtype == np.bool_:
-        additive = np.where(mask.data, 0.0, -np.inf).astype(query.dtype)
+        additive = np.where(mask.data, 0.0, -np.inf).astype(dtype)
+        dead = ~np.any(mask.data, axis=-1, keepdims=True)
     elif mask.dtype.kind == "f":
-        additive = mask if mask.requires_grad else mask.data.astype(query.dtype)
+        additive = mask if mask.requires_grad else mask.data.astype(dtype)
+        dead = np.all(np.isneginf(mask.data), axis=-1, keepdims=True)
     else:
         raise DTypeError(f"{op}: attn_mask must be boolean (True: attend) or floating point (added to the "
                          f"scores), got dtype {mask.dtype}")
-    dead = np.all(np.isneginf(mask.data if mask.dtype != np.bool_ else additive), axis=-1, keepdims=True)
     if not dead.any():
         return additive, None
     if isinstance(additive, Tensor):
         raise ConfigError(f"{op}: a float attn_mask that requires grad must leave every row a finite entry "
-                          f"(rows {np.argwhere(dead[..., 0]).tolist()} are all -inf)")
-    return np.where(dead, 0.0, additive).astype(query.dtype), dead
+                          f"(some rows are all -inf)")
+    return np.where(dead, 0.0, additive).astype(dtype), dead
 
 
 @_traceable
@@ -677,7 +681,7 @@ def attention_probabilities(query, key, attn_mask=None, is_causal: bool = False,
         scale = 1.0 / math.sqrt(query.shape[-1])
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ConfigError(f"{op}: scale must be a finite number or None (1/sqrt(E)), got {scale!r}")
-    additive, dead = _attention_mask(attn_mask, is_causal, query, key, op)
+    additive, dead = additive_attention_mask(attn_mask, is_causal, query.shape, key.shape, query.dtype, op)
     scores = mul(matmul(query, transpose(key, -2, -1)), _tensor(float(scale), query))
     if additive is not None:
         scores = add(scores, additive)
