@@ -643,7 +643,11 @@ def additive_attention_mask(attn_mask, is_causal: bool, query_shape: tuple, key_
         return None, None
     mask = attn_mask if isinstance(attn_mask, Tensor) else _tensor(np.asarray(attn_mask))
     scores_shape = np.broadcast_shapes(tuple(query_shape[:-2]), tuple(key_shape[:-2])) + (length, source)
-    if mask.ndim > len(scores_shape) or np.broadcast_shapes(mask.shape, scores_shape) != scores_shape:
+    try:
+        fits = mask.ndim <= len(scores_shape) and np.broadcast_shapes(mask.shape, scores_shape) == scores_shape
+    except ValueError:
+        fits = False
+    if not fits:
         raise ShapeError(f"{op}: attn_mask of shape {mask.shape} does not broadcast to the scores' shape "
                          f"{scores_shape} (..., L, S)")
     if mask.dtype == np.bool_:

@@ -44,7 +44,6 @@ True
 from __future__ import annotations
 
 import operator
-
 from typing import Any
 
 import numpy as np
