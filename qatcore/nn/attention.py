@@ -65,7 +65,7 @@ class MultiheadAttention(Module):
     def bias(self) -> bool:
         return self.in_proj_bias is not None
 
-    def _project(self, x: Tensor, part: int, name: str) -> Tensor:
+    def _project(self, x: Tensor, part: int) -> Tensor:
         """x W_part^T + b_part, then (B, L, E) -> (B, H, L, D)."""
         rows = slice(part * self.embed_dim, (part + 1) * self.embed_dim)
         bias = None if self.in_proj_bias is None else F.getitem(self.in_proj_bias, rows)
@@ -125,9 +125,9 @@ class MultiheadAttention(Module):
         batch, length, source = q.shape[0], q.shape[1], k.shape[1]
         mask = self._mask(attn_mask, batch, length, source)
         causal = bool(is_causal) and mask is None
-        probabilities = F.attention_probabilities(self._project(q, 0, "query"), self._project(k, 1, "key"),
+        probabilities = F.attention_probabilities(self._project(q, 0), self._project(k, 1),
                                                   attn_mask=mask, is_causal=causal)
-        heads = F.matmul(probabilities, self._project(v, 2, "value"))  # (B, H, L, D)
+        heads = F.matmul(probabilities, self._project(v, 2))  # (B, H, L, D)
         merged = F.reshape(F.transpose(heads, 1, 2), (batch, length, self.embed_dim))
         output = self.out_proj(merged)
         if not need_weights:

@@ -715,7 +715,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal: b
     >>> import numpy as np
     >>> q = np.zeros((1, 2, 3, 4)); v = np.arange(24.0).reshape(1, 2, 3, 4)
     >>> scaled_dot_product_attention(q, q, v, is_causal=True).numpy()[0, 0, :, 0]
-    array([0. , 2. , 4. ])
+    array([0., 2., 4.])
     """
     value = _tensor(value)
     key_t = _tensor(key)
