@@ -18,12 +18,13 @@ __all__ = [
     "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Softmax", "LogSoftmax", "Sequential", "ModuleList",
     "Flatten", "Identity", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Dropout",
     "CrossEntropyLoss", "MSELoss", "ConvReLU2d", "LinearReLU", "fold_conv_batch_norm",
-    "fold_linear_batch_norm",
+    "fold_linear_batch_norm", "MultiheadAttention",
 ]
 
 __getattr__, __dir__ = lazy_exports(__name__, submodules=("init",), names={
     "qatcore.nn.activation": ("Hardsigmoid", "Hardswish", "LeakyReLU", "LogSoftmax", "ReLU", "ReLU6", "Sigmoid",
                               "Softmax", "Tanh"),
+    "qatcore.nn.attention": ("MultiheadAttention",),
     "qatcore.nn.batchnorm": ("BatchNorm1d", "BatchNorm2d"),
     "qatcore.nn.container": ("ModuleList", "Sequential"),
     "qatcore.nn.conv": ("Conv2d",),

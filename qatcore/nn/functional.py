@@ -133,7 +133,9 @@ def pow(a, exponent: float) -> Tensor:
 
 @_traceable
 def matmul(a, b) -> Tensor:
-    """Matrix product with numpy's rules (1-D operands, batched broadcasting)."""
+    """Matrix product with numpy's (and PyTorch's) rules: 1-D operands are promoted and
+    their axis removed afterwards; (..., M, K) @ (..., K, N) broadcasts the batch axes
+    (``(B, 1, M, K) @ (H, K, N)`` is (B, H, M, N))."""
     a, b = _tensor(a), _tensor(b)
     if a.ndim == 0 or b.ndim == 0:
         raise ShapeError("matmul: both operands need at least one dimension")
@@ -141,12 +143,19 @@ def matmul(a, b) -> Tensor:
     kb = b.shape[0] if b.ndim == 1 else b.shape[-2]
     if ka != kb:
         raise ShapeError(f"matmul: shapes {a.shape} and {b.shape} do not align ({ka} != {kb})")
+    if a.ndim > 2 and b.ndim > 2:
+        try:
+            np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        except ValueError:
+            raise ShapeError(f"matmul: batch dimensions {a.shape[:-2]} and {b.shape[:-2]} (of shapes {a.shape} "
+                             f"and {b.shape}) do not broadcast") from None
     return ops.MatMul.apply(a, b)
 
 
 @_traceable
 def linear(x, weight, bias=None) -> Tensor:
-    """y = x @ weight^T + bias, with weight (out_features, in_features)."""
+    """y = x @ weight^T + bias, with weight (out_features, in_features); ``x`` is
+    (..., in_features) with any number of leading axes ((N, C), (B, T, C), ...)."""
     x, weight = _tensor(x), _tensor(weight)
     if weight.ndim != 2:
         raise ShapeError(f"linear: weight must be 2-D (out, in), got shape {weight.shape}")
@@ -610,3 +619,109 @@ def dropout(x, p: float = 0.5, training: bool = True, generator: np.random.Gener
         return mul(x, np.zeros(x.shape, dtype=x.dtype))
     keep = generator.random(x.shape) >= p
     return mul(x, (keep / (1.0 - p)).astype(x.dtype))
+
+
+# ==== attention (issue 19): scaled dot-product attention ===============================
+# Self-contained block: composed from matmul, transpose, mul, add and softmax above.
+__all__ += ["scaled_dot_product_attention", "attention_probabilities", "additive_attention_mask"]
+
+
+def additive_attention_mask(attn_mask, is_causal: bool, query_shape: tuple, key_shape: tuple, dtype,
+                            op: str = "scaled_dot_product_attention"):
+    """What ``attn_mask`` / ``is_causal`` add to the scores (..., L, S) of a query
+    (..., L, E) and a key (..., S, E): (additive, dead) with ``additive`` None, a constant
+    array of ``dtype`` (0 where attended, -inf where not), or the mask Tensor itself (a
+    float mask that requires grad), and ``dead`` a boolean array (..., L, 1) of the rows
+    where nothing is attended (their mask is made 0 and their probabilities 0), or None."""
+    length, source = query_shape[-2], key_shape[-2]
+    if is_causal and attn_mask is not None:
+        raise ConfigError(f"{op}: give attn_mask or is_causal=True, not both (as in PyTorch)")
+    if is_causal:
+        causal = np.tril(np.ones((length, source), dtype=bool))
+        return np.where(causal, 0.0, -np.inf).astype(dtype), (None if source else np.ones((length, 1), bool))
+    if attn_mask is None:
+        return None, None
+    mask = attn_mask if isinstance(attn_mask, Tensor) else _tensor(np.asarray(attn_mask))
+    scores_shape = np.broadcast_shapes(tuple(query_shape[:-2]), tuple(key_shape[:-2])) + (length, source)
+    try:
+        fits = mask.ndim <= len(scores_shape) and np.broadcast_shapes(mask.shape, scores_shape) == scores_shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ShapeError(f"{op}: attn_mask of shape {mask.shape} does not broadcast to the scores' shape "
+                         f"{scores_shape} (..., L, S)")
+    if mask.dtype == np.bool_:
+        additive = np.where(mask.data, 0.0, -np.inf).astype(dtype)
+        dead = ~np.any(mask.data, axis=-1, keepdims=True)
+    elif mask.dtype.kind == "f":
+        additive = mask if mask.requires_grad else mask.data.astype(dtype)
+        dead = np.all(np.isneginf(mask.data), axis=-1, keepdims=True)
+    else:
+        raise DTypeError(f"{op}: attn_mask must be boolean (True: attend) or floating point (added to the "
+                         f"scores), got dtype {mask.dtype}")
+    if not dead.any():
+        return additive, None
+    if isinstance(additive, Tensor):
+        raise ConfigError(f"{op}: a float attn_mask that requires grad must leave every row a finite entry "
+                          f"(some rows are all -inf)")
+    return np.where(dead, 0.0, additive).astype(dtype), dead
+
+
+@_traceable
+def attention_probabilities(query, key, attn_mask=None, is_causal: bool = False, scale: float | None = None) -> Tensor:
+    """softmax(q k^T * scale + mask) over the last axis: the attention weights (..., L, S)
+    of ``scaled_dot_product_attention`` (arguments as there). A row with no position to
+    attend is all zeros (PyTorch's safe softmax), with a zero gradient."""
+    op = "attention_probabilities"
+    query, key = _tensor(query), _tensor(key)
+    for name, t in (("query", query), ("key", key)):
+        _require_float(t, op, name)
+        if t.ndim < 2:
+            raise ShapeError(f"{op}: {name} must be (..., length, embedding), got shape {t.shape}")
+    if query.shape[-1] != key.shape[-1]:
+        raise ShapeError(f"{op}: query and key must share the embedding size (last axis), got shapes "
+                         f"{query.shape} and {key.shape}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ConfigError(f"{op}: scale must be a finite number or None (1/sqrt(E)), got {scale!r}")
+    additive, dead = additive_attention_mask(attn_mask, is_causal, query.shape, key.shape, query.dtype, op)
+    scores = mul(matmul(query, transpose(key, -2, -1)), _tensor(float(scale), query))
+    if additive is not None:
+        scores = add(scores, additive)
+    probabilities = softmax(scores, -1)
+    if dead is not None:
+        probabilities = mul(probabilities, (~dead).astype(query.dtype))
+    return probabilities
+
+
+@_traceable
+def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal: bool = False,
+                                 scale: float | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(E) + mask) v, PyTorch's ``F.scaled_dot_product_attention``.
+
+    Args:
+        query: (..., L, E); key: (..., S, E); value: (..., S, Ev); the batch axes
+            ((B, H) or (B,)) broadcast.
+        attn_mask: boolean (True: the position takes part) or float (added to the
+            scores), broadcasting to (..., L, S).
+        is_causal: query i attends to keys 0..i only (``tril`` of an (L, S) matrix of
+            ones, top-left aligned as in PyTorch); an error together with ``attn_mask``.
+        scale: the factor of the scores; None is 1/sqrt(E).
+
+    Returns: (..., L, Ev). The softmax is computed as exp(log_softmax), which subtracts
+    each row's maximum first (docs/numerics.md, "Attention").
+
+    >>> import numpy as np
+    >>> q = np.zeros((1, 2, 3, 4)); v = np.arange(24.0).reshape(1, 2, 3, 4)
+    >>> scaled_dot_product_attention(q, q, v, is_causal=True).numpy()[0, 0, :, 0]
+    array([0., 2., 4.])
+    """
+    value = _tensor(value)
+    key_t = _tensor(key)
+    _require_float(value, "scaled_dot_product_attention", "value")
+    if value.ndim < 2 or key_t.ndim < 2 or value.shape[-2] != key_t.shape[-2]:
+        raise ShapeError(f"scaled_dot_product_attention: value (..., S, Ev) must have as many positions as key "
+                         f"(..., S, E), got shapes {value.shape} and {key_t.shape}")
+    probabilities = attention_probabilities(query, key_t, attn_mask, is_causal, scale)
+    return matmul(probabilities, value)

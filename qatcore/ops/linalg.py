@@ -11,7 +11,13 @@ __all__ = ["MatMul"]
 
 class MatMul(Function):
     """out = a @ b (numpy matmul rules: 1-D operands, batched broadcasting);
-    da = g @ b^T,  db = a^T @ g  (batch axes summed back by the engine)."""
+    da = g @ b^T,  db = a^T @ g  (batch axes summed back by the engine).
+
+    A batched ``a`` (..., M, K) against a matrix ``b`` (K, N), as in a linear layer on
+    (B, T, C) inputs, has db = sum over the batch of a_i^T @ g_i: that is one matrix
+    product of the rows stacked, (B*M, K)^T @ (B*M, N), not a batch of (K, N) products
+    for the engine to sum.
+    """
 
     def forward(self, a, b):
         self.a, self.b = a, b
@@ -34,7 +40,9 @@ class MatMul(Function):
             da = np.matmul(g2, np.swapaxes(b2, -1, -2))
             if a.ndim == 1:
                 da = da.reshape(da.shape[:-2] + (a.shape[0],))
-        if self.needs_input_grad[1]:
+        if self.needs_input_grad[1] and b.ndim == 2 and a.ndim > 2:
+            db = a.reshape(-1, a.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+        elif self.needs_input_grad[1]:
             db = np.matmul(np.swapaxes(a2, -1, -2), g2)
             if b.ndim == 1:
                 db = db.reshape(db.shape[:-2] + (b.shape[0],))

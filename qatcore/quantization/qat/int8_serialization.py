@@ -43,6 +43,7 @@ True
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,9 @@ __all__ = ["int8_model_to_dict", "int8_model_from_dict"]
 FORMAT, VERSION = "qatcore.int8_model", 3
 READABLE_VERSIONS = (1, 2, 3)
 OPS = ("input", "call_module", "call_function", "output", "get_attr")
+# the one function outside qatcore.nn.functional a graph may call: an element of a layer's
+# tuple output (MultiheadAttention's (output, weights))
+_GETITEM = "operator.getitem"
 # version 1 named three runtime modules differently
 _VERSION_1_NAMES = {"QuantizedLinear": "Int8Linear", "QuantizedConv2d": "Int8Conv2d", "QuantizedAdd": "Int8Add"}
 
@@ -179,9 +183,12 @@ def int8_model_to_dict(model: Int8Model) -> dict:
             raise ConfigError(f"cannot save node {node.name!r}: keyword arguments are not stored")
         target = node.target
         if node.op == "call_function":
-            if getattr(F, getattr(target, "__name__", ""), None) is not target:
+            if target is operator.getitem:
+                target = _GETITEM
+            elif getattr(F, getattr(target, "__name__", ""), None) is not target:
                 raise ConfigError(f"cannot save node {node.name!r}: its function is not in qatcore.nn.functional")
-            target = target.__name__
+            else:
+                target = target.__name__
         elif node.op not in ("input", "call_module", "output", "get_attr"):
             raise ConfigError(f"cannot save node {node.name!r} of kind {node.op}")
         record = [OPS.index(node.op), target, _pack_args(list(node.args), index)]
@@ -240,8 +247,8 @@ def int8_model_from_dict(data: dict) -> Int8Model:
             root.add_module(target, _build_module(record[3], f"{where} ({target})", version))
             node = graph.create_node("call_module", target, args, name=target)
         else:
-            function = getattr(F, target, None)
-            if target not in F.__all__ or not callable(function) or len(record) != 4:
+            function = operator.getitem if target == _GETITEM else getattr(F, target, None)
+            if (target != _GETITEM and target not in F.__all__) or not callable(function) or len(record) != 4:
                 raise ConfigError(f"int8 model: {where} calls unknown function {target!r}")
             node = graph.create_node("call_function", function, args, name=record[3])
         nodes.append(node)

@@ -132,8 +132,12 @@ def parity_report(qat_model: Module, int8_model: Module, inputs) -> ParityReport
 def _graph_parity(qat_model: GraphModule, int8_model: Int8Model, args: tuple) -> ParityReport:
     sources = int8_model.value_sources
     reference: dict[str, np.ndarray] = {}
-    qat_out = _run_qat_eval(qat_model, lambda: qat_model.run(args, {}, lambda node, value: reference.__setitem__(
-        node.name, _array(value))))
+
+    def record(node, value) -> None:
+        if isinstance(value, (Tensor, np.ndarray)):  # not a pair such as MultiheadAttention's (output, weights)
+            reference[node.name] = _array(value)
+
+    qat_out = _run_qat_eval(qat_model, lambda: qat_model.run(args, {}, record))
     candidates: dict[str, tuple[np.ndarray, float]] = {}
 
     def observe(node, value) -> None:

@@ -14,6 +14,7 @@ from qatcore.graph.node import Node
 from qatcore.quantization.qat.operators import (  # noqa: F401  (imported to register their rules)
     activation,
     arithmetic,
+    attention,
     normalization,
     pooling,
     quantizer,
