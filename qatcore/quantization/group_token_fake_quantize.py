@@ -27,7 +27,8 @@ Backward, torchao's straight-through estimator (its ``_Round`` passes the gradie
 
     dx = where(qmin <= q <= qmax, dy * s, 0) * inv
 
-(``s * inv`` is 1 up to one rounding, so ``dx = dy`` inside the grid to within an ulp).
+(``(dy * s) * inv`` rounds twice, so inside the grid ``dx = dy`` to within a few ulp; not in an
+all-zero block, whose ``s`` is ``tiny`` and ``dy * s`` a subnormal with fewer bits.)
 
 >>> import numpy as np
 >>> x = np.array([[0.0, 0.1, -0.2, 0.75]], dtype=np.float32)
