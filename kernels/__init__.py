@@ -65,7 +65,8 @@ imports the package once, at the top of its module, and numba loads when a kerne
 from qatcore.lazy_exports import lazy_exports
 
 __all__ = ["layout", "window", "im2col", "depthwise_conv", "pooling", "batch_norm", "fake_quant", "requantize",
-           "requantize_float32", "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add", "lookup", "erf"]
+           "requantize_float32", "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add", "lookup",
+           "erf"]
 
 __getattr__, __dir__ = lazy_exports(__name__, submodules=(
     "layout", "window", "im2col", "depthwise_conv", "pooling", "batch_norm", "fake_quant", "requantize",
