@@ -36,6 +36,7 @@ Modules:
                 in both requantization arithmetics, elementwise.
     lookup     -- ``lookup``: ``table[q - offset]``, the gather of the int8 runtime's lookup
                 tables (unary activations).
+    erf        -- ``erf``: the error function elementwise (libm's, through numba), for the exact GELU.
 
 Conventions shared by every kernel:
     * Pure functions over NumPy arrays: arguments are never modified, results are new arrays
@@ -64,9 +65,10 @@ imports the package once, at the top of its module, and numba loads when a kerne
 from qatcore.lazy_exports import lazy_exports
 
 __all__ = ["layout", "window", "im2col", "depthwise_conv", "pooling", "batch_norm", "fake_quant", "requantize",
-           "requantize_float32", "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add", "lookup"]
+           "requantize_float32", "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add", "lookup",
+           "erf"]
 
 __getattr__, __dir__ = lazy_exports(__name__, submodules=(
     "layout", "window", "im2col", "depthwise_conv", "pooling", "batch_norm", "fake_quant", "requantize",
-    "requantize_float32", "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add", "lookup",
+    "requantize_float32", "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add", "lookup", "erf",
 ))

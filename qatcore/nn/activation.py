@@ -3,10 +3,12 @@ can name them and the QAT preparer can find them in the module tree."""
 
 from __future__ import annotations
 
+from qatcore.errors import ConfigError
 from qatcore.nn import functional as F
 from qatcore.nn.module import Module
 
-__all__ = ["ReLU", "ReLU6", "LeakyReLU", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Softmax", "LogSoftmax"]
+__all__ = ["ReLU", "ReLU6", "LeakyReLU", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Softmax", "LogSoftmax",
+           "GELU", "SiLU"]
 
 
 class ReLU(Module):
@@ -85,3 +87,27 @@ class LogSoftmax(Module):
 
     def forward(self, x):
         return F.log_softmax(x, self.dim)
+
+
+class GELU(Module):
+    """x * Phi(x): exact (erf) with approximate="none", the tanh form with "tanh"
+    (:func:`qatcore.nn.functional.gelu`)."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ConfigError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x):
+        return F.gelu(x, self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
+class SiLU(Module):
+    """x * sigmoid(x)"""
+
+    def forward(self, x):
+        return F.silu(x)

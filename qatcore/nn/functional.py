@@ -725,3 +725,139 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal: b
                          f"(..., S, E), got shapes {value.shape} and {key_t.shape}")
     probabilities = attention_probabilities(query, key_t, attn_mask, is_causal, scale)
     return matmul(probabilities, value)
+
+
+# ==== transformer layers (issue 19): layer_norm, rms_norm, gelu, silu, embedding ===============
+# Self-contained block: its helpers are prefixed _tf_ and its names join __all__ here.
+__all__ += ["layer_norm", "rms_norm", "gelu", "silu", "embedding"]
+
+_GELU_APPROXIMATIONS = ("none", "tanh")
+
+
+def _tf_normalized_shape(x: Tensor, normalized_shape, op: str) -> tuple[int, ...]:
+    """normalized_shape as a tuple of ints that ends x's shape."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
+    if not shape or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in shape):
+        raise ConfigError(f"{op}: normalized_shape must be a positive int or a non-empty sequence of positive "
+                          f"ints, got {normalized_shape!r}")
+    shape = tuple(int(s) for s in shape)
+    if x.ndim < len(shape) or x.shape[x.ndim - len(shape):] != shape:
+        raise ShapeError(f"{op}: input of shape {x.shape} does not end with normalized_shape {shape}")
+    return shape
+
+
+def _tf_affine(value, shape: tuple[int, ...], x: Tensor, name: str, op: str) -> Tensor | None:
+    """An optional weight or bias of the normalized shape and x's dtype."""
+    if value is None:
+        return None
+    value = _tensor(value)
+    if value.shape != shape:
+        raise ShapeError(f"{op}: {name} has shape {value.shape}, expected normalized_shape {shape}")
+    if value.dtype != x.dtype:
+        raise DTypeError(f"{op}: {name} dtype {value.dtype} differs from the input dtype {x.dtype}")
+    return value
+
+
+def _tf_eps(eps, op: str) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not eps >= 0:
+        raise ConfigError(f"{op}: eps must be a number >= 0, got {eps!r}")
+    return float(eps)
+
+
+@_traceable
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
+    """Layer normalization over the trailing ``normalized_shape`` axes (Ba et al. 2016):
+
+        out = (x - mean) / sqrt(var + eps) * weight + bias
+
+    with the mean and the biased variance over those axes, per sample (docs/numerics.md,
+    "Layer norm and RMS norm"; ``qatcore.ops.layer_norm``).
+
+    >>> import numpy as np
+    >>> y = layer_norm(np.array([[1.0, 2.0, 3.0]]), (3,), eps=0.0)
+    >>> [round(v, 6) for v in y.numpy()[0].tolist()]
+    [-1.224745, 0.0, 1.224745]
+    """
+    x = _tensor(x)
+    _require_float(x, "layer_norm")
+    shape = _tf_normalized_shape(x, normalized_shape, "layer_norm")
+    weight = _tf_affine(weight, shape, x, "weight", "layer_norm")
+    bias = _tf_affine(bias, shape, x, "bias", "layer_norm")
+    return ops.LayerNorm.apply(x, weight, bias, normalized_ndim=len(shape), eps=_tf_eps(eps, "layer_norm"))
+
+
+@_traceable
+def rms_norm(x, normalized_shape, weight=None, eps: float | None = None) -> Tensor:
+    """RMS normalization over the trailing ``normalized_shape`` axes (Zhang and Sennrich 2019):
+
+        out = x / sqrt(mean(x^2) + eps) * weight
+
+    eps None is the input dtype's machine epsilon (``np.finfo(dtype).eps``, PyTorch's default).
+
+    >>> import numpy as np
+    >>> y = rms_norm(np.array([[3.0, 4.0]]), (2,), eps=0.0)
+    >>> [round(v, 6) for v in y.numpy()[0].tolist()]
+    [0.848528, 1.131371]
+    """
+    x = _tensor(x)
+    _require_float(x, "rms_norm")
+    shape = _tf_normalized_shape(x, normalized_shape, "rms_norm")
+    weight = _tf_affine(weight, shape, x, "weight", "rms_norm")
+    eps = float(np.finfo(x.dtype).eps) if eps is None else _tf_eps(eps, "rms_norm")
+    return ops.RMSNorm.apply(x, weight, normalized_ndim=len(shape), eps=eps)
+
+
+@_traceable
+def gelu(x, approximate: str = "none") -> Tensor:
+    """GELU (Hendrycks and Gimpel 2016): x * Phi(x), Phi the standard normal CDF.
+
+    approximate="none": Phi(x) = (1 + erf(x / sqrt 2)) / 2 (exact);
+    approximate="tanh": x / 2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))).
+
+    >>> import numpy as np
+    >>> [round(v, 6) for v in gelu(np.array([-1.0, 0.0, 1.0])).numpy().tolist()]
+    [-0.158655, 0.0, 0.841345]
+    """
+    if approximate not in _GELU_APPROXIMATIONS:
+        raise ConfigError(f"gelu: approximate must be one of {_GELU_APPROXIMATIONS}, got {approximate!r}")
+    x = _tensor(x)
+    _require_float(x, "gelu")
+    return (ops.Gelu if approximate == "none" else ops.GeluTanh).apply(x)
+
+
+@_traceable
+def silu(x) -> Tensor:
+    """SiLU (swish): x * sigmoid(x)."""
+    x = _tensor(x)
+    _require_float(x, "silu")
+    return ops.Silu.apply(x)
+
+
+@_traceable
+def embedding(input, weight, padding_idx: int | None = None) -> Tensor:  # noqa: A002 - PyTorch's name
+    """Rows of ``weight`` (num_embeddings, embedding_dim) picked by the integer ``input``:
+    out has shape input.shape + (embedding_dim,). With ``padding_idx`` (negative counts from
+    the end) that row receives no gradient. ``input`` is a constant (no gradient).
+
+    >>> import numpy as np
+    >>> embedding(np.array([[2, 0]]), np.arange(6.0).reshape(3, 2)).numpy().tolist()
+    [[[4.0, 5.0], [0.0, 1.0]]]
+    """
+    weight = _tensor(weight)
+    indices = input.data if isinstance(input, Tensor) else np.asarray(input)
+    if weight.ndim != 2:
+        raise ShapeError(f"embedding: weight must be 2-D (num_embeddings, embedding_dim), got shape {weight.shape}")
+    _require_float(weight, "embedding", "weight")
+    if indices.dtype.kind not in "iu":
+        raise DTypeError(f"embedding: input must hold integer indices, got dtype {indices.dtype}")
+    rows = weight.shape[0]
+    if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= rows):
+        raise ShapeError(f"embedding: input indices must lie in [0, {rows - 1}] (num_embeddings {rows}), got "
+                         f"[{int(indices.min())}, {int(indices.max())}]")
+    if padding_idx is not None:
+        if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)) \
+                or not -rows <= padding_idx < rows:
+            raise ConfigError(f"embedding: padding_idx must be None or an int in [{-rows}, {rows - 1}], "
+                              f"got {padding_idx!r}")
+        padding_idx = int(padding_idx) % rows
+    return ops.Embedding.apply(weight, indices=indices.astype(np.intp, copy=False), padding_idx=padding_idx)

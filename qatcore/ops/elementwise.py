@@ -7,13 +7,16 @@ engine sums them to each input's shape.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from qatcore import kernels
 from qatcore.autograd.function import Function
 
 __all__ = [
     "Add", "Sub", "Mul", "Div", "Neg", "Pow", "Exp", "Log", "Sqrt",
-    "Relu", "Sigmoid", "Tanh", "Clamp", "Cast",
+    "Relu", "Sigmoid", "Tanh", "Clamp", "Cast", "Gelu", "GeluTanh", "Silu",
 ]
 
 
@@ -189,3 +192,54 @@ class Cast(Function):
 
     def backward(self, g):
         return (g.astype(self.in_dtype),)
+
+
+_SQRT_HALF = 1 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+_GELU_CUBIC = 0.044715
+
+
+class Gelu(Function):
+    """out = a * Phi(a), Phi(a) = (1 + erf(a / sqrt 2)) / 2 (exact GELU; erf from ``kernels.erf``);
+    da = g * (Phi(a) + a * phi(a)), phi(a) = e^(-a^2 / 2) / sqrt(2 pi)."""
+
+    def forward(self, a):
+        self.a = a
+        self.cdf = (0.5 * (1 + kernels.erf.erf(a * np.asarray(_SQRT_HALF, a.dtype)))).astype(a.dtype, copy=False)
+        return a * self.cdf
+
+    def backward(self, g):
+        a = self.a
+        pdf = np.exp(-0.5 * a * a) * np.asarray(_INV_SQRT_2PI, a.dtype)
+        return (g * (self.cdf + a * pdf),)
+
+
+class GeluTanh(Function):
+    """out = a / 2 * (1 + tanh(u)), u = sqrt(2/pi) * (a + 0.044715 a^3) (GELU's tanh approximation);
+    da = g * ((1 + t) / 2 + a / 2 * (1 - t^2) * sqrt(2/pi) * (1 + 3 * 0.044715 a^2)), t = tanh(u)."""
+
+    def forward(self, a):
+        k, c = np.asarray(_SQRT_2_OVER_PI, a.dtype), np.asarray(_GELU_CUBIC, a.dtype)
+        self.a = a
+        self.t = np.tanh(k * (a + c * a * a * a))
+        return 0.5 * a * (1 + self.t)
+
+    def backward(self, g):
+        a, t = self.a, self.t
+        k, c = np.asarray(_SQRT_2_OVER_PI, a.dtype), np.asarray(_GELU_CUBIC, a.dtype)
+        return (g * (0.5 * (1 + t) + 0.5 * a * (1 - t * t) * k * (1 + 3 * c * a * a)),)
+
+
+class Silu(Function):
+    """out = a * sigmoid(a) (SiLU, also called swish);  da = g * s * (1 + a * (1 - s)), s = sigmoid(a)."""
+
+    def forward(self, a):
+        e = np.exp(-np.abs(a))  # sigmoid without overflow, as Sigmoid computes it
+        self.a = a
+        self.s = np.where(a >= 0, 1 / (1 + e), e / (1 + e)).astype(a.dtype, copy=False)
+        return a * self.s
+
+    def backward(self, g):
+        s = self.s
+        return (g * s * (1 + self.a * (1 - s)),)

@@ -188,6 +188,13 @@ def _followed_by_activation(gm: GraphModule, node: Node) -> bool:
     return user.op in ("call_module", "call_function") and _rule_of(gm, user)[0].qat is QATRole.ACTIVATION
 
 
+def _read_only_as_indices(gm: GraphModule, node: Node) -> bool:
+    """Every user of ``node`` reads it as the integer indices of an operator whose rule says
+    ``index_input`` (an embedding lookup)."""
+    return all(user.op in ("call_module", "call_function") and user.args and user.args[0] is node
+               and _rule_of(gm, user)[0].index_input for user in node.users)
+
+
 def _insert_quantizer_after(gm: GraphModule, holder: Submodules, node: Node, spec) -> Node:
     name = node.name
     holder.add_module(name, FakeQuantize(spec, f"activation_fake_quant.{name}"))
@@ -209,6 +216,8 @@ def _insert_activation_quantizers(gm: GraphModule, layerwise: LayerwiseConfig) -
             kind = _produces_quantized_value(gm, node)
             if kind != "new" or not node.users or all(u.op == "output" for u in node.users):
                 continue
+            if _read_only_as_indices(gm, node):
+                continue  # token indices: integers already, and never dequantized
             if (node.op != "input" and _rule_of(gm, node)[0].quantize_after_activation
                     and _followed_by_activation(gm, node)):
                 continue  # quantized after the activation instead

@@ -19,6 +19,7 @@ from qatcore.quantization.qat.operators import (  # noqa: F401  (imported to reg
     pooling,
     quantizer,
     shape,
+    transformer,
     weighted,
 )
 from qatcore.quantization.qat.operators.registry import (

@@ -8,6 +8,8 @@ An operator is a *target* that can stand in a graph node: a module type (``ReLU`
   activation quantizer, keep its input's grid, stay float, or is it a layer with weights;
   ``quantize_after_activation``: an activation right after it takes its quantizer instead
   (the int8 op then fuses a ReLU as its clamp);
+- ``index_input``: its first input holds integer indices (an embedding lookup), so
+  preparation never puts a quantizer on a value only such operators read;
 - ``to_qat``: for a layer with weights, how to build its QAT layer;
 - ``lower``: how conversion turns the QAT node into int8 runtime nodes (``None``: it
   stays a float operation between Dequantize and Quantize);
@@ -15,7 +17,9 @@ An operator is a *target* that can stand in a graph node: a module type (``ReLU`
 - ``record``: how an int8 model file stores it (int8 runtime modules, and the float
   layers an int8 model may keep);
 - ``example``: a tiny model that uses it, so the registry-wide test walks it through
-  prepare -> train -> convert -> save/load -> ONNX Runtime.
+  prepare -> train -> convert -> save/load -> ONNX Runtime; or ``example_missing``: why
+  that walk cannot take it (the registry-wide test requires one of the two for every
+  user-facing operator, and the reason says where the operator is tested instead).
 
 ONNX import goes the other way, from an ONNX operator type to qatcore layers, so it
 has its own table (:func:`register_onnx_import`), filled in the same family files.
@@ -87,11 +91,13 @@ class OperatorRule:
     target: Any
     qat: QATRole = QATRole.FLOAT
     quantize_after_activation: bool = False
+    index_input: bool = False
     to_qat: Callable | None = None
     lower: Callable | None = None
     export: Callable | None = None
     record: RecordRule | None = None
     example: Callable | None = None
+    example_missing: str | None = None
 
     @property
     def name(self) -> str:
