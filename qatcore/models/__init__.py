@@ -7,7 +7,7 @@ when the package is.
 from qatcore.lazy_exports import lazy_exports
 
 __all__ = ["MLP", "DigitsCNN", "SmallResNet", "BasicBlock", "CifarResNet", "cifar_resnet", "resnet20",
-           "CIFAR_RESNET_DEPTHS", "MobileNetV2", "InvertedResidual", "MOBILENET_V2_CIFAR_STAGES"]
+           "CIFAR_RESNET_DEPTHS", "MobileNetV2", "InvertedResidual", "MOBILENET_V2_CIFAR_STAGES", "TinyGPT"]
 
 __getattr__, __dir__ = lazy_exports(__name__, names={
     "qatcore.models.cifar_resnets": ("CIFAR_RESNET_DEPTHS", "CifarResNet", "cifar_resnet", "resnet20"),
@@ -15,4 +15,5 @@ __getattr__, __dir__ = lazy_exports(__name__, names={
     "qatcore.models.mlp": ("MLP",),
     "qatcore.models.mobilenet_v2": ("MOBILENET_V2_CIFAR_STAGES", "InvertedResidual", "MobileNetV2"),
     "qatcore.models.resnet": ("BasicBlock", "SmallResNet"),
+    "qatcore.models.tiny_gpt": ("TinyGPT",),
 })
