@@ -132,17 +132,23 @@ class _LauncherReport:
                 self.exit_string = found.group(1).strip()
 
     def _watch(self) -> None:
+        here = socket.gethostname()
+        world: int | None = None
         while not self._done.wait(0.01):
-            for path in self._folder.glob("rank-*"):
-                rank = int(path.name.split("-")[1])
-                if rank not in self._ranks:
+            if world is None or len(self._ranks) < world:  # until every rank has left its file
+                for path in self._folder.glob("rank-*"):
+                    if path.suffix == ".tmp":  # still being written (the rank renames it when done)
+                        continue
                     try:
-                        _, world, pid, host = path.read_text().split()
+                        rank_text, world_text, pid, host = path.read_text().split()
+                        rank = int(rank_text)
                     except (OSError, ValueError):
                         continue
-                    self._ranks[rank] = (world, int(pid), host, _process_start_ticks(int(pid)))
+                    if rank not in self._ranks:
+                        world = int(world_text)
+                        self._ranks[rank] = (world_text, int(pid), host, _process_start_ticks(int(pid)))
             for rank, (_, pid, host, ticks) in self._ranks.items():
-                if rank not in self._lost and host == socket.gethostname() and _process_is_gone(pid, ticks):
+                if rank not in self._lost and host == here and _process_is_gone(pid, ticks):
                     self._lost.append(rank)
 
     def finish(self) -> None:
