@@ -40,7 +40,8 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["ProcessGroup", "PendingReduction", "REDUCE_OPS", "current_group", "use_group", "set_group"]
+__all__ = ["ProcessGroup", "PendingReduction", "REDUCE_OPS", "current_group", "use_group", "set_group",
+           "local_batch_size"]
 
 REDUCE_OPS = ("sum", "min", "max")
 
@@ -107,3 +108,12 @@ def use_group(group: ProcessGroup | None) -> Iterator[ProcessGroup | None]:
         yield group
     finally:
         _GROUP.reset(token)
+
+
+def local_batch_size(args: tuple) -> int:
+    """This rank's batch size in a forward called with ``args``: the first argument's axis 0
+    (1 when it has none). ``DataParallel`` weights each rank's gradients by it, and the QAT
+    statistics weight each rank's recorded gradients the same way."""
+    first = args[0] if args else None
+    shape = getattr(getattr(first, "data", first), "shape", ())
+    return int(shape[0]) if len(shape) else 1

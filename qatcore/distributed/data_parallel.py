@@ -51,7 +51,7 @@ import numpy as np
 from qatcore.autograd import is_grad_enabled, queue_callback, register_grad_ready_hook
 from qatcore.errors import ConfigError
 from qatcore.nn import Module
-from qatcore.process_group import ProcessGroup, current_group
+from qatcore.process_group import ProcessGroup, current_group, local_batch_size
 
 __all__ = ["DataParallel"]
 
@@ -135,7 +135,7 @@ class DataParallel(Module):
     # ---- forward: the global batch size, the buckets -------------------------------------------
     def forward(self, *args, **kwargs):
         if self.world_size > 1 and self.training and is_grad_enabled() and self._syncing:
-            local = args[0].shape[0] if args and hasattr(args[0], "shape") and args[0].shape else 1
+            local = local_batch_size(args)
             total = float(self.group.allreduce(np.array([local], dtype=np.float64), "sum")[0])
             object.__setattr__(self, "_weight", local / total)
             self._ensure_buckets()

@@ -39,12 +39,12 @@ import numpy as np
 from qatcore.autograd.grad_mode import is_grad_enabled
 from qatcore.errors import ConfigError, QATCoreError
 from qatcore.nn.module import Module
+from qatcore.process_group import local_batch_size
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.quantization.qat.qat_layers import QAT_LAYER_TYPES, FoldedBatchNorm
 from qatcore.quantization.qat.quantizer_parameters import check_optimized
 from qatcore.quantization.qat.statistics import QATStatistics, StatisticsConfig
 from qatcore.quantization.qat.statistics_collector import StatisticsCollector
-from qatcore.tensor import Tensor
 
 __all__ = ["QATSchedule", "QATController", "controller_of"]
 
@@ -161,7 +161,7 @@ class QATController(Module):
         if self.check_optimizers and not self._optimizers_checked and is_grad_enabled():
             check_optimized(model)  # before counting: a step refused is not a step taken
             self._optimizers_checked = True
-        self.collector.begin_step(self.current_step, _batch_size(args))
+        self.collector.begin_step(self.current_step, local_batch_size(args))
         if self.auto_step:
             self.apply_schedule()
             self.step_count.data += 1
@@ -222,15 +222,6 @@ class QATController(Module):
 
     def extra_repr(self) -> str:
         return f"step={self.current_step}, schedule={self.schedule}"
-
-
-def _batch_size(args: tuple) -> int:
-    """The local batch size of a forward's arguments, read as ``DataParallel`` reads it: the
-    first argument's axis 0 (1 when it has none), so the statistics weight each rank's
-    gradients as the gradient averaging does."""
-    first = args[0] if args else None
-    array = first.data if isinstance(first, Tensor) else first
-    return int(array.shape[0]) if isinstance(array, np.ndarray) and array.ndim else 1
 
 
 def controller_of(qat_model: Module) -> QATController:
