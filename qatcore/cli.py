@@ -58,6 +58,7 @@ from qatcore.pipeline import (
     run_pipeline,
     run_settings_of,
 )
+from qatcore.pipeline.gpt_experiment import SCHEMES, GPTSettings, format_gpt_summary, run_gpt_experiment
 
 __all__ = ["main", "build_parser", "run_settings"]
 
@@ -87,6 +88,7 @@ class _ProgressLine:
 
 # ---- argument parsing ----------------------------------------------------------------------
 DEFAULTS = RunSettings()  # the `qatcore run` defaults are the pipeline's
+GPT_DEFAULTS = GPTSettings()  # and, for --model gpt, the transformer experiment's
 
 
 class _OneLineErrors(argparse.ArgumentParser):
@@ -103,8 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qatcore {qatcore.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="float training, QAT fine-tuning, int8 conversion and evaluation")
-    run.add_argument("--model", choices=tuple(MODELS), default=DEFAULTS.model,
-                     help=f"reference model (default: {DEFAULTS.model})")
+    run.add_argument("--model", choices=(*MODELS, "gpt"), default=DEFAULTS.model,
+                     help=f"reference model (default: {DEFAULTS.model}); gpt: the TinyGPT experiment on Tiny "
+                          f"Shakespeare (float, PTQ and QAT perplexity; qatcore.pipeline.gpt_experiment)")
+    run.add_argument("--scheme", choices=tuple(SCHEMES), default=None,
+                     help=f"--model gpt: the quantization scheme (default: {GPT_DEFAULTS.scheme})")
+    run.add_argument("--steps", type=_positive_int, default=None,
+                     help=f"--model gpt: float pretraining steps (default: {GPT_DEFAULTS.steps})")
+    run.add_argument("--qat-steps", type=_positive_int, default=None,
+                     help=f"--model gpt: fine-tuning steps of the float baseline and of QAT, each "
+                          f"(default: {GPT_DEFAULTS.qat_steps})")
     run.add_argument("--config", type=Path, help="layer-wise QAT config, JSON or TOML (see docs/getting_started.md)")
     run.add_argument("--bits", type=int, default=DEFAULTS.bits,
                      help=f"weight bits of the default config, 2-8; below 8 the weight scales are learned "
@@ -202,7 +212,38 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
                        output=args.output, mnist=args.mnist)
 
 
+# the options of the image runs that the gpt experiment does not take
+_NOT_FOR_GPT = ("--config", "--bits", "--epochs", "--qat-epochs", "--mnist", "--resume", "--distributed", "--workers",
+                "--quiet")
+_GPT_ONLY = ("--scheme", "--steps", "--qat-steps")
+
+
+def _given(args) -> set[str]:
+    """The long options on the command line (``--lr=0.1`` counts as ``--lr``)."""
+    return {item.split("=", 1)[0] for item in getattr(args, "argv", []) if item.startswith("--")}
+
+
+def gpt_settings(args: argparse.Namespace) -> GPTSettings:
+    """The GPTSettings of parsed ``qatcore run --model gpt`` options; an option of the image
+    runs is refused by name (ConfigError)."""
+    given = _given(args)
+    refused = [option for option in _NOT_FOR_GPT if option in given]
+    if refused:
+        raise ConfigError(f"{', '.join(refused)}: not an option of --model gpt (it takes --scheme, --steps, "
+                          f"--qat-steps, --lr, --batch-size, --seed, --output, --json, --progress)")
+    values = {"scheme": args.scheme, "steps": args.steps, "qat_steps": args.qat_steps, "seed": args.seed,
+              "output": args.output if "--output" in given else Path("qatcore-gpt-run"),
+              "lr": args.lr if "--lr" in given else None,
+              "batch_size": args.batch_size if "--batch-size" in given else None}
+    return GPTSettings(**{k: v for k, v in values.items() if v is not None})
+
+
 def _run(args) -> int:
+    if args.model == "gpt":
+        return _run_gpt(args)
+    given = [option for option in _GPT_ONLY if option in _given(args)]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: options of --model gpt, not of --model {args.model}")
     if args.workers is not None:
         return _launch_workers(args)
     if args.distributed:
@@ -226,6 +267,17 @@ def _run_here(args, printing: bool) -> int:
         print(f"int8 accuracy {result.int8_accuracy:.4f}")
     else:
         print(format_summary(result))
+    return 0
+
+
+def _run_gpt(args) -> int:
+    """``qatcore run --model gpt``: the experiment of ``qatcore.pipeline.gpt_experiment``."""
+    settings = gpt_settings(args)
+    show = args.progress or (not args.json and sys.stderr.isatty())
+    progress = _ProgressLine(sys.stderr, show)
+    result = run_gpt_experiment(settings, on_progress=progress.update)
+    progress.close()
+    print(json.dumps(result.to_dict()) if args.json else format_gpt_summary(result))
     return 0
 
 

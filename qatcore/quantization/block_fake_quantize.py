@@ -46,7 +46,7 @@ from qatcore.quantization.group_token_fake_quantize import (
     _check,
     _fake_quantize,
     _fake_quantize_ternary,
-    absmean_inverse_scale,
+    absmean_scale,
     group_qparams,
     token_qparams,
 )
@@ -124,17 +124,19 @@ class BlockFakeQuantize(FakeQuantize):
             *array.shape[:-1], array.shape[-1] // size, size)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             if spec.scheme.absmean:
-                inv = absmean_inverse_scale(blocks)[..., None]
-                scale, zero_point = 1 / inv, np.zeros_like(inv)
+                scale = absmean_scale(blocks)[..., None]
+                zero_point = np.zeros_like(scale)
             elif self.learns_scale and bool(self.qparams_ready.data):
                 scale = np.maximum(self.scale.data, FLOAT32_EPS).reshape(*blocks.shape[:-1], 1)
-                zero_point, inv = np.zeros_like(scale), None
+                zero_point = np.zeros_like(scale)
             else:
                 rule = token_qparams if spec.scheme.per_token else group_qparams
                 scale, zero_point = rule(blocks, spec.bits, spec.scheme.symmetric)
-                scale, zero_point, inv = scale[..., None], zero_point[..., None], None
-            inv = 1 / scale if inv is None else inv
-            integers = np.clip(np.rint(blocks * inv) + zero_point, qmin, qmax)
+                scale, zero_point = scale[..., None], zero_point[..., None]
+            if spec.scheme.absmean:  # x / s, as the ternary rule divides
+                integers = np.clip(np.rint(blocks / scale), qmin, qmax)
+            else:  # x * (1 / s), as torchao's rule multiplies
+                integers = np.clip(np.rint(blocks * (1 / scale)) + zero_point, qmin, qmax)
         integers = np.nan_to_num(integers).astype(np.int32).reshape(array.shape)
         return scale, zero_point, integers
 

@@ -19,14 +19,16 @@ scheme (torchao's ``torch.int{b}`` bounds). Per block, in the input's float dtyp
 
     inv = 1 / s;   q = rne(x * inv) + z;   y = (clamp(q, qmin, qmax) - z) * s
 
-Ternary weights with absmean scaling (BitNet b1.58, Ma et al. 2024), per tensor or per
-group, with BitNet's arithmetic (its ``weight_quant``: a multiplier, then a division):
+Ternary weights with absmean scaling (BitNet b1.58, Ma et al. 2024, its equations
+1-3), per tensor or per group:
 
-    inv = 1 / max(mean(|x|), 1e-5);   y = clamp(rne(x * inv), -1, 1) / inv
+    s = mean(|x|) + 1e-5;   y = clamp(rne(x / s), -1, 1) * s
 
-(the mean in float64, then rounded to x's dtype), and BitNet's straight-through estimator,
-``dx = dy`` everywhere (``w + (u - w).detach()``: no clipping mask, so weights beyond the
-grid keep learning).
+(the mean in float64, then s rounded to x's dtype), and BitNet's straight-through
+estimator, ``dx = dy`` everywhere (``w + (u - w).detach()``: no clipping mask, so weights
+beyond the grid keep learning). BitNet's released code computes ``x * (1 / max(mean, 1e-5))``
+and divides by that multiplier; qatcore follows the paper's formula (the contract's), which
+differs from it by at most an ulp of the scale, and only near a rounding tie.
 
 ``tiny`` is the dtype's smallest normal number; ``int32(v)`` truncates and gives
 ``-2^31`` for a value outside the int32 range, as PyTorch's conversion on x86 does.
@@ -55,13 +57,13 @@ from qatcore.tensor import Tensor
 
 __all__ = [
     "fake_quantize_per_group", "fake_quantize_per_token", "fake_quantize_ternary", "group_qparams", "token_qparams",
-    "absmean_inverse_scale", "BlockFakeQuantizeFunction", "TernaryFakeQuantizeFunction",
+    "absmean_scale", "BlockFakeQuantizeFunction", "TernaryFakeQuantizeFunction",
 ]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # torchao's get_groupwise_affine_qparams: the minimum scale of asymmetric groups
 _GROUP_AFFINE_EPS = 1e-6
-# BitNet b1.58's weight_quant: the smallest mean(|w|) it divides by
+# BitNet b1.58's epsilon, added to mean(|w|)
 _ABSMEAN_EPS = 1e-5
 
 
@@ -126,31 +128,30 @@ def _fake_quantize(x: np.ndarray, group_size: int | None, bits: int, symmetric: 
     return y.reshape(x.shape), (q >= qmin) & (q <= qmax), s, inv
 
 
-def absmean_inverse_scale(blocks: np.ndarray) -> np.ndarray:
-    """``1 / max(mean(|x|), 1e-5)`` of each block over its last axis (shape
-    ``blocks.shape[:-1]``, blocks' dtype; the mean taken in float64)."""
-    mean = np.abs(blocks).mean(axis=-1, dtype=np.float64)
-    return (1.0 / np.maximum(mean, _ABSMEAN_EPS)).astype(blocks.dtype)
+def absmean_scale(blocks: np.ndarray) -> np.ndarray:
+    """``mean(|x|) + 1e-5`` of each block over its last axis (shape ``blocks.shape[:-1]``,
+    blocks' dtype; the mean taken in float64)."""
+    return (np.abs(blocks).mean(axis=-1, dtype=np.float64) + _ABSMEAN_EPS).astype(blocks.dtype)
 
 
 def _fake_quantize_ternary(x: np.ndarray, group_size: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(y, inv): the ternary output and each block's ``inv`` (module docstring)."""
+    """(y, s): the ternary output and each block's scale (module docstring)."""
     blocks = x.reshape(1, -1) if group_size is None else x.reshape(*x.shape[:-1], x.shape[-1] // group_size,
                                                                   group_size)
-    inv = absmean_inverse_scale(blocks)[..., None]
+    scale = absmean_scale(blocks)[..., None]
     with np.errstate(over="ignore", invalid="ignore"):
-        y = np.clip(np.rint(blocks * inv), -1, 1) / inv
-    return y.reshape(x.shape).astype(x.dtype, copy=False), inv
+        y = np.clip(np.rint(blocks / scale), -1, 1) * scale
+    return y.reshape(x.shape).astype(x.dtype, copy=False), scale
 
 
 class TernaryFakeQuantizeFunction(Function):
     """y = ternary(x) (module docstring), backward ``dx = dy`` (BitNet's estimator)."""
 
     def forward(self, x, group_size, on_backward=None):
-        y, inv = _fake_quantize_ternary(x, group_size)
+        y, scale = _fake_quantize_ternary(x, group_size)
         if on_backward is not None:  # statistics: the elements beyond the grid
-            blocks = x.reshape(inv.shape[:-1] + (-1,))
-            self.on_backward, self.clipped = on_backward, np.abs(np.rint(blocks * inv)) > 1
+            blocks = x.reshape(scale.shape[:-1] + (-1,))
+            self.on_backward, self.clipped = on_backward, np.abs(np.rint(blocks / scale)) > 1
         return y
 
     def backward(self, g):
@@ -275,8 +276,8 @@ def fake_quantize_ternary(x, group_size: int | None = None):
         group_size: None, or a positive int dividing the last axis.
 
     >>> import numpy as np
-    >>> fake_quantize_ternary(np.array([[0.1, -0.3, 0.9, -0.3]], np.float32))   # s = 0.4
-    array([[ 0. , -0.4,  0.4, -0.4]], dtype=float32)
+    >>> fake_quantize_ternary(np.array([[0.1, -0.3, 0.9, -0.3]], np.float32))   # s = 0.4 + 1e-5
+    array([[ 0.     , -0.40001,  0.40001, -0.40001]], dtype=float32)
     """
     array = _check("fake_quantize_ternary", x, group_size, 2, True)
     size = None if group_size is None else int(group_size)
