@@ -34,7 +34,8 @@ generator's state, so the float and QAT fine-tunings see the same batches.
 The run folder holds ``float.qat`` (the FLOAT state_dict), ``qat.ckpt`` (the QAT model,
 ``save_qat_checkpoint``), ``result.json`` and ``report.md``; ``pretrained.qat`` (the
 snapshot, with its optimizer and generator state) is written when pretraining ends, so a
-run restarted with the same settings and folder skips it (``resume=True``).
+run in the same folder with the same pretraining settings (any scheme, any fine-tuning)
+skips it (``resume=True``).
 
 >>> settings = GPTSettings(steps=4, qat_steps=2, batch_size=4, block_size=16, n_layer=1, n_embd=32,
 ...                        output="gpt-run", validation_windows=8)
@@ -143,6 +144,15 @@ class GPTSettings:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (str(v) if isinstance(v, Path) else v) for f in fields(self) for v in (getattr(self, f.name),)}
 
+    def pretraining_key(self) -> dict[str, Any]:
+        """The settings pretraining depends on: a snapshot made with the same ones is reused
+        (whatever the scheme and the fine-tuning)."""
+        return {name: getattr(self, name) for name in _PRETRAINING_FIELDS}
+
+
+_PRETRAINING_FIELDS = ("steps", "lr", "batch_size", "block_size", "n_layer", "n_embd", "n_head", "weight_decay",
+                       "warmup", "seed")
+
 
 @dataclass(frozen=True)
 class GPTResult:
@@ -221,9 +231,9 @@ def validation_loss(model, tokens: np.ndarray, block_size: int, windows: int | N
     return total / count, count
 
 
-def _save_state(path: Path, model, optimizer, rng) -> None:
+def _save_state(path: Path, model, optimizer, rng, pretraining: dict) -> None:
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-               "rng": json.dumps(rng.bit_generator.state)}
+               "rng": json.dumps(rng.bit_generator.state), "pretraining": pretraining}
     qatcore.save(payload, path)
 
 
@@ -236,12 +246,11 @@ def run_gpt_experiment(settings: GPTSettings, on_progress: Callable[[str], None]
         raise ConfigError(f"run_gpt_experiment needs GPTSettings, got {type(settings).__name__}")
     out = settings.output
     out.mkdir(parents=True, exist_ok=True)
-    settings_file = out / "gpt_settings.json"
+    write_atomically(json.dumps(settings.to_dict(), indent=2).encode(), os.fspath(out / "gpt_settings.json"))
     snapshot = out / "pretrained.qat"
-    if snapshot.exists() and (not resume or not settings_file.exists()
-                              or json.loads(settings_file.read_text()) != settings.to_dict()):
-        snapshot.unlink()  # another experiment's snapshot: start afresh
-    write_atomically(json.dumps(settings.to_dict(), indent=2).encode(), os.fspath(settings_file))
+    pretraining = settings.pretraining_key()
+    if snapshot.exists() and (not resume or qatcore.load(snapshot).get("pretraining") != pretraining):
+        snapshot.unlink()  # another pretraining's snapshot: start afresh
     qatcore.manual_seed(settings.seed)
     text = load_text()
     config = SCHEMES[settings.scheme]()
@@ -274,7 +283,7 @@ def run_gpt_experiment(settings: GPTSettings, on_progress: Callable[[str], None]
     else:
         step_seconds["pretraining"] = _train(model, optimizer, text.train, rng, settings, settings.steps,
                                              settings.lr, settings.warmup, "pretraining", on_progress)
-        _save_state(snapshot, model, optimizer, rng)
+        _save_state(snapshot, model, optimizer, rng, pretraining)
     seconds["pretraining"] = time.perf_counter() - start
     loss["pretrained"] = evaluate(model)
     rng_state = rng.bit_generator.state

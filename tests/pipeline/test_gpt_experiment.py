@@ -60,6 +60,15 @@ def test_a_rerun_with_the_same_settings_skips_pretraining_and_gives_the_same_res
     assert again.loss == result.loss and again.perplexity == result.perplexity
 
 
+def test_another_scheme_reuses_the_pretraining(tiny_run):
+    out, result, _ = tiny_run
+    lines = []
+    other = run_gpt_experiment(GPTSettings(output=out, **{**TINY, "scheme": "4w", "qat_steps": 2}),
+                               on_progress=lines.append)
+    assert lines[0].startswith("pretraining: restored")
+    assert other.loss["pretrained"] == result.loss["pretrained"]
+
+
 def test_other_settings_do_not_reuse_the_snapshot(tmp_path, tiny_run):
     out, result, _ = tiny_run
     lines = []
