@@ -32,7 +32,8 @@ drawn from the run's generator (``np.random.default_rng(seed)``); the snapshot k
 generator's state, so the float and QAT fine-tunings see the same batches.
 
 The run folder holds ``float.qat`` (the FLOAT state_dict), ``qat.ckpt`` (the QAT model,
-``save_qat_checkpoint``), ``result.json`` and ``report.md``; ``pretrained.qat`` (the
+``save_qat_checkpoint``), ``statistics.json`` and ``statistics.qat`` (what quantization did
+during QAT: ``qatcore stats FOLDER``), ``result.json`` and ``report.md``; ``pretrained.qat`` (the
 snapshot, with its optimizer and generator state) is written when pretraining ends, so a
 run in the same folder with the same pretraining settings (any scheme, any fine-tuning)
 skips it (``resume=True``).
@@ -324,6 +325,9 @@ def run_gpt_experiment(settings: GPTSettings, on_progress: Callable[[str], None]
                                  "QAT fine-tuning", on_progress)
     loss["qat"] = evaluate(qat)
     save_qat_checkpoint(out / "qat.ckpt", qat, optimizer, preparer)
+    statistics = preparer.controller(qat).statistics  # qatcore stats FOLDER reads them
+    statistics.save(out / "statistics.qat")
+    write_atomically(statistics.to_json().encode(), os.fspath(out / "statistics.json"))
     seconds["qat"] = time.perf_counter() - start
 
     perplexity = {name: math.exp(loss[name]) for name in ("float", "ptq", "qat")}

@@ -35,7 +35,7 @@ def test_the_experiment_reports_every_model_and_writes_its_folder(tiny_run):
         assert result.recovered == pytest.approx((result.perplexity["ptq"] - result.perplexity["qat"]) / lost)
     assert result.validation_tokens == 16 * 16
     assert {p.name for p in out.iterdir()} >= {"float.qat", "qat.ckpt", "result.json", "report.md", "pretrained.qat",
-                                               "gpt_settings.json"}
+                                               "gpt_settings.json", "statistics.json", "statistics.qat"}
     assert json.loads((out / "result.json").read_text()) == json.loads(json.dumps(result.to_dict()))
     assert any(line.startswith("QAT fine-tuning: step 3/3") for line in lines)
     summary = format_gpt_summary(result)
@@ -121,3 +121,10 @@ def test_cli_options_map_to_settings_with_the_gpt_defaults():
 def test_cli_refuses_options_of_the_other_job(argv, message, capsys):
     assert main(["run", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_qatcore_stats_reads_the_folder(tiny_run, capsys):
+    out, _, _ = tiny_run
+    assert main(["stats", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "blocks.0.fc_1.weight" in printed and "blocks.0.fc_1.input" in printed
