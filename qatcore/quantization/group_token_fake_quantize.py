@@ -168,7 +168,7 @@ class BlockFakeQuantizeFunction(Function):
         y, inside, scale, inv = _fake_quantize(x, group_size, bits, symmetric)
         if self.needs_input_grad[0]:
             self.inside, self.scale, self.inv = inside, scale, inv
-        self.on_backward = on_backward  # statistics: (dx, dy, clipped, None) on sample steps
+        self.on_backward = on_backward  # statistics: (dL/dy, dL/dx, clipped, None) on sample steps
         return y
 
     def backward(self, g):
@@ -177,7 +177,7 @@ class BlockFakeQuantizeFunction(Function):
             dx = np.where(self.inside, grad * self.scale, grad.dtype.type(0)) * self.inv
         dx = dx.reshape(g.shape)
         if self.on_backward is not None:
-            self.on_backward(dx, g, ~self.inside, None)
+            self.on_backward(g, dx, ~self.inside, None)
         return (dx,)
 
 
