@@ -10,7 +10,8 @@ differences:
   ``docs/numerics.md``, "Per-group and per-token fake quantization");
 - ``spec.learnable == "lsq"`` (per group, symmetric only): the group scales are a Parameter
   ``scale`` of one entry per group, initialised on the first forward to the dynamic scales
-  of that call (so an untrained LSQ quantizer computes what the dynamic one computes) and
+  of that call (so an untrained LSQ quantizer computes what the dynamic one computes, except
+  in a group whose scale is below the learned scales' floor, float32's epsilon) and
   then trained by the LSQ gradient: the weight's groups are the rows of a
   ``(numel / group_size, group_size)`` view, quantized per channel along its axis 0;
 - it has no single ``QParams`` (:meth:`calculate_qparams` refuses); :meth:`block_qparams`
@@ -190,7 +191,7 @@ class BlockFakeQuantize(FakeQuantize):
     def extra_repr(self) -> str:
         spec = self.spec
         group = f", group_size={spec.group_size}" if spec.group_size else ""
-        return (f"int{spec.bits}, {spec.scheme.value}{group}, learnable={spec.learnable}, "
+        return (f"{spec.dtype.name}, {spec.scheme.value}{group}, learnable={spec.learnable}, "
                 f"fake_quant={bool(self.fake_quant_enabled.data)}")
 
 

@@ -529,3 +529,11 @@ def test_statistics_of_lsq_group_scales_record_the_learned_scales_and_their_grad
     for step, (scale, grad) in enumerate(scales):
         assert series["scale_mean"].values[step] == float(np.mean(scale))
         assert series["scale_grad"].values[step] == pytest.approx(float(np.mean(np.abs(grad))), rel=1e-6)
+
+
+def test_eager_mode_refuses_the_attention_spec():
+    """Only a traced graph shows the attention calls: eager preparation says so instead of leaving them float."""
+    config = QuantizationConfig.int8_dynamic_activation_int4_weight().replace(
+        attention=QuantizationConfig.int8_dynamic_activation_int4_weight().activation)
+    with pytest.raises(ConfigError, match="attention spec .* eager mode"):
+        QATPreparer(mode="eager").prepare_for_qat(TinyGPT(block_size=16, n_layer=1, n_embd=64, n_head=4), config)

@@ -545,9 +545,10 @@ def test_ternary_against_the_paper_and_bitnets_released_code(seed, rows, columns
 
 
 @pytest.mark.torch
-def test_bitnets_released_code_is_not_an_ulp_away_on_gpt_sized_weights():
-    # docs/numerics.md says the paper's formula and BitNet's code "differ by at most an ulp of the
-    # scale, and only near a rounding tie"; on a GPT-2-initialised weight (std 0.02) they do not
+def test_bitnets_released_code_is_1e5_away_on_gpt_sized_weights():
+    # docs/numerics.md ("Ternary weights (absmean)"): the paper's s = mean + 1e-5 and BitNet's code's
+    # s = max(mean, 1e-5) differ by ~6e-4 of the scale on a GPT-2-initialised weight (std 0.02), and
+    # the weights that close to a rounding boundary round the other way
     import torch
 
     w = values(0, (256, 256)) * F32(0.02)

@@ -355,6 +355,11 @@ def _structural_copy(module: Module) -> Module:
 
 def prepare_eager_mode(model: Module, layerwise: LayerwiseConfig, inplace: bool) -> tuple[Module, list[LayerRecord]]:
     """Eager-mode preparation (module docstring)."""
+    if layerwise.global_config.attention is not None:
+        raise ConfigError("the attention spec quantizes the inputs of F.scaled_dot_product_attention calls, which "
+                          "only a traced graph shows; this model is prepared in eager mode (its forward could not "
+                          "be traced, or mode='eager' was asked for): leave QuantizationConfig.attention None, or "
+                          "make the model traceable")
     qat_model = model if inplace else _structural_copy(model)
     layers = quantizable_layers(qat_model)
     embeddings = [(name, m) for name, m in qat_model.named_modules() if name and isinstance(m, Embedding)]

@@ -58,4 +58,4 @@ class QATAttention(Module):
 
     def extra_repr(self) -> str:
         spec = self.query_fake_quant.spec
-        return f"int{spec.bits}, {spec.scheme.value}"
+        return f"{spec.dtype.name}, {spec.scheme.value}"

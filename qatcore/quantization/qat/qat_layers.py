@@ -133,11 +133,12 @@ class QATLayer(Module):
         """Eval with quantization on: accumulate in float64, as the int8 runtime's exact
         int32 accumulators do, so the output quantizer's rounding is the only difference
         left between this simulation and the converted model (fake-quantized operands are
-        exact in float64; a float32 sum of hundreds of products is not). Not for the dynamic
-        weight schemes (per group, ternary), which the int8 runtime does not hold: their eval
-        computes what training computes, as torchao's does."""
+        exact in float64; a float32 sum of hundreds of products is not). Not with a dynamic
+        weight or input quantizer (per group, per token, ternary), which the int8 runtime does
+        not hold: their eval computes what training computes, as torchao's does."""
         return (not self.training and self.enabled
-                and not (isinstance(self.weight_fake_quant, FakeQuantize) and self.weight_fake_quant.dynamic))
+                and not any(isinstance(q, FakeQuantize) and q.dynamic
+                            for q in (self.weight_fake_quant, self.input_fake_quant)))
 
     def _weight_op(self, op, x, weight, bias, *args):
         """op(x, weight, bias, *args) in float64 on the exact eval path, else as is."""
