@@ -91,7 +91,8 @@ class GPTSettings:
     Fields:
         scheme: a key of ``SCHEMES``.  steps: float pretraining steps.  qat_steps: the
             fine-tuning steps of the float baseline and of QAT (each).
-        lr: AdamW's peak learning rate of pretraining (fine-tuning peaks at a fifth of it).
+        lr: AdamW's peak learning rate of pretraining.  qat_lr: the peak of both fine-tunings
+            (None: a fifth of ``lr``).
         batch_size, block_size: windows per step and tokens per window.
         n_layer, n_embd, n_head: the TinyGPT's size.  weight_decay: AdamW's.
         warmup: pretraining warm-up steps.  seed: the run's generator.  output: the folder.
@@ -114,6 +115,7 @@ class GPTSettings:
     output: Path = Path("qatcore-gpt-run")
     validation_windows: int | None = None
     calibration_batches: int = 8
+    qat_lr: float | None = None
 
     def __post_init__(self) -> None:
         owner = "GPTSettings"
@@ -126,6 +128,9 @@ class GPTSettings:
             raise ConfigError(f"{owner}: warmup must be a non-negative int, got {self.warmup!r}")
         if self.validation_windows is not None:
             _positive_int(owner, "validation_windows", self.validation_windows)
+        if self.qat_lr is not None and (isinstance(self.qat_lr, bool) or not isinstance(self.qat_lr, (int, float))
+                                        or not math.isfinite(self.qat_lr) or self.qat_lr <= 0):
+            raise ConfigError(f"{owner}: qat_lr must be None or a positive number, got {self.qat_lr!r}")
         for name in ("lr", "weight_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
@@ -288,7 +293,7 @@ def run_gpt_experiment(settings: GPTSettings, on_progress: Callable[[str], None]
     seconds["pretraining"] = time.perf_counter() - start
     loss["pretrained"] = evaluate(model)
     rng_state = rng.bit_generator.state
-    fine_lr = settings.lr * 0.2
+    fine_lr = settings.lr * 0.2 if settings.qat_lr is None else settings.qat_lr
 
     # ---- float fine-tuning ----------------------------------------------------------------
     start = time.perf_counter()
