@@ -21,6 +21,10 @@ Modules:
     fake_quant -- ``fake_quantize_forward`` / ``fake_quantize_backward``: fake quantization
                 per tensor or per channel (docs/numerics.md, "Fake quantization"), and its
                 single-pass backward (STE, LSQ, LSQ+, clipped counts).
+    block_fake_quant -- ``block_fake_quantize_forward`` / ``block_fake_quantize_backward``:
+                per-token and per-group fake quantization with qparams from each block's own
+                values (docs/numerics.md, "Per-group and per-token fake quantization"), and its
+                straight-through backward.
     requantize -- the fixed-point requantization of the int8 runtime: ``quantize_multiplier``,
                 gemmlowp's helpers, and qatcore's headroom shift that avoids double rounding.
     requantize_float32 -- the float32 requantization (ONNX Runtime's: a float32 product,
@@ -43,7 +47,7 @@ Conventions shared by every kernel:
       (``im2col.col2im_add`` adds into its output argument, and says so), inputs are
       C-contiguous float32 or float64 (the caller passes ``np.ascontiguousarray``) or, where a
       docstring says so, channel-major (``layout``);
-      fake quantization is float32 by contract.
+      per-tensor and per-channel fake quantization (``fake_quant``) is float32 by contract.
     * Argument validation is the caller's job; each docstring states its preconditions and the
       formula or index mapping it implements.
     * The jit is applied only here: ``@njit(cache=True)``, no explicit signatures, so a loop is
@@ -64,11 +68,12 @@ imports the package once, at the top of its module, and numba loads when a kerne
 
 from qatcore.lazy_exports import lazy_exports
 
-__all__ = ["layout", "window", "im2col", "depthwise_conv", "pooling", "batch_norm", "fake_quant", "requantize",
-           "requantize_float32", "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add", "lookup",
-           "erf"]
+__all__ = ["layout", "window", "im2col", "depthwise_conv", "pooling", "batch_norm", "fake_quant", "block_fake_quant",
+           "requantize", "requantize_float32", "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise",
+           "int8_add", "lookup", "erf"]
 
 __getattr__, __dir__ = lazy_exports(__name__, submodules=(
-    "layout", "window", "im2col", "depthwise_conv", "pooling", "batch_norm", "fake_quant", "requantize",
-    "requantize_float32", "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add", "lookup", "erf",
+    "layout", "window", "im2col", "depthwise_conv", "pooling", "batch_norm", "fake_quant", "block_fake_quant",
+    "requantize", "requantize_float32", "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add",
+    "lookup", "erf",
 ))

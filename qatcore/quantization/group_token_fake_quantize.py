@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qatcore import kernels
 from qatcore.autograd.function import Function
 from qatcore.errors import ConfigError
 from qatcore.tensor import Tensor
@@ -114,20 +115,12 @@ def token_qparams(rows: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndar
 
 
 def _fake_quantize(x: np.ndarray, group_size: int | None, bits: int, symmetric: bool):
-    """(y, inside, scale, inv): the output, and what the straight-through backward needs, in
-    x's blocks' shape (..., blocks, n). ``group_size`` None: one block per row (per token)."""
-    size = x.shape[-1] if group_size is None else group_size
-    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
-    qparams = token_qparams if group_size is None else group_qparams
-    qmin, qmax = _grid(bits)
-    # +-inf and NaN go through the float arithmetic as torchao's do, without numpy warnings
-    with np.errstate(over="ignore", invalid="ignore"):
-        scale, zero_point = qparams(blocks, bits, symmetric)
-        s, z = scale[..., None], zero_point[..., None]
-        inv = x.dtype.type(1) / s
-        q = np.rint(blocks * inv) + z
-        y = (np.clip(q, qmin, qmax) - z) * s
-    return y.reshape(x.shape), (q >= qmin) & (q <= qmax), s, inv
+    """(y, inside, scale, inv): the output, and what the straight-through backward needs, per
+    row of x's (rows, n) view, one block a row (``kernels.block_fake_quant``, the formulas
+    above; ``group_qparams`` / ``token_qparams`` are its NumPy oracle). ``group_size`` None:
+    one block per row (per token)."""
+    return kernels.block_fake_quant.block_fake_quantize_forward(np.ascontiguousarray(x), group_size, bits,
+                                                                symmetric)
 
 
 def absmean_scale(blocks: np.ndarray) -> np.ndarray:
@@ -151,13 +144,14 @@ class TernaryFakeQuantizeFunction(Function):
 
     def forward(self, x, group_size, on_backward=None):
         y, scale = _fake_quantize_ternary(x, group_size)
+        self.on_backward, self.clipped = on_backward, None
         if on_backward is not None:  # statistics: the elements beyond the grid
             blocks = x.reshape(scale.shape[:-1] + (-1,))
-            self.on_backward, self.clipped = on_backward, np.abs(np.rint(blocks / scale)) > 1
+            self.clipped = np.abs(np.rint(blocks / scale)) > 1
         return y
 
     def backward(self, g):
-        if getattr(self, "on_backward", None) is not None:
+        if self.on_backward is not None:
             self.on_backward(g, g, self.clipped, None)
         return (g,)
 
@@ -170,16 +164,15 @@ class BlockFakeQuantizeFunction(Function):
         y, inside, scale, inv = _fake_quantize(x, group_size, bits, symmetric)
         if self.needs_input_grad[0]:
             self.inside, self.scale, self.inv = inside, scale, inv
+            self.block_shape = (*x.shape[:-1], x.shape[-1] // inside.shape[1], inside.shape[1])
         self.on_backward = on_backward  # statistics: (dL/dy, dL/dx, clipped, None) on sample steps
         return y
 
     def backward(self, g):
-        grad = g.reshape(self.inside.shape)
-        with np.errstate(over="ignore", invalid="ignore"):
-            dx = np.where(self.inside, grad * self.scale, grad.dtype.type(0)) * self.inv
-        dx = dx.reshape(g.shape)
-        if self.on_backward is not None:
-            self.on_backward(g, dx, ~self.inside, None)
+        grad = np.ascontiguousarray(g, dtype=self.scale.dtype)
+        dx = kernels.block_fake_quant.block_fake_quantize_backward(grad, self.inside, self.scale, self.inv)
+        if self.on_backward is not None:  # the clipped mask in x's blocks' shape (..., blocks, n)
+            self.on_backward(g, dx, ~self.inside.reshape(self.block_shape), None)
         return (dx,)
 
 
