@@ -32,9 +32,10 @@ import os
 
 import numpy as np
 
-from qatcore.errors import InteropError, TraceError
+from qatcore.errors import ConfigError, InteropError, TraceError
 from qatcore.graph import GraphModule, propagate_shapes, trace
 from qatcore.nn.module import Module
+from qatcore.quantization.block_fake_quantize import refuse_dynamic_quantizers
 from qatcore.serialization import write_atomically
 from qatcore.tensor import Tensor
 
@@ -96,6 +97,11 @@ def export_onnx(model: Module, path, example_input, format: str = "qdq"):  # noq
     if not isinstance(model, Module):
         raise InteropError(f"export_onnx: expected a qatcore Module, got {type(model).__name__}")
     kind = model_kind(model)
+    if kind == "qat":
+        try:
+            refuse_dynamic_quantizers(model.named_modules(), "export_onnx")
+        except ConfigError as e:
+            raise InteropError(str(e)) from None
     if format == "qoperator" and kind != "int8":
         raise InteropError(f"export_onnx: format='qoperator' writes int8 models (convert_to_quantized first); "
                            f"this is a {kind} model: use format='qdq'")

@@ -21,7 +21,11 @@ from qatcore.quantization.config import (
 from qatcore.quantization.dtypes import INT4, INT4_NARROW, INT8, INT8_NARROW, UINT4, UINT8, QuantDType
 from qatcore.quantization.fake_quantize import fake_quantize, fake_quantize_learnable
 from qatcore.quantization.fake_quantize_module import FakeQuantize
-from qatcore.quantization.group_token_fake_quantize import fake_quantize_per_group, fake_quantize_per_token
+from qatcore.quantization.group_token_fake_quantize import (
+    fake_quantize_per_group,
+    fake_quantize_per_token,
+    fake_quantize_ternary,
+)
 from qatcore.quantization.histogram_observer import HistogramObserver
 from qatcore.quantization.mse_observer import MSEObserver
 from qatcore.quantization.observer import (
@@ -38,7 +42,8 @@ from qatcore.quantization.qscheme import QScheme
 __all__ = [
     "QuantDType", "INT8", "INT8_NARROW", "UINT8", "INT4", "INT4_NARROW", "UINT4", "QScheme", "QParams",
     "QuantSpec", "QuantizationConfig", "QuantMode", "ObserverKind", "Learnable", "Requantization", "fake_quantize",
-    "fake_quantize_learnable", "fake_quantize_per_group", "fake_quantize_per_token", "FakeQuantize",
+    "fake_quantize_learnable", "fake_quantize_per_group", "fake_quantize_per_token", "fake_quantize_ternary",
+    "FakeQuantize",
     "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "PerChannelMinMaxObserver",
     "MovingAveragePerChannelMinMaxObserver", "HistogramObserver", "MSEObserver", "make_observer",
     "ObserverError", "CheckpointError",

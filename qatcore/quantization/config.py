@@ -129,6 +129,15 @@ class QuantSpec:
             zero point; affine schemes only).
         grad_factor: the LSQ gradient scale; None means 1 / sqrt(numel * qmax).
         ignore_nan: drop NaN/Inf when observing instead of raising an error.
+        group_size: elements per group along the last axis, for the per-group schemes
+            (None for every other scheme).
+
+    The dynamic schemes (per group, per token, absmean: ``QScheme.dynamic``) compute their
+    scale from each call's values: they use no observer (``observer`` must be left at
+    "minmax" or the default, and is stored as "minmax"), their grid is the signed
+    ``[-2^(bits-1), 2^(bits-1) - 1]`` of torchao's ``torch.int{bits}`` (bits 2 to 8, not
+    narrow), except absmean's ternary ``{-1, 0, 1}`` (bits 2, signed, narrow range). Of
+    them only ``per_group_symmetric`` may learn its scales (``learnable="lsq"``).
     """
 
     bits: int = 8
@@ -141,6 +150,7 @@ class QuantSpec:
     learnable: Learnable = Learnable.FIXED
     grad_factor: float | None = None
     ignore_nan: bool = False
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         owner = "QuantSpec"
@@ -164,6 +174,7 @@ class QuantSpec:
         elif self.axis is not None:
             raise ConfigError(f"{owner}.axis must be None for {self.scheme.value}, got {self.axis!r}")
         object.__setattr__(self, "observer", _enum_field(owner, "observer", self.observer, ObserverKind))
+        self._check_dynamic(owner)
         if not isinstance(self.observer_options, Mapping):
             raise ConfigError(f"{owner}.observer_options must be a mapping, got {type(self.observer_options).__name__}")
         accepted = OBSERVER_OPTIONS[self.observer]
@@ -190,11 +201,43 @@ class QuantSpec:
             raise ConfigError(f"{owner}.grad_factor must be None or a positive number, got {self.grad_factor!r}")
         if type(self.ignore_nan) is not bool:
             raise ConfigError(f"{owner}.ignore_nan must be True or False, got {self.ignore_nan!r}")
+        if (self.scheme.dynamic and self.learnable is not Learnable.FIXED
+                and self.scheme is not QScheme.PER_GROUP_SYMMETRIC):
+            raise ConfigError(f"{owner}.learnable {self.learnable.value!r}: of the dynamic schemes only "
+                              f"per_group_symmetric learns its scales (lsq); {self.scheme.value} computes them "
+                              f"from each call's values")
+
+    def _check_dynamic(self, owner: str) -> None:
+        """The group size and the grid and observer of the dynamic schemes (class docstring)."""
+        scheme = self.scheme
+        if scheme.grouped:
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ConfigError(f"{owner}.group_size must be a positive int for {scheme.value}, "
+                                  f"got {self.group_size!r}")
+        elif self.group_size is not None:
+            raise ConfigError(f"{owner}.group_size must be None for {scheme.value} (it is for the per-group "
+                              f"schemes), got {self.group_size!r}")
+        if not scheme.dynamic:
+            return
+        if scheme.absmean:
+            if (self.bits, self.signed, self.narrow_range) != (2, True, True):
+                raise ConfigError(f"{owner}: {scheme.value} is the ternary grid {{-1, 0, 1}}: it needs bits=2, "
+                                  f"signed=True, narrow_range=True, got bits={self.bits}, signed={self.signed}, "
+                                  f"narrow_range={self.narrow_range}")
+        elif not (self.bits <= 8 and self.signed and not self.narrow_range):
+            raise ConfigError(f"{owner}: {scheme.value} uses the signed grid [-2^(bits-1), 2^(bits-1) - 1] "
+                              f"(torchao's): it needs bits from 2 to 8, signed=True, narrow_range=False, got "
+                              f"bits={self.bits}, signed={self.signed}, narrow_range={self.narrow_range}")
+        if self.observer not in (ObserverKind.MINMAX, ObserverKind.MOVING_AVERAGE_MINMAX) or self.observer_options:
+            raise ConfigError(f"{owner}.observer: {scheme.value} computes its scale from each call's values and "
+                              f"uses no observer; leave observer at 'minmax' (got {self.observer.value!r}"
+                              f"{' with options' if self.observer_options else ''})")
+        object.__setattr__(self, "observer", ObserverKind.MINMAX)
 
     def __hash__(self) -> int:
         options = tuple(sorted(self.observer_options.items()))
         return hash((self.bits, self.signed, self.narrow_range, self.scheme, self.axis, self.observer,
-                     options, self.learnable, self.grad_factor, self.ignore_nan))
+                     options, self.learnable, self.grad_factor, self.ignore_nan, self.group_size))
 
     @property
     def dtype(self) -> QuantDType:
@@ -268,12 +311,27 @@ class QuantizationConfig:
 
     ``requantization`` is one setting per model (a layer-wise override must keep the global
     one): ``"fixed_point"`` or ``"float32"`` (:class:`Requantization`).
+
+    Two optional specs, for transformers (None: left float, the default):
+
+    - ``embedding``: the weights of ``Embedding`` layers (a per-group or absmean scheme,
+      groups along the embedding dimension); the lookup returns the fake-quantized rows.
+    - ``attention``: the inputs of the attention matmuls of
+      ``F.scaled_dot_product_attention``: q, k, v and the softmax probabilities, one
+      quantizer each (per token: each row over the head dimension, and each row of the
+      probabilities; or per tensor, observed).
+
+    With a per-token (dynamic) ``activation`` spec, activations are quantized where
+    torchao's ``Int8DynActInt4WeightQATQuantizer`` quantizes them: at the input of every
+    quantized layer, and nowhere else (no output quantizers).
     """
 
     weight: QuantSpec = field(default_factory=_default_weight)
     activation: QuantSpec = field(default_factory=_default_activation)
     mode: QuantMode = QuantMode.WEIGHTS_AND_ACTIVATIONS
     requantization: Requantization = Requantization.FIXED_POINT
+    embedding: QuantSpec | None = None
+    attention: QuantSpec | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "requantization",
@@ -293,9 +351,38 @@ class QuantizationConfig:
                 object.__setattr__(self, name, QuantSpec.from_dict(value, f"QuantizationConfig.{name}"))
             elif not isinstance(value, QuantSpec):
                 raise ConfigError(f"QuantizationConfig.{name} must be a QuantSpec, got {type(value).__name__}")
+        for name in ("embedding", "attention"):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, QuantSpec.from_dict(value, f"QuantizationConfig.{name}"))
+            elif value is not None and not isinstance(value, QuantSpec):
+                raise ConfigError(f"QuantizationConfig.{name} must be None or a QuantSpec, got {type(value).__name__}")
+        self._check_schemes()
         if self.activation.scheme.per_channel and self.activation.axis == 0:
             raise ConfigError("QuantizationConfig.activation is per channel along axis 0, the batch axis of an "
                               "activation; use a per-tensor scheme (or axis 1, the channels, in eager-mode QAT)")
+
+    def _check_schemes(self) -> None:
+        """Which scheme may quantize what (class docstring)."""
+        where = "QuantizationConfig"
+        if self.weight.scheme.per_token:
+            raise ConfigError(f"{where}.weight: {self.weight.scheme.value} is for activations (one scale per "
+                              f"token); weights use per_group, per_channel, per_tensor or absmean schemes")
+        if self.activation.scheme.grouped or self.activation.scheme.absmean:
+            raise ConfigError(f"{where}.activation: {self.activation.scheme.value} is for weights; dynamic "
+                              f"activations are per_token_affine or per_token_symmetric")
+        if self.embedding is not None and not (self.embedding.scheme.grouped or self.embedding.scheme.absmean):
+            raise ConfigError(f"{where}.embedding must be a per_group or absmean spec (groups along the embedding "
+                              f"dimension), got {self.embedding.scheme.value}")
+        if self.attention is not None and (self.attention.scheme.per_channel or self.attention.scheme.grouped
+                                           or self.attention.scheme.absmean):
+            raise ConfigError(f"{where}.attention quantizes q, k, v and the softmax probabilities: a per_token or "
+                              f"per_tensor spec, got {self.attention.scheme.value}")
+
+    @property
+    def dynamic_activations(self) -> bool:
+        """Activations quantized per token at each quantized layer's input (class docstring)."""
+        return self.mode.activations and self.activation.scheme.dynamic
 
     @classmethod
     def default_8bit(cls) -> QuantizationConfig:
@@ -314,6 +401,37 @@ class QuantizationConfig:
         """The default 8-bit weights; activations stay float."""
         return cls(mode=QuantMode.WEIGHTS_ONLY)
 
+    @classmethod
+    def int8_dynamic_activation_int4_weight(cls, group_size: int = 32) -> QuantizationConfig:
+        """torchao's ``Int8DynActInt4WeightQATQuantizer``: int4 symmetric weights per group of
+        ``group_size`` input features, int8 asymmetric activations per token, computed on
+        every forward, at the input of each quantized layer ("8da4w")."""
+        return cls(weight=_group_weight(4, group_size), activation=_token_activation(symmetric=False))
+
+    @classmethod
+    def int4_weight_only(cls, group_size: int = 128) -> QuantizationConfig:
+        """int4 symmetric weights per group of ``group_size`` input features; activations
+        stay float ("4w")."""
+        return cls.intx_weight_only(4, group_size)
+
+    @classmethod
+    def intx_weight_only(cls, bits: int, group_size: int) -> QuantizationConfig:
+        """``bits``-bit (2 to 8) symmetric weights per group; activations stay float (``2w``
+        is ``intx_weight_only(2, 32)``)."""
+        return cls(weight=_group_weight(bits, group_size), mode=QuantMode.WEIGHTS_ONLY)
+
+    @classmethod
+    def ternary_weight(cls, group_size: int | None = None, activations: bool = True) -> QuantizationConfig:
+        """BitNet b1.58: ternary weights {-1, 0, 1} times mean(|W|) of the whole weight (or of
+        each group of ``group_size`` input features), and (``activations``) int8 symmetric
+        per-token activations at each layer's input, BitNet's absmax activations."""
+        scheme = QScheme.PER_TENSOR_ABSMEAN if group_size is None else QScheme.PER_GROUP_ABSMEAN
+        weight = QuantSpec(bits=2, signed=True, narrow_range=True, scheme=scheme, observer="minmax",
+                           group_size=group_size)
+        if not activations:
+            return cls(weight=weight, mode=QuantMode.WEIGHTS_ONLY)
+        return cls(weight=weight, activation=_token_activation(symmetric=True))
+
     def replace(self, **changes) -> QuantizationConfig:
         unknown = sorted(set(changes) - set(_CONFIG_FIELDS))
         if unknown:
@@ -321,8 +439,13 @@ class QuantizationConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return {"weight": self.weight.to_dict(), "activation": self.activation.to_dict(), "mode": self.mode.value,
+        data = {"weight": self.weight.to_dict(), "activation": self.activation.to_dict(), "mode": self.mode.value,
                 "requantization": self.requantization.value}
+        for name in ("embedding", "attention"):  # written only when set: older readers keep working
+            spec = getattr(self, name)
+            if spec is not None:
+                data[name] = spec.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantizationConfig:
@@ -334,4 +457,14 @@ class QuantizationConfig:
         return cls(**dict(data))
 
 
-_CONFIG_FIELDS = ("weight", "activation", "mode", "requantization")
+_CONFIG_FIELDS = ("weight", "activation", "mode", "requantization", "embedding", "attention")
+
+
+def _group_weight(bits: int, group_size: int) -> QuantSpec:
+    return QuantSpec(bits=bits, signed=True, scheme=QScheme.PER_GROUP_SYMMETRIC, observer="minmax",
+                     group_size=group_size)
+
+
+def _token_activation(symmetric: bool) -> QuantSpec:
+    scheme = QScheme.PER_TOKEN_SYMMETRIC if symmetric else QScheme.PER_TOKEN_AFFINE
+    return QuantSpec(bits=8, signed=True, scheme=scheme, observer="minmax")

@@ -110,6 +110,12 @@ class FakeQuantize(Module):
         return self.spec.learnable is not Learnable.FIXED
 
     @property
+    def dynamic(self) -> bool:
+        """False: the scale comes from the observer (or is learned); the dynamic schemes'
+        quantizer is ``BlockFakeQuantize``."""
+        return False
+
+    @property
     def axis(self) -> int | None:
         return self.spec.axis if self.spec.scheme.per_channel else None
 

@@ -19,6 +19,15 @@ scheme (torchao's ``torch.int{b}`` bounds). Per block, in the input's float dtyp
 
     inv = 1 / s;   q = rne(x * inv) + z;   y = (clamp(q, qmin, qmax) - z) * s
 
+Ternary weights with absmean scaling (BitNet b1.58, Ma et al. 2024), per tensor or per
+group, with BitNet's arithmetic (its ``weight_quant``: a multiplier, then a division):
+
+    inv = 1 / max(mean(|x|), 1e-5);   y = clamp(rne(x * inv), -1, 1) / inv
+
+(the mean in float64, then rounded to x's dtype), and BitNet's straight-through estimator,
+``dx = dy`` everywhere (``w + (u - w).detach()``: no clipping mask, so weights beyond the
+grid keep learning).
+
 ``tiny`` is the dtype's smallest normal number; ``int32(v)`` truncates and gives
 ``-2^31`` for a value outside the int32 range, as PyTorch's conversion on x86 does.
 
@@ -45,13 +54,15 @@ from qatcore.errors import ConfigError
 from qatcore.tensor import Tensor
 
 __all__ = [
-    "fake_quantize_per_group", "fake_quantize_per_token", "group_qparams", "token_qparams",
-    "BlockFakeQuantizeFunction",
+    "fake_quantize_per_group", "fake_quantize_per_token", "fake_quantize_ternary", "group_qparams", "token_qparams",
+    "absmean_inverse_scale", "BlockFakeQuantizeFunction", "TernaryFakeQuantizeFunction",
 ]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # torchao's get_groupwise_affine_qparams: the minimum scale of asymmetric groups
 _GROUP_AFFINE_EPS = 1e-6
+# BitNet b1.58's weight_quant: the smallest mean(|w|) it divides by
+_ABSMEAN_EPS = 1e-5
 
 
 def _grid(bits: int) -> tuple[int, int]:
@@ -115,21 +126,58 @@ def _fake_quantize(x: np.ndarray, group_size: int | None, bits: int, symmetric: 
     return y.reshape(x.shape), (q >= qmin) & (q <= qmax), s, inv
 
 
+def absmean_inverse_scale(blocks: np.ndarray) -> np.ndarray:
+    """``1 / max(mean(|x|), 1e-5)`` of each block over its last axis (shape
+    ``blocks.shape[:-1]``, blocks' dtype; the mean taken in float64)."""
+    mean = np.abs(blocks).mean(axis=-1, dtype=np.float64)
+    return (1.0 / np.maximum(mean, _ABSMEAN_EPS)).astype(blocks.dtype)
+
+
+def _fake_quantize_ternary(x: np.ndarray, group_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(y, inv): the ternary output and each block's ``inv`` (module docstring)."""
+    blocks = x.reshape(1, -1) if group_size is None else x.reshape(*x.shape[:-1], x.shape[-1] // group_size,
+                                                                  group_size)
+    inv = absmean_inverse_scale(blocks)[..., None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = np.clip(np.rint(blocks * inv), -1, 1) / inv
+    return y.reshape(x.shape).astype(x.dtype, copy=False), inv
+
+
+class TernaryFakeQuantizeFunction(Function):
+    """y = ternary(x) (module docstring), backward ``dx = dy`` (BitNet's estimator)."""
+
+    def forward(self, x, group_size, on_backward=None):
+        y, inv = _fake_quantize_ternary(x, group_size)
+        if on_backward is not None:  # statistics: the elements beyond the grid
+            blocks = x.reshape(inv.shape[:-1] + (-1,))
+            self.on_backward, self.clipped = on_backward, np.abs(np.rint(blocks * inv)) > 1
+        return y
+
+    def backward(self, g):
+        if getattr(self, "on_backward", None) is not None:
+            self.on_backward(g, g, self.clipped, None)
+        return (g,)
+
+
 class BlockFakeQuantizeFunction(Function):
     """y = fake_quant(x) with qparams from x's own blocks (per group, or per token when
     ``group_size`` is None); backward is torchao's straight-through estimator."""
 
-    def forward(self, x, group_size, bits, symmetric):
+    def forward(self, x, group_size, bits, symmetric, on_backward=None):
         y, inside, scale, inv = _fake_quantize(x, group_size, bits, symmetric)
         if self.needs_input_grad[0]:
             self.inside, self.scale, self.inv = inside, scale, inv
+        self.on_backward = on_backward  # statistics: (dx, dy, clipped, None) on sample steps
         return y
 
     def backward(self, g):
         grad = g.reshape(self.inside.shape)
         with np.errstate(over="ignore", invalid="ignore"):
             dx = np.where(self.inside, grad * self.scale, grad.dtype.type(0)) * self.inv
-        return (dx.reshape(g.shape),)
+        dx = dx.reshape(g.shape)
+        if self.on_backward is not None:
+            self.on_backward(dx, g, ~self.inside, None)
+        return (dx,)
 
 
 def _check(name: str, x, group_size: int | None, bits: int, symmetric: bool) -> np.ndarray:
@@ -214,3 +262,24 @@ def fake_quantize_per_token(x, bits: int = 8, symmetric: bool = False):
     array([[0.  , 1.  , 2.55]], dtype=float32)
     """
     return _apply("fake_quantize_per_token", x, None, bits, symmetric)
+
+
+def fake_quantize_ternary(x, group_size: int | None = None):
+    """Ternary fake quantization with absmean scaling (BitNet b1.58): every element becomes
+    -s, 0 or s with ``s = mean(|x|)`` over the whole tensor (``group_size`` None) or over
+    each group of ``group_size`` consecutive elements along the last axis.
+
+    Args:
+        x: a float32 or float64 Tensor (-> a differentiable Tensor whose backward passes the
+            gradient unchanged, BitNet's estimator) or numpy array (-> array).
+        group_size: None, or a positive int dividing the last axis.
+
+    >>> import numpy as np
+    >>> fake_quantize_ternary(np.array([[0.1, -0.3, 0.9, -0.3]], np.float32))   # s = 0.4
+    array([[ 0. , -0.4,  0.4, -0.4]], dtype=float32)
+    """
+    array = _check("fake_quantize_ternary", x, group_size, 2, True)
+    size = None if group_size is None else int(group_size)
+    if isinstance(x, Tensor):
+        return TernaryFakeQuantizeFunction.apply(x, group_size=size)
+    return _fake_quantize_ternary(array, size)[0]

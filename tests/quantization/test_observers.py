@@ -55,9 +55,9 @@ def channel_rows(x: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
 
 
-# every (observer kind, scheme) the factory accepts
+# every (observer kind, scheme) the factory accepts (the dynamic schemes have no observer)
 SUPPORTED = [(kind, scheme) for kind in ("minmax", "moving_average_minmax", "histogram", "mse")
-             for scheme in QScheme if not (kind == "histogram" and scheme.per_channel)]
+             for scheme in QScheme if not scheme.dynamic and not (kind == "histogram" and scheme.per_channel)]
 
 
 def supported_id(case):

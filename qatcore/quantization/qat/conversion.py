@@ -38,6 +38,7 @@ from qatcore.graph.node import Node, map_nodes
 from qatcore.nn import functional as F
 from qatcore.nn.activation import ReLU
 from qatcore.nn.module import Module
+from qatcore.quantization.block_fake_quantize import refuse_dynamic_quantizers
 from qatcore.quantization.config import Requantization
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.quantization.int8_layers import Dequantize
@@ -211,6 +212,7 @@ def convert_to_quantized(qat_model: Module) -> Module:
     copy of the model's own classes with each QAT layer an ``Int8Island`` (float in, float
     out; :func:`~qatcore.quantization.qat.eager_conversion.convert_eager_model`).
     """
+    refuse_dynamic_quantizers(qat_model.named_modules(), "convert_to_quantized")
     if not isinstance(qat_model, GraphModule):
         return convert_eager_model(qat_model, requantization_of(qat_model))
     ctx = ConversionContext(qat_model)

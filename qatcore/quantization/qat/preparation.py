@@ -44,18 +44,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qatcore.errors import ConfigError
 from qatcore.graph import GraphModule, find_chains, trace
 from qatcore.graph.graph_module import Submodules
 from qatcore.graph.node import Node
+from qatcore.nn import functional as F
 from qatcore.nn.container import ModuleList, Sequential
+from qatcore.nn.embedding import Embedding
 from qatcore.nn.module import Module
+from qatcore.quantization.block_fake_quantize import make_fake_quantize
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.quantization.qat.eager_conversion import EagerIntegerEval
 from qatcore.quantization.qat.integer_eval import IntegerEval
 from qatcore.quantization.qat.layerwise_config import LayerwiseConfig, ResolvedLayer
 from qatcore.quantization.qat.operators import QATRole, rule_for_node, rule_for_target
 from qatcore.quantization.qat.operators.weighted import QAT_FUSIONS
-from qatcore.quantization.qat.qat_layers import QATLayer
+from qatcore.quantization.qat.qat_attention import QATAttention
+from qatcore.quantization.qat.qat_layers import QATEmbedding, QATLayer
 
 __all__ = ["LayerRecord", "prepare_graph_mode", "prepare_eager_mode", "quantizable_layers", "is_quantizable"]
 
@@ -82,10 +87,47 @@ def quantizable_layers(model: Module) -> list[tuple[str, Module]]:
 
 
 def _make_quantizers(resolved: ResolvedLayer, name: str) -> tuple[FakeQuantize | None, FakeQuantize | None]:
+    """The layer's weight and output quantizers; a dynamic (per-token) activation spec gives
+    no output quantizer: the layer quantizes its input instead (:func:`_quantize_dynamic_input`)."""
     config = resolved.config
-    weight = FakeQuantize(config.weight, f"{name}.weight") if config.mode.weights else None
-    output = FakeQuantize(config.activation, f"{name}.output") if config.mode.activations else None
+    weight = make_fake_quantize(config.weight, f"{name}.weight") if config.mode.weights else None
+    output = (FakeQuantize(config.activation, f"{name}.output")
+              if config.mode.activations and not config.dynamic_activations else None)
     return weight, output
+
+
+def _quantize_dynamic_input(layer: QATLayer, resolved: ResolvedLayer, name: str) -> None:
+    """With per-token activations, the layer quantizes its own input (``<name>.input_fake_quant``),
+    where torchao's 8da4w quantizes it, and activations are quantized nowhere else."""
+    if resolved.config.dynamic_activations:
+        layer.set_input_fake_quant(make_fake_quantize(resolved.config.activation, f"{name}.input"))
+
+
+def _check_activation_placement(layerwise: LayerwiseConfig, layers: list[tuple[str, Module]]) -> None:
+    """Per-token activations are quantized at layer inputs, observed ones at op outputs across the
+    graph: one model uses one placement, the global config's."""
+    dynamic = layerwise.global_config.dynamic_activations
+    for name, module in layers:
+        config = layerwise.resolve(name, module).config
+        if config.mode.activations and config.dynamic_activations != dynamic:
+            raise ConfigError(
+                f"layer-wise config: layer {name!r} quantizes activations {config.activation.scheme.value} but the "
+                f"global config {layerwise.global_config.activation.scheme.value}; per-token (dynamic) and "
+                f"observed activations are placed differently (at layer inputs vs. after every op), so a model "
+                f"uses one kind: change the override's activation spec, or its mode to weights_only")
+
+
+def _embedding_layers(model: Module, names) -> list[tuple[str, Module]]:
+    return [(name, model.get_submodule(name)) for name in names
+            if isinstance(model.get_submodule(name), Embedding)]
+
+
+def _quantize_embedding(layer: Embedding, resolved: ResolvedLayer, name: str) -> QATEmbedding | None:
+    """The QAT form of an Embedding whose resolved config has an ``embedding`` spec (None: it stays float)."""
+    spec = resolved.config.embedding
+    if not resolved.enabled or spec is None or not resolved.config.mode.weights:
+        return None
+    return QATEmbedding(layer, make_fake_quantize(spec, f"{name}.weight"))
 
 
 def _register(gm: Module, path: str, module: Module) -> None:
@@ -99,7 +141,9 @@ def prepare_graph_mode(model: Module, layerwise: LayerwiseConfig) -> tuple[Graph
     gm = trace(model)
     called = {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     layers = [(name, m) for name, m in called.items() if is_quantizable(m)]
-    layerwise.check_matches(layers)
+    embeddings = _embedding_layers(gm, called)
+    layerwise.check_matches(layers + embeddings)
+    _check_activation_placement(layerwise, layers)
     resolved = {name: layerwise.resolve(name, m) for name, m in layers}
     records: list[LayerRecord] = []
     replaced: set[str] = set()
@@ -118,6 +162,7 @@ def prepare_graph_mode(model: Module, layerwise: LayerwiseConfig) -> tuple[Graph
             qat = fuse(modules, [n.target for n in chain], weight_fq, output_fq)
             if qat is None:
                 continue
+            _quantize_dynamic_input(qat, info, head.target)
             _replace_chain(gm, chain, head.target, qat)
             replaced.add(head.target)
             records.append(LayerRecord(head.target, type(modules[0]).__name__, type(qat).__name__, info,
@@ -132,13 +177,25 @@ def prepare_graph_mode(model: Module, layerwise: LayerwiseConfig) -> tuple[Graph
             continue
         weight_fq, output_fq = _make_quantizers(info, node.target)
         qat = rule_for_target(type(layer)).to_qat(layer, weight_fq, output_fq)
+        _quantize_dynamic_input(qat, info, node.target)
         _register(gm, node.target, qat)
         replaced.add(node.target)
         records.append(LayerRecord(node.target, type(layer).__name__, type(qat).__name__, info))
-    _insert_activation_quantizers(gm, layerwise)
+    for name, layer in embeddings:
+        info = layerwise.resolve(name, layer)
+        qat = _quantize_embedding(layer, info, name)
+        if qat is not None:
+            _register(gm, name, qat)
+        records.append(LayerRecord(name, type(layer).__name__, type(qat or layer).__name__, info))
+    if layerwise.global_config.dynamic_activations:
+        gm.add_module("activation_fake_quant", Submodules())  # none: each layer quantizes its input
+    else:
+        _insert_activation_quantizers(gm, layerwise)
+    _quantize_attention(gm, layerwise.global_config)
     _link_input_quantizers(gm)
     gm.lint()
-    gm.interpreter = IntegerEval()  # eval without gradients computes the int8 arithmetic
+    if not any(isinstance(m, FakeQuantize) and m.dynamic for m in gm.modules()):
+        gm.interpreter = IntegerEval()  # eval without gradients computes the int8 arithmetic
     records.sort(key=lambda r: list(called).index(r.name) if r.name in called else 0)
     return gm, records
 
@@ -246,6 +303,25 @@ def _insert_activation_quantizers(gm: GraphModule, layerwise: LayerwiseConfig) -
         _insert_quantizer_after(gm, holder, source, spec)
 
 
+def _quantize_attention(gm: GraphModule, config) -> None:
+    """With an ``attention`` spec, every ``F.scaled_dot_product_attention`` call becomes a call
+    of a :class:`QATAttention` (``attention_fake_quant.<node>``) with the same arguments."""
+    if config.attention is None:
+        return
+    holder = Submodules()
+    gm.add_module("attention_fake_quant", holder)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+            continue
+        holder.add_module(node.name, QATAttention(config.attention, f"attention_fake_quant.{node.name}"))
+        new = gm.graph.insert_after(node, "call_module", f"attention_fake_quant.{node.name}", node.args,
+                                    dict(node.kwargs))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase(node)
+        gm.graph.rename(new, node.name)
+
+
 def _link_input_quantizers(gm: GraphModule) -> None:
     """Tell each QAT layer which quantizer defines its input (through scale-keeping ops)."""
     for node in gm.graph.nodes:
@@ -281,7 +357,9 @@ def prepare_eager_mode(model: Module, layerwise: LayerwiseConfig, inplace: bool)
     """Eager-mode preparation (module docstring)."""
     qat_model = model if inplace else _structural_copy(model)
     layers = quantizable_layers(qat_model)
-    layerwise.check_matches(layers)
+    embeddings = [(name, m) for name, m in qat_model.named_modules() if name and isinstance(m, Embedding)]
+    layerwise.check_matches(layers + embeddings)
+    _check_activation_placement(layerwise, layers)
     records = []
     for name, layer in layers:
         info = layerwise.resolve(name, layer)
@@ -291,13 +369,24 @@ def prepare_eager_mode(model: Module, layerwise: LayerwiseConfig, inplace: bool)
         weight_fq, output_fq = _make_quantizers(info, name)
         qat = rule_for_target(type(layer)).to_qat(layer, weight_fq, output_fq)
         if info.config.mode.activations:
-            qat.set_input_fake_quant(FakeQuantize(info.config.activation, f"{name}.input"))
-        qat.interpreter = EagerIntegerEval(name, info.config.requantization)
-        parent, _, leaf = name.rpartition(".")
-        holder = qat_model.get_submodule(parent)
-        if isinstance(holder, (Sequential, ModuleList)):
-            holder.add_module(leaf, qat)
-        else:
-            setattr(holder, leaf, qat)
+            qat.set_input_fake_quant(make_fake_quantize(info.config.activation, f"{name}.input"))
+        if not (info.config.dynamic_activations or (weight_fq is not None and weight_fq.dynamic)):
+            qat.interpreter = EagerIntegerEval(name, info.config.requantization)
+        _swap(qat_model, name, qat)
         records.append(LayerRecord(name, type(layer).__name__, type(qat).__name__, info))
+    for name, layer in embeddings:
+        info = layerwise.resolve(name, layer)
+        qat = _quantize_embedding(layer, info, name)
+        if qat is not None:
+            _swap(qat_model, name, qat)
+        records.append(LayerRecord(name, type(layer).__name__, type(qat or layer).__name__, info))
     return qat_model, records
+
+
+def _swap(model: Module, name: str, module: Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    holder = model.get_submodule(parent)
+    if isinstance(holder, (Sequential, ModuleList)):
+        holder.add_module(leaf, module)
+    else:
+        setattr(holder, leaf, module)

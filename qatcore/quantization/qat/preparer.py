@@ -213,14 +213,18 @@ def _describe_row(record: LayerRecord, qat_model: Module) -> list[str]:
     config = record.resolved.config
     module = qat_model.get_submodule(record.name)
     enabled = record.resolved.enabled and (not isinstance(module, QAT_LAYER_TYPES) or module.enabled)
+    embedding = record.float_type == "Embedding"
+    if embedding:  # its weights follow the config's embedding spec; the lookup has no activation quantizer
+        enabled = enabled and isinstance(module, QAT_LAYER_TYPES)
     if not enabled:
         weights = activations = "float"
     else:
-        weights = (f"{config.weight.dtype.name} {config.weight.scheme.value}"
-                   + ("" if config.weight.learnable == "fixed" else f" {config.weight.learnable}")
+        spec = config.embedding if embedding else config.weight
+        weights = (f"{spec.dtype.name} {spec.scheme.value}" + (f" g{spec.group_size}" if spec.group_size else "")
+                   + ("" if spec.learnable == "fixed" else f" {spec.learnable}")
                    if config.mode.weights else "float")
         activations = (f"{config.activation.dtype.name} {config.activation.scheme.value}"
-                       if config.mode.activations else "float")
-    mode = config.mode.value if enabled else "disabled"
+                       if config.mode.activations and not embedding else "float")
+    mode = ("weights_only" if embedding else config.mode.value) if enabled else ("float" if embedding else "disabled")
     return [record.name, record.float_type, record.qat_type, ", ".join(record.fused) or "-", weights, activations,
             mode, record.resolved.rule]

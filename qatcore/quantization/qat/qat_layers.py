@@ -45,13 +45,15 @@ import numpy as np
 from qatcore.nn import functional as F
 from qatcore.nn.batchnorm import BatchNorm1d, BatchNorm2d
 from qatcore.nn.conv import Conv2d
+from qatcore.nn.embedding import Embedding
 from qatcore.nn.linear import Linear
 from qatcore.nn.module import Module
 from qatcore.process_group import use_group
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.tensor import Tensor
 
-__all__ = ["QATLayer", "QATLinear", "QATConv2d", "FoldedBatchNorm", "QATConvBn2d", "QATLinearBn1d", "QAT_LAYER_TYPES"]
+__all__ = ["QATLayer", "QATLinear", "QATConv2d", "FoldedBatchNorm", "QATConvBn2d", "QATLinearBn1d", "QATEmbedding",
+           "QAT_LAYER_TYPES"]
 
 
 class QATLayer(Module):
@@ -118,7 +120,8 @@ class QATLayer(Module):
         the simulation/int8 one-LSB differences an unquantized float bias causes)."""
         quantizer, weight_quantizer = self.input_quantizer, self.weight_fake_quant
         if (self.training or bias is None or not isinstance(quantizer, FakeQuantize)
-                or not isinstance(weight_quantizer, FakeQuantize) or not bool(quantizer.qparams_ready.data)
+                or not isinstance(weight_quantizer, FakeQuantize) or quantizer.dynamic or weight_quantizer.dynamic
+                or not bool(quantizer.qparams_ready.data)
                 or not bool(weight_quantizer.qparams_ready.data) or weight_quantizer.axis not in (None, 0)):
             return bias  # (weights per channel on another axis have no int8 model to match)
         s_x = np.float64(quantizer.calculate_qparams().scale[0])
@@ -130,8 +133,11 @@ class QATLayer(Module):
         """Eval with quantization on: accumulate in float64, as the int8 runtime's exact
         int32 accumulators do, so the output quantizer's rounding is the only difference
         left between this simulation and the converted model (fake-quantized operands are
-        exact in float64; a float32 sum of hundreds of products is not)."""
-        return not self.training and self.enabled
+        exact in float64; a float32 sum of hundreds of products is not). Not for the dynamic
+        weight schemes (per group, ternary), which the int8 runtime does not hold: their eval
+        computes what training computes, as torchao's does."""
+        return (not self.training and self.enabled
+                and not (isinstance(self.weight_fake_quant, FakeQuantize) and self.weight_fake_quant.dynamic))
 
     def _weight_op(self, op, x, weight, bias, *args):
         """op(x, weight, bias, *args) in float64 on the exact eval path, else as is."""
@@ -332,4 +338,23 @@ class QATLinearBn1d(FoldedBatchNorm):
                 f"relu={self.relu}")
 
 
-QAT_LAYER_TYPES = (QATLinear, QATConv2d, QATConvBn2d, QATLinearBn1d)
+class QATEmbedding(QATLayer):
+    """y = embedding(idx, fq_w(W)): the rows of the fake-quantized table (the config's
+    ``embedding`` spec: groups along the embedding dimension). Nothing else is quantized:
+    the indices are integers already and the output is the quantized rows themselves."""
+
+    def __init__(self, embedding: Embedding, weight_fake_quant: FakeQuantize) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+        self.weight = embedding.weight
+        self._init_quantizers(weight_fake_quant, None, relu=False)
+
+    def _simulate(self, idx):
+        return F.embedding(idx, self._quantized_weight(self.weight), self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+QAT_LAYER_TYPES = (QATLinear, QATConv2d, QATConvBn2d, QATLinearBn1d, QATEmbedding)

@@ -124,21 +124,29 @@ class StatisticsCollector:
         stats = self.statistics.quantizer(quantizer.name, kind)
         # a weight quantizer sees the same weights on every rank: only activations are reduced
         group = current_group() if kind == "activation" else None
-        if bool(quantizer.qparams_ready.data):
+        if quantizer.dynamic and bool(quantizer.qparams_ready.data):
+            # the scales of this call: per group (weights) or per token (activations; of this
+            # rank's tokens in a data-parallel run: the extremes below are the global batch's)
+            scale, zero_point, integers = quantizer.block_qparams(x)
+            integers = integers if kind == "weight" else None
+        elif bool(quantizer.qparams_ready.data):
             qparams = quantizer.calculate_qparams()
-            values.update(scale_mean=float(np.mean(qparams.scale)), scale_min=float(np.min(qparams.scale)),
-                          scale_max=float(np.max(qparams.scale)),
-                          zero_point_mean=float(np.mean(qparams.zero_point)))
-            if self.config.per_channel_detail and qparams.scale.size > 1:
-                values["scale"] = qparams.scale.astype(np.float64)
-            if kind == "weight":
-                integers = qparams.quantize(x).astype(np.int32)
-                previous = stats.previous_integers
-                if previous is not None and previous.shape == integers.shape:
-                    values["flip_rate"] = float(np.mean(previous != integers))
-                stats.previous_integers = integers.astype(np.int16)
+            scale, zero_point = qparams.scale, qparams.zero_point
+            integers = qparams.quantize(x).astype(np.int32) if kind == "weight" else None
+        else:
+            scale = zero_point = integers = None
+        if scale is not None:
+            values.update(scale_mean=float(np.mean(scale)), scale_min=float(np.min(scale)),
+                          scale_max=float(np.max(scale)), zero_point_mean=float(np.mean(zero_point)))
+            if self.config.per_channel_detail and scale.size > 1 and kind == "weight":
+                values["scale"] = np.asarray(scale, dtype=np.float64).reshape(-1)
+        if integers is not None:
+            previous = stats.previous_integers
+            if previous is not None and previous.shape == integers.shape:
+                values["flip_rate"] = float(np.mean(previous != integers))
+            stats.previous_integers = integers.astype(np.int16)
         observer = quantizer.observer
-        if observer.has_observed:
+        if observer is not None and observer.has_observed:
             values.update(observed_min=float(np.min(observer.min_val.data)),
                           observed_max=float(np.max(observer.max_val.data)))
         finite = x[np.isfinite(x)]

@@ -27,6 +27,7 @@ from qatcore.nn.container import Sequential
 from qatcore.nn.linear import Linear
 from qatcore.quantization.qat.operators.quantizer import module_record
 from qatcore.quantization.qat.operators.registry import OperatorRule, QATRole, call_arguments, register
+from qatcore.quantization.qat.qat_attention import QATAttention
 
 __all__: list[str] = []
 
@@ -169,4 +170,7 @@ register(
                  record=module_record(MultiheadAttention, "embed_dim", "num_heads", "bias"),
                  example=_example_multihead_attention),
     OperatorRule(operator.getitem, qat=QATRole.FLOAT, export=_export_getitem, example=_example_multihead_attention),
+    # attention with quantized matmul inputs (the config's attention spec): a float island
+    # whose inputs are fake-quantized inside it
+    OperatorRule(QATAttention, qat=QATRole.FLOAT),
 )

@@ -45,6 +45,7 @@ from qatcore.quantization.qat.operators.activation import (
     example_functional,
 )
 from qatcore.quantization.qat.operators.registry import OperatorRule, QATRole, RecordRule, call_arguments, register
+from qatcore.quantization.qat.qat_layers import QATEmbedding
 
 __all__: list[str] = []
 
@@ -211,4 +212,7 @@ register(
                                 build_kwargs=lambda: {"rng": np.random.default_rng(0)}),
                  example_missing=_NO_EMBEDDING_EXAMPLE),
     OperatorRule(F.embedding, index_input=True, export=_export_embedding, example_missing=_NO_EMBEDDING_EXAMPLE),
+    # an Embedding with quantized weights (the config's embedding spec): a lookup of the
+    # fake-quantized table; its quantizer is dynamic, which conversion and export refuse
+    OperatorRule(QATEmbedding, qat=QATRole.QUANTIZER, index_input=True),
 )
