@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"--model gpt: the quantization scheme (default: {GPT_DEFAULTS.scheme})")
     run.add_argument("--steps", type=_positive_int, default=None,
                      help=f"--model gpt: float pretraining steps (default: {GPT_DEFAULTS.steps})")
+    run.add_argument("--qat-lr", type=_positive_float, default=None,
+                     help="--model gpt: the peak learning rate of both fine-tunings (default: --lr / 40)")
     run.add_argument("--qat-steps", type=_positive_int, default=None,
                      help=f"--model gpt: fine-tuning steps of the float baseline and of QAT, each "
                           f"(default: {GPT_DEFAULTS.qat_steps})")
@@ -215,7 +217,7 @@ def run_settings(args: argparse.Namespace) -> RunSettings:
 # the options of the image runs that the gpt experiment does not take
 _NOT_FOR_GPT = ("--config", "--bits", "--epochs", "--qat-epochs", "--mnist", "--resume", "--distributed", "--workers",
                 "--quiet")
-_GPT_ONLY = ("--scheme", "--steps", "--qat-steps")
+_GPT_ONLY = ("--scheme", "--steps", "--qat-steps", "--qat-lr")
 
 
 def _given(args) -> set[str]:
@@ -230,8 +232,9 @@ def gpt_settings(args: argparse.Namespace) -> GPTSettings:
     refused = [option for option in _NOT_FOR_GPT if option in given]
     if refused:
         raise ConfigError(f"{', '.join(refused)}: not an option of --model gpt (it takes --scheme, --steps, "
-                          f"--qat-steps, --lr, --batch-size, --seed, --output, --json, --progress)")
-    values = {"scheme": args.scheme, "steps": args.steps, "qat_steps": args.qat_steps, "seed": args.seed,
+                          f"--qat-steps, --qat-lr, --lr, --batch-size, --seed, --output, --json, --progress)")
+    values = {"scheme": args.scheme, "steps": args.steps, "qat_steps": args.qat_steps, "qat_lr": args.qat_lr,
+              "seed": args.seed,
               "output": args.output if "--output" in given else Path("qatcore-gpt-run"),
               "lr": args.lr if "--lr" in given else None,
               "batch_size": args.batch_size if "--batch-size" in given else None}

@@ -108,8 +108,9 @@ def test_cli_options_map_to_settings_with_the_gpt_defaults():
     assert (settings.scheme, settings.steps, settings.qat_steps) == ("2w", 7, 3)
     assert settings.lr == GPTSettings().lr and settings.batch_size == GPTSettings().batch_size
     assert str(settings.output) == "qatcore-gpt-run"
-    settings = gpt_settings(_args("--model", "gpt", "--lr=0.01", "--batch-size", "8", "--output", "x"))
-    assert (settings.lr, settings.batch_size, str(settings.output)) == (0.01, 8, "x")
+    settings = gpt_settings(_args("--model", "gpt", "--lr=0.01", "--batch-size", "8", "--output", "x",
+                                  "--qat-lr", "1e-4"))
+    assert (settings.lr, settings.batch_size, str(settings.output), settings.qat_lr) == (0.01, 8, "x", 1e-4)
 
 
 @pytest.mark.parametrize("argv, message", [
