@@ -23,11 +23,12 @@ Prints one JSON object:
 - ``float_step_profile``: where our float step's time goes: cProfile's own time (tottime)
   summed per source file (an op's file, a kernel's file, the autograd engine, the
   optimizer; ``by_file``) and per function of this repository (``by_function``, as
-  ``file:Class.method``, so an op's forward and backward are apart), the time of a C
-  function (a numpy call) charged to its callers in proportion to the time spent under
-  each; numba kernels and numpy's operators (``@``, ``+``) are no call events, so their
-  time is their caller's own; ``step_ms_profiled`` is the profiled step, which the
-  profiler slows;
+  ``file:Class.method``, so an op's forward and backward are apart), the time of a
+  function outside the repository (a numpy call) charged to its callers in the repository
+  in proportion to the time spent under each; numba kernels and numpy's operators (``@``,
+  ``+``) are no call events, so their time is their caller's own; ``step_ms_profiled`` is
+  the profiled step, which the profiler slows; ``qat_step_profile``: the same for the
+  8da4w QAT step (statistics off);
 - ``machine``: ``timing.machine_info()``, PyTorch's version and threads (its default: one
   per core) and the load average at the end (another job that started during the run).
 
@@ -235,9 +236,16 @@ def _function_label(filename: str, line: int, name: str) -> str:
     return f"{_source_file(filename)}:{owner}{name}"
 
 
+def _in_repository(filename: str) -> bool:
+    return filename != "~" and Path(filename).resolve().is_relative_to(REPO)
+
+
 def profile_by_file(step, steps: int) -> dict:
     """cProfile's tottime of ``steps`` calls of ``step``, per source file and per function of
-    this repository, per step (module docstring)."""
+    this repository, per step (module docstring). The own time of a function outside the
+    repository (a numpy C function, or numpy's Python code such as ``_methods._sum``) goes to
+    its callers, in proportion to the time spent under each, and on up until it reaches a
+    function of the repository: that function's line in the table is the time it cost."""
     for _ in range(3):
         step()
     settle()
@@ -247,24 +255,31 @@ def profile_by_file(step, steps: int) -> dict:
         step()
     profiler.disable()
     stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
-    per_file = collections.defaultdict(float)
     per_function = collections.defaultdict(float)
-    for (filename, line, name), (_, _, tottime, _, callers) in stats.items():
-        if filename != "~":
-            charged = {(filename, line, name): tottime}
-        else:
-            # a C function: charge its time to its callers, in proportion to the time spent under each
-            under = {caller: entry[3] for caller, entry in callers.items()}
-            total = sum(under.values())
-            charged = {caller: tottime * (t / total if total else 1.0 / len(under)) for caller, t in under.items()}
-        for (caller_file, caller_line, caller_name), seconds in charged.items():
-            if caller_file == "~":
-                per_file["(C functions called from C)"] += seconds
-                continue
-            per_file[_source_file(caller_file)] += seconds
-            if not Path(caller_file).resolve().is_relative_to(REPO):
-                continue
-            per_function[_function_label(caller_file, caller_line, caller_name)] += seconds
+
+    def charge(function, seconds: float, path: frozenset) -> None:
+        if _in_repository(function[0]):
+            per_function[function] += seconds
+            return
+        callers = {caller: entry[3] for caller, entry in stats.get(function, (0, 0, 0, 0, {}))[4].items()
+                   if caller not in path}  # cumtime under each caller; a recursion is not followed round
+        total = sum(callers.values())
+        if not callers:
+            per_function[("(outside the repository)", 0, "")] += seconds
+            return
+        for caller, under in callers.items():
+            charge(caller, seconds * (under / total if total else 1.0 / len(callers)), path | {function})
+
+    for function, (_, _, tottime, _, _) in stats.items():
+        charge(function, tottime, frozenset())
+    per_file = collections.defaultdict(float)
+    labelled = collections.defaultdict(float)
+    for (filename, line, name), seconds in per_function.items():
+        if filename == "(outside the repository)":
+            per_file[filename] += seconds
+            continue
+        per_file[_source_file(filename)] += seconds
+        labelled[_function_label(filename, line, name)] += seconds
     total_s = sum(per_file.values())
 
     def table(seconds_by_key, key_name, count):
@@ -273,7 +288,7 @@ def profile_by_file(step, steps: int) -> dict:
 
     return {"step_ms_profiled": 1e3 * total_s / steps, "steps": steps,
             "by_file": [row for row in table(per_file, "file", len(per_file)) if row["share"] >= 0.005],
-            "by_function": table(per_function, "function", 20)}
+            "by_function": table(labelled, "function", 20)}
 
 
 def main() -> None:
@@ -281,7 +296,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=60, help="timed steps per figure")
     parser.add_argument("--rounds", type=int, default=3, help="turns the figures take (see interleaved_step_ms)")
     parser.add_argument("--quick", action="store_true", help="a few repetitions (a smoke run)")
-    parser.add_argument("--no-profile", action="store_true", help="leave out the per-file profile")
+    parser.add_argument("--no-profile", action="store_true", help="leave out the profiles")
     args = parser.parse_args()
     repeats, rounds = (STATISTICS_CYCLE, 1) if args.quick else (args.repeats, args.rounds)
     machine = machine_info()
@@ -290,8 +305,13 @@ def main() -> None:
     result = {"benchmark": "transformer", "model": {"name": "TinyGPT", **SIZES, "batch": BATCH},
               "optimizer": {"name": "AdamW", **OPTIMIZER}, "float": float_result, "qat": qat_result}
     if not args.no_profile:
+        profiled_steps = 3 if args.quick else 10
         model = TinyGPT(**SIZES, rng=np.random.default_rng(0))
-        result["float_step_profile"] = profile_by_file(qatcore_step(model, x, y), 3 if args.quick else 10)
+        result["float_step_profile"] = profile_by_file(qatcore_step(model, x, y), profiled_steps)
+        config = QuantizationConfig.int8_dynamic_activation_int4_weight(group_size=GROUP_SIZE)
+        qat = QATPreparer(statistics=StatisticsConfig(enabled=False)).prepare_for_qat(
+            TinyGPT(**SIZES, rng=np.random.default_rng(0)), config)
+        result["qat_step_profile"] = profile_by_file(qatcore_step(qat, x, y), profiled_steps)
     try:
         import torch
 
