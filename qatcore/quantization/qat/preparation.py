@@ -122,6 +122,19 @@ def _embedding_layers(model: Module, names) -> list[tuple[str, Module]]:
             if isinstance(model.get_submodule(name), Embedding)]
 
 
+def _prepare_embeddings(model: Module, embeddings, layerwise: LayerwiseConfig, place) -> list[LayerRecord]:
+    """Each Embedding with an ``embedding`` spec replaced (``place(model, name, qat)``: registered
+    in a graph module, or swapped in an eager copy) by its QATEmbedding; a record for each."""
+    records = []
+    for name, layer in embeddings:
+        info = layerwise.resolve(name, layer)
+        qat = _quantize_embedding(layer, info, name)
+        if qat is not None:
+            place(model, name, qat)
+        records.append(LayerRecord(name, type(layer).__name__, type(qat or layer).__name__, info))
+    return records
+
+
 def _quantize_embedding(layer: Embedding, resolved: ResolvedLayer, name: str) -> QATEmbedding | None:
     """The QAT form of an Embedding whose resolved config has an ``embedding`` spec (None: it stays float)."""
     spec = resolved.config.embedding
@@ -181,12 +194,7 @@ def prepare_graph_mode(model: Module, layerwise: LayerwiseConfig) -> tuple[Graph
         _register(gm, node.target, qat)
         replaced.add(node.target)
         records.append(LayerRecord(node.target, type(layer).__name__, type(qat).__name__, info))
-    for name, layer in embeddings:
-        info = layerwise.resolve(name, layer)
-        qat = _quantize_embedding(layer, info, name)
-        if qat is not None:
-            _register(gm, name, qat)
-        records.append(LayerRecord(name, type(layer).__name__, type(qat or layer).__name__, info))
+    records.extend(_prepare_embeddings(gm, embeddings, layerwise, _register))
     if layerwise.global_config.dynamic_activations:
         gm.add_module("activation_fake_quant", Submodules())  # none: each layer quantizes its input
     else:
@@ -379,12 +387,7 @@ def prepare_eager_mode(model: Module, layerwise: LayerwiseConfig, inplace: bool)
             qat.interpreter = EagerIntegerEval(name, info.config.requantization)
         _swap(qat_model, name, qat)
         records.append(LayerRecord(name, type(layer).__name__, type(qat).__name__, info))
-    for name, layer in embeddings:
-        info = layerwise.resolve(name, layer)
-        qat = _quantize_embedding(layer, info, name)
-        if qat is not None:
-            _swap(qat_model, name, qat)
-        records.append(LayerRecord(name, type(layer).__name__, type(qat or layer).__name__, info))
+    records.extend(_prepare_embeddings(qat_model, embeddings, layerwise, _swap))
     return qat_model, records
 
 
