@@ -29,10 +29,11 @@ def test_the_experiment_reports_every_model_and_writes_its_folder(tiny_run):
     assert set(result.perplexity) == {"float", "ptq", "qat"}
     for name, value in result.perplexity.items():
         assert value == pytest.approx(math.exp(result.loss[name]))
-        assert 1.0 < value < 65.0 * 1.5  # a trained character model: better than a uniform guess (65)
+        assert 1.0 < value < 65.0  # even 6 steps beat the uniform guess over 65 characters (perplexity 65)
     lost = result.perplexity["ptq"] - result.perplexity["float"]
     if result.recovered is not None:
         assert result.recovered == pytest.approx((result.perplexity["ptq"] - result.perplexity["qat"]) / lost)
+    assert result.loss["pretrained"] < math.log(65.0)
     assert result.validation_tokens == 16 * 16
     assert {p.name for p in out.iterdir()} >= {"float.qat", "qat.ckpt", "result.json", "report.md", "pretrained.qat",
                                                "gpt_settings.json", "statistics.json", "statistics.qat"}
