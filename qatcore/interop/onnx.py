@@ -54,15 +54,27 @@ def _require_onnx():
 
 
 def _example_inputs(example_input) -> tuple[np.ndarray, ...]:
+    """float32 arrays, and int64 arrays for integer examples (token indices; which inputs may
+    take them is checked against the graph by ``_check_index_inputs``)."""
     items = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     inputs = []
     for i, item in enumerate(items):
         array = item.data if isinstance(item, Tensor) else np.asarray(item)
-        if array.dtype.kind != "f" or array.ndim == 0:
+        if array.dtype.kind not in "fiu" or array.ndim == 0:
             raise InteropError(f"export_onnx: example input {i} must be a float array with a batch axis, "
                                f"got dtype {array.dtype} and shape {array.shape}")
-        inputs.append(array.astype(np.float32, copy=False))
+        inputs.append(array.astype(np.float32 if array.dtype.kind == "f" else np.int64, copy=False))
     return tuple(inputs)
+
+
+def _check_index_inputs(gm: GraphModule, input_nodes, inputs, reads_indices_only) -> None:
+    """An integer example is allowed only for an input that embedding lookups alone read
+    (written to the file as int64 token indices); every other input is float."""
+    for i, (node, array) in enumerate(zip(input_nodes, inputs)):
+        if array.dtype.kind != "f" and not reads_indices_only(gm, node):
+            raise InteropError(f"export_onnx: example input {i} must be a float array with a batch axis, got "
+                               f"dtype {array.dtype}; integer examples are token indices, for an input that only "
+                               f"embedding lookups read ({node.target!r} is read by other operations)")
 
 
 def export_onnx(model: Module, path, example_input, format: str = "qdq"):  # noqa: A002 - the issue's name
@@ -74,12 +86,19 @@ def export_onnx(model: Module, path, example_input, format: str = "qdq"):  # noq
       ``format="qdq"`` (DequantizeLinear -> Conv / Gemm -> QuantizeLinear, int8 weights with
       per-channel scales on axis 0, int32 bias) or ``format="qoperator"`` (QLinearConv /
       QLinearMatMul);
+    - a converted low-bit model (``LowBitLinear`` / ``LowBitEmbedding`` layers between float
+      ones): INT4 weight initializers behind a blocked DequantizeLinear, then MatMul or Gather,
+      per-token activation quantization composed from standard ops (either ``format``: low-bit
+      layers have no QLinear operator);
     - a QAT model: its eval-mode computation in float, a QuantizeLinear -> DequantizeLinear
-      pair at every enabled fake-quant node (``format`` must be "qdq");
+      pair at every enabled fake-quant node (``format`` must be "qdq"; a model with dynamic
+      quantizers, per group or per token, is refused: convert it first);
     - a float model: the float graph (``format`` must be "qdq", the default).
 
     The axis 0 of every input is the batch axis (symbolic in the file); ``example_input``
-    (an array, a Tensor, or a tuple of them for several inputs) fixes the other axes. The
+    (an array, a Tensor, or a tuple of them for several inputs) fixes the other axes; an input
+    is float32, or int64 when its example holds integers and only embedding lookups read it
+    (token indices, as TinyGPT takes). The
     model runs once on it in eval mode (training flags are restored afterwards). The file
     passes ``onnx.checker`` (full check) before it is written, atomically.
 
@@ -90,7 +109,7 @@ def export_onnx(model: Module, path, example_input, format: str = "qdq"):  # noq
         SerializationError: the file cannot be written (nothing is left behind).
     """
     onnx = _require_onnx()
-    from qatcore.interop.onnx_export import build_onnx_model, model_kind  # imports onnx, so only now
+    from qatcore.interop.onnx_export import build_onnx_model, model_kind, reads_indices_only  # imports onnx
 
     if format not in FORMATS:
         raise InteropError(f"export_onnx: format must be one of {FORMATS}, got {format!r}")
@@ -101,7 +120,8 @@ def export_onnx(model: Module, path, example_input, format: str = "qdq"):  # noq
         try:
             refuse_dynamic_quantizers(model.named_modules(), "export_onnx")
         except ConfigError as e:
-            raise InteropError(str(e)) from None
+            raise InteropError(f"{e}. To write ONNX, convert it first (QATPreparer.convert_to_quantized): a "
+                               f"converted low-bit model exports") from None
     if format == "qoperator" and kind != "int8":
         raise InteropError(f"export_onnx: format='qoperator' writes int8 models (convert_to_quantized first); "
                            f"this is a {kind} model: use format='qdq'")
@@ -121,6 +141,7 @@ def export_onnx(model: Module, path, example_input, format: str = "qdq"):  # noq
     if len(input_nodes) != len(inputs):
         raise InteropError(f"export_onnx: the model takes {len(input_nodes)} inputs "
                            f"({', '.join(n.target for n in input_nodes)}), got {len(inputs)} example inputs")
+    _check_index_inputs(gm, input_nodes, inputs, reads_indices_only)
     modes = {module: module.training for module in gm.modules()}
     gm.eval()  # the file is the eval-mode computation (running BatchNorm statistics, the QAT eval bias)
     try:

@@ -46,7 +46,9 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper
 
+from qatcore import kernels
 from qatcore.errors import InteropError
 from qatcore.graph import GraphModule
 from qatcore.graph.graph import resolve_attribute
@@ -60,7 +62,7 @@ from qatcore.quantization.qat.operators.weighted import weight_scales
 from qatcore.quantization.qat.qat_layers import QATLayer
 from qatcore.tensor import Tensor
 
-__all__ = ["build_onnx_model", "model_kind", "weight_scales"]
+__all__ = ["build_onnx_model", "model_kind", "reads_indices_only", "weight_scales"]
 
 _CONTAINERS = {(8, True): np.int8, (8, False): np.uint8, (16, True): np.int16, (16, False): np.uint16}
 
@@ -73,6 +75,19 @@ def model_kind(model: Module) -> str:
     if any(isinstance(m, (FakeQuantize, QATLayer)) for m in modules):
         return "qat"
     return "float"
+
+
+def reads_indices_only(gm: GraphModule, node: Node) -> bool:
+    """Whether every user of ``node`` reads it as the indices of a lookup (its rule's
+    ``index_input``, as its first argument): such an input is int64 token indices in the file."""
+    def lookup(user: Node) -> bool:
+        module = gm.get_submodule(user.target) if user.op == "call_module" else None
+        try:
+            rule = rule_for_node(user, module)
+        except UnregisteredOperatorError:
+            return False
+        return rule.index_input and bool(user.args) and user.args[0] is node
+    return bool(node.users) and all(lookup(user) for user in node.users)
 
 
 @dataclass(frozen=True)
@@ -179,6 +194,20 @@ class _Exporter:
         return self.b.node("DequantizeLinear", [self.names[arg], *self.grid_constants(grid, name)],
                            f"{name}/DequantizeLinear")
 
+    def int4_constant(self, base: str, values: np.ndarray) -> str:
+        """An INT4 initializer holding ``values`` (integers in [-8, 7], any shape). ONNX packs
+        INT4 as qatcore does (two's complement, two to a byte, the first in the low nibble,
+        row-major), so ``kernels.lowbit_pack`` writes its raw bytes."""
+        values = np.asarray(values)
+        if values.size and (int(values.min()) < -8 or int(values.max()) > 7):
+            raise InteropError(f"ONNX export: {base!r} holds integers in [{int(values.min())}, "
+                               f"{int(values.max())}], outside INT4's [-8, 7]")
+        packed = kernels.lowbit_pack.pack_lowbit(values.reshape(1, -1), 4)
+        name = self.b.fresh(base)
+        self.b.initializers.append(helper.make_tensor(name, TensorProto.INT4, values.shape, packed.tobytes(),
+                                                      raw=True))
+        return name
+
     def grid_constants(self, grid: Grid, name: str) -> tuple[str, str]:
         return (self.b.constant(f"{name}.scale", np.float32(grid.scale)),
                 self.b.constant(f"{name}.zero_point", np.array(grid.zero_point, dtype=grid.dtype)))
@@ -218,7 +247,8 @@ class _Exporter:
                 self.names[node] = self.b.reserve(node.target)
                 self.grids[node] = None
                 shape = self.shape(node)
-                inputs.append((node.target, np.float32, ("batch", *shape[1:])))
+                indices = np.dtype(node.meta["dtype"]).kind in "iu"  # token indices (export_onnx checked)
+                inputs.append((node.target, np.int64 if indices else np.float32, ("batch", *shape[1:])))
             elif node.op == "output":
                 outputs = self.outputs(node)
             elif node.op == "get_attr":

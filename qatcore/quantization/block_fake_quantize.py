@@ -17,8 +17,9 @@ differences:
 - it has no single ``QParams`` (:meth:`calculate_qparams` refuses); :meth:`block_qparams`
   gives the scales, zero points and integers of given values, for statistics.
 
-The int8 runtime does not hold these schemes: ``convert_to_quantized`` and ONNX export
-refuse a model with one (:func:`refuse_dynamic_quantizers`), naming the quantizer.
+``convert_to_quantized`` turns a layer with these weights into the low-bit runtime's
+packed layers (:mod:`qatcore.quantization.lowbit`); the ONNX export of the QAT model itself
+refuses them (:func:`refuse_dynamic_quantizers`), naming the quantizer.
 
 >>> import numpy as np
 >>> from qatcore.quantization.config import QuantizationConfig
@@ -204,13 +205,13 @@ def make_fake_quantize(spec: QuantSpec, name: str = "") -> FakeQuantize:
 
 
 def refuse_dynamic_quantizers(modules: Iterable[tuple[str, Module]], what: str) -> None:
-    """Raise ``ConfigError`` naming the first dynamic quantizer: ``what`` (conversion to the
-    int8 runtime, an int8 ONNX export) holds per-tensor and per-channel grids only."""
+    """Raise ``ConfigError`` naming the first dynamic quantizer: ``what`` (the ONNX export of a
+    QAT model) holds per-tensor and per-channel grids only; the converted model holds the rest."""
     for name, module in modules:
         if isinstance(module, BlockFakeQuantize):
             raise ConfigError(
                 f"{what}: quantizer {name!r} uses {module.spec.scheme.value} ({module.spec.dtype.name}"
-                f"{f', group_size={module.group_size}' if module.group_size else ''}); the int8 runtime holds "
-                f"per-tensor and per-channel integer grids only, not the low-bit per-group, per-token or "
-                f"ternary schemes. Evaluate the QAT model itself: its eval forward is the fake-quantized "
-                f"computation")
+                f"{f', group_size={module.group_size}' if module.group_size else ''}); a QAT model's QDQ form "
+                f"holds per-tensor and per-channel grids only, not the low-bit per-group, per-token or ternary "
+                f"schemes. Convert it first (convert_to_quantized packs the low-bit weights) and export the "
+                f"converted model")

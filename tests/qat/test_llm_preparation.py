@@ -13,6 +13,7 @@ import pytest
 
 import qatcore
 from qatcore.autograd import gradcheck
+from qatcore.autograd.grad_mode import no_grad
 from qatcore.errors import ConfigError, InteropError
 from qatcore.graph import GraphModule
 from qatcore.models import TinyGPT
@@ -176,11 +177,16 @@ def test_each_preset_trains_and_evaluates_as_it_trains(preset):
         training_forward = qat(x).numpy()
     with_gradients = qat(x).numpy()
     qat.eval()
-    # eval computes what training computes (no observers, no float64 accumulation, no int8 interpreter)
+    # eval with gradients computes what training computes (no observers, no int8 interpreter)
     np.testing.assert_array_equal(qat(x).numpy(), training_forward)
-    with qatcore.no_grad():
-        np.testing.assert_array_equal(qat(x).numpy(), training_forward)
     np.testing.assert_array_equal(with_gradients, training_forward)
+    # without gradients, the low-bit arithmetic of the converted model (issue 20): the same
+    # integers, summed exactly (or in float64) instead of float32 BLAS, so close to it
+    with qatcore.no_grad():
+        low_bit = qat(x).numpy()
+    np.testing.assert_allclose(low_bit, training_forward, rtol=0, atol=0.02 * np.abs(training_forward).max())
+    converted = QATPreparer().convert_to_quantized(qat)
+    np.testing.assert_array_equal(converted(x).numpy(), low_bit)
 
 
 def test_graph_and_eager_preparation_train_identically_under_8da4w():
@@ -398,14 +404,16 @@ def test_lsq_variant_refuses_training_when_no_optimizer_holds_the_scales():
     (QuantizationConfig().replace(attention=eight_da_four_w().activation),
      "attention_fake_quant.scaled_dot_product_attention.query_fake_quant' uses per_token_affine (int8)"),
 ], ids=["8da4w", "4w", "ternary", "embedding", "attention"])
-def test_conversion_and_export_refuse_naming_the_quantizer(config, first, tmp_path):
+def test_conversion_is_exact_and_qat_export_refuses_naming_the_quantizer(config, first, tmp_path):
+    """Each of these converts (issue 20: the low-bit runtime, ``test_lowbit_conversion.py``) to a
+    model equal to the QAT eval; the QAT model itself does not export (its converted model does)."""
     preparer = QATPreparer()
     qat = preparer.prepare_for_qat(gpt(), config)
     qat(tokens())
     qat.eval()
-    with pytest.raises(ConfigError, match=r"^convert_to_quantized: quantizer '" + re.escape(first)
-                                          + r".* Evaluate the QAT model itself"):
-        preparer.convert_to_quantized(qat)
+    converted = preparer.convert_to_quantized(qat)
+    with no_grad():
+        assert np.array_equal(converted(tokens()).data, qat(tokens()).data)
     pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install qatcore[onnx])")
     from qatcore.interop.onnx import export_onnx
 

@@ -484,7 +484,8 @@ def test_refuse_dynamic_quantizers_names_the_first():
             self.second = BlockFakeQuantize(make_spec("per_tensor_absmean"), "second")
 
     with pytest.raises(ConfigError, match=r"^convert_to_quantized: quantizer 'first' uses per_group_symmetric \(int4, "
-                                          r"group_size=32\); the int8 runtime holds per-tensor and per-channel"):
+                                          r"group_size=32\); a QAT model's QDQ form holds per-tensor and "
+                                          r"per-channel grids only"):
         refuse_dynamic_quantizers(Holder().named_modules(), "convert_to_quantized")
     holder = Holder()
     del holder.first

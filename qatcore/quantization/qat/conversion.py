@@ -21,7 +21,12 @@ operator becomes is written next to its rule, for example:
 - an elementwise activation between two quantizers (Sigmoid, Tanh, LeakyReLU,
   Hardswish, ...) becomes ``Int8Lookup``, a table of the QAT computation on every input
   integer;
-- model outputs get ``Dequantize``.
+- model outputs get ``Dequantize``;
+- a ``QATLinear`` / ``QATEmbedding`` with low-bit weights (per group, ternary: the LLM
+  schemes) becomes a ``LowBitLinear`` / ``LowBitEmbedding`` (packed 2- and 4-bit weights,
+  per-token int8 activations computed at run time), float in and float out
+  (``operators/lowbit.py``); the layers around it (LayerNorm, GELU, attention) stay float,
+  and the converted model equals the QAT model's eval bit for bit.
 
 Nothing between a Quantize and a Dequantize computes in floating point (a test
 walks the converted graph and checks every node).
@@ -38,7 +43,6 @@ from qatcore.graph.node import Node, map_nodes
 from qatcore.nn import functional as F
 from qatcore.nn.activation import ReLU
 from qatcore.nn.module import Module
-from qatcore.quantization.block_fake_quantize import refuse_dynamic_quantizers
 from qatcore.quantization.config import Requantization
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.quantization.int8_layers import Dequantize
@@ -212,7 +216,6 @@ def convert_to_quantized(qat_model: Module) -> Module:
     copy of the model's own classes with each QAT layer an ``Int8Island`` (float in, float
     out; :func:`~qatcore.quantization.qat.eager_conversion.convert_eager_model`).
     """
-    refuse_dynamic_quantizers(qat_model.named_modules(), "convert_to_quantized")
     if not isinstance(qat_model, GraphModule):
         return convert_eager_model(qat_model, requantization_of(qat_model))
     ctx = ConversionContext(qat_model)

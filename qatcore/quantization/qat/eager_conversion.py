@@ -72,6 +72,7 @@ from qatcore.nn.module import Module
 from qatcore.quantization.config import Requantization
 from qatcore.quantization.int8_layers import Dequantize, Int8Module, Quantize
 from qatcore.quantization.qat.int8_model import Int8Value
+from qatcore.quantization.qat.operators.lowbit import is_lowbit_layer, lowbit_module
 from qatcore.quantization.qat.operators.weighted import computes_in_float, float_layers, int8_weighted_layer
 from qatcore.quantization.qat.qat_layers import QATLayer
 from qatcore.quantization.qat.training_integration import QATController, controller_of
@@ -167,7 +168,9 @@ def _int8_copy(module: Module, name: str, memo: dict, requantization: Requantiza
     if id(module) in memo:
         return memo[id(module)]
     if isinstance(module, QATLayer):
-        if not module.enabled:
+        if is_lowbit_layer(module):  # per-group or ternary weights: the low-bit runtime (float in, float out)
+            result = lowbit_module(name, module)
+        elif not module.enabled:
             layers = float_layers(module)
             result = layers[0] if len(layers) == 1 else Sequential(*layers)
         elif computes_in_float(module) is not None:

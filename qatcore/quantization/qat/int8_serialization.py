@@ -24,7 +24,9 @@ float layers an int8 model may keep: Linear, Conv2d, BatchNorm). Files of versio
 (which named the runtime modules ``QuantizedLinear``, ``QuantizedConv2d``,
 ``QuantizedAdd``) and version 2 still load: version 3 added each requantizing module's
 ``requantization`` to its config (absent: fixed point) and trailing buffers
-(``STATE_SINCE_3``, derived from the others on loading an older file).
+(``STATE_SINCE_3``, derived from the others on loading an older file); version 4 stores a
+node's keyword arguments as a fifth entry of its record (a mapping, packed as ``args``), which
+the low-bit models' float attention calls need.
 
 >>> import numpy as np, tempfile, os, qatcore
 >>> from qatcore.models import DigitsCNN
@@ -61,8 +63,8 @@ from qatcore.quantization.qat.operators import rule_for_module, rule_for_record,
 
 __all__ = ["int8_model_to_dict", "int8_model_from_dict"]
 
-FORMAT, VERSION = "qatcore.int8_model", 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT, VERSION = "qatcore.int8_model", 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 OPS = ("input", "call_module", "call_function", "output", "get_attr")
 # the one function outside qatcore.nn.functional a graph may call: an element of a layer's
 # tuple output (MultiheadAttention's (output, weights))
@@ -179,8 +181,6 @@ def int8_model_to_dict(model: Int8Model) -> dict:
     records = []
     for position, node in enumerate(model.graph.nodes):
         index[node] = position
-        if node.kwargs:
-            raise ConfigError(f"cannot save node {node.name!r}: keyword arguments are not stored")
         target = node.target
         if node.op == "call_function":
             if target is operator.getitem:
@@ -203,6 +203,10 @@ def int8_model_to_dict(model: Int8Model) -> dict:
             if node.name != node.target or "." in node.target:
                 raise ConfigError(f"cannot save node {node.name!r}: a constant is named after its buffer")
             record.append(np.array(resolve_attribute(model, node.target, node).data))
+        if node.kwargs:  # version 4: keyword arguments, packed as the positional ones
+            if len(record) == 3:
+                record.append(None)
+            record.append({key: _pack_args(value, index) for key, value in node.kwargs.items()})
         records.append(record)
     by_name = {n.name: i for n, i in index.items()}
     sources = [[by_name[name], s.source, float(s.scale), int(s.zero_point)]
@@ -230,6 +234,12 @@ def int8_model_from_dict(data: dict) -> Int8Model:
             raise ConfigError(f"int8 model: {where} is malformed")
         op, target = OPS[record[0]], record[1]
         args = _unpack_args(record[2], nodes, where)
+        kwargs = {}
+        if len(record) == 5:  # keyword arguments (version 4)
+            if not (isinstance(record[4], dict) and all(isinstance(k, str) for k in record[4])):
+                raise ConfigError(f"int8 model: {where} has malformed keyword arguments")
+            kwargs = {key: _unpack_args(value, nodes, where) for key, value in record[4].items()}
+            record = record[:4]
         if op == "input":
             node = graph.input(target)
         elif op == "output":
@@ -245,12 +255,12 @@ def int8_model_from_dict(data: dict) -> Int8Model:
                 raise ConfigError(f"int8 model: {where} needs one module record and a unique target")
             targets.add(target)
             root.add_module(target, _build_module(record[3], f"{where} ({target})", version))
-            node = graph.create_node("call_module", target, args, name=target)
+            node = graph.create_node("call_module", target, args, kwargs, name=target)
         else:
             function = operator.getitem if target == _GETITEM else getattr(F, target, None)
             if (target != _GETITEM and target not in F.__all__) or not callable(function) or len(record) != 4:
                 raise ConfigError(f"int8 model: {where} calls unknown function {target!r}")
-            node = graph.create_node("call_function", function, args, name=record[3])
+            node = graph.create_node("call_function", function, args, kwargs, name=record[3])
         nodes.append(node)
     sources = {}
     for entry in data.get("sources", []):

@@ -42,6 +42,7 @@ from typing import Callable
 
 import numpy as np
 
+from qatcore.autograd.grad_mode import is_grad_enabled
 from qatcore.nn import functional as F
 from qatcore.nn.batchnorm import BatchNorm1d, BatchNorm2d
 from qatcore.nn.conv import Conv2d
@@ -49,7 +50,9 @@ from qatcore.nn.embedding import Embedding
 from qatcore.nn.linear import Linear
 from qatcore.nn.module import Module
 from qatcore.process_group import use_group
+from qatcore.quantization.block_fake_quantize import BlockFakeQuantize
 from qatcore.quantization.fake_quantize_module import FakeQuantize
+from qatcore.quantization.lowbit import TokenQuantization, lowbit_linear, lowbit_weight
 from qatcore.tensor import Tensor
 
 __all__ = ["QATLayer", "QATLinear", "QATConv2d", "FoldedBatchNorm", "QATConvBn2d", "QATLinearBn1d", "QATEmbedding",
@@ -175,9 +178,33 @@ class QATLinear(QATLayer):
         self.register_parameter("bias", linear.bias)
         self._init_quantizers(weight_fake_quant, output_fake_quant, relu)
 
+    def forward(self, x):
+        if self.lowbit_eval():  # before the input quantizer: the arithmetic quantizes x itself
+            return self._finish(Tensor._from_array(self.lowbit_forward(x), False))
+        return super().forward(x)
+
     def _simulate(self, x):
         bias = self.eval_bias(self.bias) if self.enabled else self.bias
         return self._finish(self._weight_op(F.linear, x, self._quantized_weight(self.weight), bias))
+
+    def lowbit_eval(self) -> bool:
+        """Eval without gradients, with low-bit (per-group or ternary) weights quantized: the
+        forward is the low-bit arithmetic the converted model computes
+        (:mod:`qatcore.quantization.lowbit`), on the same integers, so the two agree bit for bit."""
+        weight_fq = self.weight_fake_quant
+        return (not self.training and self.enabled and not is_grad_enabled()
+                and isinstance(weight_fq, BlockFakeQuantize) and bool(weight_fq.fake_quant_enabled.data)
+                and self.output_fake_quant is None)
+
+    def lowbit_forward(self, x) -> np.ndarray:
+        """The low-bit arithmetic on ``x`` (:func:`~qatcore.quantization.lowbit.lowbit_linear`):
+        the weight as its quantizer quantizes it now, the input per token when the layer
+        quantizes its input (dynamic activations), else weight-only."""
+        array = x.data if isinstance(x, Tensor) else np.asarray(x, np.float32)
+        weight = lowbit_weight(self.weight_fake_quant, self.weight.data, self.weight_fake_quant.name)
+        bias = None if self.bias is None else self.bias.data
+        return lowbit_linear(array, weight, bias, TokenQuantization.of(self.input_fake_quant),
+                             self.weight_fake_quant.name)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, relu={self.relu}"

@@ -15,6 +15,7 @@ from qatcore.quantization.qat.operators import (  # noqa: F401  (imported to reg
     activation,
     arithmetic,
     attention,
+    lowbit,
     normalization,
     pooling,
     quantizer,

@@ -1,6 +1,6 @@
 """Attention: ``F.scaled_dot_product_attention``, ``F.attention_probabilities``,
 ``nn.MultiheadAttention`` (and ``operator.getitem``, which takes its output out of the
-(output, weights) pair).
+(output, weights) pair, or indexes a tensor: TinyGPT's ``qkv[0]``).
 
 QAT: all stay float for now (``QATRole.FLOAT``): their outputs are not quantized and
 MultiheadAttention's projection weights are not fake-quantized. The quantizers issue 19
@@ -128,12 +128,34 @@ def _projection_out(ex, name: str, x: str, out: Linear) -> str:
 
 
 def _export_getitem(ex, node, module):
-    """The output of a MultiheadAttention's (output, weights) pair: its exported tensor."""
+    """The output of a MultiheadAttention's (output, weights) pair: its exported tensor; a
+    tensor indexed by integers and slices (``qkv[0]``): Slice, then a Gather per integer."""
     source, index = node.args
-    if not (isinstance(source, Node) and source.op == "call_module"
-            and isinstance(ex.gm.get_submodule(source.target), MultiheadAttention) and index == 0):
-        raise ex.fail(node, "indexing other than [0] of a MultiheadAttention's (output, weights)")
-    return ex.names[source], None
+    if isinstance(source, Node) and source.op == "call_module" \
+            and isinstance(ex.gm.get_submodule(source.target), MultiheadAttention):
+        if index != 0:
+            raise ex.fail(node, "indexing other than [0] of a MultiheadAttention's (output, weights)")
+        return ex.names[source], None
+    items = index if isinstance(index, tuple) else (index,)
+    if not all(isinstance(i, slice) or (isinstance(i, (int, np.integer)) and not isinstance(i, bool))
+               for i in items) or len(items) > len(ex.shape(source)):
+        raise ex.fail(node, f"indexing by {index!r} (integers and slices export)")
+    b, name = ex.b, node.name
+    x = whole = ex.value(source, name)
+    sliced = [(axis, i) for axis, i in enumerate(items) if isinstance(i, slice) and i != slice(None)]
+    if sliced:
+        big = np.iinfo(np.int64).max
+        bounds = [(0 if i.start is None else i.start, big if i.stop is None else i.stop) if (i.step or 1) > 0 else
+                  (big if i.start is None else i.start, -big - 1 if i.stop is None else i.stop) for _, i in sliced]
+        x = b.node("Slice", [x, b.constant(f"{name}.starts", np.array([s for s, _ in bounds], np.int64)),
+                             b.constant(f"{name}.ends", np.array([e for _, e in bounds], np.int64)),
+                             b.constant(f"{name}.axes", np.array([a for a, _ in sliced], np.int64)),
+                             b.constant(f"{name}.steps", np.array([i.step or 1 for _, i in sliced], np.int64))],
+                   f"{name}/Slice")
+    for axis, i in reversed([(axis, i) for axis, i in enumerate(items) if not isinstance(i, slice)]):
+        x = b.node("Gather", [x, b.constant(f"{name}.index", np.array(int(i), np.int64))], f"{name}/Gather",
+                   axis=axis)  # a scalar index drops the axis, as Python's does
+    return (x if x != whole else b.node("Identity", [x], name)), None
 
 
 # ---- examples -------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from qatcore.quantization.qat.operators.activation import (
     example_between_linears,
     example_functional,
 )
+from qatcore.quantization.qat.operators.lowbit import lower_lowbit_embedding
 from qatcore.quantization.qat.operators.registry import OperatorRule, QATRole, RecordRule, call_arguments, register
 from qatcore.quantization.qat.qat_layers import QATEmbedding
 
@@ -213,6 +214,6 @@ register(
                  example_missing=_NO_EMBEDDING_EXAMPLE),
     OperatorRule(F.embedding, index_input=True, export=_export_embedding, example_missing=_NO_EMBEDDING_EXAMPLE),
     # an Embedding with quantized weights (the config's embedding spec): a lookup of the
-    # fake-quantized table; its quantizer is dynamic, which conversion and export refuse
-    OperatorRule(QATEmbedding, qat=QATRole.QUANTIZER, index_input=True),
+    # fake-quantized table; converted to a LowBitEmbedding (lowbit.py)
+    OperatorRule(QATEmbedding, qat=QATRole.QUANTIZER, index_input=True, lower=lower_lowbit_embedding),
 )

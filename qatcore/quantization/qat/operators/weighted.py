@@ -41,6 +41,7 @@ from qatcore.quantization.config import Requantization
 from qatcore.quantization.fake_quantize_module import FakeQuantize
 from qatcore.quantization.int8_layers import OUTPUT_STATE, Int8Module, Quantize, int_input
 from qatcore.quantization.qat.int8_model import Int8Value
+from qatcore.quantization.qat.operators.lowbit import is_lowbit_layer, lower_lowbit_layer
 from qatcore.quantization.qat.operators.quantizer import int8_record
 from qatcore.quantization.qat.operators.registry import (
     OperatorRule,
@@ -397,7 +398,10 @@ def _lower_qat_layer(ctx, node: Node, layer: QATLayer):
     """QATLinear / QATConv2d / QATConvBn2d -> Int8Linear / Int8Conv2d (module docstring);
     a layer switched off at run time becomes a float island of its float layers; one whose
     input arrives as floats or one of whose quantizers is off, a float island of its
-    simulation (``_lower_simulated_island``)."""
+    simulation (``_lower_simulated_island``). One with low-bit weights (per group, ternary)
+    becomes a ``LowBitLinear`` (``lowbit.py``)."""
+    if is_lowbit_layer(layer):
+        return lower_lowbit_layer(ctx, node, layer)
     if not layer.enabled:
         return _lower_float_island(ctx, node, layer)
     if layer.output_fake_quant is None and isinstance(layer.weight_fake_quant, FakeQuantize):
