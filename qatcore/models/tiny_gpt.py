@@ -70,6 +70,22 @@ class CausalSelfAttention(Module):
         y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)  # (B, H, T, E)
         return self.proj(y.permute(0, 2, 1, 3).reshape(-1, t, c))
 
+    def decode(self, x, past: tuple | None):
+        """Attention of new positions ``x`` (B, T, C) to the cached keys and values ``past``
+        ((B, H, P, E) each, or None) and to themselves (causally): (output, (keys, values)
+        with the new positions appended)."""
+        b, t = x.shape[0], x.shape[1]
+        h, c = self.n_head, self.n_embd
+        qkv = self.qkv(x).reshape(b, t, 3, h, c // h).permute(2, 0, 3, 1, 4)
+        k, v = qkv[1], qkv[2]
+        if past is not None:
+            k, v = F.cat([past[0], k], dim=2), F.cat([past[1], v], dim=2)
+        p = k.shape[2] - t
+        # new position i sees the P cached ones and new ones 0..i
+        mask = None if t == 1 else np.tril(np.ones((t, p + t), dtype=bool), k=p)
+        y = F.scaled_dot_product_attention(qkv[0], k, v, attn_mask=mask)
+        return self.proj(y.permute(0, 2, 1, 3).reshape(b, t, c)), (k, v)
+
 
 class GPTBlock(Module):
     """One pre-norm transformer block: ``x + attn(ln_1(x))``, then ``+ mlp(ln_2(.))``."""
@@ -89,6 +105,12 @@ class GPTBlock(Module):
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
         return x + self.fc_2(self.gelu(self.fc_1(self.ln_2(x))))
+
+    def decode(self, x, past: tuple | None):
+        """``forward`` of new positions, attending to the cached ``past`` (CausalSelfAttention.decode)."""
+        a, cache = self.attn.decode(self.ln_1(x), past)
+        x = x + a
+        return x + self.fc_2(self.gelu(self.fc_1(self.ln_2(x)))), cache
 
 
 class TinyGPT(Module):
@@ -149,3 +171,31 @@ class TinyGPT(Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
+
+    def decode(self, idx, cache: list | None = None) -> tuple:
+        """Incremental decoding with a key/value cache: the (B, T, vocabulary_size) logits of
+        the new tokens ``idx`` (B, T) that follow the positions ``cache`` holds, and the cache
+        with them appended (None: nothing yet). Equal to ``forward`` on the whole sequence up to
+        float rounding (a shorter softmax); one token at a time, each Linear is a matrix-vector
+        product, the case low-bit weights speed up. Works on an eager-mode converted model
+        too (its layers are the runtime's).
+
+        >>> import numpy as np
+        >>> model = TinyGPT(vocabulary_size=65, block_size=8, n_layer=1, n_embd=16, n_head=2)
+        >>> idx = np.arange(6).reshape(1, 6)
+        >>> first, cache = model.decode(idx[:, :5])
+        >>> last, cache = model.decode(idx[:, 5:], cache)
+        >>> bool(np.allclose(last.numpy()[0, -1], model(idx).numpy()[0, -1], atol=1e-5))
+        True
+        """
+        array = np.asarray(idx.data if hasattr(idx, "data") else idx)
+        past = 0 if cache is None else cache[0][0].shape[2]
+        if array.ndim != 2 or past + array.shape[1] > self.block_size:
+            raise ShapeError(f"TinyGPT.decode: expected (batch, time) tokens that fit block_size {self.block_size} "
+                             f"after the {past} cached positions, got shape {array.shape}")
+        x = self.tok(array) + self.pos.weight[past:past + array.shape[1]]
+        caches = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block.decode(x, None if cache is None else cache[i])
+            caches.append(kv)
+        return self.head(self.ln_f(x)), caches

@@ -39,17 +39,20 @@ drawn from the run's generator (``np.random.default_rng(seed)``); the snapshot k
 generator's state, so the float and QAT fine-tunings see the same batches.
 
 The run folder holds ``float.qat`` (the FLOAT state_dict), ``qat.ckpt`` (the QAT model,
-``save_qat_checkpoint``), ``statistics.json`` and ``statistics.qat`` (what quantization did
-during QAT: ``qatcore stats FOLDER``), ``result.json`` and ``report.md``; ``pretrained.qat`` (the
-snapshot, with its optimizer and generator state) is written when pretraining ends, so a
-run in the same folder with the same pretraining settings (any scheme, any fine-tuning)
-skips it (``resume=True``).
+``save_qat_checkpoint``), ``converted.int8`` (the converted model: packed low-bit weights,
+``load_int8_model``; its perplexity is the QAT model's, exactly), ``statistics.json`` and
+``statistics.qat`` (what quantization did during QAT: ``qatcore stats FOLDER``),
+``result.json`` and ``report.md``; ``pretrained.qat`` (the snapshot, with its optimizer and
+generator state) is written when pretraining ends, so a run in the same folder with the same
+pretraining settings (any scheme, any fine-tuning) skips it (``resume=True``).
 
 >>> settings = GPTSettings(steps=4, qat_steps=2, batch_size=4, block_size=16, n_layer=1, n_embd=32,
 ...                        output="gpt-run", validation_windows=8)
 >>> result = run_gpt_experiment(settings)
 >>> sorted(result.perplexity), result.scheme
-(['float', 'ptq', 'qat'], '8da4w')
+(['converted', 'float', 'ptq', 'qat'], '8da4w')
+>>> result.perplexity["converted"] == result.perplexity["qat"]     # packed int4 and the kernels: the same bits
+True
 """
 
 from __future__ import annotations
@@ -174,8 +177,8 @@ class GPTResult:
 
     scheme: str
     settings: dict
-    loss: dict = field(default_factory=dict)          # "pretrained", "float", "ptq", "qat" -> nats per character
-    perplexity: dict = field(default_factory=dict)    # "float", "ptq", "qat"
+    loss: dict = field(default_factory=dict)          # "pretrained", "float", "ptq", "qat", "converted" -> nats
+    perplexity: dict = field(default_factory=dict)    # "float", "ptq", "qat", "converted"
     recovered: float | None = None
     seconds: dict = field(default_factory=dict)       # per stage
     step_seconds: dict = field(default_factory=dict)  # mean training step, "float" and "qat"
@@ -253,7 +256,7 @@ def _save_state(path: Path, model, optimizer, rng, pretraining: dict) -> None:
 def run_gpt_experiment(settings: GPTSettings, on_progress: Callable[[str], None] | None = None,
                        resume: bool = True) -> GPTResult:
     """Run the experiment of the module docstring; write the run folder; return its result."""
-    from qatcore.quantization.qat import QATPreparer, save_qat_checkpoint
+    from qatcore.quantization.qat import QATPreparer, save_int8_model, save_qat_checkpoint
 
     if not isinstance(settings, GPTSettings):
         raise ConfigError(f"run_gpt_experiment needs GPTSettings, got {type(settings).__name__}")
@@ -342,7 +345,14 @@ def run_gpt_experiment(settings: GPTSettings, on_progress: Callable[[str], None]
     write_atomically(statistics.to_json().encode(), os.fspath(out / "statistics.json"))
     seconds["qat"] = time.perf_counter() - start
 
-    perplexity = {name: math.exp(loss[name]) for name in ("float", "ptq", "qat")}
+    # ---- the converted model: packed low-bit weights, integer kernels ------------------------
+    start = time.perf_counter()
+    converted = preparer.convert_to_quantized(qat)
+    save_int8_model(out / "converted.int8", converted)
+    loss["converted"] = evaluate(converted)  # equal to the QAT model's: same arithmetic, bit for bit
+    seconds["convert"] = time.perf_counter() - start
+
+    perplexity = {name: math.exp(loss[name]) for name in ("float", "ptq", "qat", "converted")}
     lost = perplexity["ptq"] - perplexity["float"]
     recovered = (perplexity["ptq"] - perplexity["qat"]) / lost if lost > 1e-6 * perplexity["float"] else None
     result = GPTResult(settings.scheme, settings.to_dict(), loss, perplexity, recovered, seconds, step_seconds,
@@ -357,7 +367,8 @@ def format_gpt_summary(result: GPTResult) -> str:
     p, loss = result.perplexity, result.loss
     lines = [f"TinyGPT on Tiny Shakespeare, scheme {result.scheme}: validation perplexity "
              f"(nats per character) over {result.validation_tokens} characters"]
-    for name, label in (("float", "float (fine-tuned)"), ("ptq", "PTQ"), ("qat", "QAT")):
+    for name, label in (("float", "float (fine-tuned)"), ("ptq", "PTQ"), ("qat", "QAT"),
+                        ("converted", "QAT, converted")):
         lines.append(f"  {label:<19} {p[name]:8.4f}  ({loss[name]:.4f})")
     if result.recovered is None:
         lines.append("  PTQ lost no perplexity: nothing to recover")

@@ -70,3 +70,45 @@ def test_bad_arguments_and_inputs():
         small()(tokens(time=9))
     with pytest.raises(ShapeError, match="expected \\(batch, time\\) tokens"):
         small()(np.zeros(8, dtype=np.int64))
+
+
+# ---------------------------------------------------------------- cached decoding (issue 20)
+
+def test_cached_decoding_equals_the_full_forward():
+    model = TinyGPT(vocabulary_size=65, block_size=16, n_layer=2, n_embd=32, n_head=4,
+                    rng=np.random.default_rng(0))
+    idx = np.random.default_rng(1).integers(0, 65, (2, 16))
+    full = model(idx).numpy()
+    logits, cache = model.decode(idx[:, :7])                 # a prompt, then one token at a time
+    steps = [logits.numpy()]
+    for t in range(7, 16):
+        logits, cache = model.decode(idx[:, t:t + 1], cache)
+        steps.append(logits.numpy())
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=0, atol=2e-6)
+    assert cache[0][0].shape == (2, 4, 16, 8)
+    with pytest.raises(ShapeError, match="fit block_size 16 after the 16 cached positions"):
+        model.decode(idx[:, :1], cache)
+
+
+def test_a_converted_low_bit_model_decodes_one_token_at_a_time():
+    from qatcore.autograd.grad_mode import no_grad
+    from qatcore.quantization.config import QuantizationConfig
+    from qatcore.quantization.qat.operators.lowbit import LowBitLinear
+
+    model = TinyGPT(vocabulary_size=65, block_size=16, n_layer=2, n_embd=64, n_head=4, rng=np.random.default_rng(0))
+    preparer = QATPreparer(mode="eager")
+    qat = preparer.prepare_for_qat(model, QuantizationConfig.int4_weight_only(32))
+    idx = np.random.default_rng(1).integers(0, 65, (1, 16))
+    qat(idx)
+    converted = preparer.convert_to_quantized(qat.eval())
+    assert isinstance(converted.blocks[0].attn.qkv, LowBitLinear)
+    with no_grad():
+        full = converted(idx).numpy()
+        logits, cache = converted.decode(idx[:, :1])
+        steps = [logits.numpy()]
+        for t in range(1, 16):
+            logits, cache = converted.decode(idx[:, t:t + 1], cache)
+            steps.append(logits.numpy())
+    decoded = np.concatenate(steps, axis=1)
+    np.testing.assert_allclose(decoded, full, rtol=0, atol=1e-5)
+    assert np.array_equal(decoded.argmax(-1), full.argmax(-1))

@@ -26,7 +26,9 @@ def tiny_run(tmp_path_factory):
 
 def test_the_experiment_reports_every_model_and_writes_its_folder(tiny_run):
     out, result, lines = tiny_run
-    assert set(result.perplexity) == {"float", "ptq", "qat"}
+    assert set(result.perplexity) == {"float", "ptq", "qat", "converted"}
+    # the converted model (packed int4, integer kernels) computes the QAT model's eval exactly
+    assert result.loss["converted"] == result.loss["qat"]
     for name, value in result.perplexity.items():
         assert value == pytest.approx(math.exp(result.loss[name]))
         assert 1.0 < value < 65.0  # even 6 steps beat the uniform guess over 65 characters (perplexity 65)
@@ -36,7 +38,8 @@ def test_the_experiment_reports_every_model_and_writes_its_folder(tiny_run):
     assert result.loss["pretrained"] < math.log(65.0)
     assert result.validation_tokens == 16 * 16
     assert {p.name for p in out.iterdir()} >= {"float.qat", "qat.ckpt", "result.json", "report.md", "pretrained.qat",
-                                               "gpt_settings.json", "statistics.json", "statistics.qat"}
+                                               "gpt_settings.json", "statistics.json", "statistics.qat",
+                                               "converted.int8"}
     assert json.loads((out / "result.json").read_text()) == json.loads(json.dumps(result.to_dict()))
     assert any(line.startswith("QAT fine-tuning: step 3/3") for line in lines)
     summary = format_gpt_summary(result)
