@@ -247,5 +247,15 @@ register(
     OperatorRule(F.max, export=_export_reduce("ReduceMax"), example=_unary_example(lambda a: F.max(a, 1, True), 16)),
     OperatorRule(Int8Add, export=_export_int8_add, record=int8_record(Int8Add)),
 )
+# ---- F.where (issue 20, for imported ONNX graphs): stays float ------------------------------------
+def _export_where(ex, node, module):
+    a = call_arguments(node)
+    condition = np.asarray(a["condition"].data if hasattr(a["condition"], "data") else a["condition"])
+    return ex.b.node("Where", [ex.b.constant(f"{node.name}.condition", condition),
+                               ex.value(a["x"], node.name), ex.value(a["y"], node.name)], node.name), None
+
+
+_WHERE_MASK = np.tile(np.array([True, False]), 8).reshape(1, 4, 4)
+register(OperatorRule(F.where, export=_export_where, example=_example(lambda a, b: F.where(_WHERE_MASK, a, b))))
 for _op_type, _fn in (("Add", F.add), ("Sub", F.sub), ("Mul", F.mul), ("Div", F.div)):
     register_onnx_import(_op_type, _import_binary(_fn))

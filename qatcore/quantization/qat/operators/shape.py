@@ -397,6 +397,79 @@ register(
     OperatorRule(Int8Permute, export=_export_int8_permute, record=int8_record(Int8Permute)),
     OperatorRule(Int8Cat, export=_export_int8_cat, record=int8_record(Int8Cat)),
 )
+# ---- the functions imported ONNX graphs call (issue 20): take, slice_axis, unsqueeze, squeeze, ----
+# ---- expand, pad. They stay float (a float island in an int8 model): no int8 runtime yet. ---------
+_INT64 = np.iinfo(np.int64)
+
+
+def _ints(ex, name: str, values) -> str:
+    return ex.b.constant(name, np.array(values, np.int64))
+
+
+def _export_take(ex, node, module):
+    a = call_arguments(node)
+    rank = len(ex.shape(a["x"]))
+    indices = np.asarray(a["indices"].data if hasattr(a["indices"], "data") else a["indices"], np.int64)
+    return ex.b.node("Gather", [ex.value(a["x"], node.name), _ints(ex, f"{node.name}.indices", indices)],
+                     node.name, axis=int(a["dim"]) % rank), None
+
+
+def _export_slice_axis(ex, node, module):
+    a = call_arguments(node)
+    step = int(a["step"])
+    start = a["start"] if a["start"] is not None else (0 if step > 0 else _INT64.max)
+    end = a["end"] if a["end"] is not None else (_INT64.max if step > 0 else _INT64.min)
+    inputs = [ex.value(a["x"], node.name)] + [_ints(ex, f"{node.name}.{k}", [int(v)]) for k, v in
+                                              (("starts", start), ("ends", end), ("axes", a["dim"]), ("steps", step))]
+    return ex.b.node("Slice", inputs, node.name), None
+
+
+def _export_squeeze_like(op_type: str):
+    def export(ex, node, module):
+        a = call_arguments(node)
+        dim = a["dim"]
+        if dim is None:  # squeeze: every axis of size 1 of the recorded input shape
+            dim = [i for i, d in enumerate(ex.shape(a["x"])) if d == 1]
+        axes = [int(d) for d in ((dim,) if isinstance(dim, (int, np.integer)) else dim)]
+        return ex.b.node(op_type, [ex.value(a["x"], node.name), _ints(ex, f"{node.name}.axes", axes)],
+                         node.name), None
+    return export
+
+
+def _export_expand(ex, node, module):
+    a = call_arguments(node)
+    return ex.b.node("Expand", [ex.value(a["x"], node.name), _ints(ex, f"{node.name}.shape", list(a["shape"]))],
+                     node.name), None
+
+
+def _export_pad(ex, node, module):
+    """PyTorch's (before, after) pairs from the last axis back, as ONNX's [begins..., ends...]."""
+    a = call_arguments(node)
+    rank = len(ex.shape(a["x"]))
+    counts = [int(p) for p in a["pad"]]
+    begins, ends = [0] * rank, [0] * rank
+    for i in range(len(counts) // 2):
+        begins[rank - 1 - i], ends[rank - 1 - i] = counts[2 * i], counts[2 * i + 1]
+    value = ex.b.constant(f"{node.name}.value", np.float32(a["value"]))
+    return ex.b.node("Pad", [ex.value(a["x"], node.name), _ints(ex, f"{node.name}.pads", begins + ends), value],
+                     node.name, mode="constant"), None
+
+
+register(
+    OperatorRule(F.take, export=_export_take,
+                 example=lambda: (_Between(F.take, (np.array([0, 2]), 1), 32), (2, 2, 4, 4))),
+    OperatorRule(F.slice_axis, export=_export_slice_axis,
+                 example=lambda: (_Between(F.slice_axis, (3, -1, None, -2), 24), (2, 2, 4, 4))),
+    OperatorRule(F.unsqueeze, export=_export_squeeze_like("Unsqueeze"),
+                 example=lambda: (_Between(F.unsqueeze, ((1, -1),), 48), (2, 2, 4, 4))),
+    OperatorRule(F.squeeze, export=_export_squeeze_like("Squeeze"),
+                 example=lambda: (_Between(lambda x: F.squeeze(F.unsqueeze(x, 2), 2), (), 48), (2, 2, 4, 4))),
+    OperatorRule(F.expand, export=_export_expand,
+                 example=lambda: (_Between(F.expand, ((2, 1, 1, 1, 1),), 96), (2, 2, 4, 4))),
+    OperatorRule(F.pad, export=_export_pad,
+                 example=lambda: (_Between(F.pad, ((1, 0, 0, 1), -1.0), 75), (2, 2, 4, 4))),
+)
+
 register_onnx_import("Flatten", _import_flatten)
 register_onnx_import("Reshape", _import_reshape)
 register_onnx_import("Concat", _import_concat)

@@ -216,3 +216,13 @@ register(
     # fake-quantized table; its quantizer is dynamic, which conversion and export refuse
     OperatorRule(QATEmbedding, qat=QATRole.QUANTIZER, index_input=True),
 )
+
+
+# ---- F.erf (issue 20, for imported ONNX graphs: the exact GELU as Erf) -----------------------------
+# An elementwise activation: between two quantizers it converts to an Int8Lookup, as GELU does.
+def _export_erf(ex, node, module):
+    return ex.b.node("Erf", [ex.unary_input(node)], ex.node_name(node)), None
+
+
+register(OperatorRule(F.erf, qat=QATRole.ACTIVATION, lower=_lower_lookup, export=_export_erf,
+                      example=example_functional(F.erf)))
