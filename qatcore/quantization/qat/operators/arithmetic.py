@@ -257,5 +257,46 @@ def _export_where(ex, node, module):
 
 _WHERE_MASK = np.tile(np.array([True, False]), 8).reshape(1, 4, 4)
 register(OperatorRule(F.where, export=_export_where, example=_example(lambda a, b: F.where(_WHERE_MASK, a, b))))
+# ---- ONNX import (issue 20): Where, Pow, Sqrt, ReduceMean ------------------------------------------
+def _import_where(imp, node):
+    """F.where with a constant condition (a computed one has no qatcore source here)."""
+    imp.attributes(node, set())
+    condition = imp.constant(node, 0)
+    if condition.dtype != np.bool_:
+        raise imp.fail(node, f"the condition must be boolean, got {condition.dtype}")
+    return imp.call(node, F.where, (condition, imp.operand(node, 1), imp.operand(node, 2)))
+
+
+def _import_pow(imp, node):
+    """F.pow of a computed base by a constant one-element exponent."""
+    imp.attributes(node, set())
+    exponent = imp.constant(node, 1)
+    if exponent.size != 1 or exponent.dtype.kind not in "iuf":
+        raise imp.fail(node, f"the exponent must be one constant number, got {exponent.dtype} {exponent.shape}")
+    return imp.call(node, F.pow, (imp.runtime(node, 0), float(exponent.reshape(()))))
+
+
+def _import_sqrt(imp, node):
+    imp.attributes(node, set())
+    return imp.call(node, F.sqrt, (imp.runtime(node, 0),))
+
+
+def _import_reduce_mean(imp, node):
+    """F.mean over ``axes`` (the attribute before opset 18, input 1 after); no axes: all of
+    them, or none with noop_with_empty_axes=1 (the input itself)."""
+    attrs = imp.attributes(node, {"axes", "keepdims", "noop_with_empty_axes"})
+    x = imp.runtime(node, 0)
+    axes = list(attrs["axes"]) if "axes" in attrs else imp.integers(node, 1, optional=True)
+    if not axes:
+        if int(attrs.get("noop_with_empty_axes", 0)):
+            return x
+        axes = None
+    return imp.call(node, F.mean, (x, None if axes is None else tuple(axes), bool(attrs.get("keepdims", 1))))
+
+
+register_onnx_import("Where", _import_where)
+register_onnx_import("Pow", _import_pow)
+register_onnx_import("Sqrt", _import_sqrt)
+register_onnx_import("ReduceMean", _import_reduce_mean)
 for _op_type, _fn in (("Add", F.add), ("Sub", F.sub), ("Mul", F.mul), ("Div", F.div)):
     register_onnx_import(_op_type, _import_binary(_fn))
