@@ -403,6 +403,8 @@ class _Importer:
                 raise
             except QATCoreError as e:  # a layer refused the settings (ConfigError, ShapeError, ...)
                 raise self.fail(node, str(e)) from e
+            except Exception as e:  # values no check foresaw (a mutated file): still the node's fault
+                raise self.fail(node, f"{type(e).__name__}: {e}") from e
         results = result if isinstance(result, tuple) else (result,)
         named = [(name, value) for name, value in zip(node.output, results) if name]
         unused = [name for name in node.output[len(results):] if name and self.uses.get(name)]
@@ -533,4 +535,17 @@ def import_model(path) -> GraphModule:
         onnx.checker.check_model(model)
     except Exception as e:
         raise InteropError(f"import_onnx: {path!r} is not a valid ONNX model: {e}") from e
+    _check_names(model, path)
     return _Importer(model).run()
+
+
+def _check_names(model: onnx.ModelProto, path: str) -> None:
+    """Every name is text: protobuf hands a string field that is not valid UTF-8 (a damaged
+    file the checker let through) back as bytes."""
+    graph = model.graph
+    names = [*(n for node in graph.node for n in (node.name, node.op_type, node.domain, *node.input, *node.output)),
+             *(t.name for t in graph.initializer), *(v.name for v in (*graph.input, *graph.output))]
+    damaged = [n for n in names if not isinstance(n, str)]
+    if damaged:
+        raise InteropError(f"import_onnx: {path!r} is not a valid ONNX model: the name {damaged[0]!r} is not "
+                           f"valid UTF-8 text")

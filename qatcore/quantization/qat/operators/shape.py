@@ -313,7 +313,10 @@ def _import_concat(imp, node):
     parts = [imp.operand(node, i) for i in range(len(node.input))]
     if any(isinstance(p, float) for p in parts):
         raise imp.fail(node, "a scalar (rank 0) input cannot be concatenated")
-    return imp.call(node, F.cat, (parts,), {"dim": int(attrs["axis"])})
+    axis, shape = int(attrs["axis"]), imp.static_shape(node.input[0])
+    if shape is not None and not -len(shape) <= axis < len(shape):
+        raise imp.fail(node, f"axis {axis} is out of range for inputs of rank {len(shape)}")
+    return imp.call(node, F.cat, (parts,), {"dim": axis})
 
 
 def _import_identity(imp, node):
@@ -353,13 +356,16 @@ def _import_shape(imp, node):
 def _import_transpose(imp, node):
     attrs = imp.attributes(node, {"perm"})
     x = imp.runtime(node, 0)
-    perm = attrs.get("perm")
+    perm, shape = attrs.get("perm"), imp.static_shape(node.input[0])
     if perm is None:  # reversed axes
-        shape = imp.static_shape(node.input[0])
         if shape is None:
             raise imp.fail(node, "without perm, the input's rank must be known")
         perm = range(len(shape) - 1, -1, -1)
-    return imp.call(node, F.permute, (x, tuple(int(p) for p in perm)))
+    perm = tuple(int(p) for p in perm)
+    if sorted(perm) != list(range(len(perm))) or (shape is not None and len(perm) != len(shape)):
+        raise imp.fail(node, f"perm {list(perm)} is not a permutation of the input's "
+                             f"{'' if shape is None else len(shape)} axes")
+    return imp.call(node, F.permute, (x, perm))
 
 
 def _import_split(imp, node):
