@@ -375,6 +375,7 @@ def tanh(x) -> Tensor:
 def log_softmax(x, dim: int = -1) -> Tensor:
     """x_i - log(sum_j e^{x_j}) along ``dim``."""
     x = _tensor(x)
+    _require_float(x, "log_softmax")
     return ops.LogSoftmax.apply(x, axis=ops.normalize_dims(dim, x.ndim)[0])
 
 
