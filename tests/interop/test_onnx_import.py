@@ -404,11 +404,53 @@ def test_missing_file_is_named(tmp_path):
         import_onnx(tmp_path / "absent.onnx")
 
 
-def test_mutated_and_truncated_files_import_or_raise_interop_error(tmp_path):
-    """Never a crash: every corruption of a valid file either imports or raises InteropError."""
-    model = DigitsCNN(rng=np.random.default_rng(6)).eval()
-    export_onnx(model, tmp_path / "good.onnx", np.zeros((1, 1, 8, 8), np.float32))
-    data = (tmp_path / "good.onnx").read_bytes()
+def attention_block_file(tmp_path):
+    """A file of the transformer operators (issue 20): LayerNormalization, MatMul + Add, Split,
+    Transpose, batched MatMul, Softmax, Gather, Unsqueeze, Expand, Erf, Slice, Where, Pow,
+    Sqrt, ReduceMean, Concat with a constant, Reshape with a batch-sized entry."""
+    nodes = [helper.make_node("LayerNormalization", ["x", "ln.weight", "ln.bias"], ["n"], name="/ln/LN"),
+             helper.make_node("MatMul", ["n", "w"], ["m"], name="/qk/MatMul"),
+             helper.make_node("Add", ["m", "b"], ["qk"], name="/qk/Add"),
+             helper.make_node("Split", ["qk", "halves"], ["q", "k"], name="/split", axis=-1),
+             helper.make_node("Transpose", ["k"], ["kt"], name="/kt", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"], name="/scores"),
+             helper.make_node("Where", ["causal", "scores", "minus_inf"], ["masked"], name="/mask"),
+             helper.make_node("Softmax", ["masked"], ["p"], name="/softmax", axis=-1),
+             helper.make_node("Gather", ["p", "last"], ["row"], name="/row", axis=1),
+             helper.make_node("Unsqueeze", ["row", "one"], ["row3"], name="/row3"),
+             helper.make_node("Expand", ["row3", "wide"], ["rows"], name="/rows"),
+             helper.make_node("Erf", ["rows"], ["e"], name="/erf"),
+             helper.make_node("Slice", ["e", "zero", "two", "minus1"], ["s"], name="/slice"),
+             helper.make_node("Pow", ["s", "two_f"], ["sq"], name="/pow"),
+             helper.make_node("Sqrt", ["sq"], ["abs"], name="/sqrt"),
+             helper.make_node("ReduceMean", ["abs"], ["mean"], name="/mean", axes=[1]),
+             helper.make_node("Concat", ["mean", "extra"], ["cat"], name="/cat", axis=0),
+             helper.make_node("Shape", ["cat"], ["shape"], name="/shape"),
+             helper.make_node("Gather", ["shape", "zero_scalar"], ["batch"], name="/batch"),
+             helper.make_node("Unsqueeze", ["batch", "zero"], ["batch1"], name="/batch1"),
+             helper.make_node("Concat", ["batch1", "columns"], ["target"], name="/target", axis=0),
+             helper.make_node("Reshape", ["cat", "target"], ["y"], name="/reshape")]
+    initializers = {"ln.weight": 1 + weights(6), "ln.bias": weights(6), "w": weights(6, 8), "b": weights(8),
+                    "halves": ints(4, 4), "causal": np.tril(np.ones((4, 4), bool)), "minus_inf": np.float32(-np.inf),
+                    "last": np.array(3, np.int64), "one": ints(1), "wide": ints(1, 3, 1), "zero": ints(0),
+                    "two": ints(2), "minus1": ints(-1), "two_f": np.float32(2), "extra": weights(2, 1, 2),
+                    "zero_scalar": np.array(0, np.int64), "columns": ints(2)}
+    return save_model(tmp_path, nodes, initializers, (4, 6), 2, name="attention.onnx")
+
+
+@pytest.mark.parametrize("source", ["digits_cnn", "attention_block"])
+def test_mutated_and_truncated_files_import_or_raise_interop_error(source, tmp_path, run_onnxruntime):
+    """Never a crash: every corruption of a valid file either imports or raises InteropError
+    (qatcore's DigitsCNN export, and a file of the transformer operators)."""
+    if source == "digits_cnn":
+        model = DigitsCNN(rng=np.random.default_rng(6)).eval()
+        export_onnx(model, tmp_path / "good.onnx", np.zeros((1, 1, 8, 8), np.float32))
+        good = tmp_path / "good.onnx"
+    else:
+        good = attention_block_file(tmp_path)
+        x = np.random.default_rng(8).standard_normal((3, 4, 6)).astype(np.float32)
+        check_against_onnxruntime(good, x, run_onnxruntime, rtol=1e-6, atol=1e-6)  # the unmutated file
+    data = good.read_bytes()
     rng = np.random.default_rng(7)
     outcomes = {"imported": 0, "refused": 0}
     path = tmp_path / "mutated.onnx"
