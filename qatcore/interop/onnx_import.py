@@ -1,13 +1,14 @@
 """Import of a float ONNX model as a trainable qatcore GraphModule.
 
-Each ONNX node becomes one graph node; layers with weights become qatcore layers
+Each ONNX node becomes one graph node (or a few); layers with weights become qatcore layers
 whose Parameters hold the file's initializers, so the result trains, and
 :class:`~qatcore.quantization.QATPreparer` prepares it like any traced model:
 
 ====================  ==============================================================
 ONNX                  qatcore
 ====================  ==============================================================
-Conv (2-D)            ``nn.Conv2d`` (symmetric pads; groups, dilation, stride)
+Conv (2-D)            ``nn.Conv2d`` (groups, dilation, stride; uneven pads and auto_pad
+                      SAME as ``F.pad`` of zeros first)
 Gemm                  ``nn.Linear`` (B a constant; alpha folded into W, beta into the bias)
 MatMul                ``nn.Linear`` without bias when B is a constant matrix (an Add of a
                       constant vector right after it becomes its bias), else ``F.matmul``
@@ -15,24 +16,41 @@ Add, Sub, Mul, Div    ``F.add`` ... (a constant operand is a literal or a buffer
 Relu                  ``nn.ReLU``
 Clip                  ``nn.ReLU`` (min 0), ``nn.ReLU6`` (0, 6), else ``F.clamp``
 BatchNormalization    ``nn.BatchNorm2d`` / ``nn.BatchNorm1d`` with the running statistics
-MaxPool, AveragePool  ``nn.MaxPool2d``, ``nn.AvgPool2d`` (symmetric pads, no ceil_mode)
+MaxPool, AveragePool  ``nn.MaxPool2d``, ``nn.AvgPool2d``; uneven pads, auto_pad SAME and
+                      ceil_mode through ``F.pad`` (an average rescaled to its counted cells)
 GlobalAveragePool     ``nn.AdaptiveAvgPool2d(1)``
 Flatten               ``nn.Flatten()`` (axis 1)
 Reshape               ``nn.Flatten(start_dim=k)`` for [0, .., 0, -1], ``F.reshape`` without
-                      zeros, else ``onnx_reshape`` (a 0 copies the input's dimension)
-Concat                ``F.cat``
+                      zeros or with allowzero=1, else ``onnx_reshape`` (a 0 copies the
+                      input's dimension); one batch-sized entry becomes -1
+Concat                ``F.cat`` (constant inputs as buffers)
+LayerNormalization    ``nn.LayerNorm``
+Softmax               ``F.softmax``
+Gelu, Erf             ``nn.GELU`` (approximate none or tanh), ``F.erf``
+Gather                an ``nn.Embedding`` for rows of a float initializer (named after it),
+                      else ``F.take`` (constant indices)
+Transpose             ``F.permute``
+Split, Slice          ``F.slice_axis`` (one per output / per sliced axis)
+Unsqueeze, Squeeze    ``F.unsqueeze``, ``F.squeeze``
+Expand, Where         ``F.expand``, ``F.where`` (a constant condition)
+Pow, Sqrt, ReduceMean ``F.pow`` (a constant exponent), ``F.sqrt``, ``F.mean``
+Shape                 a constant (the batch-sized entries known only at run time)
 Identity, Dropout     nothing (the input value, computed or constant)
 Constant              a constant
 ====================  ==============================================================
 
-A layer is named after its ONNX node when the name is a dotted Python path
-(``conv1``, ``layer1.conv2``, as qatcore's exporter writes them), so a model
-exported by qatcore comes back with its own state_dict keys; other names are made
-into identifiers (never one that shadows a Module attribute). Nodes no output
-depends on are skipped; the finished model runs once on zeros of the declared
-input shapes, so parts that do not fit together fail here. Any other operator, or
-an attribute these layers cannot express, raises
-:class:`~qatcore.errors.InteropError` naming the operator and the node.
+A node whose inputs are all constants, of any operator, is computed at import
+(:mod:`~qatcore.interop.onnx_constant_folding`): exporters leave masks and shape arithmetic
+in the file. A layer is named after its ONNX node when the name is a dotted Python path
+(``conv1``, ``layer1.conv2``, as qatcore's exporter writes them), else after its weight when
+that is named ``<path>.weight`` (PyTorch's ``blocks.0.ln_1.weight``), else after the scope
+in a PyTorch node name (``/features/features.0/Conv``); other names are made into
+identifiers (never one that shadows a Module attribute). Nodes no output depends on are
+skipped. Each graph node runs as it is made, on zeros of the declared input shapes at batch
+sizes 1 and 2 (where the batch axis is symbolic): that gives the shapes Shape, SAME pads and
+ceil_mode need and tells which dimensions follow the batch, and a file whose parts do not
+fit together fails there, naming the node. Any other operator, or an attribute these layers
+cannot express, raises :class:`~qatcore.errors.InteropError` naming the operator and the node.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ both inputs brought to a common scale keeping 20 fractional bits, summed, and ro
 once. Every other op here is a float island between Dequantize and Quantize.
 
 ONNX: the operator of the same name (Add, Sub, Mul, Div, MatMul, Neg, Exp, Log, Sqrt,
-Pow, Clip, ReduceSum, ReduceMean, ReduceMax); an ``Int8Add`` is DequantizeLinear on
-both inputs, Add, QuantizeLinear.
+Pow, Clip, ReduceSum, ReduceMean, ReduceMax, and Where for ``F.where``, which stays float);
+an ``Int8Add`` is DequantizeLinear on both inputs, Add, QuantizeLinear. Import: Add, Sub,
+Mul, Div, Where, Pow, Sqrt, ReduceMean.
 """
 
 from __future__ import annotations

@@ -10,6 +10,12 @@ grid: each input whose (scale, zero point) differ from the output's, or that a R
 clamps, is requantized first.
 
 ONNX: Flatten / Reshape, Transpose, Concat (on the integers in an int8 model).
+
+The functions imported ONNX graphs call (issue 20) -- ``F.take``, ``F.slice_axis``,
+``F.unsqueeze``, ``F.squeeze``, ``F.expand``, ``F.pad`` -- stay float (float islands in an
+int8 model; no int8 runtime module yet) and export as Gather, Slice, Unsqueeze, Squeeze,
+Expand, Pad. ONNX import here: Flatten, Reshape, Concat, Identity, Dropout, Constant, Shape,
+Transpose, Split, Slice, Unsqueeze, Squeeze, Expand.
 """
 
 from __future__ import annotations
