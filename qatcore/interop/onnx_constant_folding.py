@@ -43,6 +43,11 @@ _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Max"
                           "Sqrt", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "Where"})
 
 
+# operators that draw random numbers: computed once, their sample would be frozen into the model
+_RANDOM = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli",
+                     "Multinomial"})
+
+
 class FoldError(Exception):
     """The node cannot be computed at import (the importer names the node)."""
 
@@ -64,6 +69,10 @@ def _evaluate(node: onnx.NodeProto, values: list, opsets: dict[str, int]) -> lis
 def fold(node: onnx.NodeProto, values: list[np.ndarray | None], opsets: dict[str, int]) -> list[np.ndarray]:
     """The node's outputs computed from its constant inputs ``values`` (None for an omitted
     optional input): numpy arrays, or masked arrays where an entry is unknown."""
+    training_dropout = node.op_type == "Dropout" and len(values) > 2 and values[2] is not None and bool(
+        np.asarray(values[2]).reshape(-1)[:1].any())
+    if node.op_type in _RANDOM or training_dropout:
+        raise FoldError("it draws random numbers; computed once at import, one sample would be frozen in")
     masks = [np.ma.getmaskarray(v) if v is not None and not known(v) else None for v in values]
     data = [None if v is None else np.ma.getdata(v) if isinstance(v, np.ma.MaskedArray) else v for v in values]
     if all(m is None for m in masks):

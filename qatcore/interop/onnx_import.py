@@ -441,7 +441,7 @@ class _Importer:
         file's parts do not fit together, and is reported naming the ONNX node."""
         if self.probe_inputs is None:
             return
-        position = sum(1 for n in self.probes if n.op == "input")  # of an input node: its place
+        position = sum(1 for n in self.probes if n.op == "input") if created.op == "input" else None
         values = []
         for k, inputs in enumerate(self.probe_inputs):
             def value(arg, k=k):

@@ -146,6 +146,15 @@ def test_a_causal_mask_computed_from_shapes_is_folded_into_one_constant(batch, t
     np.testing.assert_array_equal(np.isneginf(gm.state_dict()["constant"]), np.triu(np.ones((4, 4)), 1) > 0)
 
 
+def test_random_operators_are_not_frozen_into_a_constant(tmp_path):
+    nodes = [helper.make_node("RandomUniformLike", ["c"], ["r"], name="noise"),
+             helper.make_node("Add", ["x", "r"], ["y"], name="add")]
+    path = save(tmp_path, nodes, {"c": np.zeros(3, np.float32)}, [("x", TensorProto.FLOAT, ["n", 3])],
+                [("y", TensorProto.FLOAT, ["n", 3])])
+    with pytest.raises(InteropError, match="'RandomUniformLike' at node 'noise': it draws random numbers"):
+        import_onnx(path)
+
+
 def test_a_batch_sized_entry_is_refused_where_no_reshape_can_take_it(tmp_path):
     nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
              helper.make_node("Expand", ["x", "s"], ["y"], name="grow")]
