@@ -407,9 +407,8 @@ class _Importer:
             if name not in self.env:
                 raise self.fail(node, f"input {name!r} is not defined before the node")
         handler = onnx_import_handler(node.op_type)
-        if present and all(isinstance(self.env[name], np.ndarray) for name in present) and not (
-                handler is not None and onnx_import_reads_tables(node.op_type) and node.input[0] in self.initializers
-                and self.env[node.input[0]].dtype.kind == "f"):
+        if present and all(isinstance(self.env[name], np.ndarray) for name in present) \
+                and not self._reads_a_table(node):
             result = self.fold(node)  # constants in, constants out: computed now, whatever the operator
         elif handler is None:
             raise InteropError(f"import_onnx: operator {node.op_type!r} at node {node.name or '<unnamed>'!r} "
@@ -435,6 +434,13 @@ class _Importer:
             if shape is not None:
                 self.ranks[name] = len(shape)
 
+    def _reads_a_table(self, node: onnx.NodeProto) -> bool:
+        """A Gather or Slice (``reads_tables`` in the registry) of a float initializer: its
+        handler keeps the table a trainable Parameter instead of the node being folded."""
+        first = node.input[0] if node.input else ""
+        return (onnx_import_reads_tables(node.op_type) and first in self.initializers
+                and self.env[first].dtype.kind == "f")
+
     # ---- the probe runs -------------------------------------------------------------------------
     def _probe(self, created: Node) -> None:
         """Compute ``created`` on both probe inputs (see ``__init__``); a failure means the
@@ -449,6 +455,8 @@ class _Importer:
                     return self.probes[arg][k]
                 if isinstance(arg, (tuple, list)):
                     return type(arg)(value(a) for a in arg)
+                if isinstance(arg, dict):
+                    return {key: value(a) for key, a in arg.items()}
                 return arg
             try:
                 with no_grad(), np.errstate(all="ignore"):
