@@ -161,6 +161,10 @@ ISSUE_20_CASES = {
                     {"sizes": ints(1, 3)}, (4, 5), 3),
     "split_equal_parts_opset_11": ([helper.make_node("Split", ["x"], ["a", "b"], name="split", axis=-1),
                                     helper.make_node("Sub", ["a", "b"], ["y"], name="sub")], {}, (3, 4), 3, 11),
+    "split_num_outputs_opset_18": ([helper.make_node("Split", ["x"], ["a", "b", "c"], name="split", axis=1,
+                                                    num_outputs=3),
+                                   helper.make_node("Concat", ["c", "a", "b"], ["y"], name="rotate", axis=1)],
+                                  {}, (5, 2), 3, 18),
     "slice_negative_step_two_axes": ([helper.make_node("Slice", ["x", "s", "e", "a", "st"], ["y"], name="slice")],
                                      {"s": ints(-1, 0), "e": ints(np.iinfo(np.int64).min, 3), "a": ints(2, 1),
                                       "st": ints(-2, 1)}, (4, 5), 3),
@@ -245,6 +249,14 @@ def test_matmul_bias_is_folded_into_a_trainable_linear(tmp_path):
     assert [n.op for n in gm.graph.nodes] == ["input", "call_module", "output"]
     assert sorted(gm.state_dict()) == ["mm.bias", "mm.weight"]
     assert np.array_equal(gm.get_submodule("mm").bias.data, initializers["b"])
+
+
+def test_a_batched_matmul_and_its_bias_fold_into_one_linear(tmp_path):
+    nodes, initializers, input_shape, output_rank = CASES["matmul_3d_times_matrix_and_bias"]
+    gm = import_onnx(save_model(tmp_path, nodes, initializers, input_shape, output_rank))
+    assert [n.op for n in gm.graph.nodes] == ["input", "call_module", "output"]
+    assert np.array_equal(gm.get_submodule("fc").weight.data, initializers["w"].T)
+    assert np.array_equal(gm.get_submodule("fc").bias.data, initializers["b"])
 
 
 @pytest.mark.parametrize("make", [lambda: MLP(hidden=(16, 8)), lambda: DigitsCNN(rng=np.random.default_rng(3)),
