@@ -375,6 +375,7 @@ def tanh(x) -> Tensor:
 def log_softmax(x, dim: int = -1) -> Tensor:
     """x_i - log(sum_j e^{x_j}) along ``dim``."""
     x = _tensor(x)
+    _require_float(x, "log_softmax")
     return ops.LogSoftmax.apply(x, axis=ops.normalize_dims(dim, x.ndim)[0])
 
 
@@ -861,3 +862,188 @@ def embedding(input, weight, padding_idx: int | None = None) -> Tensor:  # noqa:
                               f"got {padding_idx!r}")
         padding_idx = int(padding_idx) % rows
     return ops.Embedding.apply(weight, indices=indices.astype(np.intp, copy=False), padding_idx=padding_idx)
+
+
+# ==== ONNX import (issue 20): erf, where, take, slice_axis, unsqueeze, squeeze, expand, pad =======
+# Self-contained block: the ops imported ONNX graphs call that the sections above lack; all but
+# erf and where are composed from the shape primitives (GetItem, Reshape, Cat) and add.
+__all__ += ["erf", "where", "take", "slice_axis", "unsqueeze", "squeeze", "expand", "pad"]
+
+
+def _ox_axis(dim, ndim: int, op: str) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not -ndim <= dim < _builtin_max(ndim, 1):
+        raise ShapeError(f"{op}: dim {dim!r} is out of range for a tensor of {ndim} axes")
+    return int(dim) % _builtin_max(ndim, 1)
+
+
+def _ox_axes(dims, ndim: int, op: str) -> tuple[int, ...]:
+    """dims (an int or a sequence of ints, negative counting from the end) as distinct axes."""
+    axes = tuple(_ox_axis(d, ndim, op) for d in ((dims,) if isinstance(dims, (int, np.integer)) else dims))
+    if len(set(axes)) != len(axes):
+        raise ShapeError(f"{op}: dims {dims!r} name an axis twice")
+    return axes
+
+
+@_traceable
+def erf(x) -> Tensor:
+    """The error function, erf(x) = 2/sqrt(pi) * integral_0^x e^(-t^2) dt, elementwise.
+
+    >>> import numpy as np
+    >>> [round(v, 6) for v in erf(np.array([-1.0, 0.0, 0.5])).numpy().tolist()]
+    [-0.842701, 0.0, 0.5205]
+    """
+    x = _tensor(x)
+    _require_float(x, "erf")
+    return ops.Erf.apply(x)
+
+
+@_traceable
+def where(condition, x, y) -> Tensor:
+    """x where ``condition`` is True, else y; the three broadcast (numpy's rules). The
+    condition is a constant boolean array (no gradient); x and y get theirs where chosen.
+
+    >>> import numpy as np
+    >>> where(np.array([True, False]), np.array([1.0, 2.0]), -np.inf).numpy().tolist()
+    [1.0, -inf]
+    """
+    cond = condition.data if isinstance(condition, Tensor) else np.asarray(condition)
+    if cond.dtype != np.bool_:
+        raise DTypeError(f"where: condition must be boolean, got dtype {cond.dtype}")
+    x = _tensor(x, y if isinstance(y, Tensor) else None)
+    y = _tensor(y, x)
+    if x.dtype != y.dtype:
+        raise DTypeError(f"where: x and y differ in dtype ({x.dtype} and {y.dtype})")
+    try:
+        np.broadcast_shapes(cond.shape, x.shape, y.shape)
+    except ValueError:
+        raise ShapeError(f"where: condition {cond.shape}, x {x.shape} and y {y.shape} do not broadcast") from None
+    return ops.Where.apply(x, y, condition=cond)
+
+
+@_traceable
+def take(x, indices, dim: int = 0) -> Tensor:
+    """The entries of x at the integer ``indices`` along ``dim`` (numpy's ``take``, ONNX's Gather):
+    the result has shape x.shape[:dim] + indices.shape + x.shape[dim + 1:], so a single index
+    removes the axis. Negative indices count from the end; ``indices`` is a constant.
+
+    >>> import numpy as np
+    >>> take(np.arange(6.0).reshape(2, 3), np.array([2, 0]), 1).numpy().tolist()
+    [[2.0, 0.0], [5.0, 3.0]]
+    """
+    x = _tensor(x)
+    index = indices.data if isinstance(indices, Tensor) else np.asarray(indices)
+    if index.dtype.kind not in "iu":
+        raise DTypeError(f"take: indices must be integers, got dtype {index.dtype}")
+    axis = _ox_axis(dim, x.ndim, "take")
+    size = x.shape[axis]
+    if index.size and (int(index.min()) < -size or int(index.max()) >= size):
+        raise ShapeError(f"take: indices must lie in [{-size}, {size - 1}] along dim {dim} of shape {x.shape}, "
+                         f"got [{int(index.min())}, {int(index.max())}]")
+    selected = int(index) if index.ndim == 0 else index.astype(np.intp, copy=False)
+    return ops.GetItem.apply(x, index=(slice(None),) * axis + (selected,))
+
+
+@_traceable
+def slice_axis(x, dim: int, start, end, step: int = 1) -> Tensor:
+    """x[..., start:end:step, ...] along ``dim``, with Python's slice rules (negative values
+    count from the end, bounds are clamped; ``None`` for an open end), as ONNX's Slice.
+
+    >>> import numpy as np
+    >>> slice_axis(np.arange(10.0), 0, -3, None).numpy().tolist()
+    [7.0, 8.0, 9.0]
+    """
+    x = _tensor(x)
+    axis = _ox_axis(dim, x.ndim, "slice_axis")
+    for name, value in (("start", start), ("end", end), ("step", step)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise ConfigError(f"slice_axis: {name} must be an int or None, got {value!r}")
+    if step == 0:
+        raise ConfigError("slice_axis: step must not be 0")
+    bounds = slice(None if start is None else int(start), None if end is None else int(end), int(step))
+    return ops.GetItem.apply(x, index=(slice(None),) * axis + (bounds,))
+
+
+@_traceable
+def unsqueeze(x, dim) -> Tensor:
+    """x with new axes of size 1 at ``dim`` (an int or several; positions in the result, negative
+    counting from its end), as ONNX's Unsqueeze.
+
+    >>> import numpy as np
+    >>> unsqueeze(np.zeros((2, 3)), (0, -1)).shape
+    (1, 2, 3, 1)
+    """
+    x = _tensor(x)
+    count = 1 if isinstance(dim, (int, np.integer)) else len(dim)
+    axes = set(_ox_axes(dim, x.ndim + count, "unsqueeze"))
+    rest = iter(x.shape)
+    return ops.Reshape.apply(x, shape=tuple(1 if i in axes else next(rest) for i in range(x.ndim + count)))
+
+
+@_traceable
+def squeeze(x, dim=None) -> Tensor:
+    """x without the axes ``dim`` (an int or several), each of size 1; None removes every axis of
+    size 1 (ONNX's Squeeze).
+
+    >>> import numpy as np
+    >>> squeeze(np.zeros((1, 2, 1)), -1).shape
+    (1, 2)
+    """
+    x = _tensor(x)
+    axes = tuple(i for i, s in enumerate(x.shape) if s == 1) if dim is None else _ox_axes(dim, x.ndim, "squeeze")
+    wide = [a for a in axes if x.shape[a] != 1]
+    if wide:
+        raise ShapeError(f"squeeze: axes {wide} of shape {x.shape} do not have size 1")
+    return ops.Reshape.apply(x, shape=tuple(s for i, s in enumerate(x.shape) if i not in axes))
+
+
+@_traceable
+def expand(x, shape: Sequence[int]) -> Tensor:
+    """x broadcast with ``shape`` (ONNX's Expand: numpy's rules in both directions, so a 1 in
+    ``shape`` keeps x's axis; unlike PyTorch's expand, -1 is not an entry). Computed as
+    x + zeros(shape), whose gradient sums back to x's shape.
+
+    >>> import numpy as np
+    >>> expand(np.ones((3, 1)), (2, 1, 4)).shape
+    (2, 3, 4)
+    """
+    x = _tensor(x)
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ShapeError(f"expand: shape {shape} has a negative entry")
+    try:
+        np.broadcast_shapes(x.shape, shape)
+    except ValueError:
+        raise ShapeError(f"expand: a tensor of shape {x.shape} does not broadcast with {shape}") from None
+    return ops.Add.apply(x, _tensor(np.zeros(shape, x.dtype)))
+
+
+@_traceable
+def pad(x, pad: Sequence[int], value: float = 0.0) -> Tensor:  # noqa: A002 - PyTorch's names
+    """x padded with the constant ``value``, PyTorch's ``F.pad`` (constant mode): ``pad`` holds
+    (before, after) counts for the last axis first, then the one before it, and so on
+    ((left, right, top, bottom) for an (N, C, H, W) input). Counts are >= 0. Composed of
+    concatenations, so the gradient is the matching slice.
+
+    >>> import numpy as np
+    >>> pad(np.ones((1, 2)), (1, 0), -np.inf).numpy().tolist()
+    [[-inf, 1.0, 1.0]]
+    """
+    x = _tensor(x)
+    counts = [int(p) for p in pad]
+    if len(counts) % 2 or len(counts) // 2 > x.ndim or any(p < 0 for p in counts):
+        raise ConfigError(f"pad: pad must hold non-negative (before, after) pairs for at most {x.ndim} axes, "
+                          f"got {tuple(pad)}")
+    out = x
+    for i in range(len(counts) // 2):
+        axis, before, after = x.ndim - 1 - i, counts[2 * i], counts[2 * i + 1]
+        if before or after:
+            parts = [_ox_filler(out, axis, before, value), out, _ox_filler(out, axis, after, value)]
+            out = ops.Cat.apply(*[p for p in parts if p is not None], axis=axis)
+    return out
+
+
+def _ox_filler(x: Tensor, axis: int, count: int, value: float) -> Tensor | None:
+    """``count`` slices of ``value`` along ``axis``, shaped as x otherwise (None for 0)."""
+    if not count:
+        return None
+    return _tensor(np.full(x.shape[:axis] + (count,) + x.shape[axis + 1:], value, x.dtype))

@@ -2,8 +2,8 @@
 
 Everything else in :mod:`qatcore.nn.functional` is composed from these; a new
 primitive is added only when composing would be slow or numerically poor
-(log-softmax, batch norm, layer and RMS norm, GELU, SiLU, embedding lookup, conv,
-depthwise conv, pooling).
+(log-softmax, batch norm, layer and RMS norm, GELU, SiLU, erf, where, embedding lookup,
+conv, depthwise conv, pooling).
 """
 
 from qatcore.ops.conv import Conv2d, conv_output_size
@@ -13,6 +13,7 @@ from qatcore.ops.elementwise import (
     Cast,
     Clamp,
     Div,
+    Erf,
     Exp,
     Gelu,
     GeluTanh,
@@ -26,6 +27,7 @@ from qatcore.ops.elementwise import (
     Sqrt,
     Sub,
     Tanh,
+    Where,
 )
 from qatcore.ops.embedding import Embedding
 from qatcore.ops.layer_norm import LayerNorm, RMSNorm
@@ -41,4 +43,5 @@ __all__ = [
     "Tanh", "Clamp", "Cast", "Sum", "Max", "Reshape", "Permute", "GetItem", "Cat",
     "MatMul", "LogSoftmax", "Conv2d", "DepthwiseConv2d", "MaxPool2d", "AvgPool2d", "BatchNorm",
     "conv_output_size", "normalize_dims", "Gelu", "GeluTanh", "Silu", "LayerNorm", "RMSNorm", "Embedding",
+    "Erf", "Where",
 ]

@@ -16,7 +16,7 @@ from qatcore.autograd.function import Function
 
 __all__ = [
     "Add", "Sub", "Mul", "Div", "Neg", "Pow", "Exp", "Log", "Sqrt",
-    "Relu", "Sigmoid", "Tanh", "Clamp", "Cast", "Gelu", "GeluTanh", "Silu",
+    "Relu", "Sigmoid", "Tanh", "Clamp", "Cast", "Gelu", "GeluTanh", "Silu", "Erf", "Where",
 ]
 
 
@@ -243,3 +243,34 @@ class Silu(Function):
     def backward(self, g):
         s = self.s
         return (g * s * (1 + self.a * (1 - s)),)
+
+
+# ---- ONNX import (issue 20): Erf and Where ------------------------------------------------------
+_TWO_OVER_SQRT_PI = 2 / math.sqrt(math.pi)
+
+
+class Erf(Function):
+    """out = erf(a) (``kernels.erf``);  da = g * 2 / sqrt(pi) * e^(-a^2)."""
+
+    def forward(self, a):
+        self.a = a
+        return kernels.erf.erf(a)
+
+    def backward(self, g):
+        a = self.a
+        return (g * np.asarray(_TWO_OVER_SQRT_PI, a.dtype) * np.exp(-a * a),)
+
+
+class Where(Function):
+    """out = a where ``condition`` else b (a constant boolean array; the three broadcast);
+    da = g where condition (0 elsewhere), db = g elsewhere (0 where condition)."""
+
+    def forward(self, a, b, condition: np.ndarray):
+        self.condition = condition
+        return np.where(condition, a, b)
+
+    def backward(self, g):
+        zero = np.zeros((), g.dtype)
+        da = np.where(self.condition, g, zero) if self.needs_input_grad[0] else None
+        db = np.where(self.condition, zero, g) if self.needs_input_grad[1] else None
+        return da, db

@@ -31,6 +31,7 @@ from qatcore.quantization.qat.operators.registry import (
     call_arguments,
     onnx_import_handler,
     onnx_import_ops,
+    onnx_import_reads_tables,
     register,
     register_onnx_import,
     registered_names,
@@ -44,7 +45,7 @@ from qatcore.quantization.qat.operators.registry import (
 __all__ = [
     "OperatorRule", "QATRole", "RecordRule", "UnregisteredOperatorError", "register", "register_onnx_import",
     "rule_for_module", "rule_for_function", "rule_for_target", "rule_for_record", "rule_for_node", "call_arguments",
-    "onnx_import_handler", "onnx_import_ops", "registered_rules", "registered_names",
+    "onnx_import_handler", "onnx_import_ops", "onnx_import_reads_tables", "registered_rules", "registered_names",
 ]
 
 

@@ -212,6 +212,27 @@ def _import_hardsigmoid(imp, node):
     return imp.add_layer(node, Hardsigmoid(), (imp.runtime(node, 0),))
 
 
+def _import_softmax(imp, node):
+    """F.softmax along ``axis`` (opset 13 on). Before opset 13 Softmax normalizes the input
+    flattened from ``axis`` on (default 1): flatten, softmax, reshape back."""
+    attrs = imp.attributes(node, {"axis"})
+    x = imp.runtime(node, 0)
+    if imp.opset >= 13:
+        return imp.call(node, F.softmax, (x, int(attrs.get("axis", -1))))
+    shape = imp.static_shape(node.input[0])
+    axis = int(attrs.get("axis", 1))
+    if shape is None or not -len(shape) <= axis < len(shape):
+        raise imp.fail(node, f"opset {imp.opset} softmax from axis {axis} on needs the input's rank")
+    axis %= len(shape)
+    if axis == len(shape) - 1:
+        return imp.call(node, F.softmax, (x, -1))
+    if None in shape[1:]:
+        raise imp.fail(node, f"opset {imp.opset} softmax over axes {axis}.. needs the input's shape past the batch, "
+                             f"got {shape}")
+    flat = imp.call(node, F.softmax, (imp.call(node, F.flatten, (x, axis), suffix="flatten"), -1), suffix="flat")
+    return imp.call(node, F.reshape, (flat, (-1, *shape[1:])))
+
+
 # ---- examples -------------------------------------------------------------------------------------
 def example_between_linears(activation):
     """Linear -> activation -> Linear on (3, 12) inputs: the activation sits between two quantizers."""
@@ -286,3 +307,4 @@ register_onnx_import("Sigmoid", _import_module(Sigmoid))
 register_onnx_import("Tanh", _import_module(Tanh))
 register_onnx_import("HardSwish", _import_module(Hardswish))
 register_onnx_import("HardSigmoid", _import_hardsigmoid)
+register_onnx_import("Softmax", _import_softmax)

@@ -13,8 +13,9 @@ both inputs brought to a common scale keeping 20 fractional bits, summed, and ro
 once. Every other op here is a float island between Dequantize and Quantize.
 
 ONNX: the operator of the same name (Add, Sub, Mul, Div, MatMul, Neg, Exp, Log, Sqrt,
-Pow, Clip, ReduceSum, ReduceMean, ReduceMax); an ``Int8Add`` is DequantizeLinear on
-both inputs, Add, QuantizeLinear.
+Pow, Clip, ReduceSum, ReduceMean, ReduceMax, and Where for ``F.where``, which stays float);
+an ``Int8Add`` is DequantizeLinear on both inputs, Add, QuantizeLinear. Import: Add, Sub,
+Mul, Div, Where, Pow, Sqrt, ReduceMean.
 """
 
 from __future__ import annotations
@@ -247,5 +248,56 @@ register(
     OperatorRule(F.max, export=_export_reduce("ReduceMax"), example=_unary_example(lambda a: F.max(a, 1, True), 16)),
     OperatorRule(Int8Add, export=_export_int8_add, record=int8_record(Int8Add)),
 )
+# ---- F.where (issue 20, for imported ONNX graphs): stays float ------------------------------------
+def _export_where(ex, node, module):
+    a = call_arguments(node)
+    condition = np.asarray(a["condition"].data if hasattr(a["condition"], "data") else a["condition"])
+    return ex.b.node("Where", [ex.b.constant(f"{node.name}.condition", condition),
+                               ex.value(a["x"], node.name), ex.value(a["y"], node.name)], node.name), None
+
+
+_WHERE_MASK = np.tile(np.array([True, False]), 8).reshape(1, 4, 4)
+register(OperatorRule(F.where, export=_export_where, example=_example(lambda a, b: F.where(_WHERE_MASK, a, b))))
+# ---- ONNX import (issue 20): Where, Pow, Sqrt, ReduceMean ------------------------------------------
+def _import_where(imp, node):
+    """F.where with a constant condition (a computed one has no qatcore source here)."""
+    imp.attributes(node, set())
+    condition = imp.constant(node, 0)
+    if condition.dtype != np.bool_:
+        raise imp.fail(node, f"the condition must be boolean, got {condition.dtype}")
+    return imp.call(node, F.where, (condition, imp.operand(node, 1), imp.operand(node, 2)))
+
+
+def _import_pow(imp, node):
+    """F.pow of a computed base by a constant one-element exponent."""
+    imp.attributes(node, set())
+    exponent = imp.constant(node, 1)
+    if exponent.size != 1 or exponent.dtype.kind not in "iuf":
+        raise imp.fail(node, f"the exponent must be one constant number, got {exponent.dtype} {exponent.shape}")
+    return imp.call(node, F.pow, (imp.runtime(node, 0), float(exponent.reshape(()))))
+
+
+def _import_sqrt(imp, node):
+    imp.attributes(node, set())
+    return imp.call(node, F.sqrt, (imp.runtime(node, 0),))
+
+
+def _import_reduce_mean(imp, node):
+    """F.mean over ``axes`` (the attribute before opset 18, input 1 after); no axes: all of
+    them, or none with noop_with_empty_axes=1 (the input itself)."""
+    attrs = imp.attributes(node, {"axes", "keepdims", "noop_with_empty_axes"})
+    x = imp.runtime(node, 0)
+    axes = list(attrs["axes"]) if "axes" in attrs else imp.integers(node, 1, optional=True)
+    if not axes:
+        if int(attrs.get("noop_with_empty_axes", 0)):
+            return x
+        axes = None
+    return imp.call(node, F.mean, (x, None if axes is None else tuple(axes), bool(attrs.get("keepdims", 1))))
+
+
+register_onnx_import("Where", _import_where)
+register_onnx_import("Pow", _import_pow)
+register_onnx_import("Sqrt", _import_sqrt)
+register_onnx_import("ReduceMean", _import_reduce_mean)
 for _op_type, _fn in (("Add", F.add), ("Sub", F.sub), ("Mul", F.mul), ("Div", F.div)):
     register_onnx_import(_op_type, _import_binary(_fn))

@@ -18,6 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from qatcore import kernels
+from qatcore.autograd import no_grad
 from qatcore.errors import ConfigError
 from qatcore.nn import functional as F
 from qatcore.nn.container import Sequential
@@ -226,19 +227,50 @@ def _import_max_pool(imp, node):
     if len([o for o in node.output if o]) != 1:
         raise imp.fail(node, "the Indices output is not supported")
     kernel = list(attrs.get("kernel_shape", []))
-    window = imp.window(node, attrs, kernel)
-    return imp.add_layer(node, MaxPool2d(tuple(kernel), **window), (imp.runtime(node, 0),))
+    window = imp.window(node, attrs, kernel, ceil_mode=bool(attrs.get("ceil_mode", 0)))
+    x = imp.runtime(node, 0)
+    if not window.symmetric:  # uneven pads or ceil_mode's overhang: -inf never wins a max
+        x = imp.call(node, F.pad, (x, window.pad, -np.inf), suffix="pad")
+    return imp.add_layer(node, MaxPool2d(tuple(kernel), **window.layer_arguments(padded=not window.symmetric)), (x,))
 
 
 def _import_average_pool(imp, node):
+    """AveragePool; with uneven pads or ceil_mode's overhang, the mean over the zero-padded
+    input rescaled by the fraction of each window's cells that count (the input, and the pads
+    with count_include_pad=1; never the overhang)."""
     attrs = imp.attributes(node, {"auto_pad", "ceil_mode", "count_include_pad", "dilations", "kernel_shape",
                                   "pads", "strides"})
     kernel = list(attrs.get("kernel_shape", []))
-    window = imp.window(node, attrs, kernel)
-    if window.pop("dilation") != (1, 1):
+    window = imp.window(node, attrs, kernel, ceil_mode=bool(attrs.get("ceil_mode", 0)))
+    if window.dilation != (1, 1):
         raise imp.fail(node, "dilated average pooling is not supported")
-    pool = AvgPool2d(tuple(kernel), count_include_pad=bool(attrs.get("count_include_pad", 0)), **window)
-    return imp.add_layer(node, pool, (imp.runtime(node, 0),))
+    include_pad = bool(attrs.get("count_include_pad", 0))
+    x = imp.runtime(node, 0)
+    if window.symmetric:
+        pool = AvgPool2d(tuple(kernel), window.stride, window.begin, count_include_pad=include_pad)
+        return imp.add_layer(node, pool, (x,))
+    size = imp.static_shape(node.input[0])
+    if size is None or len(size) != 4 or None in size[2:]:
+        raise imp.fail(node, f"uneven pads {list(window.begin + window.end)} need the input's height and width, "
+                             f"which the file does not fix")
+    padded = imp.call(node, F.pad, (x, window.pad, 0.0), suffix="pad")
+    pooled = imp.add_layer(node, AvgPool2d(tuple(kernel), window.stride, 0, count_include_pad=True), (padded,))
+    counted = _counted_fraction(window, size[2:], include_pad)
+    if np.all(counted == 1):
+        return pooled
+    return imp.call(node, F.div, (pooled, imp.buffer(counted)), suffix="counted")
+
+
+def _counted_fraction(window, size, include_pad: bool) -> np.ndarray:
+    """(OH, OW): the fraction of each window's cells that an ONNX average counts."""
+    (h, w), (bh, bw), (eh, ew), (oh, ow) = size, window.begin, window.end, window.overhang
+    counted = np.zeros((1, 1, bh + h + eh + oh, bw + w + ew + ow), np.float32)
+    if include_pad:
+        counted[..., :bh + h + eh, :bw + w + ew] = 1
+    else:
+        counted[..., bh:bh + h, bw:bw + w] = 1
+    with no_grad():
+        return F.avg_pool2d(counted, window.kernel, window.stride).numpy()[0, 0]
 
 
 def _import_global_average_pool(imp, node):

@@ -22,7 +22,10 @@ An operator is a *target* that can stand in a graph node: a module type (``ReLU`
   user-facing operator, and the reason says where the operator is tested instead).
 
 ONNX import goes the other way, from an ONNX operator type to qatcore layers, so it
-has its own table (:func:`register_onnx_import`), filled in the same family files.
+has its own table (:func:`register_onnx_import`), filled in the same family files. The
+importer computes a node whose inputs are all constants itself (constant folding), unless
+its handler reads tables: then a float initializer as its first input (an embedding table
+sliced or gathered) goes to the handler, which keeps it a trainable Parameter.
 
 Rules are plain data filled in next to the definitions they describe, one file per
 op family (``activation.py``, ``weighted.py``, ...), as JAX's autodidax fills its
@@ -48,7 +51,7 @@ from qatcore.errors import ConfigError
 __all__ = [
     "QATRole", "OperatorRule", "RecordRule", "UnregisteredOperatorError", "register", "register_onnx_import",
     "rule_for_module", "rule_for_function", "rule_for_target", "rule_for_record", "onnx_import_handler",
-    "registered_rules", "registered_names", "onnx_import_ops", "call_arguments",
+    "onnx_import_reads_tables", "registered_rules", "registered_names", "onnx_import_ops", "call_arguments",
 ]
 
 
@@ -111,6 +114,7 @@ class UnregisteredOperatorError(ConfigError):
 _BY_TARGET: dict[Any, OperatorRule] = {}
 _BY_RECORD: dict[str, OperatorRule] = {}
 _ONNX_IMPORT: dict[str, Callable] = {}
+_ONNX_TABLE_READERS: set[str] = set()
 
 
 def register(*rules: OperatorRule) -> None:
@@ -123,11 +127,15 @@ def register(*rules: OperatorRule) -> None:
             _BY_RECORD[rule.target.__name__] = rule
 
 
-def register_onnx_import(op_type: str, handler: Callable) -> None:
-    """``handler(importer, onnx_node)`` builds the qatcore value of one ONNX node."""
+def register_onnx_import(op_type: str, handler: Callable, reads_tables: bool = False) -> None:
+    """``handler(importer, onnx_node)`` builds the qatcore value of one ONNX node (a tuple of
+    values for a node with several outputs). ``reads_tables``: it also takes the nodes whose
+    inputs are all constants when the first is a float initializer (module docstring)."""
     if op_type in _ONNX_IMPORT:
         raise ConfigError(f"ONNX operator {op_type} has two import handlers")
     _ONNX_IMPORT[op_type] = handler
+    if reads_tables:
+        _ONNX_TABLE_READERS.add(op_type)
 
 
 def _unregistered(what: str) -> UnregisteredOperatorError:
@@ -167,6 +175,10 @@ def rule_for_record(type_name: str) -> OperatorRule:
 
 def onnx_import_handler(op_type: str) -> Callable | None:
     return _ONNX_IMPORT.get(op_type)
+
+
+def onnx_import_reads_tables(op_type: str) -> bool:
+    return op_type in _ONNX_TABLE_READERS
 
 
 def onnx_import_ops() -> tuple[str, ...]:

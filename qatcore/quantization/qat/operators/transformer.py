@@ -33,6 +33,7 @@ import math
 
 import numpy as np
 
+from qatcore.graph.node import Node
 from qatcore.nn import functional as F
 from qatcore.nn.activation import GELU, SiLU
 from qatcore.nn.container import Sequential
@@ -45,10 +46,17 @@ from qatcore.quantization.qat.operators.activation import (
     example_functional,
 )
 from qatcore.quantization.qat.operators.lowbit import lower_lowbit_embedding
-from qatcore.quantization.qat.operators.registry import OperatorRule, QATRole, RecordRule, call_arguments, register
+from qatcore.quantization.qat.operators.registry import (
+    OperatorRule,
+    QATRole,
+    RecordRule,
+    call_arguments,
+    register,
+    register_onnx_import,
+)
 from qatcore.quantization.qat.qat_layers import QATEmbedding
 
-__all__: list[str] = []
+__all__ = ["import_table"]
 
 
 # ---- ONNX export ----------------------------------------------------------------------------------
@@ -217,3 +225,105 @@ register(
     # fake-quantized table; converted to a LowBitEmbedding (lowbit.py)
     OperatorRule(QATEmbedding, qat=QATRole.QUANTIZER, index_input=True, lower=lower_lowbit_embedding),
 )
+
+
+# ---- F.erf (issue 20, for imported ONNX graphs: the exact GELU as Erf) -----------------------------
+# An elementwise activation: between two quantizers it converts to an Int8Lookup, as GELU does.
+def _export_erf(ex, node, module):
+    return ex.b.node("Erf", [ex.unary_input(node)], ex.node_name(node)), None
+
+
+register(OperatorRule(F.erf, qat=QATRole.ACTIVATION, lower=_lower_lookup, export=_export_erf,
+                      example=example_functional(F.erf)))
+
+
+# ---- ONNX import (issue 20): LayerNormalization, Gelu, Erf, Gather ---------------------------------
+def import_table(imp, node, index: int = 0) -> str | None:
+    """The module path of an Embedding holding the float initializer at input ``index``, a 2-D
+    table whose rows a Gather or a Slice reads (registered once per initializer, named after it:
+    ``tok.weight`` -> ``tok``), so its lookups train it; None for any other constant."""
+    name = node.input[index]
+    table = imp.env.get(name)
+    if name not in imp.initializers or not isinstance(table, np.ndarray) or table.ndim != 2 \
+            or table.dtype.kind != "f":
+        return None
+    if name not in imp.tables:
+        weight = imp.weight(node, index, rank=2)
+        embedding = Embedding(*weight.shape, rng=np.random.default_rng(0))
+        embedding.weight.data = weight
+        imp.tables[name] = imp.register_layer(node, embedding, name)
+    return imp.tables[name]
+
+
+def _import_gather(imp, node):
+    """Rows of a float initializer picked by computed indices: its Embedding; by constant
+    indices: ``F.take`` of the Embedding's weight. A computed value at constant indices:
+    ``F.take``."""
+    attrs = imp.attributes(node, {"axis"})
+    axis = int(attrs.get("axis", 0))
+    if len(node.input) < 2 or not node.input[1]:
+        raise imp.fail(node, "input 1 (the indices) is missing")
+    indices = imp.env.get(node.input[1])
+    if isinstance(imp.env.get(node.input[0]), np.ndarray):
+        path = import_table(imp, node)
+        if path is None or axis % 2:
+            if isinstance(indices, np.ndarray):
+                return imp.fold(node)
+            raise imp.fail(node, "computed indices can only pick the rows (axis 0) of a 2-D float table")
+        if isinstance(indices, Node):
+            return imp.create("call_module", path, (indices,), name=path.replace(".", "_"))
+        return imp.call(node, F.take, (imp.read(f"{path}.weight"), imp.constant(node, 1), 0))
+    x = imp.runtime(node, 0)
+    index = imp.constant(node, 1)
+    if index.dtype.kind not in "iu":
+        raise imp.fail(node, f"the indices must be integers, got {index.dtype}")
+    return imp.call(node, F.take, (x, index, axis))
+
+
+def _import_layer_norm(imp, node):
+    """nn.LayerNorm over the axes from ``axis`` on, weight and bias from Scale and B."""
+    attrs = imp.attributes(node, {"axis", "epsilon", "stash_type"})
+    if int(attrs.get("stash_type", 1)) != 1:
+        raise imp.fail(node, f"stash_type={attrs['stash_type']} is not supported (1: float32 statistics)")
+    x = imp.runtime(node, 0)
+    scale, bias = imp.weight(node, 1), imp.weight(node, 2, optional=True)
+    axis, shape = int(attrs.get("axis", -1)), imp.static_shape(node.input[0])
+    if shape is not None:
+        if not -len(shape) <= axis < len(shape):
+            raise imp.fail(node, f"axis {axis} is out of range for an input of rank {len(shape)}")
+        normalized = shape[axis:] if axis >= 0 else shape[len(shape) + axis:]
+    elif axis < 0:
+        normalized = scale.shape[axis:] if scale.ndim >= -axis else (None,)
+    else:
+        raise imp.fail(node, f"axis {axis} needs the input's rank, which the file does not fix")
+    if None in normalized:
+        raise imp.fail(node, f"the normalized axes must have known sizes, got {normalized}")
+    layer = LayerNorm(tuple(normalized), eps=float(attrs.get("epsilon", 1e-5)), bias=bias is not None)
+    try:
+        layer.weight.data = np.broadcast_to(scale, normalized).copy()  # writable: the optimizer updates it
+        if bias is not None:
+            layer.bias.data = np.broadcast_to(bias, normalized).copy()
+    except ValueError:
+        raise imp.fail(node, f"Scale {scale.shape} and B {None if bias is None else bias.shape} do not broadcast "
+                             f"to the normalized shape {tuple(normalized)}") from None
+    return imp.add_layer(node, layer, (x,), tensor=node.input[1])
+
+
+def _import_gelu(imp, node):
+    attrs = imp.attributes(node, {"approximate"})
+    approximate = attrs.get("approximate", b"none")
+    approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
+    if approximate not in ("none", "tanh"):
+        raise imp.fail(node, f"approximate={approximate!r} is not 'none' or 'tanh'")
+    return imp.add_layer(node, GELU(approximate), (imp.runtime(node, 0),))
+
+
+def _import_erf(imp, node):
+    imp.attributes(node, set())
+    return imp.call(node, F.erf, (imp.runtime(node, 0),))
+
+
+register_onnx_import("LayerNormalization", _import_layer_norm)
+register_onnx_import("Gelu", _import_gelu)
+register_onnx_import("Erf", _import_erf)
+register_onnx_import("Gather", _import_gather, reads_tables=True)

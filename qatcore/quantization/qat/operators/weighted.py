@@ -641,14 +641,17 @@ def _import_conv(imp, node):
     if kernel != list(weight.shape[2:]):
         raise imp.fail(node, f"kernel_shape {kernel} does not match the weight's {list(weight.shape[2:])}")
     window = imp.window(node, attrs, kernel)
+    x = imp.runtime(node, 0)
+    if not window.symmetric:  # pads the layer cannot hold (different at the two ends): zeros first
+        x = imp.call(node, F.pad, (x, window.pad, 0.0), suffix="pad")
     groups = int(attrs.get("group", 1))
     out_channels, in_per_group = weight.shape[:2]
     conv = Conv2d(in_per_group * groups, out_channels, tuple(weight.shape[2:]), groups=groups, bias=bias is not None,
-                  rng=np.random.default_rng(0), **window)
+                  rng=np.random.default_rng(0), **window.layer_arguments(padded=not window.symmetric))
     conv.weight.data = np.ascontiguousarray(weight)
     if bias is not None:
         conv.bias.data = bias.copy()
-    return imp.add_layer(node, conv, (imp.runtime(node, 0),))
+    return imp.add_layer(node, conv, (x,))
 
 
 def _linear_layer(weight: np.ndarray, bias: np.ndarray | None) -> Linear:
@@ -677,9 +680,9 @@ def _import_gemm(imp, node):
 
 def _import_matmul(imp, node):
     b = imp.env.get(node.input[1]) if len(node.input) > 1 else None
-    if isinstance(b, np.ndarray) and b.ndim != 2:
-        raise imp.fail(node, f"a constant B of shape {b.shape} is not supported (only a matrix)")
-    if isinstance(b, np.ndarray):
+    if isinstance(b, np.ndarray) and b.ndim < 2:
+        raise imp.fail(node, f"a constant B of shape {b.shape} is not supported (only a matrix or a stack of them)")
+    if isinstance(b, np.ndarray) and b.ndim == 2:
         linear = _linear_layer(imp.weight(node, 1, rank=2).T, None)
         result = imp.add_layer(node, linear, (imp.runtime(node, 0),))
         imp.linear_of[result] = linear
