@@ -379,3 +379,46 @@ def test_imported_pytorch_tiny_gpt_prepares_and_trains_under_8da4w(tmp_path):
     for name in ("tok.weight", "pos.weight", "blocks.0.attn.qkv.weight", "blocks.1.ln_2.bias", "head.weight"):
         assert not np.array_equal(after[name].data, before[name]), name
     assert isinstance(qat(Tensor(data[0, :, :-1])), Tensor)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("scheme", ["4w", "8da4w"])
+def test_imported_pytorch_tiny_gpt_tunes_converts_and_exports_back(scheme, tmp_path):
+    """The whole way round (issue 20): torch.onnx -> import -> QAT fine-tuning -> packed low-bit
+    conversion (bit for bit the QAT eval) -> ONNX again -> ONNX Runtime."""
+    ort = pytest.importorskip("onnxruntime")
+    from qatcore.autograd.grad_mode import no_grad
+    from qatcore.interop.onnx import export_onnx
+    from qatcore.quantization.qat.operators.lowbit import LowBitLinear
+
+    config = (QuantizationConfig.int4_weight_only(32) if scheme == "4w"
+              else QuantizationConfig.int8_dynamic_activation_int4_weight())
+    gm = import_onnx(export_torch(torch_tiny_gpt(), tmp_path / "gpt.onnx"))
+    preparer = QATPreparer()
+    qat = preparer.prepare_for_qat(gm, config)
+    optimizer = AdamW(qat.parameters(), lr=1e-3)
+    data = np.random.default_rng(6).integers(0, 65, (2, 4, SIZES["block_size"] + 1))
+    for batch in data:
+        loss = F.cross_entropy(F.reshape(qat(batch[:, :-1]), (-1, SIZES["vocabulary_size"])), batch[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    qat.eval()
+    converted = preparer.convert_to_quantized(qat)
+    assert sum(isinstance(m, LowBitLinear) for m in converted.modules()) == 4 * SIZES["n_layer"] + 1
+    ids = np.random.default_rng(7).integers(0, 65, (3, SIZES["block_size"]))
+    with no_grad():
+        ours = converted(ids).data
+        assert np.array_equal(ours, qat(ids).data)
+    path = tmp_path / "gpt_lowbit.onnx"
+    export_onnx(converted, path, ids[:1])
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")  # float32 (docs/interop.md)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    theirs = session.run(None, {session.get_inputs()[0].name: ids.astype(np.int64)})[0]
+    scale = np.abs(ours).max()
+    if scheme == "4w":  # weight only: float32 sums of the same products
+        np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-5 * scale)
+    else:  # per-token integers may move one step where ONNX Runtime's float ops differ by an ulp
+        np.testing.assert_allclose(theirs, ours, rtol=0, atol=2e-2 * scale)
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.98
