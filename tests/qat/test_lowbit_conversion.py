@@ -195,3 +195,16 @@ def test_lowbit_linear_refuses_a_wrong_input_width():
     weight = lowbit_weight(layer.weight_fake_quant, layer.weight.data, "fc")
     with pytest.raises(qatcore.errors.ShapeError, match="expected inputs"):
         lowbit_linear(np.ones((2, layer.in_features + 1), np.float32), weight, None, None, "fc")
+
+
+@pytest.mark.parametrize("scheme", ["8da4w", "4w", "2w", "ternary"])
+def test_validation_perplexity_of_the_converted_model_is_the_qat_models(scheme):
+    from qatcore.data.text import load_text
+    from qatcore.pipeline.gpt_experiment import validation_loss
+
+    preparer, qat = _trained(SCHEMES[scheme], steps=3)
+    converted = preparer.convert_to_quantized(qat)
+    validation = load_text().validation
+    qat_loss, count = validation_loss(qat, validation, 32, windows=24)
+    converted_loss, _ = validation_loss(converted, validation, 32, windows=24)
+    assert count == 24 * 32 and converted_loss == qat_loss
