@@ -67,6 +67,7 @@ array([[4.932353  , 0.29411766]], dtype=float32)
 array([[4.9375, 0.25  ]], dtype=float32)
 """
 
+import llvmlite.binding
 import numpy as np
 from llvmlite import ir
 from numba import config, get_thread_id, njit, prange, types
@@ -95,6 +96,12 @@ _TASK_ROWS = 64
 _ROW_BLOCKS, _TILE_COLS = 2, 4
 # The weight-only vector tiles are LLVM vector code, which runs on any CPU, but not as plain Python.
 USE_VECTOR_TILES = not config.DISABLE_JIT
+# The weight-only tiles look their weights up in tables of the group's values with AVX-512's
+# vpermi2pd / vpermpd where the CPU has AVX-512 (fixed when the module is imported, as the
+# intrinsics are built then); elsewhere they build them in the integer lanes. Same numbers.
+USE_LOOKUP = USE_VECTOR_TILES and bool(llvmlite.binding.get_host_cpu_features().get("avx512f", False))
+# 2^52 + 2^51: a double whose ulp is 1, so its mantissa holds integers in [-2^51, 2^51).
+_MAGIC, _MAGIC_BITS = float(2**52 + 2**51), 0x4338000000000000
 # The weight-only tile: TILE_ROWS activation rows by TILE_COLS weight rows; 8 float64 lanes.
 _TILE_ROWS, _LANES = 2, 8
 
@@ -308,10 +315,9 @@ def _prepare_rows(packed, bits, w_scale, group_size, padded, n0, n1, rows, sums,
 # The dynamic product's VNNI tile.
 
 
-def _dynamic_tile_vnni(blocks):
+def _dynamic_tile_vnni(blocks, cols=_TILE_COLS):
     """An intrinsic: the float64 sums over all groups of ``blocks`` x 16 activation rows by
     _TILE_COLS weight rows (module docstring, "Paths")."""
-    cols = _TILE_COLS
 
     @intrinsic
     def tile(typingctx, words, block0, rows, row0, sums, scales, negative_zeros, groups, chunks, acc):
@@ -494,87 +500,139 @@ def _dynamic_loop_serial(x_q, x_zero, x_scale, packed, bits, w_scale, group_size
 # float64 vectors, one lane a packed byte (LLVM vector code, which any CPU runs).
 
 
-def _weight_only_tile(rows, bits):
+def _weight_only_tile(rows, bits, has_zero, lookup):
     """An intrinsic: acc[r, c] = the weight-only sum of activation row row0 + r and weight row
     col0 + c for c < _TILE_COLS, for group sizes that are a multiple of 8 * per (``chunks`` =
-    group_size / (8 * per) steps of 8 packed bytes a group).
+    group_size / (8 * per) steps of 8 packed bytes a group); ``has_zero``: read the zero points
+    (else they are 0).
 
-    A group whose zero points all lie within +-2^28 takes the fast loop: w - z in int32 (exact),
-    converted, and a fused multiply-add with x, whose product is exact (a float32 times an
-    integer below 2^29 in magnitude), so it rounds as the multiply-then-add of the slow loop, the
-    definition, which the other groups take."""
+    Each step turns 8 bytes of a weight row into per vectors of 8 exact float64 weights w - z:
+    ``lookup`` (AVX-512): each field, shifted to the low bits of a 64-bit lane, indexes a table
+    of the 2^bits values (w - z) of the group (``vpermi2pd`` / ``vpermpd``); otherwise in LLVM
+    vector code any CPU runs, with no conversion instruction: field f, scaled by 2^(bits * f), is
+    or'ed into (the top one, signed, added to) the mantissa of 2^52 + 2^51, and subtracting
+    2^52 + 2^51 + 2^(bits * f) * z leaves 2^(bits * f) (w - z) exactly (x_split then holds
+    x / 2^(bits * f), also exact). A group whose zero points all lie within +-2^24 multiplies and
+    adds with a fused multiply-add: the product of a float32 and an integer below 2^29 (scaled by
+    a power of two) is exact, so it rounds as the multiply-then-add of the definition, which the
+    other groups run."""
     per, cols = 8 // bits, _TILE_COLS
 
     @intrinsic
     def tile(typingctx, x_split, row0, packed, col0, zeros, scales, groups, chunks, acc):
-        """x_split float64 (M, per, width): x_split[m, f, j] = x[m, per * j + f]; packed uint8 (N,
-        width); zeros int32 and scales float32 (N, G), any strides; acc float64 (rows, cols)."""
+        """x_split float64 (M, per, width): x_split[m, f, j] = x[m, per * j + f] (divided by
+        2^(bits * f) unless ``lookup``); packed uint8 (N, width); zeros int32 and scales float32
+        (N, G), any strides; acc float64 (rows, cols)."""
         def codegen(context, builder, signature, args):
             arrays = [context.make_array(t)(context, builder, v) if isinstance(t, types.Array) else v
                       for t, v in zip(signature.args, args)]
             x_a, first_row, packed_a, first_col, zeros_a, scales_a, n_groups, n_chunks, acc_a = arrays
             i8, i32, i64, f32, f64 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType(), ir.DoubleType()
-            doubles, ints, bytes8 = ir.VectorType(f64, _LANES), ir.VectorType(i32, _LANES), ir.VectorType(i8, _LANES)
+            doubles, bytes8, longs = ir.VectorType(f64, _LANES), ir.VectorType(i8, _LANES), ir.VectorType(i64, _LANES)
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(doubles, [doubles] * 3),
                                                  "llvm.fma.v8f64")
             row_index = [builder.add(first_row, i64(r)) for r in range(rows)]
             col_index = [builder.add(first_col, i64(c)) for c in range(cols)]
             zero = ir.Constant(doubles, None)
             lane_sums = [[cgutils.alloca_once_value(builder, zero) for _ in range(cols)] for _ in range(rows)]
-            partials = [[[cgutils.alloca_once_value(builder, zero) for _ in range(per)] for _ in range(cols)]
-                        for _ in range(rows)]
-            left = [ir.Constant(ints, [32 - bits * (f + 1)] * _LANES) for f in range(per)]
-            right = ir.Constant(ints, [32 - bits] * _LANES)
+            partials = [[cgutils.alloca_once_value(builder, zero) for _ in range(cols)] for _ in range(rows)]
+            if lookup:
+                # the 2^bits values of w, in the order of the field's bits; for int2 twice, since
+                # vpermpd reads 3 index bits
+                grid_values = [v - (1 << bits) if v >= 1 << (bits - 1) else v for v in range(1 << bits)]
+                if bits == 2:
+                    grid_values = grid_values * 2
+                grid_tables = [ir.Constant(doubles, [float(v) for v in grid_values[i:i + 8]])
+                               for i in range(0, len(grid_values), 8)]
+                if bits == 4:
+                    permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+                        doubles, [doubles, longs, doubles]), "llvm.x86.avx512.vpermi2var.pd.512")
+                else:
+                    permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+                        doubles, [doubles, longs]), "llvm.x86.avx512.permvar.df.512")
+                shifts = [ir.Constant(longs, [bits * f] * _LANES) for f in range(per)]
+            else:
+                masks = [ir.Constant(longs, [((1 << bits) - 1) << (bits * f)] * _LANES) for f in range(per - 1)]
+                tags = [ir.Constant(longs, [_MAGIC_BITS | ((1 << (bits - 1)) << (bits * f))] * _LANES)
+                        for f in range(per - 1)]
+                top_mask = ir.Constant(longs, [~((1 << (8 - bits)) - 1)] * _LANES)
+                magic = ir.Constant(longs, [_MAGIC_BITS] * _LANES)
+                offsets = [(1 << (bits - 1)) << (bits * f) for f in range(per - 1)] + [0]
 
-            def chunk_loop(first_chunk, fast, zero_points):
+            def group_state(points):
+                """Per column, what turns its fields into w - z in this group: the tables (lookup),
+                or the subtrahends 2^52 + 2^51 + offset_f + 2^(bits f) z (offset_f = h_f but 0 for
+                the top field). z = 0 without zero points: constants."""
+                if points is None:
+                    if lookup:
+                        return [grid_tables] * cols
+                    return [[ir.Constant(doubles, [_MAGIC + offsets[f]] * _LANES) for f in range(per)]] * cols
+                state = []
+                for point in points:
+                    z = builder.sitofp(point, f64)
+                    if lookup:
+                        state.append([builder.fsub(table, _splat(builder, z, _LANES)) for table in grid_tables])
+                    else:
+                        state.append([_splat(builder, builder.fadd(builder.fmul(z, f64(float(1 << (bits * f)))),
+                                                                   f64(_MAGIC + offsets[f])), _LANES)
+                                      for f in range(per)])
+                return state
+
+            def weights(raw, state):
+                """The per vectors of (scaled) w - z of 8 packed bytes, exact."""
+                if lookup:
+                    wide = builder.zext(raw, longs)
+                    indexes = [wide if f == 0 else builder.lshr(wide, shifts[f]) for f in range(per)]
+                    if bits == 4:
+                        return [builder.call(permute, [state[0], index, state[1]]) for index in indexes]
+                    return [builder.call(permute, [state[0], index]) for index in indexes]
+                signed = builder.sext(raw, longs)
+                fields = [builder.xor(builder.and_(signed, masks[f]), tags[f]) for f in range(per - 1)]
+                fields.append(builder.add(builder.and_(signed, top_mask), magic))
+                return [builder.fsub(builder.bitcast(field, doubles), state[f]) for f, field in enumerate(fields)]
+
+            def chunk_loop(first_chunk, fast, state):
                 with cgutils.for_range(builder, n_chunks) as loop:
                     byte = builder.mul(builder.add(first_chunk, loop.index), i64(_LANES))
                     xs = [[builder.load(_address(builder, x_a, [row_index[r], i64(f), byte], doubles), align=8)
                            for f in range(per)] for r in range(rows)]
                     for c in range(cols):
                         raw = builder.load(_address(builder, packed_a, [col_index[c], byte], bytes8), align=1)
-                        wide = builder.zext(raw, ints)
-                        for f in range(per):
-                            field = builder.ashr(builder.shl(wide, left[f]), right)
-                            if fast:
-                                weight = builder.sitofp(builder.sub(field, zero_points[c]), doubles)
-                            else:
-                                weight = builder.fsub(builder.sitofp(field, doubles), zero_points[c])
+                        for f, weight in enumerate(weights(raw, state[c])):
                             for r in range(rows):
-                                partial = builder.load(partials[r][c][f])
+                                partial = builder.load(partials[r][c])
                                 if fast:
                                     total = builder.call(fma, [xs[r][f], weight, partial])
                                 else:
                                     total = builder.fadd(partial, builder.fmul(xs[r][f], weight))
-                                builder.store(total, partials[r][c][f])
+                                builder.store(total, partials[r][c])
 
             with cgutils.for_range(builder, n_groups) as group_loop:
                 g = group_loop.index
                 for r in range(rows):
                     for c in range(cols):
-                        for f in range(per):
-                            builder.store(zero, partials[r][c][f])
-                points = [builder.load(_address(builder, zeros_a, [col_index[c], g], i32)) for c in range(cols)]
-                small = ir.Constant(ir.IntType(1), 1)
-                for point in points:
-                    inside = builder.icmp_unsigned("<=", builder.add(point, i32(1 << 28)), i32(1 << 29))
-                    small = builder.and_(small, inside)
+                        builder.store(zero, partials[r][c])
                 first_chunk = builder.mul(g, n_chunks)
-                with builder.if_else(small, likely=True) as (fast_branch, slow_branch):
-                    with fast_branch:
-                        chunk_loop(first_chunk, True, [_splat(builder, p, _LANES) for p in points])
-                    with slow_branch:
-                        chunk_loop(first_chunk, False, [_splat(builder, builder.sitofp(p, f64), _LANES)
-                                                        for p in points])
+                if has_zero:
+                    points = [builder.load(_address(builder, zeros_a, [col_index[c], g], i32)) for c in range(cols)]
+                    small = ir.Constant(ir.IntType(1), 1)
+                    for point in points:
+                        inside = builder.icmp_unsigned("<=", builder.add(point, i32(1 << 24)), i32(1 << 25))
+                        small = builder.and_(small, inside)
+                    state = group_state(points)
+                    with builder.if_else(small, likely=True) as (fast_branch, slow_branch):
+                        with fast_branch:
+                            chunk_loop(first_chunk, True, state)
+                        with slow_branch:
+                            chunk_loop(first_chunk, False, state)
+                else:
+                    chunk_loop(first_chunk, True, group_state(None))
                 for c in range(cols):
                     scale = _splat(builder, builder.fpext(
                         builder.load(_address(builder, scales_a, [col_index[c], g], f32)), f64), _LANES)
                     for r in range(rows):
-                        value = builder.load(partials[r][c][0])
-                        for f in range(1, per):
-                            value = builder.fadd(value, builder.load(partials[r][c][f]))
-                        builder.store(builder.fadd(builder.load(lane_sums[r][c]), builder.fmul(value, scale)),
-                                      lane_sums[r][c])
+                        value = builder.fmul(builder.load(partials[r][c]), scale)
+                        builder.store(builder.fadd(builder.load(lane_sums[r][c]), value), lane_sums[r][c])
             for r in range(rows):
                 for c in range(cols):
                     value = builder.load(lane_sums[r][c])
@@ -592,22 +650,35 @@ def _weight_only_tile(rows, bits):
     return tile
 
 
-_weight_only_4_1, _weight_only_4_2 = _weight_only_tile(1, 4), _weight_only_tile(_TILE_ROWS, 4)
-_weight_only_2_1, _weight_only_2_2 = _weight_only_tile(1, 2), _weight_only_tile(_TILE_ROWS, 2)
+# (bits, rows, has_zero): the tiles of the 2 x 2 x 2 cases, named for numba
+_wo_4_1_z, _wo_4_2_z, _wo_2_1_z, _wo_2_2_z = (_weight_only_tile(r, b, True, USE_LOOKUP) for b in (4, 2)
+                                              for r in (1, _TILE_ROWS))
+_wo_4_1, _wo_4_2, _wo_2_1, _wo_2_2 = (_weight_only_tile(r, b, False, USE_LOOKUP) for b in (4, 2)
+                                      for r in (1, _TILE_ROWS))
 
 
 @njit(cache=True)
-def _weight_only_vector_block(x_split, m0, rows, packed, n0, bits, zeros, scales, chunks, acc):
+def _weight_only_vector_block(x_split, m0, rows, packed, n0, bits, has_zero, zeros, scales, chunks, acc):
     groups = scales.shape[1]
-    if bits == 4:
-        if rows == _TILE_ROWS:
-            _weight_only_4_2(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
+    if has_zero:
+        if bits == 4:
+            if rows == _TILE_ROWS:
+                _wo_4_2_z(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
+            else:
+                _wo_4_1_z(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
+        elif rows == _TILE_ROWS:
+            _wo_2_2_z(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
         else:
-            _weight_only_4_1(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
+            _wo_2_1_z(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
+    elif bits == 4:
+        if rows == _TILE_ROWS:
+            _wo_4_2(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
+        else:
+            _wo_4_1(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
     elif rows == _TILE_ROWS:
-        _weight_only_2_2(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
+        _wo_2_2(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
     else:
-        _weight_only_2_1(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
+        _wo_2_1(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
 
 
 # ----------------------------------------------------------------------------------------
@@ -616,24 +687,21 @@ def _weight_only_vector_block(x_split, m0, rows, packed, n0, bits, zeros, scales
 
 @njit(cache=True)
 def _weight_only_pair(x, m, packed, n, bits, zeros, scales, group_size, partials, lane_sums):
-    """The weight-only sum of (m, n) in the module docstring's order; partials (per, 8) and
-    lane_sums (8,) float64 are scratch."""
+    """The weight-only sum of (m, n) in the module docstring's order; partials and lane_sums,
+    (8,) float64, are scratch."""
     per = 8 // bits
     lane_sums[:] = 0.0
     for g in range(scales.shape[1]):
         zero_point = np.float64(zeros[n, g])
-        partials[:, :] = 0.0
+        partials[:] = 0.0
         for i in range(group_size):
             k = g * group_size + i
             weight = np.float64(_weight(packed, n, k, bits)) - zero_point
-            f, lane = i % per, (i // per) % _LANES
-            partials[f, lane] = partials[f, lane] + np.float64(x[m, k]) * weight
+            lane = (i // per) % _LANES
+            partials[lane] = partials[lane] + np.float64(x[m, k]) * weight
         scale = np.float64(scales[n, g])
         for lane in range(_LANES):
-            value = partials[0, lane]
-            for f in range(1, per):
-                value = value + partials[f, lane]
-            lane_sums[lane] = lane_sums[lane] + value * scale
+            lane_sums[lane] = lane_sums[lane] + partials[lane] * scale
     for width in (4, 2, 1):
         for lane in range(width):
             lane_sums[lane] = lane_sums[lane] + lane_sums[lane + width]
@@ -641,8 +709,8 @@ def _weight_only_pair(x, m, packed, n, bits, zeros, scales, group_size, partials
 
 
 @njit(cache=True)
-def _weight_only_task(task, x, x_split, packed, bits, zeros, scales, group_size, vector, bias, has_bias, partials,
-                      lane_sums, acc, out):
+def _weight_only_task(task, x, x_split, packed, bits, has_zero, zeros, scales, group_size, vector, bias, has_bias,
+                      partials, lane_sums, acc, out):
     """Weight rows [64 * task, 64 * task + 64), every activation row. The vector tiles cover
     _TILE_ROWS (or 1) rows by _TILE_COLS columns; the last tile of each kind is moved back to
     end at the last row or column (recomputing some, which gives the same numbers)."""
@@ -656,7 +724,8 @@ def _weight_only_task(task, x, x_split, packed, bits, zeros, scales, group_size,
             m_first = min(m, rows - height)
             for c in range(n0, n1, _TILE_COLS):
                 c_first = min(c, cols - _TILE_COLS)
-                _weight_only_vector_block(x_split, m_first, height, packed, c_first, bits, zeros, scales, chunks, acc)
+                _weight_only_vector_block(x_split, m_first, height, packed, c_first, bits, has_zero, zeros, scales,
+                                          chunks, acc)
                 for i in range(m, min(rows, m_first + height)):
                     for j in range(c, min(n1, c_first + _TILE_COLS)):
                         y = np.float32(acc[i - m_first, j - c_first])
@@ -669,29 +738,32 @@ def _weight_only_task(task, x, x_split, packed, bits, zeros, scales, group_size,
 
 
 @njit(cache=True, parallel=True)
-def _weight_only_parallel(x, x_split, packed, bits, zeros, scales, group_size, vector, bias, has_bias, n_tasks,
-                          partials, lane_sums, acc, out):
+def _weight_only_parallel(x, x_split, packed, bits, has_zero, zeros, scales, group_size, vector, bias, has_bias,
+                          n_tasks, partials, lane_sums, acc, out):
     for task in prange(n_tasks):
         thread = get_thread_id()
-        _weight_only_task(np.int64(task), x, x_split, packed, bits, zeros, scales, group_size, vector, bias, has_bias,
-                          partials[thread], lane_sums[thread], acc[thread], out)
+        _weight_only_task(np.int64(task), x, x_split, packed, bits, has_zero, zeros, scales, group_size, vector, bias,
+                          has_bias, partials[thread], lane_sums[thread], acc[thread], out)
 
 
 @njit(cache=True)
-def _weight_only_serial(x, x_split, packed, bits, zeros, scales, group_size, vector, bias, has_bias, n_tasks,
-                        partials, lane_sums, acc, out):
+def _weight_only_serial(x, x_split, packed, bits, has_zero, zeros, scales, group_size, vector, bias, has_bias,
+                        n_tasks, partials, lane_sums, acc, out):
     for task in range(n_tasks):
-        _weight_only_task(task, x, x_split, packed, bits, zeros, scales, group_size, vector, bias, has_bias,
+        _weight_only_task(task, x, x_split, packed, bits, has_zero, zeros, scales, group_size, vector, bias, has_bias,
                           partials[0], lane_sums[0], acc[0], out)
 
 
 @njit(cache=True)
-def _split_phases(x, per, x_split):
-    """x_split[m, f, j] = float64(x[m, per * j + f]) (all of x's columns: K = per * width here)."""
+def _split_phases(x, bits, scaled, x_split):
+    """x_split[m, f, j] = float64(x[m, per * j + f]), divided by 2^(bits * f) if ``scaled``
+    (exact), the vector tiles' operand (all of x's columns: K = per * width here)."""
+    per = 8 // bits
     for m in range(x.shape[0]):
         for j in range(x_split.shape[2]):
             for f in range(per):
-                x_split[m, f, j] = np.float64(x[m, per * j + f])
+                scale = 1.0 / (1 << (bits * f)) if scaled else 1.0
+                x_split[m, f, j] = np.float64(x[m, per * j + f]) * scale
 
 
 # ----------------------------------------------------------------------------------------
@@ -843,14 +915,14 @@ def weight_only_lowbit_gemm(x, w_packed, bits, w_scale, w_zero, group_size, bias
     vector = USE_VECTOR_TILES and group_size % (_LANES * per) == 0
     if vector:
         x_split = np.empty((rows, per, depth // per), np.float64)
-        _split_phases(x, per, x_split)
+        _split_phases(x, bits, not USE_LOOKUP, x_split)
     else:
         x_split = np.empty((0, per, 0), np.float64)
     n_tasks = _task_count(cols)
     parallel = n_tasks > 1 and rows * cols * depth >= PARALLEL_MIN_MACS
     driver = _weight_only_parallel if parallel else _weight_only_serial
     with np.errstate(all="ignore"):
-        driver(x, x_split, w_packed, bits, zeros, w_scale, group_size, vector, bias, has_bias, n_tasks,
-               scratch_for(parallel, (per, _LANES), np.float64), scratch_for(parallel, (_LANES,), np.float64),
+        driver(x, x_split, w_packed, bits, w_zero is not None, zeros, w_scale, group_size, vector, bias, has_bias,
+               n_tasks, scratch_for(parallel, (_LANES,), np.float64), scratch_for(parallel, (_LANES,), np.float64),
                scratch_for(parallel, (_TILE_ROWS, _TILE_COLS), np.float64), out)
     return out

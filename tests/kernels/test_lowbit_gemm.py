@@ -341,28 +341,44 @@ def test_vnni_tiles_give_the_float64_sums_of_the_definition(bits, group_size, gr
             assert_same_bits(acc[:, :last - first].T, expected[first:last, r0:r0 + 4])
 
 
+def weight_only_tile_runner(rows, bits, has_zero, lookup):
+    """A compiled caller of a weight-only tile built afresh (either kind, whatever the CPU)."""
+    tile = lg._weight_only_tile(rows, bits, has_zero, lookup)
+
+    @numba.njit
+    def run(x_split, m0, packed, n0, zeros, scales, chunks, acc):
+        tile(x_split, m0, packed, n0, zeros, scales, scales.shape[1], chunks, acc)
+
+    return run
+
+
 @pytest.mark.parametrize("bits, group_size, zero_kind", [(4, 16, None), (4, 32, "grid"), (2, 32, "rails"),
-                                                          (4, 128, "rails"), (2, 64, "grid")])
-def test_vector_tiles_are_the_loop_order_in_float64(bits, group_size, zero_kind):
-    """The weight-only vector tiles and the plain loops of the same order, before the float32
-    rounding: every float64 sum bit for bit, fast and slow groups (zero points beyond 2^28)."""
+                                                          (4, 128, "rails"), (2, 64, None)])
+@pytest.mark.parametrize("lookup", [False, True])
+def test_vector_tiles_are_the_loop_order_in_float64(bits, group_size, zero_kind, lookup):
+    """The weight-only vector tiles (AVX-512 table lookups and the portable kind) and the plain
+    loops of the same order, before the float32 rounding: every float64 sum bit for bit, fast
+    and slow groups (zero points beyond 2^24), one and two rows a tile."""
+    if lookup and not lg.USE_LOOKUP:
+        pytest.skip("the CPU has no AVX-512")
     rng = np.random.default_rng(group_size + bits)
     depth, per = 3 * group_size, 8 // bits
     x, w_q, w_scale, w_zero = random_weight_only(rng, 3, 6, depth, group_size, bits, "uniform", zero_kind)
     zeros = np.zeros(w_scale.shape, np.int32) if w_zero is None else w_zero
     packed = pack_lowbit(w_q, bits)
     x_split = np.empty((3, per, depth // per))
-    lg._split_phases(x, per, x_split)
-    partials, lane_sums, acc = np.empty((per, 8)), np.empty(8), np.empty((2, 4))
-    for m0, height in ((0, 2), (1, 2), (2, 1)):
-        for n0 in (0, 2):
-            lg._weight_only_vector_block(x_split, m0, height, packed, n0, bits, zeros, w_scale,
-                                         group_size // (8 * per), acc)
-            for r in range(height):
-                for c in range(4):
-                    loop = lg._weight_only_pair(x, m0 + r, packed, n0 + c, bits, zeros, w_scale, group_size,
-                                                partials, lane_sums)
-                    assert acc[r, c] == loop or (np.isnan(loop) and np.isnan(acc[r, c])), (m0, n0, r, c)
+    lg._split_phases(x, bits, not lookup, x_split)
+    partials, lane_sums, acc = np.empty(8), np.empty(8), np.empty((2, 4))
+    for height in (1, 2):
+        run = weight_only_tile_runner(height, bits, w_zero is not None, lookup)
+        for m0 in range(4 - height):
+            for n0 in (0, 2):
+                run(x_split, m0, packed, n0, zeros, w_scale, group_size // (8 * per), acc)
+                for r in range(height):
+                    for c in range(4):
+                        loop = lg._weight_only_pair(x, m0 + r, packed, n0 + c, bits, zeros, w_scale, group_size,
+                                                    partials, lane_sums)
+                        assert acc[r, c] == loop or (np.isnan(loop) and np.isnan(acc[r, c])), (m0, n0, r, c)
 
 
 def test_dynamic_special_scales_propagate_as_defined():
