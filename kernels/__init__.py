@@ -36,6 +36,11 @@ Modules:
     int8_conv_lanes -- the pixel-lane path of ``int8_conv2d`` (VNNI with output pixels in the
                 vector lanes) for ungrouped convolutions.
     int8_depthwise -- the depthwise path of ``int8_conv2d`` (groups == C == K), along the channels.
+    lowbit_pack -- ``pack_lowbit`` / ``unpack_lowbit``: int4 and int2 weights 8 / bits to a byte
+                (ONNX's INT4 layout, generalised to 2 bits), each row packed on its own.
+    lowbit_gemm -- ``dynamic_int8_lowbit_gemm`` (per-token int8 activations, 8da4w) and
+                ``weight_only_lowbit_gemm`` against packed grouped weights, both read straight
+                from the packed bytes, and ``quantize_per_token``, the activations' integers.
     int8_add   -- ``add_fixed_point`` / ``add_float32``: the int8 residual add (and add + ReLU)
                 in both requantization arithmetics, elementwise.
     lookup     -- ``lookup``: ``table[q - offset]``, the gather of the int8 runtime's lookup
@@ -70,10 +75,10 @@ from qatcore.lazy_exports import lazy_exports
 
 __all__ = ["layout", "window", "im2col", "depthwise_conv", "pooling", "batch_norm", "fake_quant", "block_fake_quant",
            "requantize", "requantize_float32", "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise",
-           "int8_add", "lookup", "erf"]
+           "lowbit_pack", "lowbit_gemm", "int8_add", "lookup", "erf"]
 
 __getattr__, __dir__ = lazy_exports(__name__, submodules=(
     "layout", "window", "im2col", "depthwise_conv", "pooling", "batch_norm", "fake_quant", "block_fake_quant",
-    "requantize", "requantize_float32", "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "int8_add",
-    "lookup", "erf",
+    "requantize", "requantize_float32", "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "lowbit_pack",
+    "lowbit_gemm", "int8_add", "lookup", "erf",
 ))
