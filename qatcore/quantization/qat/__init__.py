@@ -20,6 +20,7 @@ from qatcore.quantization.qat.int8_model import Int8Model, ValueSource
 from qatcore.quantization.qat.int8_serialization import int8_model_from_dict, int8_model_to_dict
 from qatcore.quantization.qat.interface import IQATPreparer
 from qatcore.quantization.qat.layerwise_config import LayerOverride, LayerwiseConfig, ResolvedLayer
+from qatcore.quantization.qat.operators.lowbit import LowBitEmbedding, LowBitLinear
 from qatcore.quantization.qat.parity import ParityReport, parity_report
 from qatcore.quantization.qat.preparer import QATPreparer
 from qatcore.quantization.qat.qat_layers import QATConv2d, QATConvBn2d, QATLinear, QATLinearBn1d
@@ -34,4 +35,4 @@ __all__ = ["IQATPreparer", "QATPreparer", "LayerwiseConfig", "LayerOverride", "R
            "int8_model_from_dict",
            "save_qat_checkpoint", "load_qat_checkpoint", "read_qat_checkpoint", "LoadedCheckpoint",
            "save_int8_model", "load_int8_model", "Int8Model", "ValueSource", "learnable_quantizer_parameters",
-           "Int8Island"]
+           "Int8Island", "LowBitLinear", "LowBitEmbedding"]
