@@ -256,14 +256,14 @@ def shapes(draw):
     return rows, cols, groups * group_size, group_size
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80)
 @given(shapes(), st.sampled_from([4, 2]), st.sampled_from(["uniform", "uniform", "rails", "max"]), st.booleans(),
        st.integers(0, 2**32 - 1))
 def test_dynamic_matches_oracle_bit_for_bit(shape, bits, fill, with_bias, seed):
     check_dynamic(*shape, bits, fill, with_bias, seed)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(shapes(), st.sampled_from([4, 2]), st.sampled_from(["uniform", "rails"]), st.integers(0, 2**32 - 1))
 def test_dynamic_loops_match_oracle_bit_for_bit(shape, bits, fill, seed):
     """The path of CPUs without AVX-512 VNNI (and of plain Python), compiled."""
@@ -397,7 +397,7 @@ def test_dynamic_special_scales_propagate_as_defined():
 # The weight-only product
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80)
 @given(shapes(), st.sampled_from([4, 2]), st.sampled_from(["uniform", "uniform", "rails", "max"]),
        st.sampled_from([None, "grid", "rails"]), st.booleans(), st.integers(0, 2**32 - 1))
 def test_weight_only_matches_oracle(shape, bits, fill, zero_kind, with_bias, seed):
