@@ -41,6 +41,8 @@ Modules:
     lowbit_gemm -- ``dynamic_int8_lowbit_gemm`` (per-token int8 activations, 8da4w) and
                 ``weight_only_lowbit_gemm`` against packed grouped weights, both read straight
                 from the packed bytes, and ``quantize_per_token``, the activations' integers.
+    lowbit_tiles -- the vector tiles of lowbit_gemm (LLVM IR intrinsics: AVX-512 VNNI with
+                activation rows in the lanes, float64 lanes of the weight-only order).
     int8_add   -- ``add_fixed_point`` / ``add_float32``: the int8 residual add (and add + ReLU)
                 in both requantization arithmetics, elementwise.
     lookup     -- ``lookup``: ``table[q - offset]``, the gather of the int8 runtime's lookup
@@ -75,10 +77,10 @@ from qatcore.lazy_exports import lazy_exports
 
 __all__ = ["layout", "window", "im2col", "depthwise_conv", "pooling", "batch_norm", "fake_quant", "block_fake_quant",
            "requantize", "requantize_float32", "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise",
-           "lowbit_pack", "lowbit_gemm", "int8_add", "lookup", "erf"]
+           "lowbit_pack", "lowbit_gemm", "lowbit_tiles", "int8_add", "lookup", "erf"]
 
 __getattr__, __dir__ = lazy_exports(__name__, submodules=(
     "layout", "window", "im2col", "depthwise_conv", "pooling", "batch_norm", "fake_quant", "block_fake_quant",
     "requantize", "requantize_float32", "int8_gemm", "int8_conv", "int8_conv_lanes", "int8_depthwise", "lowbit_pack",
-    "lowbit_gemm", "int8_add", "lookup", "erf",
+    "lowbit_gemm", "lowbit_tiles", "int8_add", "lookup", "erf",
 ))

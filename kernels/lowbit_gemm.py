@@ -26,32 +26,36 @@ w_zero (N, G) int32 (the dequantized weight is (w_q - w_zero) * w_scale):
     y[m, n] = float32(sum_g float64(w_scale[n, g]) * sum_{k in g} float64(x[m, k]) * float64(w_q[n, k] - w_zero[n, g]))
 
 in float64 (+ bias[n] in float32). The order of the float64 sums is this module's, fixed, and
-the same for every (m, n) whatever M, the thread count or the path: with ``per = 8 / bits`` and
-``i = k - g * group_size`` the position of k in its group, the products are summed into 8 * per
-partial sums, slot (i % per, (i // per) % 8) taking its products in increasing i (the lanes of a
-vector loop that walks 8 packed bytes a step and splits each into its per fields); then for each
-lane l, V_l = ((P[0, l] + P[1, l]) + P[2, l]) + P[3, l] (per terms) and A_l = A_l + V_l * s_g,
-group after group, from A_l = 0; finally y = float32(((A_0 + A_4) + (A_2 + A_6)) + ((A_1 + A_5) +
-(A_3 + A_7))), the lanes folded in halves. It differs from the plain left-to-right sum by
-rounding only (the tests allow 1e-6 of the float32 output).
+the same for every (m, n) whatever M, the thread count or the path. With ``per = 8 / bits``
+elements to a packed byte and i = k - g * group_size the position of k in its group, the
+products p_k = float64(x[m, k]) * float64(w_q[n, k] - w_zero[n, g]) of group g go to 8 lanes,
+lane (i // per) % 8 taking them in increasing i:
+
+    P_l = 0;  P_l = P_l + p_k  for the k of lane l, in order         (per group, l = 0 .. 7)
+    A_l = 0;  A_l = A_l + P_l * float64(w_scale[n, g])  for g = 0 .. G-1
+    y[m, n] = float32(((A_0 + A_4) + (A_2 + A_6)) + ((A_1 + A_5) + (A_3 + A_7)))
+
+(the lanes of a vector loop that reads 8 packed bytes a step, one a lane). It differs from the
+left-to-right sum by rounding only; the tests allow 1e-6 of the float32 output.
 
 quantize_per_token(x, bits, symmetric): the integers of ``BlockFakeQuantize.block_qparams`` per
 token, bit for bit: (s, z) = ``token_qparams`` of each row (block_fake_quant's kernels compute
 them), q = clamp(rne(x * (1 / s)) + z, qmin, qmax) in float32, NaN -> 0, as int8; z as int32 (0
 for a row holding a NaN, whose s is NaN); s float32.
 
-Paths. With AVX-512 VNNI the dynamic product puts 16 activation rows in the 16 int32 lanes of
-``vpdpbusd`` (as int8_conv_lanes does with pixels): the activations are laid out once per call as
-words of 4 k of 16 rows, x + 128 (sign bit flipped) with the zero point moved by 128; a task
-unpacks a block of weight rows to int8 (each group zero-padded to a multiple of 4 k) with each
-group's weight sum, and a tile of 2 x 16 rows by 4 weight rows starts each group's 8 integer
-accumulators at -(z + 128) * sum_k w, adds 4 k a step with the weight word broadcast, and after the
-group converts each lane to float64 and adds its product with the scale: no horizontal sums. The
-weight-only product runs the summation order above as explicit 8-lane float64 vectors (LLVM
-vector code, any CPU) where group_size is a multiple of 8 * per; elsewhere, under
-``NUMBA_DISABLE_JIT`` and without VNNI, plain loops compute the same numbers (the tests compare
-the paths bit for bit). Tasks are blocks of weight rows, run under ``prange`` from
-``PARALLEL_MIN_MACS`` multiply-adds on.
+Paths (the tiles are in ``lowbit_tiles``). With AVX-512 VNNI and group_size <= 2^18 the dynamic
+product lays the activations out once per call as words of 4 k of 16 rows (x + 128); a task of
+64 weight rows unpacks them to int8 (each group zero-padded to a multiple of 4 k) with each
+group's weight sum, and tiles of 2 x 16 activation rows by 4 weight rows compute every group's
+isum in the 16 int32 lanes of ``vpdpbusd`` and add isum * scale to float64 lanes with a fused
+multiply-add, which rounds once as the definition's multiply-then-add does because the product
+is exact (|isum| < 2040 * 2^18 < 2^29, times a float32). The weight-only product runs its order
+in 8 float64 lanes (LLVM vector code) where group_size is a multiple of 8 * per, and a group's
+products with a fused multiply-add where its zero points lie within +-2^24 (the product of a
+float32 and an integer below 2^29 is exact). Elsewhere, without VNNI and under
+``NUMBA_DISABLE_JIT``, plain loops compute the same numbers: the tests compare every path bit for
+bit, the tiles' float64 sums too. Tasks run under ``prange`` from ``PARALLEL_MIN_MACS``
+multiply-adds on; a row's numbers do not depend on the tiling, the tasks or the threads.
 
 >>> import numpy as np
 >>> from qatcore.kernels.lowbit_pack import pack_lowbit
@@ -67,18 +71,29 @@ array([[4.932353  , 0.29411766]], dtype=float32)
 array([[4.9375, 0.25  ]], dtype=float32)
 """
 
-import llvmlite.binding
 import numpy as np
-from llvmlite import ir
-from numba import config, get_thread_id, njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import get_thread_id, njit, prange
 
 from qatcore.errors import ConfigError, DTypeError, ShapeError
 
 from .block_fake_quant import _clamp, _constants, _ranges, _row_qparams, _scheme
-from .int8_gemm import USE_VNNI, scratch_for
+from .int8_gemm import scratch_for
 from .lowbit_pack import check_bits, packed_width
+from .lowbit_tiles import (
+    LANES,
+    ROW_BLOCKS,
+    TILE_COLS,
+    TILE_ROWS,
+    USE_LOOKUP,
+    USE_VECTOR_TILES,
+    USE_VNNI,
+    dynamic_tile_1,
+    dynamic_tile_2,
+    group_sums_vector,
+    unpack_vector_2,
+    unpack_vector_4,
+    weight_only_block,
+)
 
 __all__ = ["MAX_GROUP_SIZE", "PARALLEL_MIN_MACS", "quantize_per_token", "dynamic_int8_lowbit_gemm",
            "weight_only_lowbit_gemm"]
@@ -92,18 +107,6 @@ _FMA_MAX_GROUP_SIZE = 1 << 18
 PARALLEL_MIN_MACS = 1 << 22
 # Weight rows per task.
 _TASK_ROWS = 64
-# The VNNI tile: ROW_BLOCKS blocks of 16 activation rows by TILE_COLS weight rows.
-_ROW_BLOCKS, _TILE_COLS = 2, 4
-# The weight-only vector tiles are LLVM vector code, which runs on any CPU, but not as plain Python.
-USE_VECTOR_TILES = not config.DISABLE_JIT
-# The weight-only tiles look their weights up in tables of the group's values with AVX-512's
-# vpermi2pd / vpermpd where the CPU has AVX-512 (fixed when the module is imported, as the
-# intrinsics are built then); elsewhere they build them in the integer lanes. Same numbers.
-USE_LOOKUP = USE_VECTOR_TILES and bool(llvmlite.binding.get_host_cpu_features().get("avx512f", False))
-# 2^52 + 2^51: a double whose ulp is 1, so its mantissa holds integers in [-2^51, 2^51).
-_MAGIC, _MAGIC_BITS = float(2**52 + 2**51), 0x4338000000000000
-# The weight-only tile: TILE_ROWS activation rows by TILE_COLS weight rows; 8 float64 lanes.
-_TILE_ROWS, _LANES = 2, 8
 
 
 # ----------------------------------------------------------------------------------------
@@ -159,98 +162,8 @@ def quantize_per_token(x, bits=8, symmetric=False):
 
 
 # ----------------------------------------------------------------------------------------
-# LLVM helpers for the intrinsics.
-
-
-def _address(builder, array, indices, element):
-    """A pointer to ``array[indices]`` (i64 values) as ``element*``, from the array's byte strides."""
-    strides = cgutils.unpack_tuple(builder, array.strides, len(indices))
-    offset = ir.Constant(ir.IntType(64), 0)
-    for index, stride in zip(indices, strides):
-        offset = builder.add(offset, builder.mul(index, stride))
-    base = builder.bitcast(array.data, ir.IntType(8).as_pointer())
-    return builder.bitcast(builder.gep(base, [offset]), element.as_pointer())
-
-
-def _splat(builder, value, count):
-    vector = ir.VectorType(value.type, count)
-    one = builder.insert_element(ir.Constant(vector, None), value, ir.IntType(32)(0))
-    return builder.shuffle_vector(one, ir.Constant(vector, None), ir.Constant(ir.VectorType(ir.IntType(32), count),
-                                                                              [0] * count))
-
-
-def _lane_mask(lanes):
-    return ir.Constant(ir.VectorType(ir.IntType(32), len(lanes)), list(lanes))
-
-
-# ----------------------------------------------------------------------------------------
 # Unpacking weight rows inside the kernels: 16 packed bytes a step as LLVM vector code (byte
 # shifts sign-extend each field, shuffles interleave them), the rest one element at a time.
-
-
-def _unpack_vector(bits):
-    """An intrinsic: out[per * j + f] = w_q[n, per * j + f] for j < 16 * steps (per = 8 / bits)."""
-    per = 8 // bits
-
-    @intrinsic
-    def unpack(typingctx, packed, n, steps, out):
-        def codegen(context, builder, signature, args):
-            packed_a = context.make_array(signature.args[0])(context, builder, args[0])
-            out_a = context.make_array(signature.args[3])(context, builder, args[3])
-            i8, i16, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(64)
-            sixteen = ir.VectorType(i8, 16)
-            row = _address(builder, packed_a, [args[1], i64(0)], i8)
-            target = _address(builder, out_a, [i64(0)], i8)
-            out_type = ir.VectorType(i8, 16 * per)
-            with cgutils.for_range(builder, args[2]) as loop:
-                offset = builder.mul(loop.index, i64(16))
-                v = builder.load(builder.bitcast(builder.gep(row, [offset]), sixteen.as_pointer()), align=1)
-                fields = [builder.ashr(builder.shl(v, ir.Constant(sixteen, [8 - bits * (f + 1)] * 16)),
-                                       ir.Constant(sixteen, [8 - bits] * 16)) for f in range(per)]
-                pairs = _lane_mask([i + 16 * half for i in range(16) for half in range(2)])
-                if per == 2:
-                    result = builder.shuffle_vector(fields[0], fields[1], pairs)
-                else:  # interleave (f0, f1) and (f2, f3) by bytes, then the two by 16-bit pairs
-                    low = builder.bitcast(builder.shuffle_vector(fields[0], fields[1], pairs), ir.VectorType(i16, 16))
-                    high = builder.bitcast(builder.shuffle_vector(fields[2], fields[3], pairs), ir.VectorType(i16, 16))
-                    result = builder.bitcast(builder.shuffle_vector(low, high, pairs), out_type)
-                destination = builder.gep(target, [builder.mul(offset, i64(per))])
-                builder.store(result, builder.bitcast(destination, out_type.as_pointer()), align=1)
-            return context.get_dummy_value()
-
-        return types.void(packed, types.intp, types.intp, out), codegen
-
-    return unpack
-
-
-_unpack_vector_4 = _unpack_vector(4)
-_unpack_vector_2 = _unpack_vector(2)
-
-
-@intrinsic
-def _group_sums_vector(typingctx, rows, r, groups, steps, sums):
-    """sums[r, g] = sum of rows[r, 16 * steps * g + i] for i < 16 * steps (int8 -> int32), g < groups."""
-    def codegen(context, builder, signature, args):
-        rows_a = context.make_array(signature.args[0])(context, builder, args[0])
-        sums_a = context.make_array(signature.args[4])(context, builder, args[4])
-        row, n_groups, n_steps = args[1], args[2], args[3]
-        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-        sixteen, lanes = ir.VectorType(i8, 16), ir.VectorType(i32, 16)
-        reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [lanes]),
-                                                "llvm.vector.reduce.add.v16i32")
-        total = cgutils.alloca_once_value(builder, ir.Constant(lanes, None))
-        with cgutils.for_range(builder, n_groups) as group_loop:
-            builder.store(ir.Constant(lanes, None), total)
-            first = builder.mul(builder.mul(group_loop.index, n_steps), i64(16))
-            with cgutils.for_range(builder, n_steps) as loop:
-                column = builder.add(first, builder.mul(loop.index, i64(16)))
-                piece = builder.load(_address(builder, rows_a, [row, column], sixteen), align=1)
-                builder.store(builder.add(builder.load(total), builder.sext(piece, lanes)), total)
-            target = _address(builder, sums_a, [row, group_loop.index], i32)
-            builder.store(builder.call(reduce, [builder.load(total)]), target)
-        return context.get_dummy_value()
-
-    return types.void(rows, types.intp, types.intp, types.intp, sums), codegen
 
 
 @njit(cache=True)
@@ -269,9 +182,9 @@ def _unpack_contiguous(packed, n, bits, k, out):
     if USE_VECTOR_TILES:
         steps = k // (16 * (8 // bits))
         if bits == 4:
-            _unpack_vector_4(packed, n, steps, out)
+            unpack_vector_4(packed, n, steps, out)
         else:
-            _unpack_vector_2(packed, n, steps, out)
+            unpack_vector_2(packed, n, steps, out)
         start = steps * 16 * (8 // bits)
     for i in range(start, k):
         out[i] = _weight(packed, n, i, bits)
@@ -300,7 +213,7 @@ def _prepare_rows(packed, bits, w_scale, group_size, padded, n0, n1, rows, sums,
                 for i in range(group_size, padded):
                     row[g * padded + i] = 0
         if USE_VECTOR_TILES and padded == group_size and group_size % 16 == 0:
-            _group_sums_vector(rows, r, groups, group_size // 16, sums)
+            group_sums_vector(rows, r, groups, group_size // 16, sums)
         else:
             for g in range(groups):
                 total = np.int32(0)
@@ -309,81 +222,6 @@ def _prepare_rows(packed, bits, w_scale, group_size, padded, n0, n1, rows, sums,
                 sums[r, g] = total
         for g in range(groups):
             scales[r, g] = np.float64(w_scale[n, g])
-
-
-# ----------------------------------------------------------------------------------------
-# The dynamic product's VNNI tile.
-
-
-def _dynamic_tile_vnni(blocks, cols=_TILE_COLS):
-    """An intrinsic: the float64 sums over all groups of ``blocks`` x 16 activation rows by
-    _TILE_COLS weight rows (module docstring, "Paths")."""
-
-    @intrinsic
-    def tile(typingctx, words, block0, rows, row0, sums, scales, negative_zeros, groups, chunks, acc):
-        """acc[c, 16 * b + lane] = sum_g float64(isum) * scales[row0 + c, g] for activation row
-        16 * (block0 + b) + lane; words uint32 (blocks, chunks, 16), rows int8 (r, chunks * 4),
-        sums int32 and scales float64 (r, G), negative_zeros int32 (blocks, 16), acc float64."""
-        def codegen(context, builder, signature, args):
-            arrays = [context.make_array(t)(context, builder, v) if isinstance(t, types.Array) else v
-                      for t, v in zip(signature.args, args)]
-            words_a, first_block, rows_a, first_row, sums_a, scales_a, zeros_a, n_groups, n_chunks, acc_a = arrays
-            i32, i64, f64 = ir.IntType(32), ir.IntType(64), ir.DoubleType()
-            lanes, doubles = ir.VectorType(i32, 16), ir.VectorType(f64, 8)
-            dpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lanes, [lanes] * 3),
-                                                    "llvm.x86.avx512.vpdpbusd.512")
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(doubles, [doubles] * 3),
-                                                 "llvm.fma.v8f64")
-            block_index = [builder.add(first_block, i64(b)) for b in range(blocks)]
-            row_index = [builder.add(first_row, i64(c)) for c in range(cols)]
-            zeros = [builder.load(_address(builder, zeros_a, [block_index[b], i64(0)], lanes), align=4)
-                     for b in range(blocks)]
-            sum_vars = [[cgutils.alloca_once_value(builder, ir.Constant(lanes, None)) for _ in range(cols)]
-                        for _ in range(blocks)]
-            totals = [[[cgutils.alloca_once_value(builder, ir.Constant(doubles, None)) for _ in range(2)]
-                       for _ in range(cols)] for _ in range(blocks)]
-            with cgutils.for_range(builder, n_groups) as group_loop:
-                g = group_loop.index
-                for c in range(cols):  # each group's sums start at -(z + 128) * sum_k w
-                    weight_sum = _splat(builder, builder.load(_address(builder, sums_a, [row_index[c], g], i32)), 16)
-                    for b in range(blocks):
-                        builder.store(builder.mul(zeros[b], weight_sum), sum_vars[b][c])
-                first_chunk = builder.mul(g, n_chunks)
-                with cgutils.for_range(builder, n_chunks) as chunk_loop:
-                    chunk = builder.add(first_chunk, chunk_loop.index)
-                    xs = [builder.load(_address(builder, words_a, [block_index[b], chunk, i64(0)], lanes), align=4)
-                          for b in range(blocks)]
-                    for c in range(cols):
-                        word = builder.load(_address(builder, rows_a, [row_index[c], builder.mul(chunk, i64(4))], i32),
-                                            align=1)
-                        broadcast = _splat(builder, word, 16)
-                        for b in range(blocks):
-                            total = builder.call(dpbusd, [builder.load(sum_vars[b][c]), xs[b], broadcast])
-                            builder.store(total, sum_vars[b][c])
-                for c in range(cols):  # |isum| < 2^29: isum * scale is exact, and a fused multiply-add rounds once
-                    scale = _splat(builder, builder.load(_address(builder, scales_a, [row_index[c], g], f64)), 8)
-                    for b in range(blocks):
-                        total = builder.load(sum_vars[b][c])
-                        for half in range(2):
-                            lanes8 = builder.shuffle_vector(total, total, _lane_mask(range(8 * half, 8 * half + 8)))
-                            part = builder.sitofp(lanes8, doubles)
-                            builder.store(builder.call(fma, [part, scale, builder.load(totals[b][c][half])]),
-                                          totals[b][c][half])
-            for c in range(cols):
-                for b in range(blocks):
-                    for half in range(2):
-                        target = _address(builder, acc_a, [i64(c), i64(16 * b + 8 * half)], doubles)
-                        builder.store(builder.load(totals[b][c][half]), target, align=8)
-            return context.get_dummy_value()
-
-        return types.void(words, types.intp, rows, types.intp, sums, scales, negative_zeros, types.intp, types.intp,
-                          acc), codegen
-
-    return tile
-
-
-_dynamic_tile_2 = _dynamic_tile_vnni(_ROW_BLOCKS)
-_dynamic_tile_1 = _dynamic_tile_vnni(1)
 
 
 @njit(cache=True)
@@ -427,14 +265,14 @@ def _dynamic_vnni_task(task, words, negative_zeros, x_scale, packed, bits, w_sca
     n1 = min(out.shape[1], n0 + _TASK_ROWS)
     _prepare_rows(packed, bits, w_scale, group_size, padded, n0, n1, rows, sums, scales)
     blocks, groups, chunks = words.shape[0], w_scale.shape[1], padded // 4
-    for block0 in range(0, blocks, _ROW_BLOCKS):
-        count = min(_ROW_BLOCKS, blocks - block0)
-        for r0 in range(0, n1 - n0, _TILE_COLS):
-            if count == _ROW_BLOCKS:
-                _dynamic_tile_2(words, block0, rows, r0, sums, scales, negative_zeros, groups, chunks, acc)
+    for block0 in range(0, blocks, ROW_BLOCKS):
+        count = min(ROW_BLOCKS, blocks - block0)
+        for r0 in range(0, n1 - n0, TILE_COLS):
+            if count == ROW_BLOCKS:
+                dynamic_tile_2(words, block0, rows, r0, sums, scales, negative_zeros, groups, chunks, acc)
             else:
-                _dynamic_tile_1(words, block0, rows, r0, sums, scales, negative_zeros, groups, chunks, acc)
-            _store_dynamic(acc, block0, count, n0 + r0, min(_TILE_COLS, n1 - n0 - r0), x_scale, bias, has_bias, out)
+                dynamic_tile_1(words, block0, rows, r0, sums, scales, negative_zeros, groups, chunks, acc)
+            _store_dynamic(acc, block0, count, n0 + r0, min(TILE_COLS, n1 - n0 - r0), x_scale, bias, has_bias, out)
 
 
 @njit(cache=True, parallel=True)
@@ -496,192 +334,6 @@ def _dynamic_loop_serial(x_q, x_zero, x_scale, packed, bits, w_scale, group_size
 
 
 # ----------------------------------------------------------------------------------------
-# The weight-only product's vector tile: the summation order of the module docstring as 8-lane
-# float64 vectors, one lane a packed byte (LLVM vector code, which any CPU runs).
-
-
-def _weight_only_tile(rows, bits, has_zero, lookup):
-    """An intrinsic: acc[r, c] = the weight-only sum of activation row row0 + r and weight row
-    col0 + c for c < _TILE_COLS, for group sizes that are a multiple of 8 * per (``chunks`` =
-    group_size / (8 * per) steps of 8 packed bytes a group); ``has_zero``: read the zero points
-    (else they are 0).
-
-    Each step turns 8 bytes of a weight row into per vectors of 8 exact float64 weights w - z:
-    ``lookup`` (AVX-512): each field, shifted to the low bits of a 64-bit lane, indexes a table
-    of the 2^bits values (w - z) of the group (``vpermi2pd`` / ``vpermpd``); otherwise in LLVM
-    vector code any CPU runs, with no conversion instruction: field f, scaled by 2^(bits * f), is
-    or'ed into (the top one, signed, added to) the mantissa of 2^52 + 2^51, and subtracting
-    2^52 + 2^51 + 2^(bits * f) * z leaves 2^(bits * f) (w - z) exactly (x_split then holds
-    x / 2^(bits * f), also exact). A group whose zero points all lie within +-2^24 multiplies and
-    adds with a fused multiply-add: the product of a float32 and an integer below 2^29 (scaled by
-    a power of two) is exact, so it rounds as the multiply-then-add of the definition, which the
-    other groups run."""
-    per, cols = 8 // bits, _TILE_COLS
-
-    @intrinsic
-    def tile(typingctx, x_split, row0, packed, col0, zeros, scales, groups, chunks, acc):
-        """x_split float64 (M, per, width): x_split[m, f, j] = x[m, per * j + f] (divided by
-        2^(bits * f) unless ``lookup``); packed uint8 (N, width); zeros int32 and scales float32
-        (N, G), any strides; acc float64 (rows, cols)."""
-        def codegen(context, builder, signature, args):
-            arrays = [context.make_array(t)(context, builder, v) if isinstance(t, types.Array) else v
-                      for t, v in zip(signature.args, args)]
-            x_a, first_row, packed_a, first_col, zeros_a, scales_a, n_groups, n_chunks, acc_a = arrays
-            i8, i32, i64, f32, f64 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType(), ir.DoubleType()
-            doubles, bytes8, longs = ir.VectorType(f64, _LANES), ir.VectorType(i8, _LANES), ir.VectorType(i64, _LANES)
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(doubles, [doubles] * 3),
-                                                 "llvm.fma.v8f64")
-            row_index = [builder.add(first_row, i64(r)) for r in range(rows)]
-            col_index = [builder.add(first_col, i64(c)) for c in range(cols)]
-            zero = ir.Constant(doubles, None)
-            lane_sums = [[cgutils.alloca_once_value(builder, zero) for _ in range(cols)] for _ in range(rows)]
-            partials = [[cgutils.alloca_once_value(builder, zero) for _ in range(cols)] for _ in range(rows)]
-            if lookup:
-                # the 2^bits values of w, in the order of the field's bits; for int2 twice, since
-                # vpermpd reads 3 index bits
-                grid_values = [v - (1 << bits) if v >= 1 << (bits - 1) else v for v in range(1 << bits)]
-                if bits == 2:
-                    grid_values = grid_values * 2
-                grid_tables = [ir.Constant(doubles, [float(v) for v in grid_values[i:i + 8]])
-                               for i in range(0, len(grid_values), 8)]
-                if bits == 4:
-                    permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-                        doubles, [doubles, longs, doubles]), "llvm.x86.avx512.vpermi2var.pd.512")
-                else:
-                    permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-                        doubles, [doubles, longs]), "llvm.x86.avx512.permvar.df.512")
-                shifts = [ir.Constant(longs, [bits * f] * _LANES) for f in range(per)]
-            else:
-                masks = [ir.Constant(longs, [((1 << bits) - 1) << (bits * f)] * _LANES) for f in range(per - 1)]
-                tags = [ir.Constant(longs, [_MAGIC_BITS | ((1 << (bits - 1)) << (bits * f))] * _LANES)
-                        for f in range(per - 1)]
-                top_mask = ir.Constant(longs, [~((1 << (8 - bits)) - 1)] * _LANES)
-                magic = ir.Constant(longs, [_MAGIC_BITS] * _LANES)
-                offsets = [(1 << (bits - 1)) << (bits * f) for f in range(per - 1)] + [0]
-
-            def group_state(points):
-                """Per column, what turns its fields into w - z in this group: the tables (lookup),
-                or the subtrahends 2^52 + 2^51 + offset_f + 2^(bits f) z (offset_f = h_f but 0 for
-                the top field). z = 0 without zero points: constants."""
-                if points is None:
-                    if lookup:
-                        return [grid_tables] * cols
-                    return [[ir.Constant(doubles, [_MAGIC + offsets[f]] * _LANES) for f in range(per)]] * cols
-                state = []
-                for point in points:
-                    z = builder.sitofp(point, f64)
-                    if lookup:
-                        state.append([builder.fsub(table, _splat(builder, z, _LANES)) for table in grid_tables])
-                    else:
-                        state.append([_splat(builder, builder.fadd(builder.fmul(z, f64(float(1 << (bits * f)))),
-                                                                   f64(_MAGIC + offsets[f])), _LANES)
-                                      for f in range(per)])
-                return state
-
-            def weights(raw, state):
-                """The per vectors of (scaled) w - z of 8 packed bytes, exact."""
-                if lookup:
-                    wide = builder.zext(raw, longs)
-                    indexes = [wide if f == 0 else builder.lshr(wide, shifts[f]) for f in range(per)]
-                    if bits == 4:
-                        return [builder.call(permute, [state[0], index, state[1]]) for index in indexes]
-                    return [builder.call(permute, [state[0], index]) for index in indexes]
-                signed = builder.sext(raw, longs)
-                fields = [builder.xor(builder.and_(signed, masks[f]), tags[f]) for f in range(per - 1)]
-                fields.append(builder.add(builder.and_(signed, top_mask), magic))
-                return [builder.fsub(builder.bitcast(field, doubles), state[f]) for f, field in enumerate(fields)]
-
-            def chunk_loop(first_chunk, fast, state):
-                with cgutils.for_range(builder, n_chunks) as loop:
-                    byte = builder.mul(builder.add(first_chunk, loop.index), i64(_LANES))
-                    xs = [[builder.load(_address(builder, x_a, [row_index[r], i64(f), byte], doubles), align=8)
-                           for f in range(per)] for r in range(rows)]
-                    for c in range(cols):
-                        raw = builder.load(_address(builder, packed_a, [col_index[c], byte], bytes8), align=1)
-                        for f, weight in enumerate(weights(raw, state[c])):
-                            for r in range(rows):
-                                partial = builder.load(partials[r][c])
-                                if fast:
-                                    total = builder.call(fma, [xs[r][f], weight, partial])
-                                else:
-                                    total = builder.fadd(partial, builder.fmul(xs[r][f], weight))
-                                builder.store(total, partials[r][c])
-
-            with cgutils.for_range(builder, n_groups) as group_loop:
-                g = group_loop.index
-                for r in range(rows):
-                    for c in range(cols):
-                        builder.store(zero, partials[r][c])
-                first_chunk = builder.mul(g, n_chunks)
-                if has_zero:
-                    points = [builder.load(_address(builder, zeros_a, [col_index[c], g], i32)) for c in range(cols)]
-                    small = ir.Constant(ir.IntType(1), 1)
-                    for point in points:
-                        inside = builder.icmp_unsigned("<=", builder.add(point, i32(1 << 24)), i32(1 << 25))
-                        small = builder.and_(small, inside)
-                    state = group_state(points)
-                    with builder.if_else(small, likely=True) as (fast_branch, slow_branch):
-                        with fast_branch:
-                            chunk_loop(first_chunk, True, state)
-                        with slow_branch:
-                            chunk_loop(first_chunk, False, state)
-                else:
-                    chunk_loop(first_chunk, True, group_state(None))
-                for c in range(cols):
-                    scale = _splat(builder, builder.fpext(
-                        builder.load(_address(builder, scales_a, [col_index[c], g], f32)), f64), _LANES)
-                    for r in range(rows):
-                        value = builder.fmul(builder.load(partials[r][c]), scale)
-                        builder.store(builder.fadd(builder.load(lane_sums[r][c]), value), lane_sums[r][c])
-            for r in range(rows):
-                for c in range(cols):
-                    value = builder.load(lane_sums[r][c])
-                    for width in (4, 2, 1):  # A_l + A_(l + width) for l < width
-                        low = builder.shuffle_vector(value, value, _lane_mask(list(range(width)) * (_LANES // width)))
-                        high = builder.shuffle_vector(value, value, _lane_mask(
-                            list(range(width, 2 * width)) * (_LANES // width)))
-                        value = builder.fadd(low, high)
-                    target = _address(builder, acc_a, [i64(r), i64(c)], f64)
-                    builder.store(builder.extract_element(value, i32(0)), target)
-            return context.get_dummy_value()
-
-        return types.void(x_split, types.intp, packed, types.intp, zeros, scales, types.intp, types.intp, acc), codegen
-
-    return tile
-
-
-# (bits, rows, has_zero): the tiles of the 2 x 2 x 2 cases, named for numba
-_wo_4_1_z, _wo_4_2_z, _wo_2_1_z, _wo_2_2_z = (_weight_only_tile(r, b, True, USE_LOOKUP) for b in (4, 2)
-                                              for r in (1, _TILE_ROWS))
-_wo_4_1, _wo_4_2, _wo_2_1, _wo_2_2 = (_weight_only_tile(r, b, False, USE_LOOKUP) for b in (4, 2)
-                                      for r in (1, _TILE_ROWS))
-
-
-@njit(cache=True)
-def _weight_only_vector_block(x_split, m0, rows, packed, n0, bits, has_zero, zeros, scales, chunks, acc):
-    groups = scales.shape[1]
-    if has_zero:
-        if bits == 4:
-            if rows == _TILE_ROWS:
-                _wo_4_2_z(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
-            else:
-                _wo_4_1_z(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
-        elif rows == _TILE_ROWS:
-            _wo_2_2_z(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
-        else:
-            _wo_2_1_z(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
-    elif bits == 4:
-        if rows == _TILE_ROWS:
-            _wo_4_2(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
-        else:
-            _wo_4_1(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
-    elif rows == _TILE_ROWS:
-        _wo_2_2(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
-    else:
-        _wo_2_1(x_split, m0, packed, n0, zeros, scales, groups, chunks, acc)
-
-
-# ----------------------------------------------------------------------------------------
 # The same order as plain loops, for any group size (and under NUMBA_DISABLE_JIT).
 
 
@@ -697,10 +349,10 @@ def _weight_only_pair(x, m, packed, n, bits, zeros, scales, group_size, partials
         for i in range(group_size):
             k = g * group_size + i
             weight = np.float64(_weight(packed, n, k, bits)) - zero_point
-            lane = (i // per) % _LANES
+            lane = (i // per) % LANES
             partials[lane] = partials[lane] + np.float64(x[m, k]) * weight
         scale = np.float64(scales[n, g])
-        for lane in range(_LANES):
+        for lane in range(LANES):
             lane_sums[lane] = lane_sums[lane] + partials[lane] * scale
     for width in (4, 2, 1):
         for lane in range(width):
@@ -712,22 +364,22 @@ def _weight_only_pair(x, m, packed, n, bits, zeros, scales, group_size, partials
 def _weight_only_task(task, x, x_split, packed, bits, has_zero, zeros, scales, group_size, vector, bias, has_bias,
                       partials, lane_sums, acc, out):
     """Weight rows [64 * task, 64 * task + 64), every activation row. The vector tiles cover
-    _TILE_ROWS (or 1) rows by _TILE_COLS columns; the last tile of each kind is moved back to
+    TILE_ROWS (or 1) rows by TILE_COLS columns; the last tile of each kind is moved back to
     end at the last row or column (recomputing some, which gives the same numbers)."""
     rows, cols = out.shape
     n0 = task * _TASK_ROWS
     n1 = min(cols, n0 + _TASK_ROWS)
-    if vector and cols >= _TILE_COLS:
-        chunks = group_size // (_LANES * (8 // bits))
-        height = _TILE_ROWS if rows >= _TILE_ROWS else 1
+    if vector and cols >= TILE_COLS:
+        chunks = group_size // (LANES * (8 // bits))
+        height = TILE_ROWS if rows >= TILE_ROWS else 1
         for m in range(0, rows, height):
             m_first = min(m, rows - height)
-            for c in range(n0, n1, _TILE_COLS):
-                c_first = min(c, cols - _TILE_COLS)
-                _weight_only_vector_block(x_split, m_first, height, packed, c_first, bits, has_zero, zeros, scales,
+            for c in range(n0, n1, TILE_COLS):
+                c_first = min(c, cols - TILE_COLS)
+                weight_only_block(x_split, m_first, height, packed, c_first, bits, has_zero, zeros, scales,
                                           chunks, acc)
                 for i in range(m, min(rows, m_first + height)):
-                    for j in range(c, min(n1, c_first + _TILE_COLS)):
+                    for j in range(c, min(n1, c_first + TILE_COLS)):
                         y = np.float32(acc[i - m_first, j - c_first])
                         out[i, j] = np.float32(y + bias[j]) if has_bias else y
         return
@@ -867,7 +519,7 @@ def dynamic_int8_lowbit_gemm(x_q, x_zero, x_scale, w_packed, bits, w_scale, grou
                scratch_for(parallel, (_TASK_ROWS, groups * padded), np.int8),
                scratch_for(parallel, (_TASK_ROWS, groups), np.int32),
                scratch_for(parallel, (_TASK_ROWS, groups), np.float64),
-               scratch_for(parallel, (_TILE_COLS, 16 * _ROW_BLOCKS), np.float64), out)
+               scratch_for(parallel, (TILE_COLS, 16 * ROW_BLOCKS), np.float64), out)
         return out
     driver = _dynamic_loop_parallel if parallel else _dynamic_loop_serial
     with np.errstate(all="ignore"):  # plain Python: an inf or NaN scale goes through the IEEE arithmetic
@@ -912,7 +564,7 @@ def weight_only_lowbit_gemm(x, w_packed, bits, w_scale, w_zero, group_size, bias
         return out
     bias, has_bias = _bias_arguments(bias)
     per = 8 // bits
-    vector = USE_VECTOR_TILES and group_size % (_LANES * per) == 0
+    vector = USE_VECTOR_TILES and group_size % (LANES * per) == 0
     if vector:
         x_split = np.empty((rows, per, depth // per), np.float64)
         _split_phases(x, bits, not USE_LOOKUP, x_split)
@@ -923,6 +575,6 @@ def weight_only_lowbit_gemm(x, w_packed, bits, w_scale, w_zero, group_size, bias
     driver = _weight_only_parallel if parallel else _weight_only_serial
     with np.errstate(all="ignore"):
         driver(x, x_split, w_packed, bits, w_zero is not None, zeros, w_scale, group_size, vector, bias, has_bias,
-               n_tasks, scratch_for(parallel, (_LANES,), np.float64), scratch_for(parallel, (_LANES,), np.float64),
-               scratch_for(parallel, (_TILE_ROWS, _TILE_COLS), np.float64), out)
+               n_tasks, scratch_for(parallel, (LANES,), np.float64), scratch_for(parallel, (LANES,), np.float64),
+               scratch_for(parallel, (TILE_ROWS, TILE_COLS), np.float64), out)
     return out

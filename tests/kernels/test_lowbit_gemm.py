@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from qatcore.errors import ConfigError, DTypeError, ShapeError
 from qatcore.kernels import lowbit_gemm as lg
+from qatcore.kernels import lowbit_tiles as lt
 from qatcore.kernels.lowbit_pack import grid, pack_lowbit
 from qatcore.quantization.group_token_fake_quantize import token_qparams
 
@@ -255,14 +256,14 @@ def shapes(draw):
     return rows, cols, groups * group_size, group_size
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80)
 @given(shapes(), st.sampled_from([4, 2]), st.sampled_from(["uniform", "uniform", "rails", "max"]), st.booleans(),
        st.integers(0, 2**32 - 1))
 def test_dynamic_matches_oracle_bit_for_bit(shape, bits, fill, with_bias, seed):
     check_dynamic(*shape, bits, fill, with_bias, seed)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(shapes(), st.sampled_from([4, 2]), st.sampled_from(["uniform", "rails"]), st.integers(0, 2**32 - 1))
 def test_dynamic_loops_match_oracle_bit_for_bit(shape, bits, fill, seed):
     """The path of CPUs without AVX-512 VNNI (and of plain Python), compiled."""
@@ -311,9 +312,9 @@ def oracle_dynamic_float64(x_q, x_zero, w_q, w_scale, group_size):
 def run_dynamic_tile(blocks, words, block0, rows, r0, sums, scales, negative_zeros, groups, chunks, acc):
     """The intrinsics are called from compiled code only."""
     if blocks == 2:
-        lg._dynamic_tile_2(words, block0, rows, r0, sums, scales, negative_zeros, groups, chunks, acc)
+        lt.dynamic_tile_2(words, block0, rows, r0, sums, scales, negative_zeros, groups, chunks, acc)
     else:
-        lg._dynamic_tile_1(words, block0, rows, r0, sums, scales, negative_zeros, groups, chunks, acc)
+        lt.dynamic_tile_1(words, block0, rows, r0, sums, scales, negative_zeros, groups, chunks, acc)
 
 
 @pytest.mark.skipif(not lg.USE_VNNI, reason="the CPU has no AVX-512 VNNI")
@@ -343,7 +344,7 @@ def test_vnni_tiles_give_the_float64_sums_of_the_definition(bits, group_size, gr
 
 def weight_only_tile_runner(rows, bits, has_zero, lookup):
     """A compiled caller of a weight-only tile built afresh (either kind, whatever the CPU)."""
-    tile = lg._weight_only_tile(rows, bits, has_zero, lookup)
+    tile = lt.weight_only_tile(rows, bits, has_zero, lookup)
 
     @numba.njit
     def run(x_split, m0, packed, n0, zeros, scales, chunks, acc):
@@ -396,7 +397,7 @@ def test_dynamic_special_scales_propagate_as_defined():
 # The weight-only product
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80)
 @given(shapes(), st.sampled_from([4, 2]), st.sampled_from(["uniform", "uniform", "rails", "max"]),
        st.sampled_from([None, "grid", "rails"]), st.booleans(), st.integers(0, 2**32 - 1))
 def test_weight_only_matches_oracle(shape, bits, fill, zero_kind, with_bias, seed):
