@@ -23,8 +23,12 @@ them alike; every measurement starts after a pause (``timing.settle``), so that 
 that spin after the one before (OpenBLAS's for numpy's baselines, numba's OpenMP workers for
 ours) have let the cores go.
 
-A further section is a function ``name(args) -> dict`` added to ``SECTIONS`` (the TinyGPT
-decode section, ``bench_decode``, is to be added there).
+- ``decode``: TinyGPT, batch 1, one token at a time with a key/value cache (``TinyGPT.decode``):
+  our float model next to its converted int4 weight-only and 8da4w copies (eager mode, packed
+  weights, the kernels above), in milliseconds per token (target: int4 >= 1.5x faster than
+  float), at the default size (4 x 128) and at a width whose weights come from memory (2 x 1024);
+
+A further section is a function ``name(args) -> dict`` added to ``SECTIONS``.
 
 Usage: ``python benchmarks/bench_lowbit.py [--repeats N] [--rounds N] [--quick] [--sections NAME ...]``
 """
@@ -159,10 +163,70 @@ def weight_only_gemm(args) -> dict:
             "numpy_over_ours": times["numpy"] / times["ours"]}
 
 
-# name -> function(args) -> dict; a new section is one more entry (bench_decode, the TinyGPT
-# decode, will be one).
+# ---- one-token decoding of TinyGPT (the converted model) ----------------------------------------
+def _decode_models(n_layer: int, n_embd: int, n_head: int, block_size: int):
+    """(float TinyGPT, its int4 weight-only and 8da4w converted copies), eager mode so they
+    decode with a key/value cache; the quantized ones after one calibration forward."""
+    from qatcore.autograd.grad_mode import no_grad
+    from qatcore.models import TinyGPT
+    from qatcore.quantization.config import QuantizationConfig
+    from qatcore.quantization.qat import QATPreparer
+
+    def model():
+        return TinyGPT(65, block_size, n_layer, n_embd, n_head, rng=np.random.default_rng(0)).eval()
+
+    tokens = np.random.default_rng(1).integers(0, 65, (1, block_size))
+    models = {"float": model()}
+    for name, config in (("int4", QuantizationConfig.int4_weight_only(32)),
+                         ("8da4w", QuantizationConfig.int8_dynamic_activation_int4_weight(32))):
+        preparer = QATPreparer(mode="eager")
+        qat = preparer.prepare_for_qat(model(), config)
+        with no_grad():
+            qat(tokens)
+        models[name] = preparer.convert_to_quantized(qat.eval())
+    return models, tokens
+
+
+def _decode_ms(model, tokens: np.ndarray, repeats: int) -> float:
+    """Median milliseconds per token of decoding ``tokens`` one at a time with the cache
+    (after a one-token prompt), batch 1."""
+    from qatcore.autograd.grad_mode import no_grad
+
+    def run():
+        with no_grad():
+            _, cache = model.decode(tokens[:, :1])
+            for t in range(1, tokens.shape[1]):
+                _, cache = model.decode(tokens[:, t:t + 1], cache)
+
+    return 1e3 * median_time_s(run, repeats, warmup=1) / (tokens.shape[1] - 1)
+
+
+def decode(args) -> dict:
+    """TinyGPT, batch 1, one token at a time with a key/value cache: float vs the converted int4
+    weight-only and 8da4w models (packed weights, low-bit kernels), at the default size
+    (4 x 128: weights in L2, the step is Python and numpy call overhead) and at a width where
+    the weights are read from memory (2 x 1024: 12 MiB of float32 per block's qkv, 16 MiB per fc)."""
+    result = {}
+    sizes = (("default 4x128", (4, 128, 4, 64)), ("wide 2x1024", (2, 1024, 8, 32)))
+    for label, size in sizes[:1] if args.quick else sizes:
+        models, tokens = _decode_models(*size)
+        runs = {name: [] for name in models}
+        for _ in range(args.rounds):  # in turns, each after a pause
+            for name, model in models.items():
+                settle()
+                runs[name].append(_decode_ms(model, tokens, max(1, args.repeats // 10)))
+        ms = {name: statistics.median(v) for name, v in runs.items()}
+        result[label] = {
+            "layers_x_width": list(size[:2]), "tokens": size[3] - 1,
+            "ms_per_token": {name: round(v, 3) for name, v in ms.items()},
+            "speedup_vs_float": {name: round(ms["float"] / v, 2) for name, v in ms.items() if name != "float"},
+        }
+    return result
+
+
+# name -> function(args) -> dict; a new section is one more entry
 SECTIONS = {"gemv_int4": gemv_int4, "gemv_int2": gemv_int2, "gemm_8da4w": gemm_8da4w,
-            "weight_only_gemm": weight_only_gemm}
+            "weight_only_gemm": weight_only_gemm, "decode": decode}
 
 
 def main() -> None:

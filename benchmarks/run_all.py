@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-SCRIPTS = ("bench_train_step", "bench_qat_step", "bench_fake_quant", "bench_int8", "bench_onnx", "bench_transformer")
+SCRIPTS = ("bench_train_step", "bench_qat_step", "bench_fake_quant", "bench_int8", "bench_onnx", "bench_transformer",
+           "bench_lowbit")
 
 
 def environment() -> dict:
