@@ -330,6 +330,7 @@ def torch_logits(model, ids):
 @pytest.mark.torch
 @pytest.mark.parametrize("folding", [True, False], ids=["constant_folding", "no_folding"])
 def test_pytorch_tiny_gpt_imports_with_its_module_names_and_logits(folding, tmp_path):
+    import torch  # noqa: F401  (needs PyTorch: the marker's rule)
     model = torch_tiny_gpt()
     gm = import_onnx(export_torch(model, tmp_path / "gpt.onnx", do_constant_folding=folding)).eval()
     ids = np.random.default_rng(3).integers(0, 65, (3, SIZES["block_size"]))  # another batch than exported
@@ -348,6 +349,7 @@ def test_pytorch_tiny_gpt_imports_with_its_module_names_and_logits(folding, tmp_
 def test_pytorch_tiny_gpt_with_a_fixed_batch_imports_too(tmp_path):
     """Without a batch axis the exporter folds pos.weight[:T] into an unnamed constant (a buffer
     here); every other parameter keeps its name."""
+    import torch  # noqa: F401  (needs PyTorch: the marker's rule)
     model = torch_tiny_gpt()
     gm = import_onnx(export_torch(model, tmp_path / "gpt.onnx", batch_axis=False)).eval()
     ids = np.random.default_rng(4).integers(0, 65, (2, SIZES["block_size"]))
@@ -357,6 +359,7 @@ def test_pytorch_tiny_gpt_with_a_fixed_batch_imports_too(tmp_path):
 
 @pytest.mark.torch
 def test_imported_pytorch_tiny_gpt_prepares_and_trains_under_8da4w(tmp_path):
+    import torch  # noqa: F401  (needs PyTorch: the marker's rule)
     model = torch_tiny_gpt()
     gm = import_onnx(export_torch(model, tmp_path / "gpt.onnx"))
     preparer = QATPreparer()
@@ -386,6 +389,7 @@ def test_imported_pytorch_tiny_gpt_prepares_and_trains_under_8da4w(tmp_path):
 def test_imported_pytorch_tiny_gpt_tunes_converts_and_exports_back(scheme, tmp_path):
     """The whole way round (issue 20): torch.onnx -> import -> QAT fine-tuning -> packed low-bit
     conversion (bit for bit the QAT eval) -> ONNX again -> ONNX Runtime."""
+    import torch  # noqa: F401  (needs PyTorch: the marker's rule)
     ort = pytest.importorskip("onnxruntime")
     from qatcore.autograd.grad_mode import no_grad
     from qatcore.interop.onnx import export_onnx
