@@ -47,7 +47,7 @@ import warnings
 import numba
 import numpy as np
 from reference_models import CIFAR_MODELS, cifar_qat_model, digits_cnn_float_qat_int8
-from timing import machine_info, median_time_s, settle
+from timing import machine_info, median_time_s, run_sections, settle
 
 from qatcore.kernels import int8_conv, int8_gemm
 from qatcore.kernels.requantize import quantize_multiplier
@@ -376,15 +376,7 @@ def main() -> None:
         args.repeats = 3
     result = {"benchmark": "int8", "machine": machine_info(),
               "parallel_min_macs": int8_gemm.PARALLEL_MIN_MACS, "units": "GOPS = 2*M*N*K / s / 1e9"}
-    for name in args.sections:
-        figures = SECTIONS[name](args)
-        if figures is not None:
-            result[name] = figures
-    try:
-        result["machine"]["numba_threading_layer"] = numba.threading_layer()
-    except ValueError:  # no parallel region ran
-        result["machine"]["numba_threading_layer"] = None
-    result["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
+    run_sections(result, SECTIONS, args.sections, args)
     result["machine"]["int8_tile_inner_loop"] = inner_loop_instructions()
     print(json.dumps(result, indent=2))
 

@@ -37,12 +37,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 
-import numba
 import numpy as np
-from timing import machine_info, median_time_s, settle
+from timing import machine_info, median_time_s, run_sections, settle
 
 from qatcore.kernels import int8_gemm, lowbit_gemm
 from qatcore.kernels.lowbit_pack import grid, pack_lowbit
@@ -245,15 +243,7 @@ def main() -> None:
     machine.update(use_vnni=bool(lowbit_gemm.USE_VNNI), use_lookup=bool(lowbit_gemm.USE_LOOKUP),
                    parallel_min_macs=lowbit_gemm.PARALLEL_MIN_MACS)
     result = {"benchmark": "lowbit", "machine": machine}
-    for name in args.sections:
-        figures = SECTIONS[name](args)
-        if figures is not None:
-            result[name] = figures
-    try:
-        result["machine"]["numba_threading_layer"] = numba.threading_layer()
-    except ValueError:  # no parallel region ran
-        result["machine"]["numba_threading_layer"] = None
-    result["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
+    run_sections(result, SECTIONS, args.sections, args)
     print(json.dumps(result, indent=2))
 
 

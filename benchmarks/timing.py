@@ -8,7 +8,7 @@ import platform
 import statistics
 import time
 
-__all__ = ["median_time_s", "settle", "SETTLE_S", "machine_info"]
+__all__ = ["median_time_s", "settle", "SETTLE_S", "machine_info", "run_sections"]
 
 # The environment variables that change how fast numpy's BLAS and numba's threads run.
 SPEED_ENVIRONMENT = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
@@ -60,3 +60,21 @@ def machine_info() -> dict:
             "llvm": ".".join(map(str, llvm.llvm_version_info)), "numba_threads": numba.get_num_threads(),
             "env": {key: os.environ.get(key) for key in SPEED_ENVIRONMENT},
             "load_average_1min_at_start": os.getloadavg()[0]}
+
+
+def run_sections(result: dict, sections: dict, names, args) -> dict:
+    """Run ``sections[name](args)`` for each name into ``result`` (a section returning None is
+    left out), then note in ``result["machine"]`` numba's threading layer (None when no
+    parallel region ran) and the load average at the end. Returns ``result``."""
+    import numba
+
+    for name in names:
+        figures = sections[name](args)
+        if figures is not None:
+            result[name] = figures
+    try:
+        result["machine"]["numba_threading_layer"] = numba.threading_layer()
+    except ValueError:  # no parallel region ran
+        result["machine"]["numba_threading_layer"] = None
+    result["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
+    return result
