@@ -62,7 +62,7 @@ multiply-adds on; a row's numbers do not depend on the tiling, the tasks or the 
 >>> x = np.array([[0.5, -1.0, 0.25, 2.0]], np.float32)
 >>> x_q, x_zero, x_scale = quantize_per_token(x)               # s = 3 / 255, z = -43
 >>> x_q, x_zero
-(array([[ -1, -128,  -22,  127]], dtype=int8), array([-43], dtype=int32))
+(array([[  -1, -128,  -22,  127]], dtype=int8), array([-43], dtype=int32))
 >>> w_packed = pack_lowbit(np.array([[1, -2, 3, 7], [-8, 0, 1, 2]]), 4)
 >>> w_scale = np.array([[0.5, 0.25], [1.0, 1.0]], np.float32)   # group_size 2
 >>> dynamic_int8_lowbit_gemm(x_q, x_zero, x_scale, w_packed, 4, w_scale, 2)

@@ -9,7 +9,7 @@
 >>> out = qat_model(np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32))
 >>> out.shape
 (4, 10)
->>> print(preparer.describe(qat_model).splitlines()[2][:40])
+>>> print(preparer.describe(qat_model).splitlines()[2][:40].rstrip())
 conv1  Conv2d  QATConvBn2d  bn1, relu1
 """
 
