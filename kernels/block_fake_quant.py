@@ -147,13 +147,20 @@ def _forward_row(row, y, inside, scale, zero_point, inv_scale, qmin, qmax):
 
 
 @njit(cache=True)
+def _range_qparams(ranges, r, scheme, constants):
+    """(s, z, inv) of row ``r`` from its ``_ranges`` entry; a row holding a NaN gets NaN
+    qparams, as np.min and np.max both give NaN there."""
+    lo, hi = ranges[r, 0], ranges[r, 1]
+    if (lo != lo) | (hi != hi):
+        lo = hi = lo if lo != lo else hi
+    return _row_qparams(lo, hi, scheme, constants)
+
+
+@njit(cache=True)
 def _forward(rows, ranges, y, inside, scale, inv_scale, scheme, constants):
     qmin, qmax = constants[0], constants[1]
     for r in range(rows.shape[0]):
-        lo, hi = ranges[r, 0], ranges[r, 1]
-        if (lo != lo) | (hi != hi):  # the row holds a NaN: np.min and np.max both give NaN
-            lo = hi = lo if lo != lo else hi
-        s, z, inv = _row_qparams(lo, hi, scheme, constants)
+        s, z, inv = _range_qparams(ranges, r, scheme, constants)
         scale[r], inv_scale[r] = s, inv
         _forward_row(rows[r], y[r], inside[r], s, z, inv, qmin, qmax)
 

@@ -76,7 +76,7 @@ from numba import get_thread_id, njit, prange
 
 from qatcore.errors import ConfigError, DTypeError, ShapeError
 
-from .block_fake_quant import _clamp, _constants, _ranges, _row_qparams, _scheme
+from .block_fake_quant import _clamp, _constants, _range_qparams, _ranges, _scheme
 from .int8_gemm import scratch_for
 from .lowbit_pack import check_bits, packed_width
 from .lowbit_tiles import (
@@ -110,17 +110,14 @@ _TASK_ROWS = 64
 
 
 # ----------------------------------------------------------------------------------------
-# quantize_per_token: block_fake_quant's pass 1 (_ranges) and qparams (_row_qparams), then the integers.
+# quantize_per_token: block_fake_quant's pass 1 (_ranges) and qparams (_range_qparams), then the integers.
 
 
 @njit(cache=True)
 def _quantize_tokens(x, ranges, scheme, constants, q, zero_point, scale):
     qmin, qmax = constants[0], constants[1]
     for m in range(x.shape[0]):
-        lo, hi = ranges[m, 0], ranges[m, 1]
-        if (lo != lo) | (hi != hi):  # the row holds a NaN: np.min and np.max both give NaN
-            lo = hi = lo if lo != lo else hi
-        s, z, inv = _row_qparams(lo, hi, scheme, constants)
+        s, z, inv = _range_qparams(ranges, m, scheme, constants)
         scale[m] = s
         zero_point[m] = np.int32(z) if z == z else np.int32(0)
         for k in range(x.shape[1]):
