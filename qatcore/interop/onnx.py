@@ -120,8 +120,7 @@ def export_onnx(model: Module, path, example_input, format: str = "qdq"):  # noq
         try:
             refuse_dynamic_quantizers(model.named_modules(), "export_onnx")
         except ConfigError as e:
-            raise InteropError(f"{e}. To write ONNX, convert it first (QATPreparer.convert_to_quantized): a "
-                               f"converted low-bit model exports") from None
+            raise InteropError(str(e)) from None
     if format == "qoperator" and kind != "int8":
         raise InteropError(f"export_onnx: format='qoperator' writes int8 models (convert_to_quantized first); "
                            f"this is a {kind} model: use format='qdq'")

@@ -213,5 +213,5 @@ def refuse_dynamic_quantizers(modules: Iterable[tuple[str, Module]], what: str) 
                 f"{what}: quantizer {name!r} uses {module.spec.scheme.value} ({module.spec.dtype.name}"
                 f"{f', group_size={module.group_size}' if module.group_size else ''}); a QAT model's QDQ form "
                 f"holds per-tensor and per-channel grids only, not the low-bit per-group, per-token or ternary "
-                f"schemes. Convert it first (convert_to_quantized packs the low-bit weights) and export the "
+                f"schemes; convert it first (convert_to_quantized packs the low-bit weights) and export the "
                 f"converted model")
