@@ -68,5 +68,5 @@ def test_readme_opens_with_the_two_commands():
     text = (ROOT / "README.md").read_text()
     commands = re.findall(r"```bash\n(.*?)\n```", text, flags=re.S)
     assert commands[0] == "pip install -e . && qatcore run"
-    assert commands[1] == 'pip install -e ".[test,onnx,distributed]" && pytest'
+    assert commands[1] == 'pip install -e ".[test,onnx,distributed,plot]" && pytest'
     assert commands[1] in (ROOT / ".ci" / "run").read_text()

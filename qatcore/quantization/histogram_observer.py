@@ -1,6 +1,10 @@
 """``HistogramObserver``: a bounded histogram of everything observed, and a range
 from its percentiles, so that a few extreme values do not stretch the scale.
 
+Not PyTorch's ``HistogramObserver``, despite the name: that one searches its histogram
+for the range with the least L2 quantization error; this one reads percentiles. The
+error-minimising observer here is :mod:`mse_observer` (``QuantSpec(observer="mse")``).
+
 The histogram has a fixed number of bins (``observer_options["bins"]``) over a
 grid ``[start, start + bins * width)``; memory does not grow with the data.
 
