@@ -12,7 +12,11 @@ import math
 import numpy as np
 
 import qatcore
+from qatcore.kernels.fake_quant import fake_quantize_backward
+from qatcore.kernels.int8_gemm import int8_gemm_int32
+from qatcore.kernels.requantize import multiply_by_quantized_multiplier, quantize_multiplier
 from qatcore.nn import Parameter
+from qatcore.nn import functional as F
 from qatcore.quantization import (
     INT8,
     INT8_NARROW,
@@ -26,6 +30,7 @@ from qatcore.quantization import (
     make_observer,
 )
 from qatcore.quantization.fake_quantize import default_grad_factor
+from qatcore.quantization.qat import QATLinearBn1d
 from qatcore.quantization.qat.statistics import sqnr_db
 from qatcore.quantization.qparams import scale_zero_point_from_range
 
@@ -157,8 +162,6 @@ def check_ex02(module) -> None:
 
 
 def check_ex03(module) -> None:
-    from qatcore.kernels.fake_quant import fake_quantize_backward
-
     rng = np.random.default_rng(3)
     for scale, zero_point, qmin, qmax in ((0.1, 0, -8, 7), (1 / 7, 0, -7, 7), (0.037, 3, 0, 15)):
         s = np.float32(scale)
@@ -195,9 +198,6 @@ def _per_channel_int8(qparams: QParams):
 
 
 def check_ex04(module) -> None:
-    from qatcore.nn import functional as F
-    from qatcore.quantization.qat import QATLinearBn1d
-
     for seed in (0, 1):
         linear, bn, x = module.layer_and_batch(seed)
         p = module.parameters(linear, bn)
@@ -240,8 +240,6 @@ def check_ex04(module) -> None:
 
 
 def check_ex05(module) -> None:
-    from qatcore.kernels.requantize import multiply_by_quantized_multiplier, quantize_multiplier
-
     reals = np.array([0.000949952, 0.0016, 0.0387291, 0.2871853, 0.5, 0.75, 2.0**-20, 2.0**-31, 1 - 2.0**-40,
                       0.999999])
     m0, shift = module.quantize_multiplier(reals)
@@ -382,8 +380,6 @@ def check_ex08(module) -> None:
 
 
 def check_ex09(module) -> None:
-    from qatcore.kernels.int8_gemm import int8_gemm_int32
-
     rng = np.random.default_rng(9)
     for rows, depth, outputs in ((5, 40, 6), (1, 1, 1), (7, 300, 3)):
         a_q = rng.integers(0, 256, (rows, depth)).astype(np.uint8)

@@ -29,8 +29,9 @@ an ordinary batch norm with batch statistics: dividing by gamma / sigma undoes t
 scale, so without quantization this is exactly the float layer plus batch norm.
 
 Krishnamoorthi 2018 ("Quantizing deep convolutional networks for efficient inference: A
-whitepaper", section 3.2) instead computes the batch statistics from the float layer first,
-then uses the folded weights with a *correction* sigma / sigma_B on the output:
+whitepaper", its batch normalization section under quantization-aware training) instead
+computes the batch statistics from the float layer first, then uses the folded weights with a
+*correction* sigma / sigma_B on the output:
 
     y_float = x @ W.T + b;   mu_B, var_B = mean and biased variance of y_float over the batch
     out     = (x @ fake_quant(W_fold).T) * (sigma / sigma_B) + beta + (b - mu_B) * gamma / sigma_B

@@ -15,7 +15,7 @@ hardware writes M as a 31-bit fixed-point number M0 and a power of two:
 
     M = M0 * 2^-31 * 2^-n,   M0 in [2^30, 2^31)      (n >= 0 for M < 1, the usual case)
 
-(M, f) = frexp: M = f * 2^e with f in [0.5, 1); then M0 = floor(f * 2^31 + 1/2) and n = -e;
+np.frexp writes M = f * 2^e with f in [0.5, 1); then M0 = floor(f * 2^31 + 1/2) and n = -e;
 if M0 rounds up to 2^31, use M0 = 2^30 and n one smaller. The product is then two integer
 steps, gemmlowp's helpers (given below, bit for bit as qatcore's kernels compute them):
 

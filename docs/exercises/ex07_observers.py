@@ -22,9 +22,11 @@ single activation spike). Quantized to uint8 affine ([0, 255]):
 qatcore's ``"histogram"`` observer (qatcore/quantization/histogram_observer.py) keeps a
 bounded histogram of everything observed and reads the percentile range from it (within about
 one bin width of np.percentile of the data). Careful with the name: PyTorch's
-``torch.ao.quantization.HistogramObserver`` also keeps a histogram, but it chooses the range by
-searching for the one that minimises the L2 quantization error over the histogram, which is
-closer in spirit to qatcore's ``"mse"`` observer than to qatcore's ``"histogram"``.
+``torch.ao.quantization.HistogramObserver`` also keeps a histogram, but it does not read
+percentiles: it searches for the range that (approximately) minimises the L2 quantization
+error over the histogram, narrowing it bin by bin from either end (``_non_linear_param_search``).
+In spirit that is closer to qatcore's ``"mse"`` observer (which instead shrinks both ends by the
+same factor) than to qatcore's ``"histogram"``.
 
 The error of a range, measured on the bulk only (the values we care about):
 

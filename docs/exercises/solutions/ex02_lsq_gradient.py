@@ -14,8 +14,8 @@ fake-quantized value is
     y = s * (clamp(q, qmin, qmax) - z)
 
 The *straight-through estimator* (STE; docs/concepts.md, section 2) treats rne as the identity
-when differentiating, so inside the range y = s * rne(x / s) "is" s * (x / s), but only inside
-the rounding: the product rule on s * rne(x / s), with d rne(u)/du taken as 1, gives
+when differentiating: d rne(u)/du is taken as 1. Inside the range y = s * (rne(x / s)) (the
+z's cancel), and the product rule with that convention gives, per region:
 
     inside (qmin <= q <= qmax):  dy/ds = rne(x/s) + s * (-x / s^2) = (q - z) - x/s
     below  (q < qmin):           dy/ds = qmin - z        (y = s * (qmin - z): a line in s)
@@ -26,11 +26,12 @@ qatcore evaluates it as ((q - z) * s - x) * inv in float64 from the float32 oper
 q and inv = float32(1) / s), which is the same number up to float64 rounding; written that way,
 your terms equal qatcore's bit for bit once rounded to float32.
 
-The total gradient of a scale sums the terms of every element, times the upstream gradient
-dy = dL/dy, times LSQ's *gradient scale* g = 1 / sqrt(numel * qmax), which keeps the scale's
-step comparable to a weight's (docs/concepts.md, section 3; ``default_grad_factor``):
+The total gradient of a scale sums the terms of every element, each times the upstream
+gradient grad_y = dL/dy of its element, and times LSQ's *gradient scale*
+g = 1 / sqrt(numel * qmax), which keeps the scale's step comparable to a weight's
+(docs/concepts.md, section 3; ``default_grad_factor``):
 
-    dL/ds = g * sum_i dy_i * dy_i/ds
+    dL/ds = g * sum_i grad_y[i] * dy_i/ds
 
 What to implement: ``scale_gradient_terms`` (dy/ds per element, without g), ``grad_factor``
 and ``scale_gradient`` (the total, with g).
