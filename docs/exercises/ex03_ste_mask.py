@@ -52,12 +52,12 @@ STEPS, LEARNING_RATE = 60, 0.5
 
 
 def ste_backward(grad_y, x, scale, zero_point: int, qmin: int, qmax: int) -> np.ndarray:
-    """dx = dy * (qmin <= q <= qmax), q = z + rne(float32(x) * float32(1) / s); float32."""
+    """dx = grad_y * (qmin <= q <= qmax), q = z + rne(float32(x) * (float32(1) / s)); float32."""
     raise NotImplementedError("exercise 03: write ste_backward() (see its docstring)")
 
 
 def identity_backward(grad_y, x, scale, zero_point: int, qmin: int, qmax: int) -> np.ndarray:
-    """dx = dy everywhere (the STE without its mask); float32."""
+    """dx = grad_y everywhere (the STE without its mask); float32."""
     raise NotImplementedError("exercise 03: write identity_backward() (see its docstring)")
 
 

@@ -52,7 +52,7 @@ STEPS, LEARNING_RATE = 60, 0.5
 
 
 def ste_backward(grad_y, x, scale, zero_point: int, qmin: int, qmax: int) -> np.ndarray:
-    """dx = dy * (qmin <= q <= qmax), q = z + rne(float32(x) * float32(1) / s); float32."""
+    """dx = grad_y * (qmin <= q <= qmax), q = z + rne(float32(x) * (float32(1) / s)); float32."""
     x = np.asarray(x, dtype=np.float32)
     q = np.rint(x * (np.float32(1) / np.float32(scale))) + np.float32(zero_point)
     inside = (q >= qmin) & (q <= qmax)                      # on the rounded q: x = 0.74 -> 7 passes
@@ -61,7 +61,7 @@ def ste_backward(grad_y, x, scale, zero_point: int, qmin: int, qmax: int) -> np.
 
 
 def identity_backward(grad_y, x, scale, zero_point: int, qmin: int, qmax: int) -> np.ndarray:
-    """dx = dy everywhere (the STE without its mask); float32."""
+    """dx = grad_y everywhere (the STE without its mask); float32."""
     return np.array(grad_y, dtype=np.float32)               # a copy: the caller may modify it
 
 
