@@ -1,7 +1,7 @@
 """Exercise 01: fake quantization in NumPy, and a scale and zero point from a range.
 
-Read first: docs/concepts.md, "1. Affine quantization" and "2. Fake quantization and the
-straight-through estimator"; docs/numerics.md, "Fake quantization" and "Scale and zero point
+Read first: docs/concepts.md, "2. The affine grid", "4. Quantization simulation" and
+"5. The straight-through estimator"; docs/numerics.md, "Fake quantization" and "Scale and zero point
 from an observed range".
 
 Learning goal: write the one formula every quantizer in qatcore applies, in float32, so that

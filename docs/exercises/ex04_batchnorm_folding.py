@@ -1,6 +1,6 @@
 """Exercise 04: BatchNorm folding with Krishnamoorthi's batch correction.
 
-Read first: docs/concepts.md, "4. BatchNorm folding"; docs/numerics.md, "BatchNorm folding"
+Read first: docs/concepts.md, "6. BatchNorm folding"; docs/numerics.md, "BatchNorm folding"
 (what qatcore folds, exactly).
 
 Learning goal: fold a BatchNorm into the layer before it, for inference and for training, and

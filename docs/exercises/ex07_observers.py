@@ -1,6 +1,6 @@
 """Exercise 07: observers and one outlier.
 
-Read first: docs/concepts.md, "6. Observers and training statistics"; docs/numerics.md,
+Read first: docs/concepts.md, "3. Range setting: observers and calibration"; docs/numerics.md,
 "Observers" and "Scale and zero point from an observed range".
 
 Learning goal: see how the range an observer picks decides the error on all the other values,

@@ -1,7 +1,7 @@
 """Exercise 02: derive LSQ's scale gradient.
 
-Read first: docs/concepts.md, "2. Fake quantization and the straight-through estimator" and
-"3. Learned step size (LSQ, LSQ+)"; docs/numerics.md, "LSQ and LSQ+"; the LSQ code in
+Read first: docs/concepts.md, "5. The straight-through estimator" and
+"8. Advanced: learned step size (LSQ, LSQ+)"; docs/numerics.md, "LSQ and LSQ+"; the LSQ code in
 kernels/fake_quant.py (``_learned_step``).
 
 Learning goal: differentiate fake quantization with respect to its scale, region by region,
@@ -13,7 +13,7 @@ fake-quantized value is
 
     y = s * (clamp(q, qmin, qmax) - z)
 
-The *straight-through estimator* (STE; docs/concepts.md, section 2) treats rne as the identity
+The *straight-through estimator* (STE; docs/concepts.md, section 5) treats rne as the identity
 when differentiating: d rne(u)/du is taken as 1. Inside the range y = s * (rne(x / s)) (the
 z's cancel), and the product rule with that convention gives, per region:
 
@@ -29,7 +29,7 @@ your terms equal qatcore's bit for bit once rounded to float32.
 The total gradient of a scale sums the terms of every element, each times the upstream
 gradient grad_y = dL/dy of its element, and times LSQ's *gradient scale*
 g = 1 / sqrt(numel * qmax), which keeps the scale's step comparable to a weight's
-(docs/concepts.md, section 3; ``default_grad_factor``):
+(docs/concepts.md, section 8; ``default_grad_factor``):
 
     dL/ds = g * sum_i grad_y[i] * dy_i/ds
 

@@ -1,7 +1,7 @@
 """Exercise 03: the straight-through estimator's mask.
 
-Read first: docs/concepts.md, "2. Fake quantization and the straight-through estimator" and
-the "clip fraction" in "6. Observers and training statistics"; docs/numerics.md, "Fake
+Read first: docs/concepts.md, "5. The straight-through estimator" and
+the "clip fraction" in "9. Diagnostics"; docs/numerics.md, "Fake
 quantization".
 
 Learning goal: write the backward pass of fake quantization, and measure what its mask is for.

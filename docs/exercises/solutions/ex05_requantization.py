@@ -1,6 +1,6 @@
 """Exercise 05: integer-only requantization, and the headroom shift.
 
-Read first: docs/concepts.md, "5. Integer-only requantization"; docs/numerics.md,
+Read first: docs/concepts.md, "7. Integer-only inference"; docs/numerics.md,
 "Integer-only requantization" and "Deriving the headroom shift"; the module docstring of
 kernels/requantize.py.
 

@@ -1,7 +1,7 @@
 """Exercise 06: per-tensor vs per-channel scales at 4 bits, measured by SQNR.
 
-Read first: docs/concepts.md, "1. Affine quantization" (its per-tensor vs per-channel example)
-and the SQNR in "6. Observers and training statistics"; docs/numerics.md, "Scale and zero point
+Read first: docs/concepts.md, "2. The affine grid" (its per-tensor vs per-channel example
+and the SQNR); docs/numerics.md, "Scale and zero point
 from an observed range".
 
 Learning goal: see why weights get one scale per output channel, and measure it.

@@ -1,6 +1,6 @@
 """Exercise 08: a bit-width sweep, and the 6 dB per bit rule.
 
-Read first: docs/concepts.md, "6. Observers and training statistics" (the SQNR yardstick);
+Read first: docs/concepts.md, "2. The affine grid" (the SQNR yardstick);
 exercise 06 for the SQNR.
 
 Learning goal: derive how the quantization noise depends on the number of bits, and check the

@@ -1,6 +1,6 @@
 """Exercise 09: integer matrix multiplication with zero points, expanded.
 
-Read first: docs/concepts.md, "1. Affine quantization" and "5. Integer-only requantization";
+Read first: docs/concepts.md, "2. The affine grid" and "7. Integer-only inference";
 docs/numerics.md, "Integer-only requantization" (the accumulator).
 
 Learning goal: see where zero points cost work in an integer matmul, and why qatcore's weights
