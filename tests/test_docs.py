@@ -1,4 +1,5 @@
-"""Every docstring example in the package and every Python block in the README and docs/*.md runs."""
+"""Every docstring example in the package and every Python block in the README and docs/*.md runs
+(a file's blocks in order, in one namespace); a Python block followed by a text block prints that text."""
 
 import contextlib
 import doctest
