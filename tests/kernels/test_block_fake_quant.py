@@ -9,6 +9,9 @@ tests/quantization check against torchao 0.18), then the forward and backward fo
 NumPy expression each. NaN is compared by position, not by bit pattern: LLVM and NumPy may
 give a NaN different signs (``-mn`` of a NaN, ``x * NaN``), and no result depends on it."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -16,6 +19,11 @@ from hypothesis import strategies as st
 
 from qatcore.kernels import block_fake_quant as kernel
 from qatcore.quantization.group_token_fake_quantize import group_qparams, token_qparams
+
+_bits_spec = importlib.util.spec_from_file_location("kernel_bits", Path(__file__).with_name("bits.py"))
+_bits = importlib.util.module_from_spec(_bits_spec)
+_bits_spec.loader.exec_module(_bits)
+assert_same_bits = _bits.assert_same_bits
 
 forward, backward = kernel.block_fake_quantize_forward, kernel.block_fake_quantize_backward
 
@@ -43,17 +51,6 @@ def oracle_backward(grad, inside, scale, inv_scale):
     return dx.reshape(grad.shape)
 
 
-def assert_same_bits(actual, expected):
-    """Same dtype, shape and bit patterns (so -0.0 != 0.0), NaN matching NaN at the same places."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (actual, expected)
-    if actual.dtype == np.bool_:
-        np.testing.assert_array_equal(actual, expected)
-        return
-    nan = np.isnan(expected)
-    np.testing.assert_array_equal(np.isnan(actual), nan)
-    integer = np.dtype(f"int{8 * actual.dtype.itemsize}")
-    np.testing.assert_array_equal(actual.view(integer)[~nan], expected.view(integer)[~nan])
 
 
 def check_against_oracle(x, grad, group_size, bits, symmetric):

@@ -5,6 +5,9 @@ module's own order; every path of it agrees bit for bit), per-token quantization
 ``token_qparams`` and ``BlockFakeQuantize.block_qparams``; compiled (every path: VNNI tiles,
 vector tiles, loops) and as plain Python."""
 
+import importlib.util
+from pathlib import Path
+
 import numba
 import numpy as np
 import pytest
@@ -16,6 +19,11 @@ from qatcore.kernels import lowbit_gemm as lg
 from qatcore.kernels import lowbit_tiles as lt
 from qatcore.kernels.lowbit_pack import grid, pack_lowbit
 from qatcore.quantization.group_token_fake_quantize import token_qparams
+
+_bits_spec = importlib.util.spec_from_file_location("kernel_bits", Path(__file__).with_name("bits.py"))
+_bits = importlib.util.module_from_spec(_bits_spec)
+_bits_spec.loader.exec_module(_bits)
+assert_same_bits = _bits.assert_same_bits
 
 # ----------------------------------------------------------------------------------------
 # The oracles
@@ -70,16 +78,6 @@ def oracle_weight_only(x, w_q, w_scale, w_zero, group_size, bias):
     return y, bound
 
 
-def assert_same_bits(actual, expected):
-    """Same dtype, shape and bits; NaN matching NaN (its sign is not part of any contract)."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (actual.shape, expected.shape)
-    if actual.dtype.kind != "f":
-        np.testing.assert_array_equal(actual, expected)
-        return
-    nan = np.isnan(expected)
-    np.testing.assert_array_equal(np.isnan(actual), nan)
-    integer = np.dtype(f"int{8 * actual.dtype.itemsize}")
-    np.testing.assert_array_equal(actual.view(integer)[~nan], expected.view(integer)[~nan])
 
 
 def assert_close(actual, expected, bound):
