@@ -35,6 +35,7 @@ from qatcore.data import DataLoader, load_digits, load_text, text_windows  # noq
 from qatcore.models import DigitsCNN, TinyGPT  # noqa: E402
 from qatcore.nn import functional as F  # noqa: E402
 from qatcore.optim import SGD, AdamW  # noqa: E402
+from qatcore.pipeline.gpt_experiment import validation_loss  # noqa: E402
 from qatcore.quantization import (  # noqa: E402
     FakeQuantize,
     MinMaxObserver,
@@ -150,11 +151,8 @@ def _trained_tiny_gpt() -> TinyGPT:
         loss.backward()
         optimizer.step()
     model.eval()
-    x, y = _validation_windows()
-    with no_grad():
-        logits = model(x)
-        validation = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).data)
-    print(f"TinyGPT: {GPT_STEPS} steps, validation loss {validation:.3f} nats/char on {x.size} characters")
+    validation, characters = validation_loss(model, text.validation, GPT_BLOCK, windows=GPT_VALIDATION_WINDOWS)
+    print(f"TinyGPT: {GPT_STEPS} steps, validation loss {validation:.3f} nats/char on {characters} characters")
     return model
 
 
